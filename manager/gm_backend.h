@@ -1,0 +1,57 @@
+/* The backend seam (mimalloc's "prim"): everything the engine asks of a device goes through one
+ * of these tables. The CUDA backend talks to the real libcuda.so.1, never through our hooks; the
+ * host backend serves tests, demos and benchmarks from plain host memory with fault injection.
+ *
+ * Every call names the context it acts on (`ctx`, the driver's CUcontext or the host backend's
+ * device cookie) so a pool can be served from any thread. Return values are CUresult numbers. */
+#ifndef GM_BACKEND_H
+#define GM_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct gm_fence gm_fence; /* opaque: events recorded on every known stream */
+
+typedef struct gm_backend {
+    const char *name;
+    /* The calling thread's current context and its device; INVALID_CONTEXT when none. */
+    int (*current)(uintptr_t *ctx, int *device);
+    int (*mem_alloc)(uintptr_t ctx, size_t size, uintptr_t *out);
+    int (*mem_free)(uintptr_t ctx, uintptr_t ptr);
+    /* Wait for all work in the context: the barrier that cudaFree implies. */
+    int (*synchronize)(uintptr_t ctx);
+    /* Wait for one stream (0 = legacy default stream). */
+    int (*stream_synchronize)(uintptr_t ctx, uintptr_t stream);
+    int (*mem_info)(uintptr_t ctx, size_t *free_bytes, size_t *total_bytes);
+    /* Fast free mode: a fence covers all work enqueued on every known stream before it. */
+    int (*fence_record)(uintptr_t ctx, gm_fence **out);
+    int (*fence_query)(gm_fence *fence); /* 0 complete, 1 pending, else a CUresult */
+    int (*fence_wait)(gm_fence *fence);
+    void (*fence_destroy)(gm_fence *fence);
+} gm_backend;
+
+/* Host backend: capacity in bytes per device (0 = effectively unlimited) and deterministic fault
+ * injection: the (fail_after+1)-th mem_alloc from now on fails with OUT_OF_MEMORY (-1 = never). */
+const gm_backend *gm_host_backend(void);
+void gm_host_backend_configure(uint64_t capacity, long fail_after);
+uint64_t gm_host_backend_in_use(void);
+uint64_t gm_host_backend_alloc_calls(void);
+uint64_t gm_host_backend_sync_calls(void);
+void gm_host_backend_set_device(int device);       /* the calling thread's "current device" */
+void gm_host_backend_set_fence_delay(int queries); /* fences complete after this many queries */
+
+/* CUDA backend, bound to the real driver entry points the shim resolved (or, in library mode,
+ * to libcuda.so.1 opened by the backend itself). NULL when the driver cannot be loaded. */
+const gm_backend *gm_cuda_backend(void);
+
+/* The real dlsym (libc's), the driver's handle and real entry points by exported name. */
+typedef void *(*gm_dlsym_fn)(void *handle, const char *name);
+gm_dlsym_fn gm_real_dlsym(void);
+void *gm_driver_handle(void);
+void *gm_driver_sym(const char *name);
+
+/* Streams the program creates: fences of the fast free mode cover the non-blocking ones. */
+void gm_cuda_stream_created(uintptr_t ctx, uintptr_t stream, unsigned flags);
+void gm_cuda_stream_destroyed(uintptr_t stream);
+
+#endif

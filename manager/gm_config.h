@@ -1,0 +1,77 @@
+/* Configuration: every tunable comes from options.def, is read from the environment once, and
+ * a bad value stops the process with one line naming the variable, the value and what is
+ * accepted. */
+#ifndef GM_CONFIG_H
+#define GM_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define GM_MAX_DEVICES 64
+#define GM_UNLIMITED UINT64_MAX
+
+typedef enum { GM_LIMIT_NONE = 0, GM_LIMIT_BYTES, GM_LIMIT_PERCENT } gm_limit_kind;
+
+typedef struct gm_limit_setting {
+    gm_limit_kind kind;
+    uint64_t bytes;  /* GM_LIMIT_BYTES */
+    double percent;  /* GM_LIMIT_PERCENT, in (0, 100] */
+} gm_limit_setting;
+
+typedef enum {
+    GM_OPT_BOOL, GM_OPT_SIZE, GM_OPT_SIZE_OR_UNLIMITED, GM_OPT_DOUBLE, GM_OPT_INT,
+    GM_OPT_STRING, GM_OPT_ENUM, GM_OPT_LIMIT
+} gm_option_type;
+
+typedef struct gm_option_desc {
+    const char *name;          /* environment variable */
+    gm_option_type type;
+    const char *default_value; /* as a user would write it */
+    double min, max;           /* range for SIZE/DOUBLE/INT */
+    const char *doc;
+} gm_option_desc;
+
+extern const gm_option_desc gm_options[];
+extern const size_t gm_option_count;
+
+typedef struct gm_config {
+    bool pool;
+    bool free_sync;
+    gm_limit_setting limit[GM_MAX_DEVICES]; /* resolved per device: GPUMEM_LIMIT then GPUMEM_LIMIT_<i> */
+    double growth_factor;
+    uint64_t segment_min;
+    uint64_t segment_max;
+    uint64_t small_segment;
+    uint64_t dedicated_min;
+    uint64_t max_cached;                    /* GM_UNLIMITED for "unlimited" */
+    char report[4096];
+    int verbose;
+} gm_config;
+
+/* Reads an environment-like source. `get` returns the value of a variable or NULL.
+ * `names` (may be NULL) lists every variable name present, NULL-terminated, to warn about unknown
+ * GPUMEM_* names. Returns 0 on success; on error writes one line to `err` and returns -1. */
+typedef const char *(*gm_env_get_fn)(const char *name, void *user);
+int gm_config_parse(gm_config *out, gm_env_get_fn get, void *user, char *const *names,
+                    char *err, size_t errlen);
+
+/* Defaults only (what gm_config_parse yields with an empty environment). */
+void gm_config_defaults(gm_config *out);
+
+/* The process-wide configuration, read from the environment on first use. On a bad value prints
+ * the error line ("gpumem: ...") to stderr and exits with status 2. */
+const gm_config *gm_config_get(void);
+
+/* Test hook: forget the loaded configuration so the next gm_config_get() reads again. */
+void gm_config_reset_for_tests(void);
+
+/* Parsers, exposed for tests. Return 0 on success, -1 on malformed / out-of-range input. */
+int gm_parse_size(const char *text, uint64_t *out);
+int gm_parse_bool(const char *text, bool *out);
+int gm_parse_limit(const char *text, gm_limit_setting *out); /* one device's value: size, %, none */
+
+/* A limit setting to bytes for a device of `device_total` bytes; 0 means "no limit". */
+uint64_t gm_limit_resolve(const gm_limit_setting *setting, uint64_t device_total);
+
+#endif

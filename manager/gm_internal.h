@@ -1,0 +1,262 @@
+/* gpumem internals: the engine's types and the functions each concern exports to the others.
+ * One source file per concern: heap.c (the caching pool), limits.c, tracking.c, stats.c,
+ * config.c, report.c, manager.c (the entry points the shim and the public API call), and the
+ * backends (backend_cuda.c, backend_host.c). */
+#ifndef GM_INTERNAL_H
+#define GM_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* uthash's default (Jenkins) hash is slow for the 8-byte pointer keys of the hot path. */
+static inline unsigned gm_hash_bytes(const void *key, size_t len)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ len;
+    const unsigned char *p = (const unsigned char *)key;
+    if (len == sizeof(uint64_t)) {
+        uint64_t v;
+        __builtin_memcpy(&v, p, sizeof v);
+        h = (v >> 9) * 0x9E3779B97F4A7C15ull; /* blocks are 512-B aligned: drop the zero bits */
+        return (unsigned)(h >> 32);
+    }
+    for (size_t i = 0; i < len; i++) h = (h ^ p[i]) * 0x100000001B3ull;
+    return (unsigned)(h ^ (h >> 32));
+}
+#define HASH_FUNCTION(keyptr, keylen, hashv) ((hashv) = gm_hash_bytes((keyptr), (size_t)(keylen)))
+#include <uthash.h>
+
+#include "gm_backend.h"
+#include "gm_config.h"
+#include "gpumem.h"
+
+#define GM_HIDDEN __attribute__((visibility("hidden")))
+
+/* Returned by lookups for a pointer gpumem does not own: the caller passes it to the driver. */
+#define GM_NOT_OURS (-1)
+/* Returned by gm_free for a tracked pass-through allocation (async, managed, VMM): the caller frees
+ * it through the driver and then calls gm_untrack. */
+#define GM_PASSTHROUGH (-2)
+
+#define GM_ALIGN 512u                     /* every block starts and ends on 512 B */
+#define GM_SMALL_MAX ((size_t)1 << 20)    /* requests <= 1 MiB are "small" */
+#define GM_SEGMENT_ALIGN ((size_t)2 << 20) /* segments are whole 2 MiB pages */
+#define GM_MAX_HEAPS 256
+
+/* ---------------------------------------------------------------- logging (manager.c) */
+void gm_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define GM_ERROR 0
+#define GM_WARN 0
+#define GM_INFO 1
+#define GM_DEBUG 2
+#define GM_TRACE 3
+uint64_t gm_now_ns(void);
+uint64_t gm_coarse_now_ns(void);
+
+/* ---------------------------------------------------------------- tracking (tracking.c) */
+typedef enum {
+    GM_KIND_POOL = 0,   /* carved from a pool segment */
+    GM_KIND_DIRECT,     /* pooling off or stream capture: a driver allocation of its own */
+    GM_KIND_ASYNC,      /* cuMemAllocAsync / FromPoolAsync: stream-ordered, passed through */
+    GM_KIND_MANAGED,    /* cuMemAllocManaged */
+    GM_KIND_VMM,        /* cuMemCreate handle (the value is the handle, not an address) */
+    GM_KIND_COUNT
+} gm_alloc_kind;
+
+const char *gm_kind_name(gm_alloc_kind kind);
+
+struct gm_block;
+
+/* One live allocation, as the leak report sees it. Pool blocks embed theirs. */
+typedef struct gm_record {
+    uintptr_t ptr;
+    size_t requested;       /* what the program asked for */
+    size_t size;            /* what it occupies (rounded) */
+    uintptr_t stream;
+    uint64_t time_ns;
+    uintptr_t caller;       /* return address of the hooked call */
+    uint32_t stack_id;      /* call-stack depot id; 0 = not captured */
+    uint8_t kind;           /* gm_alloc_kind */
+    struct gm_block *block; /* pool block, NULL for other kinds */
+    UT_hash_handle hh;      /* heap->live, keyed by ptr */
+} gm_record;
+
+/* ---------------------------------------------------------------- the caching pool (heap.c) */
+typedef enum { GM_BLOCK_FREE = 0, GM_BLOCK_LIVE, GM_BLOCK_PENDING } gm_block_state;
+
+struct gm_segment;
+
+typedef struct gm_block {
+    uintptr_t addr;
+    size_t size;
+    struct gm_block *prev, *next;   /* address-order neighbours in the segment */
+    struct gm_block *fprev, *fnext; /* free bin or pending list */
+    struct gm_segment *seg;
+    uint8_t state;
+    uint8_t bin_fl, bin_sl;         /* bin indices while free */
+    uint32_t fence_epoch;           /* fast mode: fence that must complete before reuse */
+    gm_record rec;                  /* valid while LIVE */
+} gm_block;
+
+typedef struct gm_segment {
+    uintptr_t base;
+    size_t size;
+    size_t used;         /* bytes in LIVE or PENDING blocks */
+    bool small;
+    gm_block *first;     /* address-ordered block list */
+} gm_segment;
+
+/* Two-level segregated bins (TLSF): first level = power of two, second = 16 linear steps. */
+#define GM_FL_COUNT 48
+#define GM_SL_COUNT 16
+
+typedef struct gm_bins {
+    uint64_t fl_bitmap;
+    uint16_t sl_bitmap[GM_FL_COUNT];
+    gm_block *heads[GM_FL_COUNT][GM_SL_COUNT];
+} gm_bins;
+
+typedef struct gm_heap_counters {
+    uint64_t allocations, frees, pool_hits, pool_misses;
+    uint64_t segments, segments_released;
+    uint64_t bytes_requested, bytes_allocated;
+    uint64_t bytes_allocated_peak; /* kept here while the heap is its device's only one */
+    uint64_t bytes_free;          /* free bytes in segments (bins + pending) */
+    uint64_t release_retries, limit_rejections, backend_ooms;
+} gm_heap_counters;
+
+/* One per driver context (per device on the host backend): pool, live table and counters under
+ * one lock, so an alloc or a free takes a single uncontended lock. */
+typedef struct gm_heap {
+    pthread_mutex_t lock;
+    uintptr_t ctx;
+    int device;
+    bool bound;                 /* false once its context was destroyed */
+    bool solo;                  /* the device's only heap: its counters are the device's, so the
+                                 * hot path needs no device-wide atomics */
+    gm_bins small_bins, large_bins;
+    gm_segment **segments;      /* sorted by base */
+    size_t nsegments, segments_cap;
+    size_t next_large_segment;  /* growth-factor sequence */
+    gm_block *pending_head;     /* fast mode: freed, waiting for a fence */
+    uint64_t pending_bytes;
+    gm_fence *fence;            /* newest fence covering pending blocks with epoch <= fence_epoch */
+    uint32_t fence_epoch, epoch;
+    gm_block *spare_blocks;     /* recycled block headers */
+    gm_record *live;            /* uthash by ptr; never empty: see sentinel */
+    gm_record sentinel;         /* ptr 0, keeps uthash from freeing its table on every last delete */
+    gm_heap_counters c;
+} gm_heap;
+
+/* ---------------------------------------------------------------- devices, limits (limits.c) */
+typedef struct gm_device {
+    _Atomic uint64_t reserved;      /* bytes taken from the device by this process */
+    _Atomic uint64_t reserved_peak;
+    _Atomic uint64_t allocated;     /* bytes handed out, every heap of the device */
+    _Atomic uint64_t allocated_peak;
+    _Atomic uint64_t limit;         /* 0 = none; resolved at first use */
+    _Atomic bool limit_resolved;
+    _Atomic uint64_t bytes_by_kind[GM_KIND_COUNT];
+} gm_device;
+
+gm_device *gm_device_get(int device); /* NULL when out of range */
+/* Resolves the device's limit once (percentages need the device's total). */
+void gm_limit_init_device(int device, uint64_t device_total);
+/* Take `bytes` of the device's limit; false when that would cross it. */
+bool gm_limit_reserve(int device, uint64_t bytes);
+void gm_limit_unreserve(int device, uint64_t bytes);
+uint64_t gm_limit_headroom(int device); /* bytes still below the limit; UINT64_MAX if none */
+void gm_device_note_allocated(int device, int64_t delta);
+void gm_limits_reset(void); /* tests only */
+
+/* ---------------------------------------------------------------- the engine (manager.c) */
+typedef struct gm_manager {
+    const gm_backend *backend;
+    const gm_config *cfg;
+    pthread_mutex_t heaps_lock;
+    gm_heap *heaps[GM_MAX_HEAPS];
+    _Atomic size_t nheaps;
+    _Atomic bool exiting;           /* after exit began: never call the backend again */
+} gm_manager;
+
+extern gm_manager gm_mgr;
+
+/* Sets the backend once; later calls with another backend are refused (returns false). */
+bool gm_manager_init(const gm_backend *backend);
+/* The heap of a context, created on first use. NULL when the table is full. */
+gm_heap *gm_heap_get(uintptr_t ctx, int device);
+/* Heap that tracks `ptr` exactly (locked on return), or NULL. Tries `hint` first. */
+gm_heap *gm_heap_find_locked(uintptr_t ptr, gm_heap *hint, gm_record **rec_out);
+
+/* Pooled allocation of `size` bytes (pooling off: a direct allocation that is still tracked). */
+int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, uintptr_t caller, uintptr_t *out);
+/* Free a pointer from any kind gm_alloc/gm_track produced. GM_NOT_OURS if not tracked.
+ * `stream` != GM_FREE_BARRIER for a stream-ordered free (cuMemFreeAsync). */
+#define GM_FREE_BARRIER ((uintptr_t)-1)
+int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out);
+
+/* Pass-through allocations (async, managed, VMM, captured): reserve against the limit first,
+ * then record or abort. */
+int gm_track_reserve(gm_heap *heap, size_t size);
+void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind kind,
+                     uintptr_t stream, uintptr_t caller);
+void gm_track_abort(gm_heap *heap, size_t size);
+/* Forget a pass-through record; returns its kind or GM_NOT_OURS. */
+int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
+
+/* The live block containing `ptr` (interior pointers too): its start and requested size.
+ * GPUMEM_OK, GM_NOT_OURS (not in our segments), or GPUMEM_ERROR_INVALID_VALUE (inside a segment
+ * but not inside a live block: freed memory). */
+int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size);
+
+/* Context going away: report its leaks, hand its segments back (unless the backend is torn
+ * down), forget its records. */
+void gm_heap_drop(uintptr_t ctx, const char *why);
+
+/* Bytes this process can still obtain on `device` (limit and cached free memory considered). */
+void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
+                 size_t *total_out);
+
+/* heap.c internals used by manager.c */
+int gm_heap_alloc_locked(gm_heap *heap, size_t rounded, gm_block **out);
+int gm_heap_grow(gm_heap *heap, size_t rounded); /* called unlocked */
+void gm_heap_free_block_locked(gm_heap *heap, gm_block *b);
+void gm_heap_pend_block_locked(gm_heap *heap, gm_block *b);
+size_t gm_heap_collect_free_segments_locked(gm_heap *heap, uint64_t keep_cached,
+                                            gm_segment **out, size_t max);
+void gm_heap_release_segments(gm_heap *heap, gm_segment **segs, size_t n); /* unlocked */
+size_t gm_heap_release_cached(gm_heap *heap, uint64_t keep_cached);     /* unlocked */
+gm_block *gm_heap_block_containing_locked(gm_heap *heap, uintptr_t ptr);
+size_t gm_heap_largest_free_locked(const gm_heap *heap);
+bool gm_heap_retire_pending_locked(gm_heap *heap, bool wait);
+void gm_heap_init(gm_heap *heap, uintptr_t ctx, int device);
+void gm_heap_reset_locked(gm_heap *heap); /* forget everything (fork child, dropped context) */
+size_t gm_round_size(size_t size);        /* 0 on overflow */
+size_t gm_next_segment_size(gm_heap *heap, size_t rounded);
+
+/* tracking.c */
+void gm_live_insert(gm_heap *heap, gm_record *rec);
+gm_record *gm_live_find(gm_heap *heap, uintptr_t ptr);
+void gm_live_remove(gm_heap *heap, gm_record *rec);
+gm_record *gm_record_new(void);
+void gm_record_delete(gm_record *rec);
+void gm_live_init(gm_heap *heap);
+/* Iterate live records (the sentinel is skipped). */
+#define GM_FOR_EACH_LIVE(heap, rec) \
+    for (gm_record *rec = (heap)->live; rec; rec = (gm_record *)rec->hh.next) \
+        if (rec->ptr != 0)
+
+/* stats.c */
+void gm_stats_collect(int device, gpumem_stats *out);
+void gm_stats_on_alloc(gm_heap *heap, const gm_record *rec, bool hit);
+void gm_stats_on_free(gm_heap *heap, const gm_record *rec);
+/* A second heap appeared on `device`: its heaps switch to the device-wide atomic counters. */
+void gm_stats_share_device_locked(int device);
+
+/* report.c */
+size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
+void gm_report_at_exit(void);
+
+#endif

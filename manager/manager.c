@@ -1,0 +1,464 @@
+/* The engine's entry points: the shim and the public API call these. They pick the heap of a
+ * context, run the pool (heap.c) under the heap's lock, keep the live table (tracking.c) and the
+ * counters (stats.c) in the same critical section, and keep cudaFree's barrier semantics. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gm_internal.h"
+
+gm_manager gm_mgr = {.heaps_lock = PTHREAD_MUTEX_INITIALIZER};
+
+static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread uintptr_t tl_ctx;
+static __thread gm_heap *tl_heap;
+
+/* ------------------------------------------------------------------ logging, time */
+
+void gm_log(int level, const char *fmt, ...)
+{
+    int verbose = gm_mgr.cfg ? gm_mgr.cfg->verbose : 0;
+    if (level > verbose) return;
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n > sizeof line - 2) n = (int)sizeof line - 2;
+    line[n] = '\n';
+    /* One write(2) per line: no stdio lock, no allocation, lines from threads do not interleave. */
+    ssize_t ignored = write(STDERR_FILENO, "gpumem: ", 8);
+    ignored = write(STDERR_FILENO, line, (size_t)n + 1);
+    (void)ignored;
+}
+
+/* Allocation timestamps: the coarse clock (a few ms resolution) costs 7 ns against 25 ns for
+ * CLOCK_MONOTONIC on the machines measured, and a leak's age needs no more. */
+uint64_t gm_coarse_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t gm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ fork */
+
+static void lock_everything(void)
+{
+    pthread_mutex_lock(&gm_mgr.heaps_lock);
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < n; i++) pthread_mutex_lock(&gm_mgr.heaps[i]->lock);
+}
+
+static void unlock_everything(void)
+{
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = n; i-- > 0;) pthread_mutex_unlock(&gm_mgr.heaps[i]->lock);
+    pthread_mutex_unlock(&gm_mgr.heaps_lock);
+}
+
+/* A fork child inherits no CUDA context, so it owns no device memory: forget the parent's heaps
+ * (without calling the driver) and start clean, with fresh locks. */
+static void child_after_fork(void)
+{
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < n; i++) {
+        gm_heap *heap = gm_mgr.heaps[i];
+        pthread_mutex_init(&heap->lock, NULL);
+        heap->fence = NULL; /* events belong to the parent's context */
+        gm_heap_reset_locked(heap);
+        heap->bound = false;
+    }
+    pthread_mutex_init(&gm_mgr.heaps_lock, NULL);
+    pthread_mutex_init(&init_lock, NULL);
+    tl_heap = NULL;
+}
+
+/* ------------------------------------------------------------------ init, heaps */
+
+bool gm_manager_init(const gm_backend *backend)
+{
+    pthread_mutex_lock(&init_lock);
+    if (!gm_mgr.backend) {
+        gm_mgr.cfg = gm_config_get();
+        gm_mgr.backend = backend;
+        pthread_atfork(lock_everything, unlock_everything, child_after_fork);
+        gm_log(GM_INFO, "manager ready on the %s backend", backend->name);
+    }
+    bool same = gm_mgr.backend == backend;
+    pthread_mutex_unlock(&init_lock);
+    return same;
+}
+
+static gm_heap *heap_lookup_or_create_locked(uintptr_t ctx, int device)
+{
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    gm_heap *unbound = NULL;
+    for (size_t i = 0; i < n; i++) {
+        gm_heap *h = gm_mgr.heaps[i];
+        if (h->ctx == ctx && h->bound) return h;
+        if (!h->bound && !unbound && (h->device == device || !h->solo)) unbound = h;
+    }
+    if (unbound) { /* reuse the slot of a destroyed context: heaps are never freed */
+        pthread_mutex_lock(&unbound->lock);
+        unbound->ctx = ctx;
+        unbound->bound = true;
+        pthread_mutex_unlock(&unbound->lock);
+        if (unbound->device != device) {
+            unbound->device = device;
+            gm_stats_share_device_locked(device);
+        }
+        return unbound;
+    }
+    if (n == GM_MAX_HEAPS) return NULL;
+    gm_heap *h = malloc(sizeof *h);
+    if (!h) return NULL;
+    gm_heap_init(h, ctx, device);
+    bool shared = false;
+    for (size_t i = 0; i < n; i++) shared |= gm_mgr.heaps[i]->device == device;
+    if (shared) {
+        gm_stats_share_device_locked(device);
+        h->solo = false;
+    }
+    gm_mgr.heaps[n] = h;
+    atomic_store(&gm_mgr.nheaps, n + 1);
+    return h;
+}
+
+gm_heap *gm_heap_get(uintptr_t ctx, int device)
+{
+    gm_heap *h = tl_heap;
+    if (h && tl_ctx == ctx && h->bound && h->ctx == ctx) return h;
+    gm_device *d = gm_device_get(device);
+    if (!d) return NULL;
+    if (!atomic_load(&d->limit_resolved)) {
+        size_t free_b = 0, total_b = 0;
+        gm_mgr.backend->mem_info(ctx, &free_b, &total_b);
+        gm_limit_init_device(device, total_b);
+    }
+    pthread_mutex_lock(&gm_mgr.heaps_lock);
+    h = heap_lookup_or_create_locked(ctx, device);
+    pthread_mutex_unlock(&gm_mgr.heaps_lock);
+    tl_ctx = ctx;
+    tl_heap = h;
+    return h;
+}
+
+gm_heap *gm_heap_find_locked(uintptr_t ptr, gm_heap *hint, gm_record **rec_out)
+{
+    if (hint) {
+        pthread_mutex_lock(&hint->lock);
+        gm_record *rec = gm_live_find(hint, ptr);
+        if (rec) {
+            *rec_out = rec;
+            return hint;
+        }
+        pthread_mutex_unlock(&hint->lock);
+    }
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < n; i++) {
+        gm_heap *h = gm_mgr.heaps[i];
+        if (h == hint) continue;
+        pthread_mutex_lock(&h->lock);
+        gm_record *rec = gm_live_find(h, ptr);
+        if (rec) {
+            *rec_out = rec;
+            return h;
+        }
+        pthread_mutex_unlock(&h->lock);
+    }
+    return NULL;
+}
+
+/* True when `ptr` lies inside a pool segment of any heap (a freed or interior pool pointer:
+ * handing it to the driver could free a whole segment). */
+static bool inside_any_segment(uintptr_t ptr)
+{
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < n; i++) {
+        gm_heap *h = gm_mgr.heaps[i];
+        pthread_mutex_lock(&h->lock);
+        bool inside = gm_heap_block_containing_locked(h, ptr) != NULL;
+        pthread_mutex_unlock(&h->lock);
+        if (inside) return true;
+    }
+    return false;
+}
+
+/* ------------------------------------------------------------------ allocation */
+
+static void fill_record(gm_record *rec, uintptr_t ptr, size_t requested, size_t size,
+                        gm_alloc_kind kind, uintptr_t stream, uintptr_t caller)
+{
+    rec->ptr = ptr;
+    rec->requested = requested;
+    rec->size = size;
+    rec->kind = (uint8_t)kind;
+    rec->stream = stream;
+    rec->caller = caller;
+    rec->stack_id = 0;
+    rec->time_ns = gm_coarse_now_ns();
+}
+
+static int alloc_direct(gm_heap *heap, size_t size, uintptr_t stream, uintptr_t caller,
+                        uintptr_t *out)
+{
+    int rc = gm_track_reserve(heap, size);
+    if (rc != GPUMEM_OK) return rc;
+    uintptr_t p = 0;
+    rc = gm_mgr.backend->mem_alloc(heap->ctx, size, &p);
+    if (rc != GPUMEM_OK) {
+        gm_track_abort(heap, size);
+        if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) {
+            pthread_mutex_lock(&heap->lock);
+            heap->c.backend_ooms++;
+            pthread_mutex_unlock(&heap->lock);
+        }
+        return rc;
+    }
+    gm_track_commit(heap, p, size, GM_KIND_DIRECT, stream, caller);
+    *out = p;
+    return GPUMEM_OK;
+}
+
+int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, uintptr_t caller, uintptr_t *out)
+{
+    if (size == 0 || !out) return GPUMEM_ERROR_INVALID_VALUE;
+    size_t rounded = gm_round_size(size);
+    if (!rounded) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    if (!gm_mgr.cfg->pool) return alloc_direct(heap, size, stream, caller, out);
+
+    gm_block *b = NULL;
+    bool hit = true, waited = false;
+    int rc = GPUMEM_OK;
+    pthread_mutex_lock(&heap->lock);
+    for (int attempt = 0; gm_heap_alloc_locked(heap, rounded, &b) != GPUMEM_OK; attempt++) {
+        if (heap->pending_head && gm_heap_retire_pending_locked(heap, false)) continue;
+        hit = false;
+        if (attempt >= 4) {
+            rc = GPUMEM_ERROR_OUT_OF_MEMORY;
+            break;
+        }
+        pthread_mutex_unlock(&heap->lock);
+        rc = gm_heap_grow(heap, rounded);
+        pthread_mutex_lock(&heap->lock);
+        if (rc == GPUMEM_OK) continue;
+        if (waited || !heap->pending_head) break;
+        waited = true; /* fast mode: memory is waiting on fences; wait for them once */
+        gm_heap_retire_pending_locked(heap, true);
+        rc = GPUMEM_OK;
+    }
+    if (rc != GPUMEM_OK) {
+        pthread_mutex_unlock(&heap->lock);
+        return rc;
+    }
+    fill_record(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, caller);
+    b->rec.block = b;
+    gm_live_insert(heap, &b->rec);
+    gm_stats_on_alloc(heap, &b->rec, hit);
+    pthread_mutex_unlock(&heap->lock);
+    *out = b->addr;
+    return GPUMEM_OK;
+}
+
+/* ------------------------------------------------------------------ free */
+
+static void release_over_cache_limit(gm_heap *heap)
+{
+    uint64_t keep = gm_mgr.cfg->max_cached;
+    if (keep != GM_UNLIMITED && !atomic_load(&gm_mgr.exiting)) gm_heap_release_cached(heap, keep);
+}
+
+/* A pool block whose record is already gone; the heap is locked on entry and unlocked on return.
+ * Strict mode keeps cudaFree's barrier: the context is synchronized before the block can be
+ * reused. A stream-ordered free waits for its stream only. Fast mode defers reuse to a fence. */
+static void free_pool_block(gm_heap *heap, gm_block *b, uintptr_t stream, bool synced)
+{
+    bool exiting = atomic_load(&gm_mgr.exiting);
+    if (!exiting && stream != GM_FREE_BARRIER) {
+        pthread_mutex_unlock(&heap->lock);
+        gm_mgr.backend->stream_synchronize(heap->ctx, stream);
+        pthread_mutex_lock(&heap->lock);
+        gm_heap_free_block_locked(heap, b);
+    } else if (!exiting && !gm_mgr.cfg->free_sync) {
+        gm_heap_pend_block_locked(heap, b);
+    } else {
+        if (!exiting && !synced) {
+            pthread_mutex_unlock(&heap->lock);
+            gm_mgr.backend->synchronize(heap->ctx);
+            pthread_mutex_lock(&heap->lock);
+        }
+        gm_heap_free_block_locked(heap, b);
+    }
+    pthread_mutex_unlock(&heap->lock);
+    release_over_cache_limit(heap);
+}
+
+int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out)
+{
+    if (!ptr) return GM_NOT_OURS;
+    bool barrier = stream == GM_FREE_BARRIER;
+    bool synced = false;
+    /* Synchronize before the lookup so the common case takes the heap lock once. */
+    if (barrier && gm_mgr.cfg->pool && gm_mgr.cfg->free_sync && hint &&
+        __atomic_load_n(&hint->nsegments, __ATOMIC_RELAXED) &&
+        !atomic_load(&gm_mgr.exiting)) {
+        gm_mgr.backend->synchronize(hint->ctx);
+        synced = true;
+    }
+    gm_record *rec = NULL;
+    gm_heap *heap = gm_heap_find_locked(ptr, hint, &rec);
+    if (!heap) return inside_any_segment(ptr) ? GPUMEM_ERROR_INVALID_VALUE : GM_NOT_OURS;
+    gm_alloc_kind kind = (gm_alloc_kind)rec->kind;
+    if (kind_out) *kind_out = kind;
+    if (kind != GM_KIND_POOL && kind != GM_KIND_DIRECT) {
+        pthread_mutex_unlock(&heap->lock);
+        return GM_PASSTHROUGH;
+    }
+    gm_live_remove(heap, rec);
+    gm_stats_on_free(heap, rec);
+    if (kind == GM_KIND_POOL) {
+        free_pool_block(heap, rec->block, stream, synced && heap == hint);
+        return GPUMEM_OK;
+    }
+    pthread_mutex_unlock(&heap->lock);
+    int rc = atomic_load(&gm_mgr.exiting) ? GPUMEM_OK : gm_mgr.backend->mem_free(heap->ctx, ptr);
+    gm_limit_unreserve(heap->device, rec->size);
+    gm_record_delete(rec);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ pass-through tracking */
+
+int gm_track_reserve(gm_heap *heap, size_t size)
+{
+    if (gm_limit_reserve(heap->device, size)) return GPUMEM_OK;
+    if (gm_heap_release_cached(heap, 0) > 0) {
+        pthread_mutex_lock(&heap->lock);
+        heap->c.release_retries++;
+        pthread_mutex_unlock(&heap->lock);
+        if (gm_limit_reserve(heap->device, size)) return GPUMEM_OK;
+    }
+    pthread_mutex_lock(&heap->lock);
+    heap->c.limit_rejections++;
+    pthread_mutex_unlock(&heap->lock);
+    return GPUMEM_ERROR_OUT_OF_MEMORY;
+}
+
+void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind kind,
+                     uintptr_t stream, uintptr_t caller)
+{
+    gm_record *rec = gm_record_new();
+    if (!rec) { /* cannot track: keep the limit honest, lose only the leak record */
+        gm_log(GM_WARN, "out of host memory: allocation %#lx not tracked", (unsigned long)ptr);
+        return;
+    }
+    fill_record(rec, ptr, size, size, kind, stream, caller);
+    pthread_mutex_lock(&heap->lock);
+    gm_record *old = gm_live_find(heap, ptr);
+    if (old) { /* the driver reused an address we still track: our record is stale */
+        gm_live_remove(heap, old);
+        gm_stats_on_free(heap, old);
+        if (!old->block) {
+            gm_limit_unreserve(heap->device, old->size);
+            gm_record_delete(old);
+        }
+    }
+    gm_live_insert(heap, rec);
+    gm_stats_on_alloc(heap, rec, false);
+    pthread_mutex_unlock(&heap->lock);
+}
+
+void gm_track_abort(gm_heap *heap, size_t size)
+{
+    gm_limit_unreserve(heap->device, size);
+}
+
+int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
+{
+    gm_record *rec = NULL;
+    gm_heap *heap = gm_heap_find_locked(ptr, hint, &rec);
+    if (!heap) return GM_NOT_OURS;
+    if (rec->kind != kind) {
+        pthread_mutex_unlock(&heap->lock);
+        return GM_NOT_OURS;
+    }
+    gm_live_remove(heap, rec);
+    gm_stats_on_free(heap, rec);
+    pthread_mutex_unlock(&heap->lock);
+    gm_limit_unreserve(heap->device, rec->size);
+    gm_record_delete(rec);
+    return (int)kind;
+}
+
+/* ------------------------------------------------------------------ queries */
+
+int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size)
+{
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < n; i++) {
+        gm_heap *h = gm_mgr.heaps[i];
+        pthread_mutex_lock(&h->lock);
+        gm_block *b = gm_heap_block_containing_locked(h, ptr);
+        int rc = GM_NOT_OURS;
+        if (b) {
+            rc = GPUMEM_ERROR_INVALID_VALUE;
+            if (b->state == GM_BLOCK_LIVE && gm_live_find(h, b->addr) == &b->rec) {
+                *base = b->addr;
+                *size = b->rec.requested;
+                rc = GPUMEM_OK;
+            }
+        }
+        pthread_mutex_unlock(&h->lock);
+        if (rc != GM_NOT_OURS) return rc;
+    }
+    return GM_NOT_OURS;
+}
+
+void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
+                 size_t *total_out)
+{
+    gpumem_stats st;
+    gm_stats_collect(heap->device, &st);
+    uint64_t total = driver_total, limit = st.limit_bytes;
+    if (limit && limit < total) total = limit;
+    uint64_t avail = (uint64_t)driver_free + st.bytes_cached_free;
+    if (limit) {
+        uint64_t headroom = gm_limit_headroom(heap->device) + st.bytes_cached_free;
+        if (headroom < avail) avail = headroom;
+    }
+    if (avail > total) avail = total;
+    *free_out = (size_t)avail;
+    *total_out = (size_t)total;
+}
+
+/* ------------------------------------------------------------------ context teardown */
+
+void gm_heap_drop(uintptr_t ctx, const char *why)
+{
+    gm_heap *heap = NULL;
+    pthread_mutex_lock(&gm_mgr.heaps_lock);
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < n && !heap; i++)
+        if (gm_mgr.heaps[i]->ctx == ctx && gm_mgr.heaps[i]->bound) heap = gm_mgr.heaps[i];
+    pthread_mutex_unlock(&gm_mgr.heaps_lock);
+    if (!heap) return;
+    gm_report_write(NULL, heap->device, ctx, why);
+    gm_heap_release_cached(heap, 0);
+    pthread_mutex_lock(&heap->lock);
+    /* Blocks still live die with the context: the driver frees their segments itself. */
+    gm_heap_reset_locked(heap);
+    heap->bound = false;
+    pthread_mutex_unlock(&heap->lock);
+}

@@ -1,0 +1,330 @@
+/* gpumem-bench: speed goals live here, never in timed tests.
+ *
+ *   gpumem-bench pool   alloc+free pairs that hit the pool, host backend, 256 B .. 64 MiB,
+ *                       1 and 2 threads; last line pool_pair_ns_median=<N> (1 thread, mixed).
+ *   gpumem-bench gpu    cudaMalloc+cudaFree pairs through the shim (strict and fast mode) next
+ *                       to raw cudaMalloc/cudaFree and cudaMallocAsync/cudaFreeAsync, and the
+ *                       added cost on a forwarded 64-B pinned cudaMemcpyAsync. Each variant runs
+ *                       in a child process of this one run (the shim must be preloaded or not),
+ *                       side by side, and the table compares medians.
+ */
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gm_internal.h"
+
+#ifndef GPUMEM_SHIM_PATH
+#define GPUMEM_SHIM_PATH "libgpumem_shim.so"
+#endif
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+typedef struct { double median, p99; } summary;
+
+static summary summarize(double *v, size_t n)
+{
+    qsort(v, n, sizeof *v, cmp_double);
+    size_t p99 = (size_t)((double)(n - 1) * 0.99);
+    return (summary){v[n / 2], v[p99]};
+}
+
+/* ================================================================== pool (host backend) */
+
+#define POOL_BATCH 1000
+#define POOL_BATCHES 300
+
+static const size_t pool_sizes[] = {256, 4096, 65536, 1 << 20, 16 << 20, 64 << 20};
+#define NSIZES (sizeof pool_sizes / sizeof *pool_sizes)
+
+typedef struct {
+    gm_heap *heap;
+    int size_index; /* -1: mixed */
+    double per_pair[POOL_BATCHES];
+} pool_job;
+
+static void *pool_worker(void *arg)
+{
+    pool_job *job = arg;
+    uintptr_t p;
+    for (size_t i = 0; i < NSIZES; i++) { /* warm: every size class has its segment */
+        gm_alloc(job->heap, pool_sizes[i], 0, 0, &p);
+        gm_free(job->heap, p, GM_FREE_BARRIER, NULL);
+    }
+    for (int b = 0; b < POOL_BATCHES; b++) {
+        uint64_t t0 = now_ns();
+        for (int i = 0; i < POOL_BATCH; i++) {
+            size_t size = job->size_index >= 0 ? pool_sizes[job->size_index] : pool_sizes[i % NSIZES];
+            if (gm_alloc(job->heap, size, 0, 0, &p) != GPUMEM_OK) abort();
+            gm_free(job->heap, p, GM_FREE_BARRIER, NULL);
+        }
+        job->per_pair[b] = (double)(now_ns() - t0) / POOL_BATCH;
+    }
+    return NULL;
+}
+
+static summary run_pool_case(gm_heap *heap, int size_index, int threads)
+{
+    pool_job jobs[2];
+    pthread_t t[2];
+    double all[2 * POOL_BATCHES];
+    for (int i = 0; i < threads; i++) {
+        jobs[i].heap = heap;
+        jobs[i].size_index = size_index;
+        pthread_create(&t[i], NULL, pool_worker, &jobs[i]);
+    }
+    size_t n = 0;
+    for (int i = 0; i < threads; i++) {
+        pthread_join(t[i], NULL);
+        memcpy(&all[n], jobs[i].per_pair, sizeof jobs[i].per_pair);
+        n += POOL_BATCHES;
+    }
+    return summarize(all, n);
+}
+
+static int bench_pool(void)
+{
+    setenv("GPUMEM_REPORT", "off", 1);
+    gm_manager_init(gm_host_backend());
+    gm_heap *heap = gm_heap_get(1, 0);
+    printf("pool pair (alloc+free that hit the pool), host backend, ns per pair over %d batches of %d\n",
+           POOL_BATCHES, POOL_BATCH);
+    printf("%-10s %8s %12s %12s\n", "size", "threads", "median_ns", "p99_ns");
+    double mixed_single = 0;
+    for (int threads = 1; threads <= 2; threads++) {
+        for (int s = -1; s < (int)NSIZES; s++) {
+            summary r = run_pool_case(heap, s, threads);
+            char label[32];
+            if (s < 0) snprintf(label, sizeof label, "mixed");
+            else snprintf(label, sizeof label, "%zu", pool_sizes[s]);
+            printf("%-10s %8d %12.1f %12.1f\n", label, threads, r.median, r.p99);
+            if (s < 0 && threads == 1) mixed_single = r.median;
+        }
+    }
+    printf("pool_pair_ns_median=%.0f\n", mixed_single);
+    return 0;
+}
+
+/* ================================================================== gpu (cudart, child processes) */
+
+typedef int (*rt_malloc_fn)(void **, size_t);
+typedef int (*rt_free_fn)(void *);
+typedef int (*rt_malloc_async_fn)(void **, size_t, void *);
+typedef int (*rt_free_async_fn)(void *, void *);
+typedef int (*rt_stream_create_fn)(void **);
+typedef int (*rt_stream_sync_fn)(void *);
+typedef int (*rt_host_alloc_fn)(void **, size_t, unsigned);
+typedef int (*rt_memcpy_async_fn)(void *, const void *, size_t, int, void *);
+typedef int (*rt_device_sync_fn)(void);
+
+static struct {
+    rt_malloc_fn malloc_;
+    rt_free_fn free_;
+    rt_malloc_async_fn malloc_async;
+    rt_free_async_fn free_async;
+    rt_stream_create_fn stream_create;
+    rt_stream_sync_fn stream_sync;
+    rt_host_alloc_fn host_alloc;
+    rt_memcpy_async_fn memcpy_async;
+    rt_device_sync_fn device_sync;
+} rt;
+
+static bool load_cudart(void)
+{
+    const char *names[] = {"libcudart.so.13", "/usr/local/cuda/lib64/libcudart.so.13", "libcudart.so"};
+    void *h = NULL;
+    for (size_t i = 0; i < 3 && !h; i++) h = dlopen(names[i], RTLD_NOW);
+    if (!h) {
+        fprintf(stderr, "gpumem-bench: cannot load libcudart.so.13 (%s)\n", dlerror());
+        return false;
+    }
+#define RT(field, name) (*(void **)&rt.field = dlsym(h, name)) != NULL
+    return RT(malloc_, "cudaMalloc") && RT(free_, "cudaFree") && RT(malloc_async, "cudaMallocAsync") &&
+           RT(free_async, "cudaFreeAsync") && RT(stream_create, "cudaStreamCreate") &&
+           RT(stream_sync, "cudaStreamSynchronize") && RT(host_alloc, "cudaHostAlloc") &&
+           RT(memcpy_async, "cudaMemcpyAsync") && RT(device_sync, "cudaDeviceSynchronize");
+#undef RT
+}
+
+static const size_t gpu_sizes[] = {256, 4096, 65536, 1 << 20, 16 << 20, 64 << 20};
+#define NGPU (sizeof gpu_sizes / sizeof *gpu_sizes)
+
+/* Times `iters` pairs of one size; prints "<label> <size> <median_us> <p99_us>". */
+static void time_pairs(const char *label, size_t size, int iters, bool async, void *stream)
+{
+    double *t = malloc(sizeof(double) * (size_t)iters);
+    void *p = NULL;
+    for (int i = -10; i < iters; i++) {
+        uint64_t t0 = now_ns();
+        if (async) {
+            if (rt.malloc_async(&p, size, stream) || rt.free_async(p, stream)) exit(3);
+        } else {
+            if (rt.malloc_(&p, size) || rt.free_(p)) exit(3);
+        }
+        if (i >= 0) t[i] = (double)(now_ns() - t0) / 1000.0;
+    }
+    summary s = summarize(t, (size_t)iters);
+    printf("%s %zu %.3f %.3f\n", label, size, s.median, s.p99);
+    free(t);
+}
+
+static void time_memcpy(const char *label, void *stream)
+{
+    enum { N = 20000 };
+    static double t[N];
+    void *host = NULL, *dev = NULL;
+    if (rt.host_alloc(&host, 64, 0) || rt.malloc_(&dev, 64)) exit(3);
+    for (int i = -100; i < N; i++) {
+        uint64_t t0 = now_ns();
+        if (rt.memcpy_async(dev, host, 64, 1 /* cudaMemcpyHostToDevice */, stream)) exit(3);
+        if (i >= 0) t[i] = (double)(now_ns() - t0);
+        if (i % 64 == 63) rt.stream_sync(stream); /* keep the queue short */
+    }
+    rt.stream_sync(stream);
+    summary s = summarize(t, N);
+    printf("%s 64 %.1f %.1f\n", label, s.median, s.p99);
+}
+
+static int gpu_worker(const char *mode)
+{
+    if (!load_cudart()) return 2;
+    void *stream = NULL;
+    if (rt.stream_create(&stream)) return 3;
+    rt.device_sync();
+    bool raw = strcmp(mode, "raw") == 0;
+    for (size_t i = 0; i < NGPU; i++) {
+        time_pairs(mode, gpu_sizes[i], raw ? 200 : 5000, false, stream);
+        if (raw) time_pairs("async", gpu_sizes[i], 5000, true, stream);
+    }
+    time_memcpy(raw ? "memcpy_raw" : "memcpy_shim", stream);
+    return 0;
+}
+
+typedef struct { char label[32]; size_t size; double median, p99; } gpu_row;
+
+static size_t run_child(const char *mode, const char *shim, const char *free_sync, gpu_row *rows,
+                        size_t max)
+{
+    char self[4096];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) return 0;
+    self[n] = 0;
+    int fds[2];
+    if (pipe(fds)) return 0;
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], STDOUT_FILENO);
+        close(fds[0]);
+        if (shim) setenv("LD_PRELOAD", shim, 1);
+        else unsetenv("LD_PRELOAD");
+        if (free_sync) setenv("GPUMEM_FREE_SYNC", free_sync, 1);
+        setenv("GPUMEM_REPORT", "off", 1);
+        execl(self, self, "gpu-worker", mode, (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    FILE *in = fdopen(fds[0], "r");
+    size_t count = 0;
+    while (count < max && fscanf(in, "%31s %zu %lf %lf", rows[count].label, &rows[count].size,
+                                 &rows[count].median, &rows[count].p99) == 4)
+        count++;
+    fclose(in);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fprintf(stderr, "gpumem-bench: worker %s failed (status %d)\n", mode, status);
+    return count;
+}
+
+static const gpu_row *find_row(const gpu_row *rows, size_t n, const char *label, size_t size)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(rows[i].label, label) == 0 && rows[i].size == size) return &rows[i];
+    return NULL;
+}
+
+static int bench_gpu(const char *shim)
+{
+    gpu_row rows[128];
+    size_t n = 0;
+    n += run_child("raw", NULL, NULL, rows + n, 128 - n);
+    n += run_child("strict", shim, "1", rows + n, 128 - n);
+    n += run_child("fast", shim, "0", rows + n, 128 - n);
+    printf("cudaMalloc+cudaFree pair, microseconds (median / p99); shim: %s\n", shim);
+    printf("%-10s %14s %14s %14s %14s\n", "size", "raw", "async", "shim_strict", "shim_fast");
+    double worst_strict = 0, worst_fast = 0;
+    for (size_t i = 0; i < NGPU; i++) {
+        const gpu_row *r = find_row(rows, n, "raw", gpu_sizes[i]);
+        const gpu_row *a = find_row(rows, n, "async", gpu_sizes[i]);
+        const gpu_row *s = find_row(rows, n, "strict", gpu_sizes[i]);
+        const gpu_row *f = find_row(rows, n, "fast", gpu_sizes[i]);
+        if (!r || !a || !s || !f) {
+            printf("%-10zu (missing: a worker failed)\n", gpu_sizes[i]);
+            continue;
+        }
+        printf("%-10zu %6.2f/%-7.2f %6.2f/%-7.2f %6.3f/%-7.3f %6.3f/%-7.3f\n", gpu_sizes[i], r->median,
+               r->p99, a->median, a->p99, s->median, s->p99, f->median, f->p99);
+        if (s->median > worst_strict) worst_strict = s->median;
+        if (f->median > worst_fast) worst_fast = f->median;
+    }
+    const gpu_row *mr = find_row(rows, n, "memcpy_raw", 64), *ms = find_row(rows, n, "memcpy_shim", 64);
+    if (mr && ms) {
+        printf("cudaMemcpyAsync 64 B pinned H2D, ns per call (median): raw %.1f, shim %.1f, added %.1f\n",
+               mr->median, ms->median, ms->median - mr->median);
+        printf("memcpy_added_ns=%.1f\n", ms->median - mr->median);
+    }
+    printf("strict_pair_us_median_worst=%.3f\nfast_pair_us_median_worst=%.3f\n", worst_strict, worst_fast);
+    return 0;
+}
+
+/* ================================================================== main */
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: gpumem-bench pool\n"
+            "       gpumem-bench gpu [--shim PATH]   (default shim: %s)\n",
+            GPUMEM_SHIM_PATH);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 2 && strcmp(argv[1], "pool") == 0) return bench_pool();
+    if (argc >= 3 && strcmp(argv[1], "gpu-worker") == 0) return gpu_worker(argv[2]);
+    if (argc >= 2 && strcmp(argv[1], "gpu") == 0) {
+        const char *shim = GPUMEM_SHIM_PATH;
+        if (argc == 4 && strcmp(argv[2], "--shim") == 0) shim = argv[3];
+        else if (argc != 2) {
+            usage(stderr);
+            return 2;
+        }
+        if (access(shim, R_OK) != 0) {
+            fprintf(stderr, "gpumem-bench: shim %s not found; build it or pass --shim PATH\n", shim);
+            return 2;
+        }
+        return bench_gpu(shim);
+    }
+    if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "gpumem-bench: unknown or missing mode '%s'\n", argc >= 2 ? argv[1] : "");
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,2226 @@
+/* fakecuda: a host-memory fake of the CUDA driver API, built as libcuda.so.1, so that gpumem's
+ * shim can be tested on machines without a GPU.
+ *
+ * Model
+ *  - Device memory is host memory: a CUdeviceptr is the host address of an aligned_alloc block
+ *    (512 B aligned, 2 MiB aligned from 2 MiB up), so tests may read and write it directly.
+ *  - Each stream is a FIFO of work items run in order by its own worker thread (started on the
+ *    first enqueue). Every context owns a legacy default stream. The per-thread default stream
+ *    (handle CU_STREAM_PER_THREAD, or 0 passed to a _ptsz/_ptds entry point) is a separate
+ *    stream per (thread, context), created on first use and retired when its thread exits.
+ *    Streams are independent: the legacy stream does not implicitly order against other
+ *    streams (no blocking/non-blocking distinction).
+ *  - Synchronous copies and memsets are enqueued on the legacy (or, for _ptds, the per-thread)
+ *    stream and waited for, so they run after everything queued there before them.
+ *  - cuMemFree_v2 waits for every stream of the allocation's context, as the real one does;
+ *    cuMemFreeAsync frees when the stream reaches it.
+ *  - Stream capture only flips a per-stream state; captured work still runs. While a capture in
+ *    global (or, from the capturing thread, thread-local) mode is active, cuCtxSynchronize and
+ *    cuMemFree_v2 fail with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED like the real driver, and so do
+ *    cuStreamSynchronize/cuStreamQuery on the capturing stream.
+ *  - One global mutex guards all state; g_done is broadcast whenever a work item completes.
+ *  - Contexts are never freed (only marked dead) so stale handles are detected, not followed.
+ *  - cuGetProcAddress hands out the addresses of this library's own exported functions through
+ *    hidden aliases, so they equal what dlsym(libcuda.so.1, "<versioned name>") returns even
+ *    when a preloaded shim interposes the same names. Internal code never calls an exported
+ *    function, for the same reason. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda.h>
+
+#include "fakecuda.h"
+
+/* cuda.h maps cuGetProcAddress to cuGetProcAddress_v2; the old 4-argument one is exported too. */
+#undef cuGetProcAddress
+
+#define FK_API __attribute__((visibility("default")))
+
+/* Exported names that cuda.h declares only for its own internal build or only when
+ * CUDA_API_PER_THREAD_DEFAULT_STREAM is defined. Declared here so definitions are checked. */
+CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags);
+CUresult CUDAAPI cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev);
+CUresult CUDAAPI cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *paramsArray, int numParams,
+                                unsigned int flags, CUdevice dev);
+CUresult CUDAAPI cuMemcpyHtoD_v2_ptds(CUdeviceptr dst, const void *src, size_t n);
+CUresult CUDAAPI cuMemcpyDtoH_v2_ptds(void *dst, CUdeviceptr src, size_t n);
+CUresult CUDAAPI cuMemcpyDtoD_v2_ptds(CUdeviceptr dst, CUdeviceptr src, size_t n);
+CUresult CUDAAPI cuMemcpy_ptds(CUdeviceptr dst, CUdeviceptr src, size_t n);
+CUresult CUDAAPI cuMemcpyHtoDAsync_v2_ptsz(CUdeviceptr dst, const void *src, size_t n, CUstream s);
+CUresult CUDAAPI cuMemcpyDtoHAsync_v2_ptsz(void *dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult CUDAAPI cuMemcpyDtoDAsync_v2_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult CUDAAPI cuMemcpyAsync_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult CUDAAPI cuMemsetD8_v2_ptds(CUdeviceptr dst, unsigned char uc, size_t n);
+CUresult CUDAAPI cuMemsetD32_v2_ptds(CUdeviceptr dst, unsigned int ui, size_t n);
+CUresult CUDAAPI cuMemsetD8Async_ptsz(CUdeviceptr dst, unsigned char uc, size_t n, CUstream s);
+CUresult CUDAAPI cuMemsetD32Async_ptsz(CUdeviceptr dst, unsigned int ui, size_t n, CUstream s);
+CUresult CUDAAPI cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t n, CUstream s);
+CUresult CUDAAPI cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t n, CUmemoryPool pool,
+                                              CUstream s);
+CUresult CUDAAPI cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s);
+CUresult CUDAAPI cuStreamSynchronize_ptsz(CUstream s);
+CUresult CUDAAPI cuStreamQuery_ptsz(CUstream s);
+CUresult CUDAAPI cuStreamWaitEvent_ptsz(CUstream s, CUevent ev, unsigned int flags);
+CUresult CUDAAPI cuEventRecord_ptsz(CUevent ev, CUstream s);
+CUresult CUDAAPI cuStreamIsCapturing_ptsz(CUstream s, CUstreamCaptureStatus *status);
+CUresult CUDAAPI cuStreamBeginCapture_v2_ptsz(CUstream s, CUstreamCaptureMode mode);
+CUresult CUDAAPI cuStreamEndCapture_ptsz(CUstream s, CUgraph *graph);
+
+/* ================================================================ state */
+
+#define FK_MAX_DEVICES 8
+#define FK_STACK_MAX 64
+#define FK_SMALL_ALIGN ((size_t)512)
+#define FK_BIG_ALIGN ((size_t)2 << 20)
+#define FK_PITCH_ALIGN ((size_t)512)
+#define FK_VMM_GRANULARITY ((size_t)2 << 20)
+#define FK_DRIVER_VERSION 13000
+
+typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM } fk_akind;
+
+typedef struct fk_ctx {
+    struct fk_ctx *next; /* g_ctxs; never unlinked */
+    int dev;
+    bool primary;
+    bool alive;          /* created and not destroyed; primary: retained at least once */
+    int prim_refs;
+    unsigned flags;
+    struct fk_stream *legacy;
+} fk_ctx;
+
+typedef struct fk_alloc {
+    uintptr_t base;
+    size_t size;         /* what was asked for (pitch * height for pitched) */
+    fk_akind kind;
+    int dev;
+    fk_ctx *ctx;         /* NULL for cuMemCreate handles */
+    bool freeing;        /* a free is under way (async free queued, or cuMemFree waiting) */
+    uint64_t id;         /* unique, to recognise the record after the lock was dropped */
+    struct fk_alloc *vnext; /* g_vmm list (cuMemCreate handles only) */
+} fk_alloc;
+
+typedef struct fk_event {
+    struct fk_event *next;
+    fk_ctx *ctx;
+    uint64_t rec_gen;    /* bumped by each record */
+    uint64_t done_gen;   /* highest record whose marker has run */
+    int refs;            /* the handle + pending markers and waiters */
+    bool destroyed;
+} fk_event;
+
+typedef enum { W_COPY, W_SET8, W_SET32, W_FILL, W_EVENT, W_WAIT, W_FREE } fk_wkind;
+
+typedef struct fk_work {
+    struct fk_work *next;
+    fk_wkind kind;
+    uint64_t seq;
+    uintptr_t dst, src;
+    size_t n;            /* bytes (W_SET32: 32-bit words) */
+    uint32_t val;
+    unsigned delay_us;
+    fk_event *ev;
+    uint64_t gen;
+    uint64_t alloc_id;   /* W_FREE: which allocation at dst */
+    bool chk_dst, chk_src;
+} fk_work;
+
+typedef struct fk_stream {
+    struct fk_stream *next; /* g_streams */
+    uint64_t uid;
+    fk_ctx *ctx;
+    fk_work *head, *tail;
+    uint64_t enq_seq, done_seq;
+    pthread_cond_t cv;   /* wakes the worker */
+    bool worker, stop, destroyed, legacy;
+    const void *owner;   /* per-thread default stream: the owning thread's token */
+    bool capturing;
+    CUstreamCaptureMode capture_mode;
+    const void *capture_thread;
+} fk_stream;
+
+typedef struct fk_device {
+    fk_ctx *primary;
+    unsigned primary_flags;
+    uint64_t in_use;
+} fk_device;
+
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_done = PTHREAD_COND_INITIALIZER;
+static atomic_bool g_inited;
+static int g_ndev = 1;
+static uint64_t g_capacity = (uint64_t)1 << 30;
+static long g_fail_after = -1;
+static uint64_t g_alloc_attempts;
+static fk_device g_dev[FK_MAX_DEVICES];
+static fk_ctx *g_ctxs;
+static fk_stream *g_streams;
+static fk_event *g_events;
+static fk_alloc **g_allocs; /* sorted by base: interior pointer lookups */
+static size_t g_nallocs, g_allocs_cap;
+static fk_alloc *g_vmm;
+static uint64_t g_next_id = 1;
+static fakecuda_counters_t g_cnt;
+
+static __thread fk_ctx *tl_stack[FK_STACK_MAX];
+static __thread int tl_depth;
+static __thread char tl_token; /* its address names the calling thread while it lives */
+
+static pthread_once_t g_key_once = PTHREAD_ONCE_INIT;
+static pthread_key_t g_ptds_key;
+
+#define LOCK() pthread_mutex_lock(&g_mu)
+#define UNLOCK() pthread_mutex_unlock(&g_mu)
+
+/* Every entry point but version/error/proc-address queries needs cuInit first. */
+static CUresult enter(void)
+{
+    if (!atomic_load(&g_inited))
+        return CUDA_ERROR_NOT_INITIALIZED;
+    LOCK();
+    return CUDA_SUCCESS;
+}
+
+static CUresult leave(CUresult r)
+{
+    UNLOCK();
+    return r;
+}
+
+/* ================================================================ environment */
+
+static uint64_t env_u64(const char *name, uint64_t def)
+{
+    const char *s = getenv(name);
+    if (!s || !*s)
+        return def;
+    char *end;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (end == s)
+        return def;
+    switch (*end) { /* binary suffixes keep test settings readable */
+    case 'k': case 'K': v <<= 10; break;
+    case 'm': case 'M': v <<= 20; break;
+    case 'g': case 'G': v <<= 30; break;
+    default: break;
+    }
+    return v;
+}
+
+static long env_long(const char *name, long def)
+{
+    const char *s = getenv(name);
+    if (!s || !*s)
+        return def;
+    char *end;
+    long v = strtol(s, &end, 0);
+    return end == s ? def : v;
+}
+
+/* Called with g_mu held. The fault-injection count restarts when forced or when the setting
+ * changed, so repeated cuInit calls (shim and program both call it) do not reset it. */
+static void env_load(bool force)
+{
+    g_capacity = env_u64("FAKECUDA_MEM", (uint64_t)1 << 30);
+    long n = env_long("FAKECUDA_DEVICES", 1);
+    g_ndev = n < 0 ? 1 : n > FK_MAX_DEVICES ? FK_MAX_DEVICES : (int)n;
+    long fail = env_long("FAKECUDA_FAIL_ALLOC_AFTER", -1);
+    if (fail < 0)
+        fail = -1;
+    if (force || fail != g_fail_after)
+        g_alloc_attempts = 0;
+    g_fail_after = fail;
+}
+
+/* ================================================================ allocation registry */
+
+/* Index of the first allocation whose base is above p. */
+static size_t reg_upper(uintptr_t p)
+{
+    size_t lo = 0, hi = g_nallocs;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (g_allocs[mid]->base <= p)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* The live allocation containing p (interior pointers included), or NULL. */
+static fk_alloc *reg_find(uintptr_t p)
+{
+    size_t i = reg_upper(p);
+    if (i == 0)
+        return NULL;
+    fk_alloc *a = g_allocs[i - 1];
+    return p - a->base < a->size ? a : NULL;
+}
+
+/* The allocation starting exactly at p: frees take base pointers only. */
+static fk_alloc *reg_find_base(uintptr_t p)
+{
+    fk_alloc *a = reg_find(p);
+    return a && a->base == p ? a : NULL;
+}
+
+static bool reg_insert(fk_alloc *a)
+{
+    if (g_nallocs == g_allocs_cap) {
+        size_t cap = g_allocs_cap ? g_allocs_cap * 2 : 64;
+        fk_alloc **v = realloc(g_allocs, cap * sizeof *v);
+        if (!v)
+            return false;
+        g_allocs = v;
+        g_allocs_cap = cap;
+    }
+    size_t i = reg_upper(a->base);
+    memmove(&g_allocs[i + 1], &g_allocs[i], (g_nallocs - i) * sizeof *g_allocs);
+    g_allocs[i] = a;
+    g_nallocs++;
+    return true;
+}
+
+static void reg_remove(fk_alloc *a)
+{
+    size_t i = reg_upper(a->base);
+    if (i == 0 || g_allocs[i - 1] != a)
+        return;
+    i--;
+    memmove(&g_allocs[i], &g_allocs[i + 1], (g_nallocs - i - 1) * sizeof *g_allocs);
+    g_nallocs--;
+}
+
+/* [p, p+n) inside one live allocation that a device may touch. */
+static bool dev_range_ok(uintptr_t p, size_t n)
+{
+    fk_alloc *a = reg_find(p);
+    return a && n <= a->size - (p - a->base);
+}
+
+static bool counts_as_device(fk_akind k)
+{
+    return k != A_HOST;
+}
+
+/* Unregister and free the block. Called with g_mu held. */
+static void alloc_release(fk_alloc *a)
+{
+    if (a->kind == A_VMM) {
+        fk_alloc **pp = &g_vmm;
+        while (*pp && *pp != a)
+            pp = &(*pp)->vnext;
+        if (*pp)
+            *pp = a->vnext;
+    } else {
+        reg_remove(a);
+    }
+    if (counts_as_device(a->kind))
+        g_dev[a->dev].in_use -= a->size;
+    free((void *)a->base);
+    free(a);
+}
+
+static size_t round_up(size_t v, size_t a)
+{
+    return (v + a - 1) / a * a;
+}
+
+/* The common path of every device allocation entry point: fault injection, capacity, memory.
+ * Called with g_mu held after argument and context checks. */
+static CUresult dev_alloc(int dev, fk_ctx *c, size_t size, fk_akind kind, fk_alloc **out)
+{
+    g_alloc_attempts++;
+    if (g_fail_after >= 0 && g_alloc_attempts > (uint64_t)g_fail_after)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    if (size > g_capacity || g_dev[dev].in_use > g_capacity - size)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    size_t align = size >= FK_BIG_ALIGN ? FK_BIG_ALIGN : FK_SMALL_ALIGN;
+    if (size > SIZE_MAX - align)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    fk_alloc *a = malloc(sizeof *a);
+    void *mem = aligned_alloc(align, round_up(size, align));
+    if (a && mem)
+        *a = (fk_alloc){.base = (uintptr_t)mem, .size = size, .kind = kind, .dev = dev,
+                        .ctx = c, .id = g_next_id++};
+    if (!a || !mem || (kind != A_VMM && !reg_insert(a))) {
+        free(a);
+        free(mem);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    g_dev[dev].in_use += size;
+    *out = a;
+    return CUDA_SUCCESS;
+}
+
+/* ================================================================ contexts */
+
+static bool ctx_known(const fk_ctx *c)
+{
+    for (fk_ctx *x = g_ctxs; x; x = x->next)
+        if (x == c)
+            return true;
+    return false;
+}
+
+/* The calling thread's current context, or the error the real driver gives. */
+static CUresult cur_ctx(fk_ctx **out)
+{
+    if (tl_depth == 0 || !tl_stack[tl_depth - 1])
+        return CUDA_ERROR_INVALID_CONTEXT;
+    fk_ctx *c = tl_stack[tl_depth - 1];
+    if (!c->alive)
+        return CUDA_ERROR_CONTEXT_IS_DESTROYED;
+    *out = c;
+    return CUDA_SUCCESS;
+}
+
+/* A handle passed in by the caller: NULL means the current context. */
+static CUresult arg_ctx(CUcontext h, fk_ctx **out)
+{
+    if (!h)
+        return cur_ctx(out);
+    fk_ctx *c = (fk_ctx *)h;
+    if (!ctx_known(c))
+        return CUDA_ERROR_INVALID_CONTEXT;
+    if (!c->alive)
+        return CUDA_ERROR_CONTEXT_IS_DESTROYED;
+    *out = c;
+    return CUDA_SUCCESS;
+}
+
+static bool dev_ok(CUdevice d)
+{
+    return d >= 0 && d < g_ndev;
+}
+
+/* ================================================================ streams and workers */
+
+static fk_stream *stream_new(fk_ctx *c, bool legacy, const void *owner)
+{
+    fk_stream *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->uid = g_next_id++;
+    s->ctx = c;
+    s->legacy = legacy;
+    s->owner = owner;
+    pthread_cond_init(&s->cv, NULL);
+    s->next = g_streams;
+    g_streams = s;
+    return s;
+}
+
+static void stream_unlink_free(fk_stream *s)
+{
+    fk_stream **pp = &g_streams;
+    while (*pp && *pp != s)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = s->next;
+    pthread_cond_destroy(&s->cv);
+    free(s);
+}
+
+/* Still registered and the same stream (uid guards against a reused address). */
+static bool stream_alive(const fk_stream *s, uint64_t uid)
+{
+    for (fk_stream *x = g_streams; x; x = x->next)
+        if (x == s && x->uid == uid)
+            return true;
+    return false;
+}
+
+/* Wait until work up to `target` has run or the stream is gone (it drains before it goes). */
+static void wait_stream_until(fk_stream *s, uint64_t target)
+{
+    uint64_t uid = s->uid;
+    while (stream_alive(s, uid) && s->done_seq < target)
+        pthread_cond_wait(&g_done, &g_mu);
+}
+
+static void ev_unref(fk_event *e)
+{
+    if (--e->refs > 0)
+        return;
+    fk_event **pp = &g_events;
+    while (*pp && *pp != e)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = e->next;
+    free(e);
+}
+
+static void fill_words(uintptr_t dst, uint32_t v, size_t words)
+{
+    uint32_t *p = (uint32_t *)dst;
+    for (size_t i = 0; i < words; i++)
+        p[i] = v;
+}
+
+/* The data-moving part of a work item, run without the lock like a real engine would. */
+static void work_run_unlocked(const fk_work *w)
+{
+    switch (w->kind) {
+    case W_COPY: memmove((void *)w->dst, (const void *)w->src, w->n); break;
+    case W_SET8: memset((void *)w->dst, (int)w->val, w->n); break;
+    case W_SET32: fill_words(w->dst, w->val, w->n); break;
+    case W_FILL: {
+        struct timespec ts = {w->delay_us / 1000000u, (long)(w->delay_us % 1000000u) * 1000L};
+        while (nanosleep(&ts, &ts) != 0) {
+        }
+        memset((void *)w->dst, (int)w->val, w->n);
+        break;
+    }
+    default: break;
+    }
+}
+
+/* The bookkeeping part of a work item, run with the lock held. */
+static void work_run_locked(const fk_work *w)
+{
+    switch (w->kind) {
+    case W_EVENT:
+        if (w->ev->done_gen < w->gen)
+            w->ev->done_gen = w->gen;
+        ev_unref(w->ev);
+        break;
+    case W_WAIT: /* cuStreamWaitEvent: hold this stream until the event's record has run */
+        while (w->ev->done_gen < w->gen)
+            pthread_cond_wait(&g_done, &g_mu);
+        ev_unref(w->ev);
+        break;
+    case W_FREE: {
+        fk_alloc *a = reg_find_base(w->dst);
+        if (a && a->id == w->alloc_id) /* its context may have been torn down meanwhile */
+            alloc_release(a);
+        break;
+    }
+    default: break;
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    fk_stream *s = arg;
+    LOCK();
+    for (;;) {
+        while (!s->head && !s->stop)
+            pthread_cond_wait(&s->cv, &g_mu);
+        fk_work *w = s->head;
+        if (!w)
+            break; /* stopped and drained */
+        s->head = w->next;
+        if (!s->head)
+            s->tail = NULL;
+        UNLOCK();
+        work_run_unlocked(w);
+        LOCK();
+        work_run_locked(w);
+        s->done_seq = w->seq;
+        free(w);
+        pthread_cond_broadcast(&g_done);
+    }
+    stream_unlink_free(s); /* a retired stream frees itself once drained */
+    pthread_cond_broadcast(&g_done);
+    UNLOCK();
+    return NULL;
+}
+
+/* Detached, with signals blocked so the program's handlers run on its own threads. */
+static bool worker_start(fk_stream *s)
+{
+    pthread_attr_t attr;
+    sigset_t all, old;
+    pthread_t t;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&t, &attr, worker_main, s);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    return rc == 0;
+}
+
+/* Append a copy of *tmpl to the stream; *seq_out gets its sequence number. */
+static CUresult enqueue(fk_stream *s, const fk_work *tmpl, uint64_t *seq_out)
+{
+    fk_work *w = malloc(sizeof *w);
+    if (!w)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    if (!s->worker) {
+        if (!worker_start(s)) {
+            free(w);
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        s->worker = true;
+    }
+    *w = *tmpl;
+    w->next = NULL;
+    w->seq = ++s->enq_seq;
+    if (s->tail)
+        s->tail->next = w;
+    else
+        s->head = w;
+    s->tail = w;
+    if (seq_out)
+        *seq_out = w->seq;
+    pthread_cond_signal(&s->cv);
+    return CUDA_SUCCESS;
+}
+
+/* Let the worker drain and free the stream; without a worker nothing is pending. */
+static void stream_retire(fk_stream *s)
+{
+    s->destroyed = true;
+    s->stop = true;
+    if (s->worker)
+        pthread_cond_signal(&s->cv);
+    else
+        stream_unlink_free(s);
+}
+
+/* Thread exit: retire the thread's per-thread default streams. */
+static void ptds_thread_exit(void *token)
+{
+    LOCK();
+    for (fk_stream *s = g_streams, *next; s; s = next) {
+        next = s->next;
+        if (s->owner == token && !s->destroyed)
+            stream_retire(s);
+    }
+    UNLOCK();
+}
+
+static void ptds_key_init(void)
+{
+    pthread_key_create(&g_ptds_key, ptds_thread_exit);
+}
+
+/* The calling thread's per-thread default stream in c, created on first use. */
+static fk_stream *ptds_stream(fk_ctx *c)
+{
+    for (fk_stream *s = g_streams; s; s = s->next)
+        if (s->ctx == c && s->owner == &tl_token && !s->destroyed)
+            return s;
+    pthread_once(&g_key_once, ptds_key_init);
+    pthread_setspecific(g_ptds_key, &tl_token);
+    return stream_new(c, false, &tl_token);
+}
+
+/* Map a stream handle to a stream. 0 means the legacy stream for the classic entry points and
+ * the per-thread stream for _ptsz/_ptds ones; 1 and 2 name those two explicitly. */
+static CUresult resolve_stream(CUstream h, bool ptds, fk_stream **out)
+{
+    if (!h)
+        h = ptds ? CU_STREAM_PER_THREAD : CU_STREAM_LEGACY;
+    if (h == CU_STREAM_LEGACY || h == CU_STREAM_PER_THREAD) {
+        fk_ctx *c;
+        CUresult r = cur_ctx(&c);
+        if (r)
+            return r;
+        *out = h == CU_STREAM_LEGACY ? c->legacy : ptds_stream(c);
+        return *out ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    for (fk_stream *s = g_streams; s; s = s->next) {
+        if (s == (fk_stream *)h && !s->destroyed && !s->legacy && !s->owner) {
+            *out = s;
+            return CUDA_SUCCESS;
+        }
+    }
+    return CUDA_ERROR_INVALID_HANDLE;
+}
+
+/* Wait for all work queued in c's streams up to now (later submissions are not waited for). */
+static CUresult wait_ctx(fk_ctx *c)
+{
+    size_t n = 0, i = 0;
+    for (fk_stream *s = g_streams; s; s = s->next)
+        n += s->ctx == c;
+    if (n == 0)
+        return CUDA_SUCCESS;
+    struct snap { fk_stream *s; uint64_t uid, target; } *v = malloc(n * sizeof *v);
+    if (!v)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    for (fk_stream *s = g_streams; s; s = s->next)
+        if (s->ctx == c)
+            v[i++] = (struct snap){s, s->uid, s->enq_seq};
+    for (i = 0; i < n; i++) {
+        while (stream_alive(v[i].s, v[i].uid) && v[i].s->done_seq < v[i].target)
+            pthread_cond_wait(&g_done, &g_mu);
+    }
+    free(v);
+    return CUDA_SUCCESS;
+}
+
+/* Is a synchronising call from this thread illegal because of an active capture? */
+static bool capture_forbids_sync(void)
+{
+    for (fk_stream *s = g_streams; s; s = s->next) {
+        if (!s->capturing)
+            continue;
+        if (s->capture_mode == CU_STREAM_CAPTURE_MODE_GLOBAL)
+            return true;
+        if (s->capture_mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+            s->capture_thread == &tl_token)
+            return true;
+    }
+    return false;
+}
+
+static CUresult ctx_activate(fk_ctx *c)
+{
+    c->legacy = stream_new(c, true, NULL);
+    if (!c->legacy)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    c->alive = true;
+    return CUDA_SUCCESS;
+}
+
+static void ctx_free_allocs(fk_ctx *c)
+{
+    for (size_t i = g_nallocs; i-- > 0;)
+        if (g_allocs[i]->ctx == c)
+            alloc_release(g_allocs[i]);
+}
+
+static void ctx_free_events(fk_ctx *c)
+{
+    for (fk_event *e = g_events, *next; e; e = next) {
+        next = e->next;
+        if (e->ctx == c && !e->destroyed) {
+            e->destroyed = true;
+            ev_unref(e);
+        }
+    }
+}
+
+/* Destroy or reset: finish queued work, stop the workers, free what the context owned.
+ * The caller has already marked c dead, so nothing new is queued meanwhile. */
+static void ctx_teardown(fk_ctx *c)
+{
+    wait_ctx(c);
+    for (fk_stream *s = g_streams, *next; s; s = next) {
+        next = s->next;
+        if (s->ctx == c && !s->destroyed)
+            stream_retire(s);
+    }
+    for (bool busy = true; busy;) {
+        busy = false;
+        for (fk_stream *s = g_streams; s; s = s->next)
+            busy |= s->ctx == c;
+        if (busy)
+            pthread_cond_wait(&g_done, &g_mu);
+    }
+    c->legacy = NULL;
+    ctx_free_allocs(c);
+    ctx_free_events(c);
+}
+
+static fk_ctx *ctx_new(int dev, bool primary)
+{
+    fk_ctx *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    c->dev = dev;
+    c->primary = primary;
+    c->next = g_ctxs;
+    g_ctxs = c;
+    return c;
+}
+
+/* ================================================================ init, version, devices */
+
+FK_API CUresult CUDAAPI cuInit(unsigned int flags)
+{
+    if (flags)
+        return CUDA_ERROR_INVALID_VALUE;
+    LOCK();
+    env_load(false); /* tests set the environment before the first cuInit */
+    CUresult r = g_ndev > 0 ? CUDA_SUCCESS : CUDA_ERROR_NO_DEVICE;
+    if (r == CUDA_SUCCESS)
+        atomic_store(&g_inited, true);
+    UNLOCK();
+    return r;
+}
+
+FK_API CUresult CUDAAPI cuDriverGetVersion(int *v)
+{
+    if (!v)
+        return CUDA_ERROR_INVALID_VALUE;
+    *v = FK_DRIVER_VERSION;
+    return CUDA_SUCCESS;
+}
+
+FK_API CUresult CUDAAPI cuDeviceGet(CUdevice *dev, int ordinal)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!dev)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(ordinal))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    *dev = ordinal;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuDeviceGetCount(int *count)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!count)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    *count = g_ndev;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuDeviceGetName(char *name, int len, CUdevice dev)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!name || len <= 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    snprintf(name, (size_t)len, "FakeCUDA Device %d", dev);
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!bytes)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    *bytes = g_capacity;
+    return leave(CUDA_SUCCESS);
+}
+
+/* An H100-like device; anything not listed is 0. */
+static int device_attribute(CUdevice_attribute a, CUdevice dev)
+{
+    switch (a) {
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: return 9;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: return 0;
+    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: return 132;
+    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: return 1024;
+    case CU_DEVICE_ATTRIBUTE_WARP_SIZE: return 32;
+    case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: return 1;
+    case CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY: return 1;
+    case CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY: return 1;
+    case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED: return 1;
+    case CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: return 1;
+    case CU_DEVICE_ATTRIBUTE_TEXTURE_PITCH_ALIGNMENT: return (int)FK_PITCH_ALIGN;
+    case CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID: return dev;
+    default: return 0;
+    }
+}
+
+FK_API CUresult CUDAAPI cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!pi || attrib <= 0 || attrib >= CU_DEVICE_ATTRIBUTE_MAX)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    *pi = device_attribute(attrib, dev);
+    return leave(CUDA_SUCCESS);
+}
+
+/* ================================================================ primary contexts */
+
+FK_API CUresult CUDAAPI cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!pctx)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    fk_device *d = &g_dev[dev];
+    if (!d->primary && !(d->primary = ctx_new(dev, true)))
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    if (d->primary->prim_refs == 0 && (r = ctx_activate(d->primary)))
+        return leave(r);
+    d->primary->prim_refs++;
+    d->primary->flags = d->primary_flags;
+    *pctx = (CUcontext)d->primary; /* the same handle every time, as in the real driver */
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuDevicePrimaryCtxRelease_v2(CUdevice dev)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    fk_ctx *c = g_dev[dev].primary;
+    if (!c || c->prim_refs == 0)
+        return leave(CUDA_ERROR_INVALID_CONTEXT);
+    if (--c->prim_refs == 0) { /* last reference: the context and its memory go away */
+        c->alive = false;
+        ctx_teardown(c);
+    }
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuDevicePrimaryCtxReset_v2(CUdevice dev)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    fk_ctx *c = g_dev[dev].primary;
+    if (c && c->alive) {
+        c->alive = false;
+        c->prim_refs = 0;
+        ctx_teardown(c);
+    }
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int *flags, int *active)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!flags || !active)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    *flags = g_dev[dev].primary_flags;
+    *active = g_dev[dev].primary && g_dev[dev].primary->prim_refs > 0;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuDevicePrimaryCtxSetFlags_v2(CUdevice dev, unsigned int flags)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    g_dev[dev].primary_flags = flags;
+    if (g_dev[dev].primary)
+        g_dev[dev].primary->flags = flags;
+    return leave(CUDA_SUCCESS);
+}
+
+/* ================================================================ contexts */
+
+/* All cuCtxCreate versions: a new context, pushed on the calling thread's stack. */
+static CUresult ctx_create(CUcontext *pctx, unsigned flags, CUdevice dev)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!pctx)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    if (tl_depth == FK_STACK_MAX)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    fk_ctx *c = ctx_new(dev, false);
+    if (!c)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    if ((r = ctx_activate(c)))
+        return leave(r);
+    c->flags = flags;
+    tl_stack[tl_depth++] = c;
+    *pctx = (CUcontext)c;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev)
+{
+    return ctx_create(pctx, flags, dev);
+}
+
+FK_API CUresult CUDAAPI cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *params, int n,
+                                       unsigned int flags, CUdevice dev)
+{
+    (void)params; /* affinity is meaningless here */
+    (void)n;
+    return ctx_create(pctx, flags, dev);
+}
+
+FK_API CUresult CUDAAPI cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *params,
+                                       unsigned int flags, CUdevice dev)
+{
+    (void)params;
+    return ctx_create(pctx, flags, dev);
+}
+
+FK_API CUresult CUDAAPI cuCtxDestroy_v2(CUcontext h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_ctx *c = (fk_ctx *)h;
+    if (!c || !ctx_known(c) || c->primary)
+        return leave(CUDA_ERROR_INVALID_CONTEXT);
+    if (!c->alive)
+        return leave(CUDA_ERROR_CONTEXT_IS_DESTROYED);
+    c->alive = false;
+    ctx_teardown(c);
+    if (tl_depth > 0 && tl_stack[tl_depth - 1] == c) /* popped if current, as documented */
+        tl_depth--;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuCtxSetCurrent(CUcontext h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_ctx *c = (fk_ctx *)h;
+    if (c && (!ctx_known(c) || !c->alive))
+        return leave(CUDA_ERROR_INVALID_CONTEXT);
+    if (!c) { /* NULL pops, as documented */
+        if (tl_depth > 0)
+            tl_depth--;
+    } else if (tl_depth == 0) {
+        tl_stack[tl_depth++] = c;
+    } else {
+        tl_stack[tl_depth - 1] = c;
+    }
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuCtxGetCurrent(CUcontext *pctx)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!pctx)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    *pctx = tl_depth ? (CUcontext)tl_stack[tl_depth - 1] : NULL;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuCtxPushCurrent_v2(CUcontext h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_ctx *c = (fk_ctx *)h;
+    if (!c || !ctx_known(c) || !c->alive)
+        return leave(CUDA_ERROR_INVALID_CONTEXT);
+    if (tl_depth == FK_STACK_MAX)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    tl_stack[tl_depth++] = c;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuCtxPopCurrent_v2(CUcontext *pctx)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (tl_depth == 0)
+        return leave(CUDA_ERROR_INVALID_CONTEXT);
+    fk_ctx *c = tl_stack[--tl_depth];
+    if (pctx)
+        *pctx = (CUcontext)c;
+    return leave(CUDA_SUCCESS);
+}
+
+static CUresult ctx_get_device(CUdevice *dev, CUcontext h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!dev)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if ((r = arg_ctx(h, &c)))
+        return leave(r);
+    *dev = c->dev;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuCtxGetDevice(CUdevice *dev)
+{
+    return ctx_get_device(dev, NULL);
+}
+
+FK_API CUresult CUDAAPI cuCtxGetDevice_v2(CUdevice *dev, CUcontext ctx)
+{
+    return ctx_get_device(dev, ctx);
+}
+
+static CUresult ctx_synchronize(CUcontext h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_ctx *c;
+    if ((r = arg_ctx(h, &c)))
+        return leave(r);
+    g_cnt.ctx_sync_calls++;
+    if (capture_forbids_sync())
+        return leave(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    return leave(wait_ctx(c));
+}
+
+FK_API CUresult CUDAAPI cuCtxSynchronize(void)
+{
+    return ctx_synchronize(NULL);
+}
+
+FK_API CUresult CUDAAPI cuCtxSynchronize_v2(CUcontext ctx)
+{
+    return ctx_synchronize(ctx);
+}
+
+/* ================================================================ streams */
+
+static CUresult stream_create(CUstream *ph, unsigned flags)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!ph || (flags & ~(unsigned)CU_STREAM_NON_BLOCKING))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    fk_stream *s = stream_new(c, false, NULL);
+    if (!s)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    *ph = (CUstream)s;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuStreamCreate(CUstream *ph, unsigned int flags)
+{
+    return stream_create(ph, flags);
+}
+
+FK_API CUresult CUDAAPI cuStreamCreateWithPriority(CUstream *ph, unsigned int flags, int priority)
+{
+    (void)priority; /* one queue per stream: priorities change nothing here */
+    return stream_create(ph, flags);
+}
+
+FK_API CUresult CUDAAPI cuStreamDestroy_v2(CUstream h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_stream *s;
+    if (h == NULL || h == CU_STREAM_LEGACY || h == CU_STREAM_PER_THREAD)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    if ((r = resolve_stream(h, false, &s)))
+        return leave(r);
+    stream_retire(s); /* returns at once; queued work still runs, like the real driver */
+    return leave(CUDA_SUCCESS);
+}
+
+static CUresult stream_sync(CUstream h, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    g_cnt.stream_sync_calls++;
+    if (s->capturing)
+        return leave(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    wait_stream_until(s, s->enq_seq);
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuStreamSynchronize(CUstream h)
+{
+    return stream_sync(h, false);
+}
+
+FK_API CUresult CUDAAPI cuStreamSynchronize_ptsz(CUstream h)
+{
+    return stream_sync(h, true);
+}
+
+static CUresult stream_query(CUstream h, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    if (s->capturing)
+        return leave(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    return leave(s->done_seq == s->enq_seq ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY);
+}
+
+FK_API CUresult CUDAAPI cuStreamQuery(CUstream h)
+{
+    return stream_query(h, false);
+}
+
+FK_API CUresult CUDAAPI cuStreamQuery_ptsz(CUstream h)
+{
+    return stream_query(h, true);
+}
+
+static CUresult stream_is_capturing(CUstream h, CUstreamCaptureStatus *st, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!st)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    *st = s->capturing ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuStreamIsCapturing(CUstream h, CUstreamCaptureStatus *st)
+{
+    return stream_is_capturing(h, st, false);
+}
+
+FK_API CUresult CUDAAPI cuStreamIsCapturing_ptsz(CUstream h, CUstreamCaptureStatus *st)
+{
+    return stream_is_capturing(h, st, true);
+}
+
+static CUresult stream_begin_capture(CUstream h, CUstreamCaptureMode mode, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if ((unsigned)mode > CU_STREAM_CAPTURE_MODE_RELAXED)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    if (s->legacy) /* the legacy stream cannot be captured */
+        return leave(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    if (s->capturing)
+        return leave(CUDA_ERROR_ILLEGAL_STATE);
+    s->capturing = true;
+    s->capture_mode = mode;
+    s->capture_thread = &tl_token;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuStreamBeginCapture_v2(CUstream h, CUstreamCaptureMode mode)
+{
+    return stream_begin_capture(h, mode, false);
+}
+
+FK_API CUresult CUDAAPI cuStreamBeginCapture_v2_ptsz(CUstream h, CUstreamCaptureMode mode)
+{
+    return stream_begin_capture(h, mode, true);
+}
+
+/* Ends the capture; there is no graph, so *graph is NULL. */
+static CUresult stream_end_capture(CUstream h, CUgraph *graph, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!graph)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    if (!s->capturing)
+        return leave(CUDA_ERROR_ILLEGAL_STATE);
+    s->capturing = false;
+    *graph = NULL;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuStreamEndCapture(CUstream h, CUgraph *graph)
+{
+    return stream_end_capture(h, graph, false);
+}
+
+FK_API CUresult CUDAAPI cuStreamEndCapture_ptsz(CUstream h, CUgraph *graph)
+{
+    return stream_end_capture(h, graph, true);
+}
+
+/* ================================================================ events */
+
+static fk_event *event_lookup(CUevent h)
+{
+    for (fk_event *e = g_events; e; e = e->next)
+        if (e == (fk_event *)h && !e->destroyed)
+            return e;
+    return NULL;
+}
+
+FK_API CUresult CUDAAPI cuEventCreate(CUevent *ph, unsigned int flags)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!ph || (flags & ~0xFu))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    fk_event *e = calloc(1, sizeof *e);
+    if (!e)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    e->ctx = c;
+    e->refs = 1;
+    e->next = g_events;
+    g_events = e;
+    *ph = (CUevent)e;
+    return leave(CUDA_SUCCESS);
+}
+
+/* A marker in the stream: the event completes when the stream reaches it. */
+static CUresult event_record(CUevent h, CUstream hs, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_event *e = event_lookup(h);
+    if (!e)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    fk_stream *s;
+    if ((r = resolve_stream(hs, ptds, &s)))
+        return leave(r);
+    g_cnt.event_record_calls++;
+    fk_work w = {.kind = W_EVENT, .ev = e, .gen = e->rec_gen + 1};
+    if ((r = enqueue(s, &w, NULL)))
+        return leave(r);
+    e->rec_gen++;
+    e->refs++;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuEventRecord(CUevent h, CUstream s)
+{
+    return event_record(h, s, false);
+}
+
+FK_API CUresult CUDAAPI cuEventRecord_ptsz(CUevent h, CUstream s)
+{
+    return event_record(h, s, true);
+}
+
+FK_API CUresult CUDAAPI cuEventQuery(CUevent h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_event *e = event_lookup(h);
+    if (!e)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    return leave(e->done_gen >= e->rec_gen ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY);
+}
+
+FK_API CUresult CUDAAPI cuEventSynchronize(CUevent h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_event *e = event_lookup(h);
+    if (!e)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    uint64_t target = e->rec_gen;
+    e->refs++; /* a concurrent destroy must not free it under us */
+    while (e->done_gen < target)
+        pthread_cond_wait(&g_done, &g_mu);
+    ev_unref(e);
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuEventDestroy_v2(CUevent h)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_event *e = event_lookup(h);
+    if (!e)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    e->destroyed = true; /* pending markers keep it until they have run */
+    ev_unref(e);
+    return leave(CUDA_SUCCESS);
+}
+
+static CUresult stream_wait_event(CUstream hs, CUevent h, unsigned flags, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (flags & ~(unsigned)CU_EVENT_WAIT_EXTERNAL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_event *e = event_lookup(h);
+    if (!e)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    fk_stream *s;
+    if ((r = resolve_stream(hs, ptds, &s)))
+        return leave(r);
+    if (e->done_gen >= e->rec_gen) /* nothing to wait for */
+        return leave(CUDA_SUCCESS);
+    fk_work w = {.kind = W_WAIT, .ev = e, .gen = e->rec_gen};
+    if ((r = enqueue(s, &w, NULL)))
+        return leave(r);
+    e->refs++;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuStreamWaitEvent(CUstream s, CUevent ev, unsigned int flags)
+{
+    return stream_wait_event(s, ev, flags, false);
+}
+
+FK_API CUresult CUDAAPI cuStreamWaitEvent_ptsz(CUstream s, CUevent ev, unsigned int flags)
+{
+    return stream_wait_event(s, ev, flags, true);
+}
+
+/* ================================================================ device memory */
+
+/* cuMemAlloc, cuMemAllocPitch and cuMemAllocManaged: the current context's device. */
+static CUresult alloc_in_ctx(CUdeviceptr *dptr, size_t size, fk_akind kind)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    g_cnt.alloc_calls++;
+    if (!dptr || size == 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    fk_alloc *a;
+    if ((r = dev_alloc(c->dev, c, size, kind, &a)))
+        return leave(r);
+    *dptr = a->base;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuMemAlloc_v2(CUdeviceptr *dptr, size_t size)
+{
+    return alloc_in_ctx(dptr, size, A_DEVICE);
+}
+
+FK_API CUresult CUDAAPI cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width,
+                                           size_t height, unsigned int elem)
+{
+    if (!pitch || width == 0 || height == 0 || (elem != 4 && elem != 8 && elem != 16)) {
+        CUresult r = enter(); /* still counted, and NOT_INITIALIZED still wins */
+        if (r)
+            return r;
+        g_cnt.alloc_calls++;
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    }
+    size_t p = round_up(width, FK_PITCH_ALIGN), total;
+    if (__builtin_mul_overflow(p, height, &total))
+        total = SIZE_MAX; /* fails the capacity check */
+    CUresult r = alloc_in_ctx(dptr, total, A_DEVICE);
+    if (r == CUDA_SUCCESS)
+        *pitch = p;
+    return r;
+}
+
+FK_API CUresult CUDAAPI cuMemAllocManaged(CUdeviceptr *dptr, size_t size, unsigned int flags)
+{
+    if (flags != CU_MEM_ATTACH_GLOBAL && flags != CU_MEM_ATTACH_HOST) {
+        CUresult r = enter();
+        if (r)
+            return r;
+        g_cnt.alloc_calls++;
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    }
+    return alloc_in_ctx(dptr, size, A_MANAGED);
+}
+
+/* Stream-ordered allocation: the memory exists at once (the pool is ignored). */
+static CUresult alloc_async(CUdeviceptr *dptr, size_t size, CUstream h, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    g_cnt.alloc_calls++;
+    if (!dptr || size == 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    fk_alloc *a;
+    if ((r = dev_alloc(s->ctx->dev, s->ctx, size, A_ASYNC, &a)))
+        return leave(r);
+    *dptr = a->base;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuMemAllocAsync(CUdeviceptr *dptr, size_t size, CUstream s)
+{
+    return alloc_async(dptr, size, s, false);
+}
+
+FK_API CUresult CUDAAPI cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t size, CUstream s)
+{
+    return alloc_async(dptr, size, s, true);
+}
+
+FK_API CUresult CUDAAPI cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t size, CUmemoryPool pool,
+                                                CUstream s)
+{
+    (void)pool;
+    return alloc_async(dptr, size, s, false);
+}
+
+FK_API CUresult CUDAAPI cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t size,
+                                                     CUmemoryPool pool, CUstream s)
+{
+    (void)pool;
+    return alloc_async(dptr, size, s, true);
+}
+
+/* cuMemFree: the implicit barrier. Waits for every stream of the allocation's context. */
+FK_API CUresult CUDAAPI cuMemFree_v2(CUdeviceptr p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    g_cnt.free_calls++;
+    if (p == 0) /* like free(NULL) in the real driver */
+        return leave(CUDA_SUCCESS);
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    if (capture_forbids_sync())
+        return leave(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    fk_alloc *a = reg_find_base(p);
+    if (!a || a->freeing || a->kind == A_HOST)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    a->freeing = true; /* a racing second free now fails instead of freeing twice */
+    uint64_t id = a->id;
+    r = wait_ctx(a->ctx);
+    a = reg_find_base(p); /* the lock was dropped: it may have gone with its context */
+    if (a && a->id == id)
+        alloc_release(a);
+    return leave(r);
+}
+
+/* Queued behind the stream's work; freed when the worker reaches it. */
+static CUresult free_async(CUdeviceptr p, CUstream h, bool ptds)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    g_cnt.free_calls++;
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    fk_alloc *a = reg_find_base(p);
+    if (!a || a->freeing || (a->kind != A_DEVICE && a->kind != A_ASYNC))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_work w = {.kind = W_FREE, .dst = p, .alloc_id = a->id};
+    if ((r = enqueue(s, &w, NULL)))
+        return leave(r);
+    a->freeing = true;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuMemFreeAsync(CUdeviceptr p, CUstream s)
+{
+    return free_async(p, s, false);
+}
+
+FK_API CUresult CUDAAPI cuMemFreeAsync_ptsz(CUdeviceptr p, CUstream s)
+{
+    return free_async(p, s, true);
+}
+
+FK_API CUresult CUDAAPI cuMemGetInfo_v2(size_t *free_bytes, size_t *total)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!free_bytes || !total)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    uint64_t used = g_dev[c->dev].in_use;
+    *free_bytes = used < g_capacity ? g_capacity - used : 0;
+    *total = g_capacity;
+    return leave(CUDA_SUCCESS);
+}
+
+/* ================================================================ pinned host memory */
+
+static CUresult host_alloc(void **pp, size_t size, unsigned flags)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    g_cnt.host_alloc_calls++;
+    if (!pp || size == 0 || (flags & ~(unsigned)(CU_MEMHOSTALLOC_PORTABLE |
+                                                 CU_MEMHOSTALLOC_DEVICEMAP |
+                                                 CU_MEMHOSTALLOC_WRITECOMBINED)))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    fk_alloc *a = calloc(1, sizeof *a);
+    void *mem = aligned_alloc(FK_SMALL_ALIGN, round_up(size, FK_SMALL_ALIGN));
+    if (!a || !mem) {
+        free(a);
+        free(mem);
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    *a = (fk_alloc){.base = (uintptr_t)mem, .size = size, .kind = A_HOST, .dev = c->dev,
+                    .ctx = c, .id = g_next_id++};
+    if (!reg_insert(a)) {
+        free(a);
+        free(mem);
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    *pp = mem;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuMemAllocHost_v2(void **pp, size_t size)
+{
+    return host_alloc(pp, size, 0);
+}
+
+FK_API CUresult CUDAAPI cuMemHostAlloc(void **pp, size_t size, unsigned int flags)
+{
+    return host_alloc(pp, size, flags);
+}
+
+FK_API CUresult CUDAAPI cuMemFreeHost(void *p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!p) /* like free(NULL) in the real driver */
+        return leave(CUDA_SUCCESS);
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    fk_alloc *a = reg_find_base((uintptr_t)p);
+    if (!a || a->kind != A_HOST)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    alloc_release(a);
+    return leave(CUDA_SUCCESS);
+}
+
+/* ================================================================ virtual memory handles */
+
+FK_API CUresult CUDAAPI cuMemGetAllocationGranularity(size_t *g, const CUmemAllocationProp *prop,
+                                                      CUmemAllocationGranularity_flags option)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    (void)option;
+    if (!g || !prop)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    *g = FK_VMM_GRANULARITY;
+    return leave(CUDA_SUCCESS);
+}
+
+/* A handle to physical memory (host memory here); it is never mapped by this fake. */
+FK_API CUresult CUDAAPI cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
+                                    const CUmemAllocationProp *prop, unsigned long long flags)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    g_cnt.alloc_calls++;
+    if (!handle || !prop || flags || size == 0 || size % FK_VMM_GRANULARITY ||
+        prop->type != CU_MEM_ALLOCATION_TYPE_PINNED ||
+        prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(prop->location.id))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    fk_alloc *a;
+    if ((r = dev_alloc(prop->location.id, NULL, size, A_VMM, &a)))
+        return leave(r);
+    a->vnext = g_vmm;
+    g_vmm = a;
+    *handle = (CUmemGenericAllocationHandle)a->id;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuMemRelease(CUmemGenericAllocationHandle handle)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    g_cnt.free_calls++;
+    for (fk_alloc *a = g_vmm; a; a = a->vnext) {
+        if (a->id == handle) {
+            alloc_release(a);
+            return leave(CUDA_SUCCESS);
+        }
+    }
+    return leave(CUDA_ERROR_INVALID_VALUE);
+}
+
+/* ================================================================ copies and memsets */
+
+/* Validate, count and queue one copy/memset/fill; `sync` waits for it like the blocking APIs.
+ * chk_dst/chk_src say which side must lie inside a live allocation. */
+static CUresult mem_op(CUstream h, bool ptds, fk_work w, bool sync)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (w.kind == W_COPY)
+        g_cnt.copy_calls++;
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    if (w.n == 0)
+        return leave(CUDA_SUCCESS);
+    size_t bytes = w.kind == W_SET32 ? w.n * 4 : w.n;
+    if (w.kind == W_SET32 && (w.n > SIZE_MAX / 4 || w.dst % 4))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!w.dst || (w.kind == W_COPY && !w.src) || (w.chk_dst && !dev_range_ok(w.dst, bytes)) ||
+        (w.chk_src && !dev_range_ok(w.src, bytes)))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    uint64_t seq;
+    if ((r = enqueue(s, &w, &seq)))
+        return leave(r);
+    if (sync)
+        wait_stream_until(s, seq);
+    return leave(CUDA_SUCCESS);
+}
+
+static fk_work copy_work(uintptr_t dst, uintptr_t src, size_t n, bool chk_dst, bool chk_src)
+{
+    return (fk_work){.kind = W_COPY, .dst = dst, .src = src, .n = n, .chk_dst = chk_dst,
+                     .chk_src = chk_src};
+}
+
+static fk_work set_work(fk_wkind kind, uintptr_t dst, uint32_t v, size_t n)
+{
+    return (fk_work){.kind = kind, .dst = dst, .val = v, .n = n, .chk_dst = true};
+}
+
+#define HTOD(d, s, n) copy_work((d), (uintptr_t)(s), (n), true, false)
+#define DTOH(d, s, n) copy_work((uintptr_t)(d), (s), (n), false, true)
+#define DTOD(d, s, n) copy_work((d), (s), (n), true, true)
+#define ANY(d, s, n) copy_work((d), (s), (n), false, false) /* unified: either side */
+
+FK_API CUresult CUDAAPI cuMemcpyHtoD_v2(CUdeviceptr d, const void *s, size_t n)
+{
+    return mem_op(NULL, false, HTOD(d, s, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyHtoD_v2_ptds(CUdeviceptr d, const void *s, size_t n)
+{
+    return mem_op(NULL, true, HTOD(d, s, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyDtoH_v2(void *d, CUdeviceptr s, size_t n)
+{
+    return mem_op(NULL, false, DTOH(d, s, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyDtoH_v2_ptds(void *d, CUdeviceptr s, size_t n)
+{
+    return mem_op(NULL, true, DTOH(d, s, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n)
+{
+    return mem_op(NULL, false, DTOD(d, s, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyDtoD_v2_ptds(CUdeviceptr d, CUdeviceptr s, size_t n)
+{
+    return mem_op(NULL, true, DTOD(d, s, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpy(CUdeviceptr d, CUdeviceptr s, size_t n)
+{
+    return mem_op(NULL, false, ANY(d, s, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpy_ptds(CUdeviceptr d, CUdeviceptr s, size_t n)
+{
+    return mem_op(NULL, true, ANY(d, s, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void *s, size_t n, CUstream h)
+{
+    return mem_op(h, false, HTOD(d, s, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyHtoDAsync_v2_ptsz(CUdeviceptr d, const void *s, size_t n,
+                                                  CUstream h)
+{
+    return mem_op(h, true, HTOD(d, s, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyDtoHAsync_v2(void *d, CUdeviceptr s, size_t n, CUstream h)
+{
+    return mem_op(h, false, DTOH(d, s, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyDtoHAsync_v2_ptsz(void *d, CUdeviceptr s, size_t n, CUstream h)
+{
+    return mem_op(h, true, DTOH(d, s, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream h)
+{
+    return mem_op(h, false, DTOD(d, s, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyDtoDAsync_v2_ptsz(CUdeviceptr d, CUdeviceptr s, size_t n,
+                                                  CUstream h)
+{
+    return mem_op(h, true, DTOD(d, s, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream h)
+{
+    return mem_op(h, false, ANY(d, s, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyAsync_ptsz(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream h)
+{
+    return mem_op(h, true, ANY(d, s, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n)
+{
+    return mem_op(NULL, false, set_work(W_SET8, d, v, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD8_v2_ptds(CUdeviceptr d, unsigned char v, size_t n)
+{
+    return mem_op(NULL, true, set_work(W_SET8, d, v, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream h)
+{
+    return mem_op(h, false, set_work(W_SET8, d, v, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD8Async_ptsz(CUdeviceptr d, unsigned char v, size_t n, CUstream h)
+{
+    return mem_op(h, true, set_work(W_SET8, d, v, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n)
+{
+    return mem_op(NULL, false, set_work(W_SET32, d, v, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD32_v2_ptds(CUdeviceptr d, unsigned int v, size_t n)
+{
+    return mem_op(NULL, true, set_work(W_SET32, d, v, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUstream h)
+{
+    return mem_op(h, false, set_work(W_SET32, d, v, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD32Async_ptsz(CUdeviceptr d, unsigned int v, size_t n, CUstream h)
+{
+    return mem_op(h, true, set_work(W_SET32, d, v, n), false);
+}
+
+/* ================================================================ pointer queries */
+
+FK_API CUresult CUDAAPI cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psize, CUdeviceptr p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    fk_alloc *a = reg_find(p);
+    if (!a)
+        return leave(CUDA_ERROR_NOT_FOUND);
+    if (pbase)
+        *pbase = a->base;
+    if (psize)
+        *psize = a->size;
+    return leave(CUDA_SUCCESS);
+}
+
+/* One attribute of a known allocation; booleans are written as unsigned int. */
+static CUresult ptr_attr(void *data, CUpointer_attribute attr, const fk_alloc *a, CUdeviceptr p)
+{
+    bool host_ok = a->kind == A_HOST || a->kind == A_MANAGED;
+    switch (attr) {
+    case CU_POINTER_ATTRIBUTE_CONTEXT: *(CUcontext *)data = (CUcontext)a->ctx; break;
+    case CU_POINTER_ATTRIBUTE_MEMORY_TYPE:
+        *(unsigned *)data = a->kind == A_HOST ? CU_MEMORYTYPE_HOST : CU_MEMORYTYPE_DEVICE;
+        break;
+    case CU_POINTER_ATTRIBUTE_DEVICE_POINTER: *(CUdeviceptr *)data = p; break;
+    case CU_POINTER_ATTRIBUTE_HOST_POINTER:
+        if (!host_ok)
+            return CUDA_ERROR_INVALID_VALUE;
+        *(void **)data = (void *)p;
+        break;
+    case CU_POINTER_ATTRIBUTE_IS_MANAGED: *(unsigned *)data = a->kind == A_MANAGED; break;
+    case CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: *(int *)data = a->dev; break;
+    case CU_POINTER_ATTRIBUTE_BUFFER_ID: *(unsigned long long *)data = a->id; break;
+    case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR: *(CUdeviceptr *)data = a->base; break;
+    case CU_POINTER_ATTRIBUTE_RANGE_SIZE: *(size_t *)data = a->size; break;
+    case CU_POINTER_ATTRIBUTE_MAPPED: *(unsigned *)data = 1; break;
+    case CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE:
+        *(unsigned *)data = a->kind == A_DEVICE;
+        break;
+    case CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE: *(CUmemoryPool *)data = NULL; break;
+    default: return CUDA_ERROR_INVALID_VALUE;
+    }
+    return CUDA_SUCCESS;
+}
+
+FK_API CUresult CUDAAPI cuPointerGetAttribute(void *data, CUpointer_attribute attr, CUdeviceptr p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!data)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if (attr == CU_POINTER_ATTRIBUTE_DEVICE_POINTER && (r = cur_ctx(&c)))
+        return leave(r);
+    const fk_alloc *a = reg_find(p);
+    if (!a)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    return leave(ptr_attr(data, attr, a, p));
+}
+
+/* Unknown pointers are not an error here: the documented defaults are written instead. */
+static void ptr_attr_default(void *data, CUpointer_attribute attr)
+{
+    switch (attr) {
+    case CU_POINTER_ATTRIBUTE_CONTEXT: *(CUcontext *)data = NULL; break;
+    case CU_POINTER_ATTRIBUTE_MEMORY_TYPE: *(unsigned *)data = 0; break;
+    case CU_POINTER_ATTRIBUTE_DEVICE_POINTER:
+    case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR: *(CUdeviceptr *)data = 0; break;
+    case CU_POINTER_ATTRIBUTE_HOST_POINTER: *(void **)data = NULL; break;
+    case CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: *(int *)data = -2; break;
+    case CU_POINTER_ATTRIBUTE_BUFFER_ID: *(unsigned long long *)data = 0; break;
+    case CU_POINTER_ATTRIBUTE_RANGE_SIZE: *(size_t *)data = 0; break;
+    case CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE: *(CUmemoryPool *)data = NULL; break;
+    default: *(unsigned *)data = 0; break;
+    }
+}
+
+FK_API CUresult CUDAAPI cuPointerGetAttributes(unsigned int n, CUpointer_attribute *attrs,
+                                               void **data, CUdeviceptr p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (n == 0 || !attrs || !data)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    const fk_alloc *a = reg_find(p);
+    for (unsigned i = 0; i < n; i++) {
+        if (!data[i])
+            return leave(CUDA_ERROR_INVALID_VALUE);
+        if (!a || ptr_attr(data[i], attrs[i], a, p) != CUDA_SUCCESS)
+            ptr_attr_default(data[i], attrs[i]);
+    }
+    return leave(CUDA_SUCCESS);
+}
+
+/* ================================================================ errors */
+
+#define FK_ERRORS(X)                                                                          \
+    X(CUDA_SUCCESS, "no error")                                                               \
+    X(CUDA_ERROR_INVALID_VALUE, "invalid argument")                                           \
+    X(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")                                              \
+    X(CUDA_ERROR_NOT_INITIALIZED, "initialization error")                                     \
+    X(CUDA_ERROR_DEINITIALIZED, "driver shutting down")                                       \
+    X(CUDA_ERROR_NO_DEVICE, "no CUDA-capable device is detected")                             \
+    X(CUDA_ERROR_INVALID_DEVICE, "invalid device ordinal")                                    \
+    X(CUDA_ERROR_INVALID_CONTEXT, "invalid device context")                                   \
+    X(CUDA_ERROR_CONTEXT_ALREADY_CURRENT, "context already current")                          \
+    X(CUDA_ERROR_INVALID_HANDLE, "invalid resource handle")                                   \
+    X(CUDA_ERROR_ILLEGAL_STATE, "the operation cannot be performed in the present state")     \
+    X(CUDA_ERROR_NOT_FOUND, "named symbol not found")                                         \
+    X(CUDA_ERROR_NOT_READY, "device not ready")                                               \
+    X(CUDA_ERROR_ILLEGAL_ADDRESS, "an illegal memory access was encountered")                 \
+    X(CUDA_ERROR_LAUNCH_FAILED, "unspecified launch failure")                                 \
+    X(CUDA_ERROR_CONTEXT_IS_DESTROYED, "context is destroyed")                                \
+    X(CUDA_ERROR_NOT_PERMITTED, "operation not permitted")                                    \
+    X(CUDA_ERROR_NOT_SUPPORTED, "operation not supported")                                    \
+    X(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "operation not permitted when stream is capturing") \
+    X(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,                                                  \
+      "operation failed due to a previous error during capture")                              \
+    X(CUDA_ERROR_UNKNOWN, "unknown error")
+
+typedef struct { CUresult code; const char *name, *text; } fk_error;
+#define FK_ERROR_ENTRY(code, text) {code, #code, text},
+static const fk_error g_errors[] = {FK_ERRORS(FK_ERROR_ENTRY)};
+
+static const fk_error *error_find(CUresult code)
+{
+    for (size_t i = 0; i < sizeof g_errors / sizeof *g_errors; i++)
+        if (g_errors[i].code == code)
+            return &g_errors[i];
+    return NULL;
+}
+
+/* Like the real driver these work before cuInit. */
+FK_API CUresult CUDAAPI cuGetErrorName(CUresult error, const char **pstr)
+{
+    if (!pstr)
+        return CUDA_ERROR_INVALID_VALUE;
+    const fk_error *e = error_find(error);
+    *pstr = e ? e->name : NULL;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+FK_API CUresult CUDAAPI cuGetErrorString(CUresult error, const char **pstr)
+{
+    if (!pstr)
+        return CUDA_ERROR_INVALID_VALUE;
+    const fk_error *e = error_find(error);
+    *pstr = e ? e->text : NULL;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+/* ================================================================ test-only entry points */
+
+FK_API CUresult fakecuda_launch_fill(CUstream s, CUdeviceptr p, unsigned char value, size_t n,
+                                     unsigned delay_us)
+{
+    fk_work w = set_work(W_FILL, p, value, n);
+    w.delay_us = delay_us;
+    return mem_op(s, false, w, false);
+}
+
+FK_API void fakecuda_counters(fakecuda_counters_t *out)
+{
+    if (!out)
+        return;
+    LOCK();
+    *out = g_cnt;
+    out->bytes_in_use = 0;
+    for (int i = 0; i < FK_MAX_DEVICES; i++)
+        out->bytes_in_use += g_dev[i].in_use;
+    UNLOCK();
+}
+
+FK_API void fakecuda_reset_counters(void)
+{
+    LOCK();
+    memset(&g_cnt, 0, sizeof g_cnt);
+    UNLOCK();
+}
+
+FK_API void fakecuda_reload_env(void)
+{
+    LOCK();
+    env_load(true);
+    UNLOCK();
+}
+
+/* ================================================================ cuGetProcAddress */
+
+FK_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion,
+                                            cuuint64_t flags,
+                                            CUdriverProcAddressQueryResult *status);
+
+/* Base name, the CUDA version that introduced this variant, per-thread-stream variant or not,
+ * and the exported function. Versions are those of cudaTypedefs.h (PFN_<name>_v<version>). */
+#define FK_PROCS(X)                                                                 \
+    X("cuInit", 2000, 0, cuInit)                                                    \
+    X("cuDriverGetVersion", 2020, 0, cuDriverGetVersion)                            \
+    X("cuDeviceGet", 2000, 0, cuDeviceGet)                                          \
+    X("cuDeviceGetCount", 2000, 0, cuDeviceGetCount)                                \
+    X("cuDeviceGetName", 2000, 0, cuDeviceGetName)                                  \
+    X("cuDeviceTotalMem", 3020, 0, cuDeviceTotalMem_v2)                             \
+    X("cuDeviceGetAttribute", 2000, 0, cuDeviceGetAttribute)                        \
+    X("cuDevicePrimaryCtxRetain", 7000, 0, cuDevicePrimaryCtxRetain)                \
+    X("cuDevicePrimaryCtxRelease", 11000, 0, cuDevicePrimaryCtxRelease_v2)          \
+    X("cuDevicePrimaryCtxReset", 11000, 0, cuDevicePrimaryCtxReset_v2)              \
+    X("cuDevicePrimaryCtxGetState", 7000, 0, cuDevicePrimaryCtxGetState)            \
+    X("cuDevicePrimaryCtxSetFlags", 11000, 0, cuDevicePrimaryCtxSetFlags_v2)        \
+    X("cuCtxCreate", 3020, 0, cuCtxCreate_v2)                                       \
+    X("cuCtxCreate", 11040, 0, cuCtxCreate_v3)                                      \
+    X("cuCtxCreate", 12050, 0, cuCtxCreate_v4)                                      \
+    X("cuCtxDestroy", 4000, 0, cuCtxDestroy_v2)                                     \
+    X("cuCtxSetCurrent", 4000, 0, cuCtxSetCurrent)                                  \
+    X("cuCtxGetCurrent", 4000, 0, cuCtxGetCurrent)                                  \
+    X("cuCtxPushCurrent", 4000, 0, cuCtxPushCurrent_v2)                             \
+    X("cuCtxPopCurrent", 4000, 0, cuCtxPopCurrent_v2)                               \
+    X("cuCtxGetDevice", 2000, 0, cuCtxGetDevice)                                    \
+    X("cuCtxGetDevice", 13000, 0, cuCtxGetDevice_v2)                                \
+    X("cuCtxSynchronize", 2000, 0, cuCtxSynchronize)                                \
+    X("cuCtxSynchronize", 13000, 0, cuCtxSynchronize_v2)                            \
+    X("cuStreamCreate", 2000, 0, cuStreamCreate)                                    \
+    X("cuStreamCreateWithPriority", 5050, 0, cuStreamCreateWithPriority)            \
+    X("cuStreamDestroy", 4000, 0, cuStreamDestroy_v2)                               \
+    X("cuStreamSynchronize", 2000, 0, cuStreamSynchronize)                          \
+    X("cuStreamSynchronize", 7000, 1, cuStreamSynchronize_ptsz)                     \
+    X("cuStreamQuery", 2000, 0, cuStreamQuery)                                      \
+    X("cuStreamQuery", 7000, 1, cuStreamQuery_ptsz)                                 \
+    X("cuStreamWaitEvent", 3020, 0, cuStreamWaitEvent)                              \
+    X("cuStreamWaitEvent", 7000, 1, cuStreamWaitEvent_ptsz)                         \
+    X("cuStreamIsCapturing", 10000, 0, cuStreamIsCapturing)                         \
+    X("cuStreamIsCapturing", 10000, 1, cuStreamIsCapturing_ptsz)                    \
+    X("cuStreamBeginCapture", 10010, 0, cuStreamBeginCapture_v2)                    \
+    X("cuStreamBeginCapture", 10010, 1, cuStreamBeginCapture_v2_ptsz)               \
+    X("cuStreamEndCapture", 10000, 0, cuStreamEndCapture)                           \
+    X("cuStreamEndCapture", 10000, 1, cuStreamEndCapture_ptsz)                      \
+    X("cuEventCreate", 2000, 0, cuEventCreate)                                      \
+    X("cuEventRecord", 2000, 0, cuEventRecord)                                      \
+    X("cuEventRecord", 7000, 1, cuEventRecord_ptsz)                                 \
+    X("cuEventQuery", 2000, 0, cuEventQuery)                                        \
+    X("cuEventSynchronize", 2000, 0, cuEventSynchronize)                            \
+    X("cuEventDestroy", 4000, 0, cuEventDestroy_v2)                                 \
+    X("cuMemAlloc", 3020, 0, cuMemAlloc_v2)                                         \
+    X("cuMemAllocPitch", 3020, 0, cuMemAllocPitch_v2)                               \
+    X("cuMemFree", 3020, 0, cuMemFree_v2)                                           \
+    X("cuMemGetInfo", 3020, 0, cuMemGetInfo_v2)                                     \
+    X("cuMemAllocHost", 3020, 0, cuMemAllocHost_v2)                                 \
+    X("cuMemHostAlloc", 2020, 0, cuMemHostAlloc)                                    \
+    X("cuMemFreeHost", 2000, 0, cuMemFreeHost)                                      \
+    X("cuMemAllocManaged", 6000, 0, cuMemAllocManaged)                              \
+    X("cuMemAllocAsync", 11020, 0, cuMemAllocAsync)                                 \
+    X("cuMemAllocAsync", 11020, 1, cuMemAllocAsync_ptsz)                            \
+    X("cuMemAllocFromPoolAsync", 11020, 0, cuMemAllocFromPoolAsync)                 \
+    X("cuMemAllocFromPoolAsync", 11020, 1, cuMemAllocFromPoolAsync_ptsz)            \
+    X("cuMemFreeAsync", 11020, 0, cuMemFreeAsync)                                   \
+    X("cuMemFreeAsync", 11020, 1, cuMemFreeAsync_ptsz)                              \
+    X("cuMemcpyHtoD", 3020, 0, cuMemcpyHtoD_v2)                                     \
+    X("cuMemcpyHtoD", 7000, 1, cuMemcpyHtoD_v2_ptds)                                \
+    X("cuMemcpyDtoH", 3020, 0, cuMemcpyDtoH_v2)                                     \
+    X("cuMemcpyDtoH", 7000, 1, cuMemcpyDtoH_v2_ptds)                                \
+    X("cuMemcpyDtoD", 3020, 0, cuMemcpyDtoD_v2)                                     \
+    X("cuMemcpyDtoD", 7000, 1, cuMemcpyDtoD_v2_ptds)                                \
+    X("cuMemcpy", 4000, 0, cuMemcpy)                                                \
+    X("cuMemcpy", 7000, 1, cuMemcpy_ptds)                                           \
+    X("cuMemcpyHtoDAsync", 3020, 0, cuMemcpyHtoDAsync_v2)                           \
+    X("cuMemcpyHtoDAsync", 7000, 1, cuMemcpyHtoDAsync_v2_ptsz)                      \
+    X("cuMemcpyDtoHAsync", 3020, 0, cuMemcpyDtoHAsync_v2)                           \
+    X("cuMemcpyDtoHAsync", 7000, 1, cuMemcpyDtoHAsync_v2_ptsz)                      \
+    X("cuMemcpyDtoDAsync", 3020, 0, cuMemcpyDtoDAsync_v2)                           \
+    X("cuMemcpyDtoDAsync", 7000, 1, cuMemcpyDtoDAsync_v2_ptsz)                      \
+    X("cuMemcpyAsync", 4000, 0, cuMemcpyAsync)                                      \
+    X("cuMemcpyAsync", 7000, 1, cuMemcpyAsync_ptsz)                                 \
+    X("cuMemsetD8", 3020, 0, cuMemsetD8_v2)                                         \
+    X("cuMemsetD8", 7000, 1, cuMemsetD8_v2_ptds)                                    \
+    X("cuMemsetD8Async", 3020, 0, cuMemsetD8Async)                                  \
+    X("cuMemsetD8Async", 7000, 1, cuMemsetD8Async_ptsz)                             \
+    X("cuMemsetD32", 3020, 0, cuMemsetD32_v2)                                       \
+    X("cuMemsetD32", 7000, 1, cuMemsetD32_v2_ptds)                                  \
+    X("cuMemsetD32Async", 3020, 0, cuMemsetD32Async)                                \
+    X("cuMemsetD32Async", 7000, 1, cuMemsetD32Async_ptsz)                           \
+    X("cuMemGetAddressRange", 3020, 0, cuMemGetAddressRange_v2)                     \
+    X("cuPointerGetAttribute", 4000, 0, cuPointerGetAttribute)                      \
+    X("cuPointerGetAttributes", 7000, 0, cuPointerGetAttributes)                    \
+    X("cuMemCreate", 10020, 0, cuMemCreate)                                         \
+    X("cuMemRelease", 10020, 0, cuMemRelease)                                       \
+    X("cuMemGetAllocationGranularity", 10020, 0, cuMemGetAllocationGranularity)     \
+    X("cuGetErrorName", 6000, 0, cuGetErrorName)                                    \
+    X("cuGetErrorString", 6000, 0, cuGetErrorString)                                \
+    X("cuGetProcAddress", 11030, 0, cuGetProcAddress)                               \
+    X("cuGetProcAddress", 12000, 0, cuGetProcAddress_v2)
+
+/* Hidden aliases: taking their address binds to this library even if a preloaded shim
+ * interposes the exported names, so cuGetProcAddress agrees with dlsym on libcuda.so.1. */
+#define FK_ALIAS(name, ver, ptds, fn) \
+    extern __typeof__(fn) fn##__self __attribute__((alias(#fn), visibility("hidden")));
+FK_PROCS(FK_ALIAS)
+
+typedef struct {
+    const char *name;
+    int version;
+    bool ptds;
+    void (*fn)(void);
+} fk_proc;
+
+#define FK_PROC_ENTRY(name, ver, ptds, fn) {name, ver, ptds, (void (*)(void))fn##__self},
+static const fk_proc g_procs[] = {FK_PROCS(FK_PROC_ENTRY)};
+
+/* The newest variant of `sym` introduced at or before `version`; *seen says the name exists. */
+static const fk_proc *proc_best(const char *sym, int version, bool ptds, bool *seen)
+{
+    const fk_proc *best = NULL;
+    for (size_t i = 0; i < sizeof g_procs / sizeof *g_procs; i++) {
+        const fk_proc *e = &g_procs[i];
+        if (strcmp(e->name, sym) != 0)
+            continue;
+        *seen = true;
+        if (e->ptds == ptds && e->version <= version && (!best || e->version > best->version))
+            best = e;
+    }
+    return best;
+}
+
+/* Per-thread-stream lookups fall back to the plain variant where there is no _ptsz/_ptds one. */
+static CUresult proc_lookup(const char *sym, void **pfn, int version, cuuint64_t flags,
+                            CUdriverProcAddressQueryResult *status)
+{
+    CUdriverProcAddressQueryResult st = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    if (!sym || !pfn || (flags & ~(cuuint64_t)(CU_GET_PROC_ADDRESS_LEGACY_STREAM |
+                                               CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM)))
+        return CUDA_ERROR_INVALID_VALUE;
+    bool seen = false;
+    const fk_proc *e = NULL;
+    if (flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM)
+        e = proc_best(sym, version, true, &seen);
+    if (!e)
+        e = proc_best(sym, version, false, &seen);
+    *pfn = NULL;
+    if (e) {
+        _Static_assert(sizeof(void *) == sizeof e->fn, "function and data pointers differ");
+        memcpy(pfn, &e->fn, sizeof *pfn);
+        st = CU_GET_PROC_ADDRESS_SUCCESS;
+    } else if (seen) {
+        st = CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT;
+    }
+    if (status)
+        *status = st;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_NOT_FOUND;
+}
+
+FK_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion,
+                                            cuuint64_t flags,
+                                            CUdriverProcAddressQueryResult *status)
+{
+    return proc_lookup(symbol, pfn, cudaVersion, flags, status);
+}
+
+FK_API CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion,
+                                         cuuint64_t flags)
+{
+    return proc_lookup(symbol, pfn, cudaVersion, flags, NULL);
+}

@@ -1,0 +1,50 @@
+/* Test-only entry points of the fake CUDA driver (tests/fakecuda/fakecuda.c, built as
+ * libcuda.so.1). They let a test stand in for a GPU kernel, read the fake's call counters and
+ * re-read its environment knobs.
+ *
+ * Environment (read by cuInit on every call and by fakecuda_reload_env):
+ *   FAKECUDA_MEM               capacity per device in bytes, K/M/G suffixes allowed (default 1G)
+ *   FAKECUDA_DEVICES           device count, 0..8 (default 1; 0 makes cuInit fail NO_DEVICE)
+ *   FAKECUDA_FAIL_ALLOC_AFTER  N: the first N device allocations may succeed, every later one
+ *                              returns CUDA_ERROR_OUT_OF_MEMORY (unset or negative: never) */
+#ifndef FAKECUDA_H
+#define FAKECUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct fakecuda_counters {
+    uint64_t alloc_calls;        /* calls to device allocation entry points (once initialised) */
+    uint64_t free_calls;         /* calls to cuMemFree_v2, cuMemFreeAsync, cuMemRelease */
+    uint64_t ctx_sync_calls;     /* explicit cuCtxSynchronize(_v2) calls (not cuMemFree's) */
+    uint64_t stream_sync_calls;  /* cuStreamSynchronize(_ptsz) calls */
+    uint64_t event_record_calls; /* cuEventRecord(_ptsz) calls */
+    uint64_t bytes_in_use;       /* device bytes allocated now, all devices (not a counter) */
+    uint64_t host_alloc_calls;   /* cuMemAllocHost_v2 and cuMemHostAlloc calls */
+    uint64_t copy_calls;         /* every cuMemcpy* call, synchronous or not */
+} fakecuda_counters_t;
+
+/* Enqueue a "kernel" on stream s (0 = the legacy default stream) that sleeps delay_us
+ * microseconds and then memsets n bytes at p to value. p..p+n must lie in one live allocation. */
+CUresult fakecuda_launch_fill(CUstream s, CUdeviceptr p, unsigned char value, size_t n,
+                              unsigned delay_us);
+
+void fakecuda_counters(fakecuda_counters_t *out);
+
+/* Zero the counters; bytes_in_use is state, not a counter, and is kept. */
+void fakecuda_reset_counters(void);
+
+/* Re-read the environment now and restart the FAKECUDA_FAIL_ALLOC_AFTER count. */
+void fakecuda_reload_env(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
