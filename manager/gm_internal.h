@@ -211,9 +211,9 @@ int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
  * but not inside a live block: freed memory). */
 int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size);
 
-/* Context going away: report its leaks, hand its segments back (unless the backend is torn
- * down), forget its records. */
-void gm_heap_drop(uintptr_t ctx, const char *why);
+/* Context going away (a leak check point): report its leaks, keep them for the exit report, hand
+ * its cached segments back while the context is still alive, forget its records. */
+void gm_heap_drop(uintptr_t ctx, const char *why, bool ctx_alive);
 
 /* Bytes this process can still obtain on `device` (limit and cached free memory considered). */
 void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
@@ -255,8 +255,16 @@ void gm_stats_on_free(gm_heap *heap, const gm_record *rec);
 /* A second heap appeared on `device`: its heaps switch to the device-wide atomic counters. */
 void gm_stats_share_device_locked(int device);
 
+/* transfer.c: copies by direction (the unified cuMemcpy/cuMemcpyAsync count as "default") */
+typedef enum { GM_COPY_H2D = 0, GM_COPY_D2H, GM_COPY_D2D, GM_COPY_DEFAULT, GM_COPY_DIRS } gm_copy_dir;
+void gm_copy_note(gm_copy_dir dir, size_t bytes);
+void gm_copy_totals(gm_copy_dir dir, uint64_t *calls, uint64_t *bytes);
+const char *gm_copy_dir_name(gm_copy_dir dir);
+
 /* report.c */
 size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
+/* Leaks of a context that went away stay in the exit report. Called with heap->lock held. */
+void gm_report_keep_orphans_locked(gm_heap *heap);
 void gm_report_at_exit(void);
 
 #endif

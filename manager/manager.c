@@ -445,7 +445,7 @@ void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t 
 
 /* ------------------------------------------------------------------ context teardown */
 
-void gm_heap_drop(uintptr_t ctx, const char *why)
+void gm_heap_drop(uintptr_t ctx, const char *why, bool ctx_alive)
 {
     gm_heap *heap = NULL;
     pthread_mutex_lock(&gm_mgr.heaps_lock);
@@ -454,9 +454,10 @@ void gm_heap_drop(uintptr_t ctx, const char *why)
         if (gm_mgr.heaps[i]->ctx == ctx && gm_mgr.heaps[i]->bound) heap = gm_mgr.heaps[i];
     pthread_mutex_unlock(&gm_mgr.heaps_lock);
     if (!heap) return;
-    gm_report_write(NULL, heap->device, ctx, why);
-    gm_heap_release_cached(heap, 0);
+    if (HASH_COUNT(heap->live) > 1) gm_report_write(NULL, heap->device, ctx, why);
+    if (ctx_alive && !atomic_load(&gm_mgr.exiting)) gm_heap_release_cached(heap, 0);
     pthread_mutex_lock(&heap->lock);
+    gm_report_keep_orphans_locked(heap);
     /* Blocks still live die with the context: the driver frees their segments itself. */
     gm_heap_reset_locked(heap);
     heap->bound = false;

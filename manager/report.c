@@ -25,15 +25,14 @@ static int group_order(const void *a, const void *b)
     return (x->caller > y->caller) - (x->caller < y->caller);
 }
 
-/* Adds a record to its group (linear search: reports are rare and groups few). */
-static bool add_to_groups(leak_group **groups, size_t *n, size_t *cap, int device,
-                          const gm_record *rec)
+/* Adds `g` to the group of the same device and call site (linear: reports are rare, groups few). */
+static bool merge_group(leak_group **groups, size_t *n, size_t *cap, const leak_group *g)
 {
     for (size_t i = 0; i < *n; i++) {
-        leak_group *g = &(*groups)[i];
-        if (g->device == device && g->caller == rec->caller && g->stack_id == rec->stack_id) {
-            g->bytes += rec->requested;
-            g->count++;
+        leak_group *h = &(*groups)[i];
+        if (h->device == g->device && h->caller == g->caller && h->stack_id == g->stack_id) {
+            h->bytes += g->bytes;
+            h->count += g->count;
             return true;
         }
     }
@@ -44,14 +43,43 @@ static bool add_to_groups(leak_group **groups, size_t *n, size_t *cap, int devic
         *groups = grown;
         *cap = ncap;
     }
-    (*groups)[(*n)++] = (leak_group){device, rec->caller, rec->stack_id, rec->requested, 1};
+    (*groups)[(*n)++] = *g;
     return true;
+}
+
+static bool add_to_groups(leak_group **groups, size_t *n, size_t *cap, int device,
+                          const gm_record *rec)
+{
+    leak_group g = {device, rec->caller, rec->stack_id, rec->requested, 1};
+    return merge_group(groups, n, cap, &g);
+}
+
+/* Leaks of destroyed contexts, kept for the exit report. */
+static pthread_mutex_t orphans_lock = PTHREAD_MUTEX_INITIALIZER;
+static leak_group *orphans;
+static size_t norphans, orphans_cap;
+
+void gm_report_keep_orphans_locked(gm_heap *heap)
+{
+    pthread_mutex_lock(&orphans_lock);
+    GM_FOR_EACH_LIVE(heap, rec) add_to_groups(&orphans, &norphans, &orphans_cap, heap->device, rec);
+    pthread_mutex_unlock(&orphans_lock);
+}
+
+static void add_orphans(leak_group **groups, size_t *n, size_t *cap, int only_device)
+{
+    pthread_mutex_lock(&orphans_lock);
+    for (size_t i = 0; i < norphans; i++) {
+        if (only_device < 0 || orphans[i].device == only_device) merge_group(groups, n, cap, &orphans[i]);
+    }
+    pthread_mutex_unlock(&orphans_lock);
 }
 
 static size_t collect_groups(int only_device, uintptr_t only_ctx, leak_group **out)
 {
     leak_group *groups = NULL;
     size_t n = 0, cap = 0;
+    if (!only_ctx) add_orphans(&groups, &n, &cap, only_device);
     size_t nheaps = atomic_load(&gm_mgr.nheaps);
     for (size_t i = 0; i < nheaps; i++) {
         gm_heap *h = gm_mgr.heaps[i];
@@ -79,6 +107,20 @@ static void print_frame(FILE *out, int index, uintptr_t pc)
     } else {
         fprintf(out, "    #%d 0x%lx in <unknown>\n", index, (unsigned long)pc);
     }
+}
+
+static void print_copies(FILE *out)
+{
+    bool any = false;
+    for (int d = 0; d < GM_COPY_DIRS; d++) {
+        uint64_t calls, bytes;
+        gm_copy_totals((gm_copy_dir)d, &calls, &bytes);
+        if (!calls) continue;
+        fprintf(out, "%s%s %llu B in %llu calls", any ? ", " : "copies: ", gm_copy_dir_name((gm_copy_dir)d),
+                (unsigned long long)bytes, (unsigned long long)calls);
+        any = true;
+    }
+    if (any) fputc('\n', out);
 }
 
 static void print_stats(FILE *out)
@@ -153,6 +195,7 @@ size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const cha
         fprintf(out, "LEAK SUMMARY: %llu bytes leaked in %llu allocations\n",
                 (unsigned long long)bytes, (unsigned long long)count);
         print_stats(out);
+        print_copies(out);
         fflush(out);
         if (close_it) fclose(out);
     }

@@ -38,8 +38,8 @@ SHIM=$ROOT/build-gpu/shim/libgpumem_shim.so
 BENCH_BIN=$ROOT/build-gpu/tests/gpumem-bench
 ARCH=${GPU_ARCH:-sm_90}
 PY=${PYTHON:-python3}
-RUN_TIMEOUT=${RUN_TIMEOUT:-150}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+RUN_TIMEOUT=${RUN_TIMEOUT:-120}
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
 AC_S=$BIN/alloc_check_static
 AC_D=$BIN/alloc_check_shared
 DC=$BIN/driver_check
@@ -167,7 +167,7 @@ same_out() {
     [ "$rc" = 0 ] && return 0
     printf '\n======== stdout of %s differs from %s\n' "$2" "$1" >>"$LOG"
     head -n 60 "$LOGS/diff.$1.$2" >>"$LOG"
-    WHY="stdout differs from $1: $(grep -m1 -E '^[<>]' "$LOGS/diff.$1.$2" | cut -c1-100)"
+    WHY="stdout differs from $1: '$(grep -m1 -E '^<' "$LOGS/diff.$1.$2" | cut -c3-70)' became '$(grep -m1 -E '^>' "$LOGS/diff.$1.$2" | cut -c3-70)'"
     return 1
 }
 

@@ -1,6 +1,6 @@
-/* Test-only entry points of the fake CUDA driver (tests/fakecuda/fakecuda.c, built as
- * libcuda.so.1). They let a test stand in for a GPU kernel, read the fake's call counters and
- * re-read its environment knobs.
+/* The fake CUDA driver (tests/fakecuda/fakecuda.c, built as libcuda.so.1): declarations of its
+ * per-thread-default-stream entry points, and its test-only entry points, which let a test stand
+ * in for a GPU kernel, read the fake's call counters and re-read its environment knobs.
  *
  * Environment (read by cuInit on every call and by fakecuda_reload_env):
  *   FAKECUDA_MEM               capacity per device in bytes, K/M/G suffixes allowed (default 1G)
@@ -18,6 +18,33 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* The per-thread-default-stream entry points the fake exports. cuda.h declares them only when
+ * CUDA_API_PER_THREAD_DEFAULT_STREAM is defined (and then renames the plain calls to them);
+ * these declarations let a test call both variants from one file. */
+CUresult CUDAAPI cuMemcpyHtoD_v2_ptds(CUdeviceptr dst, const void *src, size_t n);
+CUresult CUDAAPI cuMemcpyDtoH_v2_ptds(void *dst, CUdeviceptr src, size_t n);
+CUresult CUDAAPI cuMemcpyDtoD_v2_ptds(CUdeviceptr dst, CUdeviceptr src, size_t n);
+CUresult CUDAAPI cuMemcpy_ptds(CUdeviceptr dst, CUdeviceptr src, size_t n);
+CUresult CUDAAPI cuMemcpyHtoDAsync_v2_ptsz(CUdeviceptr dst, const void *src, size_t n, CUstream s);
+CUresult CUDAAPI cuMemcpyDtoHAsync_v2_ptsz(void *dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult CUDAAPI cuMemcpyDtoDAsync_v2_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult CUDAAPI cuMemcpyAsync_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult CUDAAPI cuMemsetD8_v2_ptds(CUdeviceptr dst, unsigned char uc, size_t n);
+CUresult CUDAAPI cuMemsetD32_v2_ptds(CUdeviceptr dst, unsigned int ui, size_t n);
+CUresult CUDAAPI cuMemsetD8Async_ptsz(CUdeviceptr dst, unsigned char uc, size_t n, CUstream s);
+CUresult CUDAAPI cuMemsetD32Async_ptsz(CUdeviceptr dst, unsigned int ui, size_t n, CUstream s);
+CUresult CUDAAPI cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t n, CUstream s);
+CUresult CUDAAPI cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t n, CUmemoryPool pool,
+                                              CUstream s);
+CUresult CUDAAPI cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s);
+CUresult CUDAAPI cuStreamSynchronize_ptsz(CUstream s);
+CUresult CUDAAPI cuStreamQuery_ptsz(CUstream s);
+CUresult CUDAAPI cuStreamWaitEvent_ptsz(CUstream s, CUevent ev, unsigned int flags);
+CUresult CUDAAPI cuEventRecord_ptsz(CUevent ev, CUstream s);
+CUresult CUDAAPI cuStreamIsCapturing_ptsz(CUstream s, CUstreamCaptureStatus *status);
+CUresult CUDAAPI cuStreamBeginCapture_v2_ptsz(CUstream s, CUstreamCaptureMode mode);
+CUresult CUDAAPI cuStreamEndCapture_ptsz(CUstream s, CUgraph *graph);
 
 typedef struct fakecuda_counters {
     uint64_t alloc_calls;        /* calls to device allocation entry points (once initialised) */

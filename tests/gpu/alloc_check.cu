@@ -161,6 +161,7 @@ static unsigned long long read_counter(unsigned long long *d_bad)
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(&v, d_bad, sizeof v, cudaMemcpyDeviceToHost));
     CK(cudaMemset(d_bad, 0, sizeof v));
+    CK(cudaDeviceSynchronize()); // kernels on non-blocking streams must not race the reset
     return v;
 }
 
@@ -384,6 +385,7 @@ static void barrier_phase()
     double waited = now_ms() - t0;
     cudaError_t q = cudaStreamQuery(ks);
     if (q != cudaSuccess && q != cudaErrorNotReady) die("cudaStreamQuery(ks)", q, __LINE__);
+    (void)cudaGetLastError(); // cudaErrorNotReady is an answer, not an error to carry on
     // Read A on another non-blocking stream: this copy does not wait for the spinning kernel, so
     // it sees the kernel's value only if cudaFree already waited for it.
     *h = 0;

@@ -327,10 +327,11 @@ Test(pool, context_drop_forgets_and_releases)
     alloc_ok(4096);
     uintptr_t p = alloc_ok(20 * MiB);
     free_ok(p);
-    gm_heap_drop(1, "test drop");
+    gm_heap_drop(1, "test drop", true);
     gpumem_stats st = stats();
     cr_expect_eq(st.bytes_reserved, 0);
     cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(gm_report_write(NULL, -1, 0, "exit"), 1, "the dropped context's leak stays reported");
     cr_expect_eq(gm_host_backend_in_use(), 2 * MiB,
                  "the cached segment went back; the live one is the context's to free");
     gm_heap *again = gm_heap_get(1, 0);

@@ -1,0 +1,199 @@
+/* Contexts and streams: a destroyed or reset context drops its heap (a leak check point); streams
+ * the program creates are registered so fast-mode fences cover them; graph capture is tracked so
+ * allocations made while a capture is active pass through to the driver. */
+#include "shim.h"
+
+/* ------------------------------------------------------------------ contexts */
+
+CUresult cuCtxDestroy_v2(CUcontext ctx)
+{
+    SHIM_REQUIRE_REAL(cuCtxDestroy_v2);
+    if (atomic_load(&shim_ready) && ctx) {
+        SHIM_TRACE("cuCtxDestroy_v2 ctx=%p", (void *)ctx);
+        gm_heap_drop((uintptr_t)ctx, "context destroyed", true);
+    }
+    return shim_real_cuCtxDestroy_v2(ctx);
+}
+
+/* The primary context of `dev` if it is active, without changing its reference count. */
+static CUcontext active_primary(CUdevice dev)
+{
+    static CUresult (*get_state)(CUdevice, unsigned *, int *);
+    static CUresult (*retain)(CUcontext *, CUdevice);
+    static CUresult (*release)(CUdevice);
+    if (!get_state) {
+        *(void **)&retain = gm_driver_sym("cuDevicePrimaryCtxRetain");
+        *(void **)&release = gm_driver_sym("cuDevicePrimaryCtxRelease_v2");
+        *(void **)&get_state = gm_driver_sym("cuDevicePrimaryCtxGetState");
+    }
+    unsigned flags = 0;
+    int active = 0;
+    CUcontext ctx = NULL;
+    if (!get_state || !retain || !release || get_state(dev, &flags, &active) != CUDA_SUCCESS || !active)
+        return NULL;
+    if (retain(&ctx, dev) != CUDA_SUCCESS) return NULL;
+    release(dev);
+    return ctx;
+}
+
+static bool primary_still_active(CUdevice dev)
+{
+    unsigned flags = 0;
+    int active = 0;
+    CUresult (*get_state)(CUdevice, unsigned *, int *);
+    *(void **)&get_state = gm_driver_sym("cuDevicePrimaryCtxGetState");
+    return get_state && get_state(dev, &flags, &active) == CUDA_SUCCESS && active;
+}
+
+/* cudaDeviceReset: the context and everything in it goes away now. */
+CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)
+{
+    SHIM_REQUIRE_REAL(cuDevicePrimaryCtxReset_v2);
+    if (atomic_load(&shim_ready)) {
+        SHIM_TRACE("cuDevicePrimaryCtxReset_v2 dev=%d", dev);
+        CUcontext ctx = active_primary(dev);
+        if (ctx) gm_heap_drop((uintptr_t)ctx, "device reset", true);
+    }
+    return shim_real_cuDevicePrimaryCtxReset_v2(dev);
+}
+
+/* Only the last release destroys the context: check afterwards, and forget the heap without
+ * calling the driver for a context that no longer exists. */
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev)
+{
+    SHIM_REQUIRE_REAL(cuDevicePrimaryCtxRelease_v2);
+    CUcontext ctx = atomic_load(&shim_ready) ? active_primary(dev) : NULL;
+    CUresult rc = shim_real_cuDevicePrimaryCtxRelease_v2(dev);
+    if (rc == CUDA_SUCCESS && ctx && !primary_still_active(dev)) {
+        SHIM_TRACE("cuDevicePrimaryCtxRelease_v2 dev=%d destroyed the primary context", dev);
+        gm_heap_drop((uintptr_t)ctx, "primary context released", false);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------ streams */
+
+static void register_stream(CUstream s, unsigned flags)
+{
+    uintptr_t ctx;
+    int device;
+    if (atomic_load(&shim_ready) && gm_mgr.backend->current(&ctx, &device) == CUDA_SUCCESS)
+        gm_cuda_stream_created(ctx, (uintptr_t)s, flags);
+}
+
+CUresult cuStreamCreate(CUstream *stream, unsigned int flags)
+{
+    SHIM_REQUIRE_REAL(cuStreamCreate);
+    CUresult rc = shim_real_cuStreamCreate(stream, flags);
+    if (rc == CUDA_SUCCESS) register_stream(*stream, flags);
+    return rc;
+}
+
+CUresult cuStreamCreateWithPriority(CUstream *stream, unsigned int flags, int priority)
+{
+    SHIM_REQUIRE_REAL(cuStreamCreateWithPriority);
+    CUresult rc = shim_real_cuStreamCreateWithPriority(stream, flags, priority);
+    if (rc == CUDA_SUCCESS) register_stream(*stream, flags);
+    return rc;
+}
+
+CUresult cuStreamDestroy_v2(CUstream stream)
+{
+    SHIM_REQUIRE_REAL(cuStreamDestroy_v2);
+    if (atomic_load(&shim_ready)) gm_cuda_stream_destroyed((uintptr_t)stream);
+    return shim_real_cuStreamDestroy_v2(stream);
+}
+
+/* ------------------------------------------------------------------ graph capture */
+
+#define MAX_CAPTURES 256
+static pthread_mutex_t capture_lock = PTHREAD_MUTEX_INITIALIZER;
+static uintptr_t capturing[MAX_CAPTURES];
+static _Atomic int ncapturing;
+
+bool shim_capture_active(void)
+{
+    return atomic_load_explicit(&ncapturing, memory_order_acquire) > 0;
+}
+
+static void capture_began(uintptr_t stream)
+{
+    pthread_mutex_lock(&capture_lock);
+    int n = atomic_load(&ncapturing);
+    if (n < MAX_CAPTURES) capturing[n] = stream;
+    atomic_store(&ncapturing, n + 1);
+    pthread_mutex_unlock(&capture_lock);
+}
+
+static void capture_ended(uintptr_t stream)
+{
+    pthread_mutex_lock(&capture_lock);
+    int n = atomic_load(&ncapturing);
+    for (int i = 0; i < n && i < MAX_CAPTURES; i++) {
+        if (capturing[i] == stream) {
+            capturing[i] = capturing[n - 1 < MAX_CAPTURES ? n - 1 : MAX_CAPTURES - 1];
+            atomic_store(&ncapturing, n - 1);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&capture_lock);
+}
+
+static uintptr_t capture_key(CUstream s, bool per_thread)
+{
+    /* The per-thread default stream is a different stream on every thread. */
+    return (!s && per_thread) ? (uintptr_t)pthread_self() | 1 : (uintptr_t)s;
+}
+
+CUresult cuStreamBeginCapture_v2(CUstream stream, CUstreamCaptureMode mode)
+{
+    SHIM_REQUIRE_REAL(cuStreamBeginCapture_v2);
+    CUresult rc = shim_real_cuStreamBeginCapture_v2(stream, mode);
+    if (rc == CUDA_SUCCESS) capture_began(capture_key(stream, false));
+    return rc;
+}
+
+CUresult cuStreamBeginCapture_v2_ptsz(CUstream stream, CUstreamCaptureMode mode)
+{
+    SHIM_REQUIRE_REAL(cuStreamBeginCapture_v2_ptsz);
+    CUresult rc = shim_real_cuStreamBeginCapture_v2_ptsz(stream, mode);
+    if (rc == CUDA_SUCCESS) capture_began(capture_key(stream, true));
+    return rc;
+}
+
+CUresult cuStreamBeginCaptureToGraph(CUstream stream, CUgraph graph, const CUgraphNode *deps,
+                                     const CUgraphEdgeData *edge_data, size_t ndeps,
+                                     CUstreamCaptureMode mode)
+{
+    SHIM_REQUIRE_REAL(cuStreamBeginCaptureToGraph);
+    CUresult rc = shim_real_cuStreamBeginCaptureToGraph(stream, graph, deps, edge_data, ndeps, mode);
+    if (rc == CUDA_SUCCESS) capture_began(capture_key(stream, false));
+    return rc;
+}
+
+CUresult cuStreamBeginCaptureToGraph_ptsz(CUstream stream, CUgraph graph, const CUgraphNode *deps,
+                                          const CUgraphEdgeData *edge_data, size_t ndeps,
+                                          CUstreamCaptureMode mode)
+{
+    SHIM_REQUIRE_REAL(cuStreamBeginCaptureToGraph_ptsz);
+    CUresult rc = shim_real_cuStreamBeginCaptureToGraph_ptsz(stream, graph, deps, edge_data, ndeps, mode);
+    if (rc == CUDA_SUCCESS) capture_began(capture_key(stream, true));
+    return rc;
+}
+
+/* The capture ends whatever EndCapture returns (an invalidated capture is still over). */
+CUresult cuStreamEndCapture(CUstream stream, CUgraph *graph)
+{
+    SHIM_REQUIRE_REAL(cuStreamEndCapture);
+    CUresult rc = shim_real_cuStreamEndCapture(stream, graph);
+    capture_ended(capture_key(stream, false));
+    return rc;
+}
+
+CUresult cuStreamEndCapture_ptsz(CUstream stream, CUgraph *graph)
+{
+    SHIM_REQUIRE_REAL(cuStreamEndCapture_ptsz);
+    CUresult rc = shim_real_cuStreamEndCapture_ptsz(stream, graph);
+    capture_ended(capture_key(stream, true));
+    return rc;
+}

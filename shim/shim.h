@@ -1,0 +1,115 @@
+/* The shim: hooks only. It resolves the real driver, routes memory calls to the manager and
+ * translates results into the driver's own CUresult codes. No policy lives here. */
+#ifndef GPUMEM_SHIM_H
+#define GPUMEM_SHIM_H
+
+#include <cuda.h>
+#undef cuGetProcAddress /* cuda.h renames it to _v2; we define both ABIs */
+
+#include "gm_internal.h"
+
+#define SHIM_EXPORT __attribute__((visibility("default")))
+
+/* Prototypes of every hook with its exact exported name and ABI. */
+SHIM_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize);
+SHIM_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height,
+                                        unsigned int element_size);
+SHIM_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr);
+SHIM_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags);
+SHIM_EXPORT CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream stream);
+SHIM_EXPORT CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream stream);
+SHIM_EXPORT CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                             CUstream stream);
+SHIM_EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize,
+                                                  CUmemoryPool pool, CUstream stream);
+SHIM_EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream stream);
+SHIM_EXPORT CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream stream);
+SHIM_EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
+                                 const CUmemAllocationProp *prop, unsigned long long flags);
+SHIM_EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle);
+SHIM_EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes);
+SHIM_EXPORT CUresult cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr);
+SHIM_EXPORT CUresult cuPointerGetAttribute(void *data, CUpointer_attribute attribute, CUdeviceptr ptr);
+SHIM_EXPORT CUresult cuPointerGetAttributes(unsigned int n, CUpointer_attribute *attributes,
+                                            void **data, CUdeviceptr ptr);
+
+SHIM_EXPORT CUresult cuCtxDestroy_v2(CUcontext ctx);
+SHIM_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev);
+SHIM_EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev);
+SHIM_EXPORT CUresult cuStreamCreate(CUstream *stream, unsigned int flags);
+SHIM_EXPORT CUresult cuStreamCreateWithPriority(CUstream *stream, unsigned int flags, int priority);
+SHIM_EXPORT CUresult cuStreamDestroy_v2(CUstream stream);
+SHIM_EXPORT CUresult cuStreamBeginCapture_v2(CUstream stream, CUstreamCaptureMode mode);
+SHIM_EXPORT CUresult cuStreamBeginCapture_v2_ptsz(CUstream stream, CUstreamCaptureMode mode);
+SHIM_EXPORT CUresult cuStreamBeginCaptureToGraph(CUstream stream, CUgraph graph,
+                                                 const CUgraphNode *deps,
+                                                 const CUgraphEdgeData *edge_data, size_t ndeps,
+                                                 CUstreamCaptureMode mode);
+SHIM_EXPORT CUresult cuStreamBeginCaptureToGraph_ptsz(CUstream stream, CUgraph graph,
+                                                      const CUgraphNode *deps,
+                                                      const CUgraphEdgeData *edge_data,
+                                                      size_t ndeps, CUstreamCaptureMode mode);
+SHIM_EXPORT CUresult cuStreamEndCapture(CUstream stream, CUgraph *graph);
+SHIM_EXPORT CUresult cuStreamEndCapture_ptsz(CUstream stream, CUgraph *graph);
+
+SHIM_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n);
+SHIM_EXPORT CUresult cuMemcpyHtoD_v2_ptds(CUdeviceptr dst, const void *src, size_t n);
+SHIM_EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n);
+SHIM_EXPORT CUresult cuMemcpyDtoH_v2_ptds(void *dst, CUdeviceptr src, size_t n);
+SHIM_EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n);
+SHIM_EXPORT CUresult cuMemcpyDtoD_v2_ptds(CUdeviceptr dst, CUdeviceptr src, size_t n);
+SHIM_EXPORT CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n);
+SHIM_EXPORT CUresult cuMemcpy_ptds(CUdeviceptr dst, CUdeviceptr src, size_t n);
+SHIM_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s);
+SHIM_EXPORT CUresult cuMemcpyHtoDAsync_v2_ptsz(CUdeviceptr dst, const void *src, size_t n, CUstream s);
+SHIM_EXPORT CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s);
+SHIM_EXPORT CUresult cuMemcpyDtoHAsync_v2_ptsz(void *dst, CUdeviceptr src, size_t n, CUstream s);
+SHIM_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+SHIM_EXPORT CUresult cuMemcpyDtoDAsync_v2_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+SHIM_EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+SHIM_EXPORT CUresult cuMemcpyAsync_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+
+SHIM_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int cuda_version,
+                                      cuuint64_t flags);
+SHIM_EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cuda_version,
+                                         cuuint64_t flags, CUdriverProcAddressQueryResult *status);
+
+/* shim_real_<name>: the driver's own function, NULL when this driver lacks it. */
+#define SHIM_HOOK(name) extern __typeof__(name) *shim_real_##name;
+#include "hooks.def"
+#undef SHIM_HOOK
+
+/* ---- resolve.c */
+extern bool shim_trace; /* GPUMEM_VERBOSE=3 */
+void shim_init_slow(void);
+extern _Atomic bool shim_ready;
+static inline void shim_init(void)
+{
+    if (__builtin_expect(!atomic_load_explicit(&shim_ready, memory_order_acquire), 0)) shim_init_slow();
+}
+#define SHIM_TRACE(...) \
+    do { \
+        if (__builtin_expect(shim_trace, 0)) gm_log(GM_TRACE, "trace " __VA_ARGS__); \
+    } while (0)
+
+/* A hooked entry point the driver lacks: answer as a driver without it would. */
+#define SHIM_REQUIRE_REAL(name) \
+    do { \
+        shim_init(); \
+        if (!shim_real_##name) return CUDA_ERROR_NOT_SUPPORTED; \
+    } while (0)
+
+/* ---- hooks_ctx.c */
+/* True while any stream of the process is capturing a graph: allocations then pass through. */
+bool shim_capture_active(void);
+
+/* ---- hooks_mem.c */
+/* The calling thread's heap, or NULL when it has no current context. */
+gm_heap *shim_current_heap(void);
+/* Stream handle as the engine should see it: 0 in a _ptsz entry point is the per-thread stream. */
+static inline uintptr_t shim_stream(CUstream s, bool per_thread)
+{
+    return (!s && per_thread) ? (uintptr_t)CU_STREAM_PER_THREAD : (uintptr_t)s;
+}
+
+#endif

@@ -1,0 +1,648 @@
+/* Tests of the fake CUDA driver itself (tests/fakecuda), linked directly against it, no shim.
+ * The shim's tests trust these semantics, so they are pinned down here: error codes, capacity
+ * and fault injection, stream order and barriers, and cuGetProcAddress agreeing with dlsym.
+ * Criterion runs every test in its own process, so each starts with a fresh fake. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <criterion/criterion.h>
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "fakecuda.h"
+
+/* cuda.h maps cuGetProcAddress to the 5-argument _v2; the fake also exports the original. */
+#undef cuGetProcAddress
+CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags);
+
+#define OK(call) cr_assert_eq((call), CUDA_SUCCESS, "%s", #call)
+#define ERR(call, code) cr_assert_eq((call), (code), "%s", #call)
+
+static CUcontext g_ctx;
+
+/* cuInit and a current primary context, with the environment as the test set it. */
+static void start(void)
+{
+    CUdevice dev;
+    OK(cuInit(0));
+    OK(cuDeviceGet(&dev, 0));
+    OK(cuDevicePrimaryCtxRetain(&g_ctx, dev));
+    OK(cuCtxSetCurrent(g_ctx));
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static fakecuda_counters_t counters(void)
+{
+    fakecuda_counters_t c;
+    fakecuda_counters(&c);
+    return c;
+}
+
+static bool all_bytes(const void *p, unsigned char v, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        if (b[i] != v)
+            return false;
+    return true;
+}
+
+/* ---------------------------------------------------------------- init and contexts */
+
+Test(fakecuda, before_init)
+{
+    CUdeviceptr p;
+    int v = 0;
+    const char *s = NULL;
+    ERR(cuMemAlloc(&p, 16), CUDA_ERROR_NOT_INITIALIZED);
+    ERR(cuCtxSynchronize(), CUDA_ERROR_NOT_INITIALIZED);
+    OK(cuDriverGetVersion(&v)); /* these work before cuInit, as in the real driver */
+    cr_assert_eq(v, 13000);
+    OK(cuGetErrorName(CUDA_ERROR_OUT_OF_MEMORY, &s));
+    cr_assert_str_eq(s, "CUDA_ERROR_OUT_OF_MEMORY");
+    OK(cuGetErrorString(CUDA_ERROR_INVALID_VALUE, &s));
+    cr_assert_str_eq(s, "invalid argument");
+    ERR(cuGetErrorName((CUresult)123456, &s), CUDA_ERROR_INVALID_VALUE);
+    ERR(cuInit(1), CUDA_ERROR_INVALID_VALUE);
+}
+
+Test(fakecuda, no_current_context)
+{
+    CUdeviceptr p;
+    size_t f, t;
+    CUcontext c = (CUcontext)1;
+    OK(cuInit(0));
+    OK(cuCtxGetCurrent(&c));
+    cr_assert_null(c);
+    ERR(cuMemAlloc(&p, 16), CUDA_ERROR_INVALID_CONTEXT);
+    ERR(cuMemGetInfo(&f, &t), CUDA_ERROR_INVALID_CONTEXT);
+    ERR(cuCtxSynchronize(), CUDA_ERROR_INVALID_CONTEXT);
+    ERR(cuStreamSynchronize(0), CUDA_ERROR_INVALID_CONTEXT);
+    ERR(cuCtxPopCurrent(&c), CUDA_ERROR_INVALID_CONTEXT);
+}
+
+Test(fakecuda, devices_and_attributes)
+{
+    int n = 0, v = 0;
+    char name[64];
+    size_t total = 0;
+    setenv("FAKECUDA_DEVICES", "3", 1);
+    setenv("FAKECUDA_MEM", "64M", 1);
+    OK(cuInit(0));
+    OK(cuDeviceGetCount(&n));
+    cr_assert_eq(n, 3);
+    ERR(cuDeviceGet(&v, 3), CUDA_ERROR_INVALID_DEVICE);
+    OK(cuDeviceGetName(name, sizeof name, 2));
+    cr_assert_str_eq(name, "FakeCUDA Device 2");
+    OK(cuDeviceTotalMem(&total, 1));
+    cr_assert_eq(total, (size_t)64 << 20);
+    OK(cuDeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, 0));
+    cr_assert_eq(v, 9);
+    OK(cuDeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING, 0));
+    cr_assert_eq(v, 1);
+    OK(cuDeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0));
+    cr_assert_gt(v, 0);
+    ERR(cuDeviceGetAttribute(NULL, CU_DEVICE_ATTRIBUTE_WARP_SIZE, 0), CUDA_ERROR_INVALID_VALUE);
+}
+
+Test(fakecuda, no_device)
+{
+    setenv("FAKECUDA_DEVICES", "0", 1);
+    ERR(cuInit(0), CUDA_ERROR_NO_DEVICE);
+}
+
+Test(fakecuda, primary_context_lifecycle)
+{
+    CUcontext a, b;
+    CUdeviceptr p;
+    unsigned flags;
+    int active;
+    OK(cuInit(0));
+    OK(cuDevicePrimaryCtxRetain(&a, 0));
+    OK(cuDevicePrimaryCtxRetain(&b, 0));
+    cr_assert_eq(a, b, "the primary context handle is stable");
+    OK(cuDevicePrimaryCtxGetState(0, &flags, &active));
+    cr_assert_eq(active, 1);
+    OK(cuCtxSetCurrent(a));
+    OK(cuMemAlloc(&p, 4096));
+    OK(cuDevicePrimaryCtxRelease(0));
+    cr_assert_eq(counters().bytes_in_use, 4096);
+    OK(cuDevicePrimaryCtxRelease(0)); /* the last reference frees its memory */
+    cr_assert_eq(counters().bytes_in_use, 0);
+    OK(cuDevicePrimaryCtxGetState(0, &flags, &active));
+    cr_assert_eq(active, 0);
+    ERR(cuMemAlloc(&p, 16), CUDA_ERROR_CONTEXT_IS_DESTROYED);
+    ERR(cuDevicePrimaryCtxRelease(0), CUDA_ERROR_INVALID_CONTEXT);
+    OK(cuDevicePrimaryCtxRetain(&b, 0));
+    cr_assert_eq(a, b);
+    OK(cuMemAlloc(&p, 16)); /* current again once retained */
+    OK(cuDevicePrimaryCtxReset(0));
+    cr_assert_eq(counters().bytes_in_use, 0);
+}
+
+Test(fakecuda, created_contexts_and_stack)
+{
+    CUcontext c1, c2, cur, popped;
+    CUdevice dev;
+    CUdeviceptr p;
+    setenv("FAKECUDA_DEVICES", "2", 1);
+    OK(cuInit(0));
+    OK(cuCtxCreate(&c1, NULL, 0, 0));
+    OK(cuCtxCreate(&c2, NULL, 0, 1)); /* pushed on top of c1 */
+    OK(cuCtxGetDevice(&dev));
+    cr_assert_eq(dev, 1);
+    OK(cuMemAlloc(&p, 1000));
+    OK(cuPointerGetAttribute(&dev, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, p));
+    cr_assert_eq(dev, 1);
+    OK(cuCtxPopCurrent(&popped));
+    cr_assert_eq(popped, c2);
+    OK(cuCtxGetCurrent(&cur));
+    cr_assert_eq(cur, c1);
+    OK(cuCtxDestroy(c2)); /* frees its memory too */
+    cr_assert_eq(counters().bytes_in_use, 0);
+    ERR(cuCtxDestroy(c2), CUDA_ERROR_CONTEXT_IS_DESTROYED);
+    ERR(cuCtxPushCurrent(c2), CUDA_ERROR_INVALID_CONTEXT);
+    ERR(cuCtxSetCurrent((CUcontext)&cur), CUDA_ERROR_INVALID_CONTEXT);
+    OK(cuCtxDestroy(c1)); /* current: popped */
+    OK(cuCtxGetCurrent(&cur));
+    cr_assert_null(cur);
+}
+
+/* ---------------------------------------------------------------- allocation */
+
+Test(fakecuda, alloc_free_error_codes, .init = start)
+{
+    CUdeviceptr p, big;
+    ERR(cuMemAlloc(NULL, 16), CUDA_ERROR_INVALID_VALUE);
+    ERR(cuMemAlloc(&p, 0), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemAlloc(&p, 100));
+    cr_assert_eq(p % 512, 0);
+    memset((void *)p, 0x5A, 100); /* device memory is host memory */
+    OK(cuMemAlloc(&big, (size_t)3 << 20));
+    cr_assert_eq(big % ((size_t)2 << 20), 0, "2 MiB and up is 2 MiB aligned");
+    ERR(cuMemFree(p + 8), CUDA_ERROR_INVALID_VALUE);
+    ERR(cuMemFree(0xdead0000), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemFree(0)); /* free(NULL) semantics, as in the real driver */
+    OK(cuMemFree(p));
+    ERR(cuMemFree(p), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemFree(big));
+    cr_assert_eq(counters().bytes_in_use, 0);
+}
+
+Test(fakecuda, pitch_managed_host)
+{
+    CUdeviceptr p, m;
+    size_t pitch = 0;
+    void *h;
+    unsigned type = 0, managed = 0;
+    start();
+    OK(cuMemAllocPitch(&p, &pitch, 100, 3, 4));
+    cr_assert_eq(pitch, 512);
+    ERR(cuMemAllocPitch(&p, &pitch, 100, 3, 3), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemAllocManaged(&m, 64, CU_MEM_ATTACH_GLOBAL));
+    OK(cuPointerGetAttribute(&managed, CU_POINTER_ATTRIBUTE_IS_MANAGED, m));
+    cr_assert_eq(managed, 1);
+    cr_assert_eq(counters().bytes_in_use, 512 * 3 + 64);
+    OK(cuMemAllocHost(&h, 256));
+    OK(cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (CUdeviceptr)h));
+    cr_assert_eq(type, CU_MEMORYTYPE_HOST);
+    cr_assert_eq(counters().bytes_in_use, 512 * 3 + 64, "pinned host memory is not device memory");
+    ERR(cuMemFree((CUdeviceptr)h), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemFreeHost(h));
+    ERR(cuMemFreeHost(h), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemFreeHost(NULL));
+    OK(cuMemHostAlloc(&h, 10, CU_MEMHOSTALLOC_PORTABLE));
+    OK(cuMemFreeHost(h));
+    cr_assert_eq(counters().host_alloc_calls, 2);
+    OK(cuMemFree(p));
+    OK(cuMemFree(m));
+}
+
+Test(fakecuda, capacity_and_mem_get_info)
+{
+    CUdeviceptr a, b;
+    size_t f, t;
+    setenv("FAKECUDA_MEM", "1M", 1);
+    start();
+    OK(cuMemAlloc(&a, 768 << 10));
+    ERR(cuMemAlloc(&b, 512 << 10), CUDA_ERROR_OUT_OF_MEMORY);
+    OK(cuMemGetInfo(&f, &t));
+    cr_assert_eq(t, (size_t)1 << 20);
+    cr_assert_eq(f, (size_t)256 << 10);
+    OK(cuMemAlloc(&b, 256 << 10)); /* exactly full */
+    OK(cuMemGetInfo(&f, &t));
+    cr_assert_eq(f, 0);
+    OK(cuMemFree(a));
+    OK(cuMemFree(b));
+    OK(cuMemAlloc(&a, 1 << 20));
+    OK(cuMemFree(a));
+}
+
+Test(fakecuda, env_reread_by_cuinit_and_reload)
+{
+    size_t f, t;
+    setenv("FAKECUDA_MEM", "1M", 1);
+    start();
+    setenv("FAKECUDA_MEM", "2M", 1);
+    OK(cuInit(0));
+    OK(cuMemGetInfo(&f, &t));
+    cr_assert_eq(t, (size_t)2 << 20);
+    setenv("FAKECUDA_MEM", "4096", 1);
+    fakecuda_reload_env();
+    OK(cuMemGetInfo(&f, &t));
+    cr_assert_eq(t, 4096);
+}
+
+Test(fakecuda, fail_alloc_after)
+{
+    CUdeviceptr p[4];
+    CUstream s;
+    CUmemGenericAllocationHandle h;
+    CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED,
+                                .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = 0}};
+    setenv("FAKECUDA_FAIL_ALLOC_AFTER", "2", 1);
+    start();
+    OK(cuStreamCreate(&s, 0));
+    OK(cuMemAlloc(&p[0], 64));
+    OK(cuMemAllocAsync(&p[1], 64, s));
+    ERR(cuMemAlloc(&p[2], 64), CUDA_ERROR_OUT_OF_MEMORY);
+    ERR(cuMemAllocManaged(&p[2], 64, CU_MEM_ATTACH_GLOBAL), CUDA_ERROR_OUT_OF_MEMORY);
+    ERR(cuMemAllocFromPoolAsync(&p[2], 64, NULL, s), CUDA_ERROR_OUT_OF_MEMORY);
+    ERR(cuMemCreate(&h, (size_t)2 << 20, &prop, 0), CUDA_ERROR_OUT_OF_MEMORY);
+    OK(cuInit(0)); /* an unchanged setting does not restart the count */
+    ERR(cuMemAlloc(&p[2], 64), CUDA_ERROR_OUT_OF_MEMORY);
+    fakecuda_reload_env(); /* this does */
+    OK(cuMemAlloc(&p[2], 64));
+    OK(cuMemAlloc(&p[3], 64));
+    ERR(cuMemAlloc(&p[0], 64), CUDA_ERROR_OUT_OF_MEMORY);
+    cr_assert_eq(counters().alloc_calls, 10);
+}
+
+Test(fakecuda, vmm_handles, .init = start)
+{
+    CUmemGenericAllocationHandle h;
+    size_t g = 0;
+    CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED,
+                                .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = 0}};
+    OK(cuMemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
+    ERR(cuMemCreate(&h, g / 2, &prop, 0), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemCreate(&h, 2 * g, &prop, 0));
+    cr_assert_eq(counters().bytes_in_use, 2 * g);
+    OK(cuMemRelease(h));
+    ERR(cuMemRelease(h), CUDA_ERROR_INVALID_VALUE);
+    cr_assert_eq(counters().bytes_in_use, 0);
+}
+
+/* ---------------------------------------------------------------- copies */
+
+Test(fakecuda, sync_copies_and_memsets, .init = start)
+{
+    CUdeviceptr a, b;
+    unsigned char host[256], back[256];
+    uint32_t words[4];
+    for (int i = 0; i < 256; i++)
+        host[i] = (unsigned char)i;
+    OK(cuMemAlloc(&a, 256));
+    OK(cuMemAlloc(&b, 256));
+    OK(cuMemcpyHtoD(a, host, 256));
+    OK(cuMemcpyDtoD(b, a, 256));
+    OK(cuMemcpyDtoH(back, b, 256));
+    cr_assert_arr_eq(back, host, 256);
+    OK(cuMemcpy((CUdeviceptr)back, a + 16, 16)); /* unified: any direction */
+    cr_assert_arr_eq(back, host + 16, 16);
+    OK(cuMemsetD8(a, 0x11, 256));
+    cr_assert(all_bytes((void *)a, 0x11, 256));
+    OK(cuMemsetD32(b, 0xdeadbeef, 4));
+    memcpy(words, (void *)b, sizeof words);
+    cr_assert_eq(words[3], 0xdeadbeef);
+    ERR(cuMemsetD32(b + 1, 0, 1), CUDA_ERROR_INVALID_VALUE);
+    ERR(cuMemcpyHtoD(a + 200, host, 100), CUDA_ERROR_INVALID_VALUE); /* runs past the end */
+    ERR(cuMemcpyDtoH(back, 0x1000, 1), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemcpyHtoD(a, NULL, 0));
+    OK(cuMemcpyHtoD_v2_ptds(a, host, 8));
+    cr_assert_eq(counters().copy_calls, 8);
+}
+
+Test(fakecuda, async_fill_runs_in_stream_order, .init = start)
+{
+    CUstream s;
+    CUdeviceptr p;
+    const size_t n = 4096;
+    OK(cuStreamCreate(&s, 0));
+    OK(cuMemAlloc(&p, n));
+    memset((void *)p, 0, n);
+    OK(fakecuda_launch_fill(s, p, 0xAB, n, 100 * 1000));
+    OK(cuMemsetD8Async(p, 0xCD, n / 2, s)); /* queued behind the slow fill */
+    ERR(cuStreamQuery(s), CUDA_ERROR_NOT_READY);
+    OK(cuCtxSynchronize());
+    OK(cuStreamQuery(s));
+    cr_assert(all_bytes((void *)p, 0xCD, n / 2));
+    cr_assert(all_bytes((void *)p + n / 2, 0xAB, n / 2));
+    OK(cuStreamDestroy(s));
+    ERR(cuStreamSynchronize(s), CUDA_ERROR_INVALID_HANDLE);
+}
+
+Test(fakecuda, sync_copy_waits_for_legacy_stream, .init = start)
+{
+    CUdeviceptr p;
+    unsigned char back[64];
+    OK(cuMemAlloc(&p, 64));
+    OK(fakecuda_launch_fill(0, p, 0x77, 64, 50 * 1000));
+    OK(cuMemcpyDtoH(back, p, 64)); /* ordered after the fill on stream 0 */
+    cr_assert(all_bytes(back, 0x77, 64));
+}
+
+Test(fakecuda, events, .init = start)
+{
+    CUstream s;
+    CUevent ev, idle;
+    CUdeviceptr p;
+    OK(cuStreamCreate(&s, 0));
+    OK(cuEventCreate(&ev, 0));
+    OK(cuEventCreate(&idle, 0));
+    OK(cuEventQuery(idle)); /* never recorded: complete */
+    OK(cuMemAlloc(&p, 512));
+    OK(fakecuda_launch_fill(s, p, 0x42, 512, 100 * 1000));
+    OK(cuEventRecord(ev, s));
+    ERR(cuEventQuery(ev), CUDA_ERROR_NOT_READY);
+    OK(cuEventSynchronize(ev));
+    OK(cuEventQuery(ev));
+    cr_assert(all_bytes((void *)p, 0x42, 512));
+    OK(fakecuda_launch_fill(s, p, 0x43, 512, 50 * 1000));
+    OK(cuEventRecord(ev, s));
+    OK(cuEventDestroy(ev)); /* with a record pending: released once it runs */
+    ERR(cuEventQuery(ev), CUDA_ERROR_INVALID_HANDLE);
+    OK(cuStreamSynchronize(s));
+    cr_assert_eq(counters().event_record_calls, 2);
+    cr_assert_eq(counters().stream_sync_calls, 1);
+}
+
+Test(fakecuda, stream_wait_event, .init = start)
+{
+    CUstream a, b;
+    CUevent ev;
+    CUdeviceptr p;
+    OK(cuStreamCreate(&a, 0));
+    OK(cuStreamCreate(&b, CU_STREAM_NON_BLOCKING));
+    OK(cuEventCreate(&ev, CU_EVENT_DISABLE_TIMING));
+    OK(cuMemAlloc(&p, 256));
+    OK(fakecuda_launch_fill(a, p, 1, 256, 100 * 1000));
+    OK(cuEventRecord(ev, a));
+    OK(cuStreamWaitEvent(b, ev, 0));
+    OK(cuMemsetD8Async(p, 2, 256, b)); /* must land after a's fill */
+    OK(cuCtxSynchronize());
+    cr_assert(all_bytes((void *)p, 2, 256));
+}
+
+/* The barrier the shim relies on: cuMemFree waits for work on every stream of the context. */
+Test(fakecuda, mem_free_waits_for_other_streams, .init = start)
+{
+    CUstream s;
+    CUdeviceptr victim, busy;
+    OK(cuStreamCreate(&s, 0));
+    OK(cuMemAlloc(&victim, 64));
+    OK(cuMemAlloc(&busy, 1024));
+    memset((void *)busy, 0, 1024);
+    double t0 = now_ms();
+    OK(fakecuda_launch_fill(s, busy, 0xEE, 1024, 150 * 1000));
+    OK(cuMemFree(victim));
+    cr_assert_geq(now_ms() - t0, 140.0, "cuMemFree returned before the pending work ran");
+    cr_assert(all_bytes((void *)busy, 0xEE, 1024));
+    fakecuda_counters_t c = counters();
+    cr_assert_eq(c.ctx_sync_calls, 0, "the implicit barrier is not an explicit sync call");
+    cr_assert_eq(c.free_calls, 1);
+}
+
+Test(fakecuda, free_async_is_stream_ordered, .init = start)
+{
+    CUstream s;
+    CUdeviceptr p;
+    OK(cuStreamCreate(&s, 0));
+    OK(cuMemAllocAsync(&p, 4096, s));
+    OK(fakecuda_launch_fill(s, p, 9, 4096, 80 * 1000));
+    OK(cuMemFreeAsync(p, s));
+    ERR(cuMemFreeAsync(p, s), CUDA_ERROR_INVALID_VALUE);
+    ERR(cuMemFree(p), CUDA_ERROR_INVALID_VALUE);
+    cr_assert_eq(counters().bytes_in_use, 4096, "released only when the stream gets there");
+    OK(cuStreamSynchronize(s));
+    cr_assert_eq(counters().bytes_in_use, 0);
+}
+
+/* 0 in a _ptsz entry point is this thread's own stream, not the legacy one. */
+Test(fakecuda, per_thread_default_stream_is_separate, .init = start)
+{
+    CUdeviceptr p, q; /* two buffers: the two streams are not ordered with each other */
+    OK(cuMemAlloc(&p, 64));
+    OK(cuMemAlloc(&q, 64));
+    OK(fakecuda_launch_fill(0, p, 1, 64, 200 * 1000));
+    ERR(cuStreamQuery(0), CUDA_ERROR_NOT_READY);
+    OK(cuStreamQuery_ptsz(0));
+    OK(cuStreamQuery(CU_STREAM_PER_THREAD));
+    ERR(cuStreamQuery_ptsz(CU_STREAM_LEGACY), CUDA_ERROR_NOT_READY);
+    OK(fakecuda_launch_fill(CU_STREAM_PER_THREAD, q, 2, 64, 0));
+    OK(cuStreamSynchronize_ptsz(0));
+    cr_assert(all_bytes((void *)q, 2, 64));
+    OK(cuCtxSynchronize()); /* covers both default streams */
+    OK(cuStreamQuery(0));
+    cr_assert(all_bytes((void *)p, 1, 64));
+}
+
+Test(fakecuda, capture_state, .init = start)
+{
+    CUstream s;
+    CUstreamCaptureStatus st;
+    CUgraph g = (CUgraph)1;
+    CUdeviceptr p;
+    OK(cuMemAlloc(&p, 64));
+    OK(cuStreamCreate(&s, 0));
+    ERR(cuStreamBeginCapture(0, CU_STREAM_CAPTURE_MODE_GLOBAL),
+        CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    OK(cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_GLOBAL));
+    ERR(cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_GLOBAL), CUDA_ERROR_ILLEGAL_STATE);
+    OK(cuStreamIsCapturing(s, &st));
+    cr_assert_eq(st, CU_STREAM_CAPTURE_STATUS_ACTIVE);
+    ERR(cuCtxSynchronize(), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    ERR(cuMemFree(p), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    ERR(cuStreamSynchronize(s), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    OK(cuStreamEndCapture(s, &g));
+    cr_assert_null(g);
+    ERR(cuStreamEndCapture(s, &g), CUDA_ERROR_ILLEGAL_STATE);
+    OK(cuStreamIsCapturing_ptsz(s, &st));
+    cr_assert_eq(st, CU_STREAM_CAPTURE_STATUS_NONE);
+    OK(cuStreamBeginCapture_v2_ptsz(s, CU_STREAM_CAPTURE_MODE_RELAXED));
+    OK(cuCtxSynchronize()); /* relaxed mode forbids nothing */
+    OK(cuStreamEndCapture_ptsz(s, &g));
+    OK(cuMemFree(p));
+}
+
+/* ---------------------------------------------------------------- pointer queries */
+
+Test(fakecuda, address_range_and_attributes, .init = start)
+{
+    CUdeviceptr p, base = 0, start_addr = 0;
+    size_t size = 0, range = 0;
+    CUcontext c = NULL;
+    int ord = -1;
+    unsigned type = 0;
+    OK(cuMemAlloc(&p, 1000));
+    OK(cuMemGetAddressRange(&base, &size, p + 123));
+    cr_assert_eq(base, p);
+    cr_assert_eq(size, 1000);
+    OK(cuMemGetAddressRange(NULL, &size, p + 999));
+    ERR(cuMemGetAddressRange(&base, &size, p + 1000), CUDA_ERROR_NOT_FOUND);
+    OK(cuPointerGetAttribute(&start_addr, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, p + 500));
+    OK(cuPointerGetAttribute(&range, CU_POINTER_ATTRIBUTE_RANGE_SIZE, p + 500));
+    OK(cuPointerGetAttribute(&c, CU_POINTER_ATTRIBUTE_CONTEXT, p + 500));
+    OK(cuPointerGetAttribute(&ord, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, p + 500));
+    OK(cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, p + 500));
+    cr_assert_eq(start_addr, p);
+    cr_assert_eq(range, 1000);
+    cr_assert_eq(c, g_ctx);
+    cr_assert_eq(ord, 0);
+    cr_assert_eq(type, CU_MEMORYTYPE_DEVICE);
+    ERR(cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (CUdeviceptr)&type),
+        CUDA_ERROR_INVALID_VALUE);
+    CUpointer_attribute attrs[2] = {CU_POINTER_ATTRIBUTE_CONTEXT,
+                                    CU_POINTER_ATTRIBUTE_MEMORY_TYPE};
+    void *data[2] = {&c, &type};
+    OK(cuPointerGetAttributes(2, attrs, data, (CUdeviceptr)&type)); /* unknown: defaults */
+    cr_assert_null(c);
+    cr_assert_eq(type, 0);
+    OK(cuMemFree(p));
+    ERR(cuMemGetAddressRange(&base, &size, p + 123), CUDA_ERROR_NOT_FOUND);
+}
+
+/* ---------------------------------------------------------------- cuGetProcAddress */
+
+static void *lib_sym(const char *name)
+{
+    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    cr_assert_not_null(h, "libcuda.so.1 is not loaded: %s", dlerror());
+    void *f = dlsym(h, name);
+    dlclose(h);
+    cr_assert_not_null(f, "%s is not exported", name);
+    return f;
+}
+
+static void *proc(const char *sym, int version, cuuint64_t flags)
+{
+    void *f = NULL;
+    CUdriverProcAddressQueryResult st = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    cr_assert_eq(cuGetProcAddress_v2(sym, &f, version, flags, &st), CUDA_SUCCESS, "%s", sym);
+    cr_assert_eq(st, CU_GET_PROC_ADDRESS_SUCCESS);
+    return f;
+}
+
+Test(fakecuda, get_proc_address_matches_dlsym)
+{
+    cr_assert_eq(proc("cuMemAlloc", 13000, 0), lib_sym("cuMemAlloc_v2"));
+    cr_assert_eq(proc("cuMemAlloc", 13000, CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM),
+                 lib_sym("cuMemAlloc_v2"), "no _ptsz variant: the plain one");
+    cr_assert_eq(proc("cuMemcpyHtoDAsync", 13000, 2), lib_sym("cuMemcpyHtoDAsync_v2_ptsz"));
+    cr_assert_eq(proc("cuMemcpyHtoDAsync", 13000, 1), lib_sym("cuMemcpyHtoDAsync_v2"));
+    cr_assert_eq(proc("cuMemcpyHtoD", 12000, 2), lib_sym("cuMemcpyHtoD_v2_ptds"));
+    cr_assert_eq(proc("cuStreamBeginCapture", 12000, 2), lib_sym("cuStreamBeginCapture_v2_ptsz"));
+    cr_assert_eq(proc("cuMemFreeAsync", 11020, 2), lib_sym("cuMemFreeAsync_ptsz"));
+    cr_assert_eq(proc("cuMemGetInfo", 13000, 0), lib_sym("cuMemGetInfo_v2"));
+    cr_assert_eq(proc("cuCtxCreate", 13000, 0), lib_sym("cuCtxCreate_v4"));
+    cr_assert_eq(proc("cuCtxCreate", 12000, 0), lib_sym("cuCtxCreate_v3"));
+    cr_assert_eq(proc("cuCtxCreate", 11000, 0), lib_sym("cuCtxCreate_v2"));
+    cr_assert_eq(proc("cuCtxSynchronize", 13000, 0), lib_sym("cuCtxSynchronize_v2"));
+    cr_assert_eq(proc("cuCtxSynchronize", 12080, 0), lib_sym("cuCtxSynchronize"));
+    cr_assert_eq(proc("cuGetProcAddress", 12000, 0), lib_sym("cuGetProcAddress_v2"));
+    cr_assert_eq(proc("cuGetProcAddress", 11080, 0), lib_sym("cuGetProcAddress"));
+    cr_assert_eq(proc("cuDevicePrimaryCtxRelease", 13000, 0),
+                 lib_sym("cuDevicePrimaryCtxRelease_v2"));
+}
+
+Test(fakecuda, get_proc_address_failures)
+{
+    void *f = (void *)1;
+    CUdriverProcAddressQueryResult st = CU_GET_PROC_ADDRESS_SUCCESS;
+    ERR(cuGetProcAddress_v2("cuNoSuchThing", &f, 13000, 0, &st), CUDA_ERROR_NOT_FOUND);
+    cr_assert_null(f);
+    cr_assert_eq(st, CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND);
+    ERR(cuGetProcAddress_v2("cuMemAllocAsync", &f, 11000, 0, &st), CUDA_ERROR_NOT_FOUND);
+    cr_assert_eq(st, CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT);
+    ERR(cuGetProcAddress_v2("cuMemAlloc", &f, 13000, 4, &st), CUDA_ERROR_INVALID_VALUE);
+    ERR(cuGetProcAddress_v2(NULL, &f, 13000, 0, &st), CUDA_ERROR_INVALID_VALUE);
+}
+
+/* The old 4-argument entry point, and calling through a returned pointer. */
+Test(fakecuda, get_proc_address_v1_and_call)
+{
+    typedef CUresult (*init_fn)(unsigned);
+    typedef CUresult (*ver_fn)(int *);
+    void *f = NULL;
+    int v = 0;
+    OK(cuGetProcAddress("cuInit", &f, 11030, 0));
+    OK(((init_fn)f)(0));
+    OK(cuGetProcAddress("cuDriverGetVersion", &f, 11030, 0));
+    OK(((ver_fn)f)(&v));
+    cr_assert_eq(v, 13000);
+    ERR(cuGetProcAddress("cuNope", &f, 11030, 0), CUDA_ERROR_NOT_FOUND);
+}
+
+/* ---------------------------------------------------------------- threads */
+
+struct worker_arg {
+    CUcontext ctx;
+    int id;
+    int failures;
+};
+
+/* Each thread: own stream, per-thread default stream, allocations, copies, frees. */
+static void *thread_body(void *p)
+{
+    struct worker_arg *a = p;
+    unsigned char buf[1024], back[1024];
+    CUstream s;
+    if (cuCtxSetCurrent(a->ctx) || cuStreamCreate(&s, 0)) {
+        a->failures = 1;
+        return NULL;
+    }
+    for (int i = 0; i < 50; i++) {
+        CUdeviceptr d;
+        memset(buf, a->id + i, sizeof buf);
+        a->failures += cuMemAlloc(&d, sizeof buf) != CUDA_SUCCESS;
+        a->failures += cuMemcpyHtoDAsync(d, buf, sizeof buf, s) != CUDA_SUCCESS;
+        a->failures += fakecuda_launch_fill(s, d + 512, (unsigned char)i, 512, 10) != CUDA_SUCCESS;
+        a->failures += cuStreamSynchronize(s) != CUDA_SUCCESS;
+        a->failures += cuMemcpyDtoHAsync_v2_ptsz(back, d, 16, CU_STREAM_PER_THREAD) != 0;
+        a->failures += cuMemcpyDtoH_v2_ptds(back, d, sizeof back) != CUDA_SUCCESS;
+        a->failures += back[0] != (unsigned char)(a->id + i) || back[600] != (unsigned char)i;
+        a->failures += (i % 2 ? cuMemFree(d) : cuMemFreeAsync_ptsz(d, 0)) != CUDA_SUCCESS;
+    }
+    a->failures += cuStreamDestroy(s) != CUDA_SUCCESS;
+    return NULL;
+}
+
+Test(fakecuda, threads_smoke, .init = start)
+{
+    enum { N = 4 };
+    pthread_t t[N];
+    struct worker_arg args[N];
+    for (int i = 0; i < N; i++) {
+        args[i] = (struct worker_arg){.ctx = g_ctx, .id = i * 10};
+        cr_assert_eq(pthread_create(&t[i], NULL, thread_body, &args[i]), 0);
+    }
+    for (int i = 0; i < N; i++) {
+        pthread_join(t[i], NULL);
+        cr_assert_eq(args[i].failures, 0, "thread %d", i);
+    }
+    OK(cuCtxSynchronize());
+    cr_assert_eq(counters().bytes_in_use, 0);
+    cr_assert_eq(counters().alloc_calls, N * 50);
+}
