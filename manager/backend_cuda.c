@@ -21,18 +21,15 @@ static pthread_once_t resolve_once = PTHREAD_ONCE_INIT;
 /* glibc versions under which dlsym has been published on the architectures we build for. */
 static const char *const dlsym_versions[] = {"GLIBC_2.34", "GLIBC_2.2.5", "GLIBC_2.17", "GLIBC_2.0"};
 
-static void resolve_dlsym(void)
+/* This runs very early: a sanitizer runtime asks dlsym(RTLD_NEXT, ...) while setting itself up,
+ * before its own dlopen and memory tracking work. So: no dlopen, no instrumentation. */
+GM_NO_SANITIZE static void resolve_dlsym(void)
 {
-    /* Ask libc itself: RTLD_NEXT from this object could land on another interposer. */
-    void *libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
-    for (size_t i = 0; i < sizeof dlsym_versions / sizeof *dlsym_versions && !real_dlsym_fn; i++) {
-        if (libc) real_dlsym_fn = (gm_dlsym_fn)dlvsym(libc, "dlsym", dlsym_versions[i]);
-        if (!real_dlsym_fn) real_dlsym_fn = (gm_dlsym_fn)dlvsym(RTLD_NEXT, "dlsym", dlsym_versions[i]);
-    }
-    if (libc) dlclose(libc);
+    for (size_t i = 0; i < sizeof dlsym_versions / sizeof *dlsym_versions && !real_dlsym_fn; i++)
+        real_dlsym_fn = (gm_dlsym_fn)dlvsym(RTLD_NEXT, "dlsym", dlsym_versions[i]);
 }
 
-gm_dlsym_fn gm_real_dlsym(void)
+GM_NO_SANITIZE gm_dlsym_fn gm_real_dlsym(void)
 {
     pthread_once(&resolve_once, resolve_dlsym);
     return real_dlsym_fn;

@@ -33,6 +33,8 @@ static inline unsigned gm_hash_bytes(const void *key, size_t len)
 #include "gpumem.h"
 
 #define GM_HIDDEN __attribute__((visibility("hidden")))
+/* Code that runs inside dlsym before a sanitizer runtime has initialized. */
+#define GM_NO_SANITIZE __attribute__((no_sanitize("address", "undefined", "thread")))
 
 /* Returned by lookups for a pointer gpumem does not own: the caller passes it to the driver. */
 #define GM_NOT_OURS (-1)
@@ -265,6 +267,7 @@ const char *gm_copy_dir_name(gm_copy_dir dir);
 size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
 /* Leaks of a context that went away stay in the exit report. Called with heap->lock held. */
 void gm_report_keep_orphans_locked(gm_heap *heap);
+void gm_report_forget_orphans(void); /* fork child: the parent's contexts are not ours */
 void gm_report_at_exit(void);
 
 #endif

@@ -270,14 +270,13 @@ int gm_heap_grow(gm_heap *heap, size_t rounded)
 {
     bool small = rounded <= GM_SMALL_MAX;
     size_t want = gm_next_segment_size(heap, rounded);
-    size_t own = round_up(rounded, small ? GM_SEGMENT_ALIGN : GM_SEGMENT_ALIGN);
+    size_t own = round_up(rounded, GM_SEGMENT_ALIGN);
     size_t headroom = gm_limit_headroom(heap->device);
     if (want > headroom && own <= headroom) want = own;
     int rc = try_segment(heap, want, small, rounded);
     if (rc == GPUMEM_ERROR_OUT_OF_MEMORY && want > own) rc = try_segment(heap, own, small, rounded);
-    if (rc == GPUMEM_ERROR_OUT_OF_MEMORY && !small && own > rounded) {
-        rc = try_segment(heap, rounded, small, rounded); /* last resort: no 2 MiB rounding */
-    }
+    if (rc == GPUMEM_ERROR_OUT_OF_MEMORY && own > rounded) /* last resort: exactly the request */
+        rc = try_segment(heap, rounded, small, rounded);
     if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) {
         pthread_mutex_lock(&heap->lock);
         if (gm_limit_headroom(heap->device) < rounded) heap->c.limit_rejections++;

@@ -82,6 +82,7 @@ static void child_after_fork(void)
     }
     pthread_mutex_init(&gm_mgr.heaps_lock, NULL);
     pthread_mutex_init(&init_lock, NULL);
+    gm_report_forget_orphans();
     tl_heap = NULL;
 }
 

@@ -66,6 +66,14 @@ void gm_report_keep_orphans_locked(gm_heap *heap)
     pthread_mutex_unlock(&orphans_lock);
 }
 
+void gm_report_forget_orphans(void)
+{
+    pthread_mutex_init(&orphans_lock, NULL); /* a fork child: the lock may have been held */
+    free(orphans);
+    orphans = NULL;
+    norphans = orphans_cap = 0;
+}
+
 static void add_orphans(leak_group **groups, size_t *n, size_t *cap, int only_device)
 {
     pthread_mutex_lock(&orphans_lock);

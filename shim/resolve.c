@@ -73,7 +73,7 @@ __attribute__((destructor)) static void shim_at_exit(void)
 
 /* ------------------------------------------------------------------ lookups */
 
-static shim_entry *entry_by_name(const char *name)
+GM_NO_SANITIZE static shim_entry *entry_by_name(const char *name)
 {
     if (!name || name[0] != 'c' || name[1] != 'u') return NULL;
     for (size_t i = 0; i < NENTRIES; i++)
@@ -95,7 +95,8 @@ static shim_entry *entry_by_real(void *real)
 __attribute__((visibility("hidden"))) void *shim_libc_dlsym;
 
 /* Returns our hook for `name`, or NULL to let libc's dlsym answer. */
-__attribute__((visibility("hidden"), used)) void *shim_dlsym_lookup(void *handle, const char *name)
+__attribute__((visibility("hidden"), used)) GM_NO_SANITIZE void *shim_dlsym_lookup(void *handle,
+                                                                                const char *name)
 {
     if (!shim_libc_dlsym) shim_libc_dlsym = (void *)gm_real_dlsym();
     shim_entry *e = entry_by_name(name);

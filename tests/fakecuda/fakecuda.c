@@ -49,7 +49,8 @@
 
 /* Exported names that cuda.h declares only for its own internal build, declared here so the
  * definitions are checked (the _ptsz/_ptds ones are in fakecuda.h). */
-CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags);
+CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion,
+                                 cuuint64_t flags);
 CUresult CUDAAPI cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev);
 CUresult CUDAAPI cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *paramsArray, int numParams,
                                 unsigned int flags, CUdevice dev);
@@ -1710,7 +1711,7 @@ static fk_work set_work(fk_wkind kind, uintptr_t dst, uint32_t v, size_t n)
 #define HTOD(d, s, n) copy_work((d), (uintptr_t)(s), (n), true, false)
 #define DTOH(d, s, n) copy_work((uintptr_t)(d), (s), (n), false, true)
 #define DTOD(d, s, n) copy_work((d), (s), (n), true, true)
-#define ANY(d, s, n) copy_work((d), (s), (n), false, false) /* unified: either side */
+#define UNIFIED(d, s, n) copy_work((d), (s), (n), false, false) /* either side, unchecked */
 
 FK_API CUresult CUDAAPI cuMemcpyHtoD_v2(CUdeviceptr d, const void *s, size_t n)
 {
@@ -1744,12 +1745,12 @@ FK_API CUresult CUDAAPI cuMemcpyDtoD_v2_ptds(CUdeviceptr d, CUdeviceptr s, size_
 
 FK_API CUresult CUDAAPI cuMemcpy(CUdeviceptr d, CUdeviceptr s, size_t n)
 {
-    return mem_op(NULL, false, ANY(d, s, n), true);
+    return mem_op(NULL, false, UNIFIED(d, s, n), true);
 }
 
 FK_API CUresult CUDAAPI cuMemcpy_ptds(CUdeviceptr d, CUdeviceptr s, size_t n)
 {
-    return mem_op(NULL, true, ANY(d, s, n), true);
+    return mem_op(NULL, true, UNIFIED(d, s, n), true);
 }
 
 FK_API CUresult CUDAAPI cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void *s, size_t n, CUstream h)
@@ -1786,12 +1787,12 @@ FK_API CUresult CUDAAPI cuMemcpyDtoDAsync_v2_ptsz(CUdeviceptr d, CUdeviceptr s, 
 
 FK_API CUresult CUDAAPI cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream h)
 {
-    return mem_op(h, false, ANY(d, s, n), false);
+    return mem_op(h, false, UNIFIED(d, s, n), false);
 }
 
 FK_API CUresult CUDAAPI cuMemcpyAsync_ptsz(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream h)
 {
-    return mem_op(h, true, ANY(d, s, n), false);
+    return mem_op(h, true, UNIFIED(d, s, n), false);
 }
 
 FK_API CUresult CUDAAPI cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n)

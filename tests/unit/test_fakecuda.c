@@ -19,7 +19,8 @@
 
 /* cuda.h maps cuGetProcAddress to the 5-argument _v2; the fake also exports the original. */
 #undef cuGetProcAddress
-CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags);
+CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion,
+                                 cuuint64_t flags);
 
 #define OK(call) cr_assert_eq((call), CUDA_SUCCESS, "%s", #call)
 #define ERR(call, code) cr_assert_eq((call), (code), "%s", #call)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what building and testing gpumem needs on Debian, if it is missing. Sourced by
+# scripts/demo.sh and scripts/test.sh; CUDA headers must already be there (the CUDA Toolkit).
+need=()
+command -v meson >/dev/null 2>&1 || need+=(meson)
+command -v ninja >/dev/null 2>&1 || need+=(ninja-build)
+[ -f /usr/include/uthash.h ] || need+=(uthash-dev)
+[ -f /usr/include/criterion/criterion.h ] || need+=(libcriterion-dev)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null ||
+        { echo "setup: apt-get install ${need[*]} failed" >&2; exit 1; }
+fi
