@@ -55,7 +55,7 @@ gpumem_status gpumem_malloc(void **ptr, size_t size)
     int rc = current_heap(&heap);
     if (rc != GPUMEM_OK) return rc;
     uintptr_t p = 0;
-    rc = gm_alloc(heap, size, 0, (uintptr_t)__builtin_return_address(0), &p);
+    rc = gm_alloc(heap, size, 0, GM_CALLSITE(), &p);
     if (rc == GPUMEM_OK) *ptr = (void *)p;
     return rc;
 }

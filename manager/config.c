@@ -852,8 +852,24 @@ static int check_order(const env_src *env, uint64_t lo, const char *lo_name, uin
     return -1;
 }
 
+/* 77 tells meson (and automake) "test skipped": a leak must never read as a skip. */
+static int check_leak_exitcode(const gm_config *cfg, const env_src *env, char *err, size_t errlen)
+{
+    if (cfg->leak_exitcode != 77)
+        return 0;
+    char shown[300];
+    show_setting(env, "GPUMEM_LEAK_EXITCODE", shown, sizeof shown);
+    if (err && errlen)
+        snprintf(err, errlen,
+                 "gpumem: GPUMEM_LEAK_EXITCODE=%s is not valid: expected an integer from 0 to 255 "
+                 "other than 77 (77 means \"skipped\" to test runners)", shown);
+    return -1;
+}
+
 static int check_cross_fields(const gm_config *cfg, const env_src *env, char *err, size_t errlen)
 {
+    if (check_leak_exitcode(cfg, env, err, errlen))
+        return -1;
     return check_order(env, cfg->segment_min, "GPUMEM_SEGMENT_MIN", cfg->segment_max,
                        "GPUMEM_SEGMENT_MAX", err, errlen);
 }

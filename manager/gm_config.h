@@ -47,6 +47,13 @@ typedef struct gm_config {
     uint64_t max_cached;                    /* GM_UNLIMITED for "unlimited" */
     char report[4096];
     int verbose;
+    int report_format;      /* 0 text, 1 json */
+    char suppressions[4096];
+    int leak_exitcode;
+    int stack_depth;
+    int stack_unwinder;     /* 0 fp, 1 dwarf */
+    char trace[4096];
+    int trace_interval_us;
 } gm_config;
 
 /* Reads an environment-like source. `get` returns the value of a variable or NULL.

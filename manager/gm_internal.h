@@ -57,6 +57,19 @@ void gm_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 uint64_t gm_now_ns(void);
 uint64_t gm_coarse_now_ns(void);
 
+/* ---------------------------------------------------------------- call sites (stacks.c) */
+/* Where a hooked call came from: its return address and its own frame (the unwind starts
+ * there). GM_CALLSITE() is used inside the hooked entry point itself. */
+typedef struct gm_callsite {
+    uintptr_t pc;
+    const void *frame;
+} gm_callsite;
+#define GM_CALLSITE() \
+    (&(gm_callsite){(uintptr_t)__builtin_return_address(0), __builtin_frame_address(0)})
+uint32_t gm_stack_capture(const gm_callsite *site); /* depot id, 0 when off or full */
+size_t gm_stack_get(uint32_t id, uintptr_t *pc, size_t max);
+void gm_stack_warm_up(void);
+
 /* ---------------------------------------------------------------- tracking (tracking.c) */
 typedef enum {
     GM_KIND_POOL = 0,   /* carved from a pool segment */
@@ -193,7 +206,7 @@ gm_heap *gm_heap_get(uintptr_t ctx, int device);
 gm_heap *gm_heap_find_locked(uintptr_t ptr, gm_heap *hint, gm_record **rec_out);
 
 /* Pooled allocation of `size` bytes (pooling off: a direct allocation that is still tracked). */
-int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, uintptr_t caller, uintptr_t *out);
+int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site, uintptr_t *out);
 /* Free a pointer from any kind gm_alloc/gm_track produced. GM_NOT_OURS if not tracked.
  * `stream` != GM_FREE_BARRIER for a stream-ordered free (cuMemFreeAsync). */
 #define GM_FREE_BARRIER ((uintptr_t)-1)
@@ -203,7 +216,7 @@ int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_
  * then record or abort. */
 int gm_track_reserve(gm_heap *heap, size_t size);
 void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind kind,
-                     uintptr_t stream, uintptr_t caller);
+                     uintptr_t stream, const gm_callsite *site);
 void gm_track_abort(gm_heap *heap, size_t size);
 /* Forget a pass-through record; returns its kind or GM_NOT_OURS. */
 int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
@@ -263,11 +276,24 @@ void gm_copy_note(gm_copy_dir dir, size_t bytes);
 void gm_copy_totals(gm_copy_dir dir, uint64_t *calls, uint64_t *bytes);
 const char *gm_copy_dir_name(gm_copy_dir dir);
 
+/* trace.c: the timeline (GPUMEM_TRACE) */
+extern bool gm_trace_on;
+void gm_trace_open(void);
+void gm_trace_counter(int device, uint64_t allocated, uint64_t reserved);
+void gm_trace_instant(const char *name, int device, uint64_t bytes, const char *reason);
+void gm_trace_close(void);
+/* `pattern` with %p replaced by the process id. */
+void gm_expand_pid(const char *pattern, char *out, size_t cap);
+const char *gm_program_path(void); /* /proc/self/exe, resolved once */
+extern _Atomic uint64_t gm_invalid_frees;
+
 /* report.c */
 size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
 /* Leaks of a context that went away stay in the exit report. Called with heap->lock held. */
 void gm_report_keep_orphans_locked(gm_heap *heap);
 void gm_report_forget_orphans(void); /* fork child: the parent's contexts are not ours */
-void gm_report_at_exit(void);
+/* Registers the report to run when the process exits (on_exit: it sees the exit status, for
+ * GPUMEM_LEAK_EXITCODE). */
+void gm_report_install_exit_hook(void);
 
 #endif

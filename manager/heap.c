@@ -222,6 +222,7 @@ static bool reserve_with_release(gm_heap *heap, size_t size)
     pthread_mutex_lock(&heap->lock);
     heap->c.release_retries++;
     pthread_mutex_unlock(&heap->lock);
+    if (gm_trace_on) gm_trace_instant("oom retry", heap->device, size, NULL);
     return gm_limit_reserve(heap->device, size);
 }
 
@@ -234,10 +235,12 @@ static int backend_alloc_with_release(gm_heap *heap, size_t size, uintptr_t *bas
     pthread_mutex_lock(&heap->lock);
     heap->c.backend_ooms++;
     pthread_mutex_unlock(&heap->lock);
+    if (gm_trace_on) gm_trace_instant("device oom", heap->device, size, NULL);
     if (gm_heap_release_cached(heap, 0) == 0) return rc;
     pthread_mutex_lock(&heap->lock);
     heap->c.release_retries++;
     pthread_mutex_unlock(&heap->lock);
+    if (gm_trace_on) gm_trace_instant("oom retry", heap->device, size, NULL);
     return be->mem_alloc(heap->ctx, size, base);
 }
 
@@ -279,8 +282,10 @@ int gm_heap_grow(gm_heap *heap, size_t rounded)
         rc = try_segment(heap, rounded, small, rounded);
     if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) {
         pthread_mutex_lock(&heap->lock);
-        if (gm_limit_headroom(heap->device) < rounded) heap->c.limit_rejections++;
+        bool limited = gm_limit_headroom(heap->device) < rounded;
+        if (limited) heap->c.limit_rejections++;
         pthread_mutex_unlock(&heap->lock);
+        if (limited && gm_trace_on) gm_trace_instant("limit rejection", heap->device, rounded, NULL);
     }
     return rc;
 }

@@ -52,6 +52,39 @@ uint64_t gm_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* ------------------------------------------------------------------ small helpers */
+
+_Atomic uint64_t gm_invalid_frees;
+
+void gm_expand_pid(const char *pattern, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (const char *p = pattern; *p && o + 24 < cap; p++) {
+        if (p[0] == '%' && p[1] == 'p') {
+            o += (size_t)snprintf(out + o, cap - o, "%ld", (long)getpid());
+            p++;
+        } else {
+            out[o++] = *p;
+        }
+    }
+    out[o] = 0;
+}
+
+static char program_path[4096];
+
+static void resolve_program_path(void)
+{
+    ssize_t n = readlink("/proc/self/exe", program_path, sizeof program_path - 1);
+    program_path[n > 0 ? n : 0] = 0;
+}
+
+const char *gm_program_path(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, resolve_program_path);
+    return program_path;
+}
+
 /* ------------------------------------------------------------------ fork */
 
 static void lock_everything(void)
@@ -95,6 +128,9 @@ bool gm_manager_init(const gm_backend *backend)
         gm_mgr.cfg = gm_config_get();
         gm_mgr.backend = backend;
         pthread_atfork(lock_everything, unlock_everything, child_after_fork);
+        gm_stack_warm_up();
+        gm_trace_open();
+        gm_report_install_exit_hook();
         gm_log(GM_INFO, "manager ready on the %s backend", backend->name);
     }
     bool same = gm_mgr.backend == backend;
@@ -200,19 +236,19 @@ static bool inside_any_segment(uintptr_t ptr)
 /* ------------------------------------------------------------------ allocation */
 
 static void fill_record(gm_record *rec, uintptr_t ptr, size_t requested, size_t size,
-                        gm_alloc_kind kind, uintptr_t stream, uintptr_t caller)
+                        gm_alloc_kind kind, uintptr_t stream, const gm_callsite *site, uint32_t stack_id)
 {
     rec->ptr = ptr;
     rec->requested = requested;
     rec->size = size;
     rec->kind = (uint8_t)kind;
     rec->stream = stream;
-    rec->caller = caller;
-    rec->stack_id = 0;
+    rec->caller = site ? site->pc : 0;
+    rec->stack_id = stack_id;
     rec->time_ns = gm_coarse_now_ns();
 }
 
-static int alloc_direct(gm_heap *heap, size_t size, uintptr_t stream, uintptr_t caller,
+static int alloc_direct(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site,
                         uintptr_t *out)
 {
     int rc = gm_track_reserve(heap, size);
@@ -228,17 +264,18 @@ static int alloc_direct(gm_heap *heap, size_t size, uintptr_t stream, uintptr_t 
         }
         return rc;
     }
-    gm_track_commit(heap, p, size, GM_KIND_DIRECT, stream, caller);
+    gm_track_commit(heap, p, size, GM_KIND_DIRECT, stream, site);
     *out = p;
     return GPUMEM_OK;
 }
 
-int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, uintptr_t caller, uintptr_t *out)
+int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site, uintptr_t *out)
 {
     if (size == 0 || !out) return GPUMEM_ERROR_INVALID_VALUE;
     size_t rounded = gm_round_size(size);
     if (!rounded) return GPUMEM_ERROR_OUT_OF_MEMORY;
-    if (!gm_mgr.cfg->pool) return alloc_direct(heap, size, stream, caller, out);
+    if (!gm_mgr.cfg->pool) return alloc_direct(heap, size, stream, site, out);
+    uint32_t stack_id = gm_stack_capture(site); /* before the lock: it walks memory and hashes */
 
     gm_block *b = NULL;
     bool hit = true, waited = false;
@@ -264,7 +301,7 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, uintptr_t caller, uin
         pthread_mutex_unlock(&heap->lock);
         return rc;
     }
-    fill_record(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, caller);
+    fill_record(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, site, stack_id);
     b->rec.block = b;
     gm_live_insert(heap, &b->rec);
     gm_stats_on_alloc(heap, &b->rec, hit);
@@ -320,7 +357,11 @@ int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_
     }
     gm_record *rec = NULL;
     gm_heap *heap = gm_heap_find_locked(ptr, hint, &rec);
-    if (!heap) return inside_any_segment(ptr) ? GPUMEM_ERROR_INVALID_VALUE : GM_NOT_OURS;
+    if (!heap) {
+        if (!inside_any_segment(ptr)) return GM_NOT_OURS;
+        atomic_fetch_add(&gm_invalid_frees, 1);
+        return GPUMEM_ERROR_INVALID_VALUE;
+    }
     gm_alloc_kind kind = (gm_alloc_kind)rec->kind;
     if (kind_out) *kind_out = kind;
     if (kind != GM_KIND_POOL && kind != GM_KIND_DIRECT) {
@@ -354,18 +395,19 @@ int gm_track_reserve(gm_heap *heap, size_t size)
     pthread_mutex_lock(&heap->lock);
     heap->c.limit_rejections++;
     pthread_mutex_unlock(&heap->lock);
+    if (gm_trace_on) gm_trace_instant("limit rejection", heap->device, size, NULL);
     return GPUMEM_ERROR_OUT_OF_MEMORY;
 }
 
 void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind kind,
-                     uintptr_t stream, uintptr_t caller)
+                     uintptr_t stream, const gm_callsite *site)
 {
     gm_record *rec = gm_record_new();
     if (!rec) { /* cannot track: keep the limit honest, lose only the leak record */
         gm_log(GM_WARN, "out of host memory: allocation %#lx not tracked", (unsigned long)ptr);
         return;
     }
-    fill_record(rec, ptr, size, size, kind, stream, caller);
+    fill_record(rec, ptr, size, size, kind, stream, site, gm_stack_capture(site));
     pthread_mutex_lock(&heap->lock);
     gm_record *old = gm_live_find(heap, ptr);
     if (old) { /* the driver reused an address we still track: our record is stale */

@@ -1,21 +1,41 @@
-/* The leak report: live allocations grouped by where they were made, largest total first, in
- * the words LeakSanitizer and compute-sanitizer users already grep for, then a statistics block.
- * Written at exit and at every leak check point (context destroy, device reset). */
+/* The leak report: live allocations grouped by call stack and device, largest total first, in
+ * the words LeakSanitizer and compute-sanitizer users already grep for (text) or as JSON
+ * (docs/report-format.md), then the statistics. Written at exit (an on_exit handler, so it sees
+ * the exit status for GPUMEM_LEAK_EXITCODE) and at every leak check point (context destroyed,
+ * device reset). It makes no CUDA call: it only reads gpumem's own tables. */
 #include <dlfcn.h>
+#include <elf.h>
 #include <fcntl.h>
+#include <link.h>
+#include <fnmatch.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "gm_internal.h"
+
+#define MAX_FRAMES 64
 
 typedef struct leak_group {
     int device;
     uintptr_t caller;
     uint32_t stack_id;
-    uint64_t bytes;   /* sum of requested sizes */
+    uint64_t bytes; /* sum of requested sizes */
     uint64_t count;
 } leak_group;
+
+typedef struct frame {
+    uintptr_t pc;
+    char function[160];
+    char module[256]; /* path */
+    uintptr_t offset;
+    char file[256];
+    int line;
+} frame;
+
+/* ------------------------------------------------------------------ grouping */
 
 static int group_order(const void *a, const void *b)
 {
@@ -25,7 +45,7 @@ static int group_order(const void *a, const void *b)
     return (x->caller > y->caller) - (x->caller < y->caller);
 }
 
-/* Adds `g` to the group of the same device and call site (linear: reports are rare, groups few). */
+/* Adds `g` to the group of the same device and call stack (linear: reports are rare, groups few). */
 static bool merge_group(leak_group **groups, size_t *n, size_t *cap, const leak_group *g)
 {
     for (size_t i = 0; i < *n; i++) {
@@ -74,26 +94,32 @@ void gm_report_forget_orphans(void)
     norphans = orphans_cap = 0;
 }
 
-static void add_orphans(leak_group **groups, size_t *n, size_t *cap, int only_device)
+/* At exit another thread may be inside a heap: wait a little, never forever. */
+static bool lock_for_report(pthread_mutex_t *m)
 {
-    pthread_mutex_lock(&orphans_lock);
-    for (size_t i = 0; i < norphans; i++) {
-        if (only_device < 0 || orphans[i].device == only_device) merge_group(groups, n, cap, &orphans[i]);
-    }
-    pthread_mutex_unlock(&orphans_lock);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 2;
+    return pthread_mutex_timedlock(m, &until) == 0;
 }
 
 static size_t collect_groups(int only_device, uintptr_t only_ctx, leak_group **out)
 {
     leak_group *groups = NULL;
     size_t n = 0, cap = 0;
-    if (!only_ctx) add_orphans(&groups, &n, &cap, only_device);
+    if (!only_ctx && lock_for_report(&orphans_lock)) {
+        for (size_t i = 0; i < norphans; i++)
+            if (only_device < 0 || orphans[i].device == only_device) merge_group(&groups, &n, &cap, &orphans[i]);
+        pthread_mutex_unlock(&orphans_lock);
+    }
     size_t nheaps = atomic_load(&gm_mgr.nheaps);
     for (size_t i = 0; i < nheaps; i++) {
         gm_heap *h = gm_mgr.heaps[i];
-        if ((only_device >= 0 && h->device != only_device) || (only_ctx && h->ctx != only_ctx))
+        if ((only_device >= 0 && h->device != only_device) || (only_ctx && h->ctx != only_ctx)) continue;
+        if (!lock_for_report(&h->lock)) {
+            gm_log(GM_WARN, "report: heap of device %d busy in another thread; its leaks are not listed", h->device);
             continue;
-        pthread_mutex_lock(&h->lock);
+        }
         GM_FOR_EACH_LIVE(h, rec) add_to_groups(&groups, &n, &cap, h->device, rec);
         pthread_mutex_unlock(&h->lock);
     }
@@ -102,23 +128,241 @@ static size_t collect_groups(int only_device, uintptr_t only_ctx, leak_group **o
     return n;
 }
 
-static void print_frame(FILE *out, int index, uintptr_t pc)
+/* ------------------------------------------------------------------ symbolization */
+
+static const char *base_name(const char *path)
 {
-    Dl_info info;
-    memset(&info, 0, sizeof info);
-    if (pc && dladdr((void *)pc, &info) && info.dli_fname) {
-        const char *module = strrchr(info.dli_fname, '/');
-        module = module ? module + 1 : info.dli_fname;
-        fprintf(out, "    #%d 0x%lx in %s %s+0x%lx\n", index, (unsigned long)pc,
-                info.dli_sname ? info.dli_sname : "<unknown>", module,
-                (unsigned long)(pc - (uintptr_t)info.dli_fbase));
-    } else {
-        fprintf(out, "    #%d 0x%lx in <unknown>\n", index, (unsigned long)pc);
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+/* Address addr2line wants: relative to the load base for PIE objects, absolute for ET_EXEC. */
+static uintptr_t file_address(const Dl_info *info, uintptr_t pc)
+{
+    const ElfW(Ehdr) *eh = info->dli_fbase;
+    return eh && eh->e_type == ET_EXEC ? pc : pc - (uintptr_t)info->dli_fbase;
+}
+
+/* Runs `addr2line -f -C -e module addr` and reads "function\nfile:line". No shell involved. */
+static void addr2line(frame *f)
+{
+    int fds[2];
+    if (pipe(fds)) return;
+    char addr[32];
+    snprintf(addr, sizeof addr, "0x%lx", (unsigned long)f->offset);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], STDOUT_FILENO);
+        int devnull = open("/dev/null", O_WRONLY);
+        if (devnull >= 0) dup2(devnull, STDERR_FILENO);
+        close(fds[0]);
+        execlp("addr2line", "addr2line", "-f", "-C", "-e", f->module, addr, (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    char buf[1024] = {0};
+    size_t got = 0;
+    ssize_t r;
+    while (pid > 0 && got < sizeof buf - 1 && (r = read(fds[0], buf + got, sizeof buf - 1 - got)) > 0)
+        got += (size_t)r;
+    close(fds[0]);
+    if (pid > 0) waitpid(pid, NULL, 0);
+    char *nl = strchr(buf, '\n');
+    if (!nl) return;
+    *nl = 0;
+    if (!f->function[0] && strcmp(buf, "??") != 0) snprintf(f->function, sizeof f->function, "%s", buf);
+    char *loc = nl + 1, *end = strchr(loc, '\n'), *colon;
+    if (end) *end = 0;
+    if ((colon = strrchr(loc, ':')) && strncmp(loc, "??", 2) != 0) {
+        *colon = 0;
+        int line = atoi(colon + 1);
+        if (line > 0) {
+            snprintf(f->file, sizeof f->file, "%s", base_name(loc));
+            f->line = line;
+        }
     }
 }
 
-static void print_copies(FILE *out)
+static void symbolize(frame *f)
 {
+    Dl_info info;
+    memset(&info, 0, sizeof info);
+    f->function[0] = f->module[0] = f->file[0] = 0;
+    f->line = 0;
+    f->offset = 0;
+    /* pc - 1: the call instruction, not the one after it (matters at the end of a function). */
+    if (!f->pc || !dladdr((void *)(f->pc - 1), &info) || !info.dli_fname) return;
+    snprintf(f->module, sizeof f->module, "%s", info.dli_fname[0] ? info.dli_fname : "<main>");
+    f->offset = file_address(&info, f->pc - 1);
+    if (info.dli_sname) snprintf(f->function, sizeof f->function, "%s", info.dli_sname);
+    /* addr2line only where it pays: names dladdr cannot see, and the program itself (debug info
+     * for file:line). Never on huge framework libraries with exported names. */
+    bool main_exe = !info.dli_fname[0] || strcmp(base_name(info.dli_fname), base_name(gm_program_path())) == 0;
+    if (main_exe) snprintf(f->module, sizeof f->module, "%s", gm_program_path()); /* absolute */
+    if (!info.dli_sname || main_exe) addr2line(f);
+}
+
+/* Frames of gpumem itself and of the CUDA libraries say nothing about the program. */
+static bool is_plumbing(const frame *f)
+{
+    const char *m = base_name(f->module);
+    static const char *const modules[] = {"libcuda.so", "libcudart.so", "libgpumem"};
+    for (size_t i = 0; i < sizeof modules / sizeof *modules; i++)
+        if (strncmp(m, modules[i], strlen(modules[i])) == 0) return true;
+    static const char *const functions[] = {"cuda", "__cuda", "cudart::", "libcudart", "cuMem", "gpumem_"};
+    for (size_t i = 0; i < sizeof functions / sizeof *functions; i++)
+        if (strncmp(f->function, functions[i], strlen(functions[i])) == 0) return true;
+    return false;
+}
+
+/* The group's frames, symbolized, with leading plumbing dropped (at least one frame stays). */
+static size_t group_frames(const leak_group *g, frame *out)
+{
+    uintptr_t pc[MAX_FRAMES];
+    size_t n = gm_stack_get(g->stack_id, pc, MAX_FRAMES);
+    if (n == 0) {
+        pc[0] = g->caller;
+        n = 1;
+    }
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++) {
+        out[kept].pc = pc[i];
+        symbolize(&out[kept]);
+        if (kept == 0 && is_plumbing(&out[0]) && i + 1 < n) continue;
+        kept++;
+    }
+    return kept;
+}
+
+/* ------------------------------------------------------------------ suppressions */
+
+static char **patterns;
+static size_t npatterns;
+static bool patterns_loaded;
+
+static void load_suppressions(void)
+{
+    if (patterns_loaded) return;
+    patterns_loaded = true;
+    const char *path = gm_mgr.cfg ? gm_mgr.cfg->suppressions : "none";
+    if (!path[0] || strcmp(path, "none") == 0) return;
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        gm_log(GM_ERROR, "GPUMEM_SUPPRESSIONS: cannot read %s; nothing is suppressed", path);
+        return;
+    }
+    char line[1024];
+    for (int lineno = 1; fgets(line, sizeof line, f); lineno++) {
+        char *s = line + strspn(line, " \t");
+        s[strcspn(s, "\r\n")] = 0;
+        char *end = s + strlen(s);
+        while (end > s && (end[-1] == ' ' || end[-1] == '\t')) *--end = 0;
+        if (!*s || *s == '#') continue;
+        if (strncmp(s, "leak:", 5) != 0 || !s[5]) {
+            gm_log(GM_ERROR, "%s:%d: '%s' is not a suppression: expected leak:<pattern>", path, lineno, s);
+            continue;
+        }
+        char **grown = realloc(patterns, (npatterns + 1) * sizeof *grown);
+        if (!grown || !(grown[npatterns] = strdup(s + 5))) break;
+        patterns = grown;
+        npatterns++;
+    }
+    fclose(f);
+}
+
+/* LeakSanitizer's rule: a pattern without wildcards matches as a substring. */
+static bool pattern_matches(const char *pattern, const char *text)
+{
+    if (!text[0]) return false;
+    if (!strchr(pattern, '*')) return strstr(text, pattern) != NULL;
+    char wrapped[300];
+    snprintf(wrapped, sizeof wrapped, "%s%s%s", pattern[0] == '*' ? "" : "*", pattern,
+             pattern[strlen(pattern) - 1] == '*' ? "" : "*");
+    return fnmatch(wrapped, text, 0) == 0;
+}
+
+static const char *suppression_for(const frame *frames, size_t n)
+{
+    for (size_t p = 0; p < npatterns; p++)
+        for (size_t i = 0; i < n; i++)
+            if (pattern_matches(patterns[p], frames[i].function) ||
+                pattern_matches(patterns[p], base_name(frames[i].module)))
+                return patterns[p];
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ text and JSON */
+
+static void json_string(FILE *out, const char *s)
+{
+    if (!s || !s[0]) {
+        fputs("null", out);
+        return;
+    }
+    fputc('"', out);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') fprintf(out, "\\%c", c);
+        else if (c < 0x20) fprintf(out, "\\u%04x", c);
+        else fputc(c, out);
+    }
+    fputc('"', out);
+}
+
+static void text_frames(FILE *out, const frame *f, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        fprintf(out, "    #%zu 0x%lx in %s %s+0x%lx", i, (unsigned long)f[i].pc,
+                f[i].function[0] ? f[i].function : "<unknown>",
+                f[i].module[0] ? base_name(f[i].module) : "<unknown>", (unsigned long)f[i].offset);
+        if (f[i].line) fprintf(out, " (%s:%d)", f[i].file, f[i].line);
+        fputc('\n', out);
+    }
+}
+
+static void json_frames(FILE *out, const frame *f, size_t n)
+{
+    fputs("\"frames\":[", out);
+    for (size_t i = 0; i < n; i++) {
+        fprintf(out, "%s{\"pc\":\"0x%lx\",\"function\":", i ? "," : "", (unsigned long)f[i].pc);
+        json_string(out, f[i].function);
+        fputs(",\"module\":", out);
+        json_string(out, f[i].module[0] ? base_name(f[i].module) : NULL);
+        fprintf(out, ",\"offset\":\"0x%lx\",\"file\":", (unsigned long)f[i].offset);
+        json_string(out, f[i].line ? f[i].file : NULL);
+        if (f[i].line) fprintf(out, ",\"line\":%d}", f[i].line);
+        else fputs(",\"line\":null}", out);
+    }
+    fputc(']', out);
+}
+
+typedef struct totals {
+    uint64_t bytes, count, suppressed_bytes, suppressed_count;
+} totals;
+
+static void text_stats(FILE *out)
+{
+    for (int dev = 0; dev < GM_MAX_DEVICES; dev++) {
+        gpumem_stats st;
+        gm_stats_collect(dev, &st);
+        if (!st.allocations && !st.bytes_reserved_peak) continue;
+        uint64_t lookups = st.pool_hits + st.pool_misses;
+        char limit[48];
+        if (st.limit_bytes) snprintf(limit, sizeof limit, "%llu B", (unsigned long long)st.limit_bytes);
+        else snprintf(limit, sizeof limit, "none");
+        fprintf(out,
+                "device %d: peak allocated %llu B, peak reserved %llu B, limit %s\n"
+                "  allocations %llu, frees %llu, pool hit rate %.1f%% (%llu hits, %llu misses)\n"
+                "  segments %llu (released %llu), fragmentation %.3f, release-and-retry %llu, "
+                "limit rejections %llu, device OOMs %llu\n",
+                dev, (unsigned long long)st.bytes_allocated_peak, (unsigned long long)st.bytes_reserved_peak,
+                limit, (unsigned long long)st.allocations, (unsigned long long)st.frees,
+                lookups ? 100.0 * (double)st.pool_hits / (double)lookups : 0.0,
+                (unsigned long long)st.pool_hits, (unsigned long long)st.pool_misses,
+                (unsigned long long)st.segments, (unsigned long long)st.segments_released, st.fragmentation,
+                (unsigned long long)st.release_retries, (unsigned long long)st.limit_rejections,
+                (unsigned long long)st.backend_ooms);
+    }
     bool any = false;
     for (int d = 0; d < GM_COPY_DIRS; d++) {
         uint64_t calls, bytes;
@@ -131,27 +375,72 @@ static void print_copies(FILE *out)
     if (any) fputc('\n', out);
 }
 
-static void print_stats(FILE *out)
+static void json_stats(FILE *out)
 {
+    fputs("\"devices\":[", out);
+    bool first = true;
     for (int dev = 0; dev < GM_MAX_DEVICES; dev++) {
-        gpumem_stats st;
-        gm_stats_collect(dev, &st);
-        if (!st.allocations && !st.bytes_reserved_peak) continue;
-        uint64_t lookups = st.pool_hits + st.pool_misses;
+        gpumem_stats s;
+        gm_stats_collect(dev, &s);
+        if (!s.allocations && !s.bytes_reserved_peak) continue;
         fprintf(out,
-                "device %d: peak allocated %llu B, peak reserved %llu B, limit %s%llu B\n"
-                "  allocations %llu, frees %llu, pool hit rate %.1f%% (%llu hits, %llu misses)\n"
-                "  segments %llu (released %llu), fragmentation %.3f, release-and-retry %llu, "
-                "limit rejections %llu, device OOMs %llu\n",
-                dev, (unsigned long long)st.bytes_allocated_peak,
-                (unsigned long long)st.bytes_reserved_peak, st.limit_bytes ? "" : "none ",
-                (unsigned long long)st.limit_bytes, (unsigned long long)st.allocations,
-                (unsigned long long)st.frees, lookups ? 100.0 * (double)st.pool_hits / (double)lookups : 0.0,
-                (unsigned long long)st.pool_hits, (unsigned long long)st.pool_misses,
-                (unsigned long long)st.segments, (unsigned long long)st.segments_released,
-                st.fragmentation, (unsigned long long)st.release_retries,
-                (unsigned long long)st.limit_rejections, (unsigned long long)st.backend_ooms);
+                "%s{\"device\":%d,\"allocations\":%llu,\"frees\":%llu,\"pool_hits\":%llu,\"pool_misses\":%llu,"
+                "\"segments\":%llu,\"segments_released\":%llu,\"bytes_requested\":%llu,\"bytes_allocated\":%llu,"
+                "\"bytes_allocated_peak\":%llu,\"bytes_reserved\":%llu,\"bytes_reserved_peak\":%llu,"
+                "\"bytes_cached_free\":%llu,\"largest_free_block\":%llu,\"fragmentation\":%.6f,"
+                "\"release_retries\":%llu,\"limit_rejections\":%llu,\"backend_ooms\":%llu,\"limit_bytes\":%llu}",
+                first ? "" : ",", dev, (unsigned long long)s.allocations, (unsigned long long)s.frees,
+                (unsigned long long)s.pool_hits, (unsigned long long)s.pool_misses, (unsigned long long)s.segments,
+                (unsigned long long)s.segments_released, (unsigned long long)s.bytes_requested,
+                (unsigned long long)s.bytes_allocated, (unsigned long long)s.bytes_allocated_peak,
+                (unsigned long long)s.bytes_reserved, (unsigned long long)s.bytes_reserved_peak,
+                (unsigned long long)s.bytes_cached_free, (unsigned long long)s.largest_free_block,
+                s.fragmentation, (unsigned long long)s.release_retries, (unsigned long long)s.limit_rejections,
+                (unsigned long long)s.backend_ooms, (unsigned long long)s.limit_bytes);
+        first = false;
     }
+    fputs("],\"copies\":{", out);
+    for (int d = 0; d < GM_COPY_DIRS; d++) {
+        uint64_t calls, bytes;
+        gm_copy_totals((gm_copy_dir)d, &calls, &bytes);
+        fprintf(out, "%s\"%s\":{\"calls\":%llu,\"bytes\":%llu}", d ? "," : "", gm_copy_dir_name((gm_copy_dir)d),
+                (unsigned long long)calls, (unsigned long long)bytes);
+    }
+    fprintf(out, "},\"invalid_frees\":%llu", (unsigned long long)atomic_load(&gm_invalid_frees));
+}
+
+static totals write_groups(FILE *out, bool json, const leak_group *groups, size_t n)
+{
+    static frame frames[MAX_FRAMES];
+    totals t = {0};
+    load_suppressions();
+    if (json) fputs("\"leaks\":[", out);
+    for (size_t i = 0; i < n; i++) {
+        size_t nf = group_frames(&groups[i], frames);
+        const char *sup = suppression_for(frames, nf);
+        if (sup) {
+            t.suppressed_bytes += groups[i].bytes;
+            t.suppressed_count += groups[i].count;
+        } else {
+            t.bytes += groups[i].bytes;
+            t.count += groups[i].count;
+        }
+        if (json) {
+            fprintf(out, "%s{\"device\":%d,\"bytes\":%llu,\"allocations\":%llu,\"suppressed\":%s,\"suppression\":",
+                    i ? "," : "", groups[i].device, (unsigned long long)groups[i].bytes,
+                    (unsigned long long)groups[i].count, sup ? "true" : "false");
+            json_string(out, sup);
+            fputc(',', out);
+            json_frames(out, frames, nf);
+            fputc('}', out);
+        } else if (!sup) {
+            fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) on device %d allocated from:\n",
+                    (unsigned long long)groups[i].bytes, (unsigned long long)groups[i].count, groups[i].device);
+            text_frames(out, frames, nf);
+        }
+    }
+    if (json) fputs("],", out);
+    return t;
 }
 
 /* Opens where GPUMEM_REPORT says; NULL for "off". `*close_it` tells the caller to fclose. */
@@ -162,16 +451,7 @@ static FILE *open_destination(bool *close_it)
     if (strcmp(dest, "off") == 0) return NULL;
     if (strcmp(dest, "stderr") == 0 || !*dest) return stderr;
     char path[4096];
-    size_t o = 0;
-    for (const char *p = dest; *p && o + 24 < sizeof path; p++) {
-        if (p[0] == '%' && p[1] == 'p') {
-            o += (size_t)snprintf(path + o, sizeof path - o, "%ld", (long)getpid());
-            p++;
-        } else {
-            path[o++] = *p;
-        }
-    }
-    path[o] = 0;
+    gm_expand_pid(dest, path, sizeof path);
     FILE *f = fopen(path, "a");
     if (!f) {
         gm_log(GM_ERROR, "cannot write the report to %s; writing it to stderr", path);
@@ -181,38 +461,72 @@ static FILE *open_destination(bool *close_it)
     return f;
 }
 
+static uint64_t write_report(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
+{
+    bool json = gm_mgr.cfg && gm_mgr.cfg->report_format == 1;
+    leak_group *groups = NULL;
+    size_t n = collect_groups(only_device, only_ctx, &groups);
+    totals t;
+    if (json) {
+        fprintf(out, "{\"format\":\"gpumem-report\",\"version\":1,\"pid\":%ld,\"program\":", (long)getpid());
+        json_string(out, gm_program_path());
+        fputs(",\"reason\":", out);
+        json_string(out, why);
+        fputc(',', out);
+        t = write_groups(out, true, groups, n);
+        fprintf(out,
+                "\"summary\":{\"leaked_bytes\":%llu,\"leaked_allocations\":%llu,\"suppressed_bytes\":%llu,"
+                "\"suppressed_allocations\":%llu},",
+                (unsigned long long)t.bytes, (unsigned long long)t.count,
+                (unsigned long long)t.suppressed_bytes, (unsigned long long)t.suppressed_count);
+        json_stats(out);
+        fputs("}\n", out);
+    } else {
+        fprintf(out, "==gpumem== pid %ld: leak report (%s)\n", (long)getpid(), why);
+        t = write_groups(out, false, groups, n);
+        if (t.suppressed_count)
+            fprintf(out, "Suppressed: %llu bytes in %llu allocations (GPUMEM_SUPPRESSIONS)\n",
+                    (unsigned long long)t.suppressed_bytes, (unsigned long long)t.suppressed_count);
+        fprintf(out, "LEAK SUMMARY: %llu bytes leaked in %llu allocations\n", (unsigned long long)t.bytes,
+                (unsigned long long)t.count);
+        text_stats(out);
+    }
+    fflush(out);
+    free(groups);
+    if (gm_trace_on) gm_trace_instant("leak check point", only_device < 0 ? 0 : only_device, t.bytes, why);
+    return t.count;
+}
+
 size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
 {
     bool close_it = false;
     if (!out) out = open_destination(&close_it);
-    leak_group *groups = NULL;
-    size_t n = collect_groups(only_device, only_ctx, &groups);
-    uint64_t bytes = 0, count = 0;
-    for (size_t i = 0; i < n; i++) {
-        bytes += groups[i].bytes;
-        count += groups[i].count;
+    if (!out) { /* GPUMEM_REPORT=off: still count, for GPUMEM_LEAK_EXITCODE */
+        out = fopen("/dev/null", "w");
+        close_it = out != NULL;
+        if (!out) return 0;
     }
-    if (out) {
-        fprintf(out, "==gpumem== pid %ld: leak report (%s)\n", (long)getpid(), why);
-        for (size_t i = 0; i < n; i++) {
-            fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) on device %d allocated from:\n",
-                    (unsigned long long)groups[i].bytes, (unsigned long long)groups[i].count,
-                    groups[i].device);
-            print_frame(out, 0, groups[i].caller);
-        }
-        fprintf(out, "LEAK SUMMARY: %llu bytes leaked in %llu allocations\n",
-                (unsigned long long)bytes, (unsigned long long)count);
-        print_stats(out);
-        print_copies(out);
-        fflush(out);
-        if (close_it) fclose(out);
-    }
-    free(groups);
-    return (size_t)count;
+    uint64_t leaked = write_report(out, only_device, only_ctx, why);
+    if (close_it) fclose(out);
+    return (size_t)leaked;
 }
 
-void gm_report_at_exit(void)
+/* ------------------------------------------------------------------ at exit */
+
+static void report_on_exit(int status, void *unused)
 {
+    (void)unused;
     if (!gm_mgr.backend || atomic_exchange(&gm_mgr.exiting, true)) return;
-    gm_report_write(NULL, -1, 0, "at exit");
+    size_t leaked = gm_report_write(NULL, -1, 0, "at exit");
+    gm_trace_close();
+    int code = gm_mgr.cfg ? gm_mgr.cfg->leak_exitcode : 0;
+    if (status == 0 && leaked && code) {
+        fflush(NULL); /* _exit skips stdio's own flush */
+        _exit(code);
+    }
+}
+
+void gm_report_install_exit_hook(void)
+{
+    on_exit(report_on_exit, NULL);
 }

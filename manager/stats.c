@@ -4,11 +4,19 @@
 
 #include "gm_internal.h"
 
+static void trace_device(gm_heap *heap)
+{
+    gm_device *d = gm_device_get(heap->device);
+    uint64_t allocated = heap->solo ? heap->c.bytes_allocated : atomic_load(&d->allocated);
+    gm_trace_counter(heap->device, allocated, atomic_load(&d->reserved));
+}
+
 static void note_allocated(gm_heap *heap, int64_t delta)
 {
     if (!heap->solo) gm_device_note_allocated(heap->device, delta);
     else if (heap->c.bytes_allocated > heap->c.bytes_allocated_peak)
         heap->c.bytes_allocated_peak = heap->c.bytes_allocated;
+    if (__builtin_expect(gm_trace_on, 0)) trace_device(heap);
 }
 
 void gm_stats_on_alloc(gm_heap *heap, const gm_record *rec, bool hit)

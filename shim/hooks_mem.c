@@ -40,7 +40,8 @@ static void report_bad_free(const char *api, CUdeviceptr p, uintptr_t caller)
 
 /* Pass-through with tracking (stream capture): the driver decides, we count. */
 static CUresult alloc_tracked_passthrough(gm_heap *heap, CUdeviceptr *dptr, size_t size,
-                                          gm_alloc_kind kind, uintptr_t stream, uintptr_t caller,
+                                          gm_alloc_kind kind, uintptr_t stream,
+                                          const gm_callsite *site,
                                           CUresult (*call)(void *), void *arg)
 {
     int rc = gm_track_reserve(heap, size);
@@ -50,7 +51,7 @@ static CUresult alloc_tracked_passthrough(gm_heap *heap, CUdeviceptr *dptr, size
         gm_track_abort(heap, size);
         return res;
     }
-    gm_track_commit(heap, (uintptr_t)*dptr, size, kind, stream, caller);
+    gm_track_commit(heap, (uintptr_t)*dptr, size, kind, stream, site);
     return CUDA_SUCCESS;
 }
 
@@ -62,17 +63,17 @@ static CUresult call_real_alloc(void *arg)
     return shim_real_cuMemAlloc_v2(a->dptr, a->size);
 }
 
-static CUresult pooled_alloc(CUdeviceptr *dptr, size_t size, uintptr_t caller)
+static CUresult pooled_alloc(CUdeviceptr *dptr, size_t size, const gm_callsite *site)
 {
     gm_heap *heap = shim_current_heap();
     if (!heap) return shim_real_cuMemAlloc_v2(dptr, size); /* the driver's own error */
     if (shim_capture_active()) {
         plain_alloc_args a = {dptr, size};
-        return alloc_tracked_passthrough(heap, dptr, size, GM_KIND_DIRECT, 0, caller,
+        return alloc_tracked_passthrough(heap, dptr, size, GM_KIND_DIRECT, 0, site,
                                          call_real_alloc, &a);
     }
     uintptr_t p = 0;
-    int rc = gm_alloc(heap, size, 0, caller, &p);
+    int rc = gm_alloc(heap, size, 0, site, &p);
     if (rc == CUDA_SUCCESS) *dptr = (CUdeviceptr)p;
     return (CUresult)rc;
 }
@@ -82,7 +83,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
     SHIM_REQUIRE_REAL(cuMemAlloc_v2);
     if (!shim_active() || !dptr || bytesize == 0) return shim_real_cuMemAlloc_v2(dptr, bytesize);
     SHIM_TRACE("cuMemAlloc_v2 size=%zu", bytesize);
-    return pooled_alloc(dptr, bytesize, CALLER);
+    return pooled_alloc(dptr, bytesize, GM_CALLSITE());
 }
 
 /* Pitch: rows padded to 512 B (what the driver uses on current GPUs), then a pooled block. */
@@ -96,7 +97,7 @@ CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size
     SHIM_TRACE("cuMemAllocPitch_v2 width=%zu height=%zu", width, height);
     size_t row = (width + GM_ALIGN - 1) & ~(size_t)(GM_ALIGN - 1);
     if (row < width || height > SIZE_MAX / row) return CUDA_ERROR_OUT_OF_MEMORY;
-    CUresult rc = pooled_alloc(dptr, row * height, CALLER);
+    CUresult rc = pooled_alloc(dptr, row * height, GM_CALLSITE());
     if (rc == CUDA_SUCCESS) *pitch = row;
     return rc;
 }
@@ -136,7 +137,7 @@ CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flag
     if (!heap) return shim_real_cuMemAllocManaged(dptr, bytesize, flags);
     SHIM_TRACE("cuMemAllocManaged size=%zu", bytesize);
     managed_args a = {dptr, bytesize, flags};
-    return alloc_tracked_passthrough(heap, dptr, bytesize, GM_KIND_MANAGED, 0, CALLER,
+    return alloc_tracked_passthrough(heap, dptr, bytesize, GM_KIND_MANAGED, 0, GM_CALLSITE(),
                                      call_real_managed, &a);
 }
 
@@ -158,28 +159,28 @@ static CUresult call_real_async(void *arg)
                          : shim_real_cuMemAllocAsync(a->dptr, a->size, a->stream);
 }
 
-static CUresult alloc_async(async_args *a, uintptr_t caller)
+static CUresult alloc_async(async_args *a, const gm_callsite *site)
 {
     gm_heap *heap = shim_active() && a->dptr && a->size ? shim_current_heap() : NULL;
     if (!heap) return call_real_async(a);
     SHIM_TRACE("cuMemAlloc%sAsync%s size=%zu", a->pool ? "FromPool" : "", a->per_thread ? "_ptsz" : "",
                a->size);
     return alloc_tracked_passthrough(heap, a->dptr, a->size, GM_KIND_ASYNC,
-                                     shim_stream(a->stream, a->per_thread), caller, call_real_async, a);
+                                     shim_stream(a->stream, a->per_thread), site, call_real_async, a);
 }
 
 CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream stream)
 {
     SHIM_REQUIRE_REAL(cuMemAllocAsync);
     async_args a = {dptr, bytesize, NULL, stream, false};
-    return alloc_async(&a, CALLER);
+    return alloc_async(&a, GM_CALLSITE());
 }
 
 CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream stream)
 {
     SHIM_REQUIRE_REAL(cuMemAllocAsync_ptsz);
     async_args a = {dptr, bytesize, NULL, stream, true};
-    return alloc_async(&a, CALLER);
+    return alloc_async(&a, GM_CALLSITE());
 }
 
 CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool, CUstream stream)
@@ -187,7 +188,7 @@ CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPoo
     SHIM_REQUIRE_REAL(cuMemAllocFromPoolAsync);
     if (!pool) return shim_real_cuMemAllocFromPoolAsync(dptr, bytesize, pool, stream);
     async_args a = {dptr, bytesize, pool, stream, false};
-    return alloc_async(&a, CALLER);
+    return alloc_async(&a, GM_CALLSITE());
 }
 
 CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
@@ -196,7 +197,7 @@ CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemo
     SHIM_REQUIRE_REAL(cuMemAllocFromPoolAsync_ptsz);
     if (!pool) return shim_real_cuMemAllocFromPoolAsync_ptsz(dptr, bytesize, pool, stream);
     async_args a = {dptr, bytesize, pool, stream, true};
-    return alloc_async(&a, CALLER);
+    return alloc_async(&a, GM_CALLSITE());
 }
 
 /* A stream-ordered free of any tracked pointer: pool blocks return to the pool once the stream
@@ -246,7 +247,7 @@ CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
         gm_track_abort(heap, size);
         return res;
     }
-    gm_track_commit(heap, (uintptr_t)*handle, size, GM_KIND_VMM, 0, CALLER);
+    gm_track_commit(heap, (uintptr_t)*handle, size, GM_KIND_VMM, 0, GM_CALLSITE());
     return CUDA_SUCCESS;
 }
 

@@ -64,12 +64,8 @@ void shim_init_slow(void)
     pthread_once(&init_once, init_once_fn);
 }
 
-/* The report runs as late as we can make it: the shim is initialized before the program's own
- * libraries, so its destructor runs after theirs. From here on the driver is never called. */
-__attribute__((destructor)) static void shim_at_exit(void)
-{
-    if (atomic_load(&shim_ready)) gm_report_at_exit();
-}
+/* The exit report is an on_exit handler the manager installs at its first use (it sees the exit
+ * status, for GPUMEM_LEAK_EXITCODE). */
 
 /* ------------------------------------------------------------------ lookups */
 

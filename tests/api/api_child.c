@@ -407,6 +407,23 @@ static int fork_orphans(void)
     return 0;
 }
 
+/* One leak of 7000 bytes, then exit(0) from a second thread while main still runs. */
+static void *exit_now(void *unused)
+{
+    (void)unused;
+    exit(0);
+}
+
+static int exit_from_thread(void)
+{
+    CUdeviceptr p;
+    pthread_t t;
+    start();
+    CK(cuMemAlloc(&p, 7000));
+    pthread_create(&t, NULL, exit_now, NULL);
+    for (;;) pause();
+}
+
 /* ---------------------------------------------------------------- main */
 
 int main(int argc, char **argv)
@@ -424,6 +441,7 @@ int main(int argc, char **argv)
     if (!strcmp(s, "ctx_destroy")) return ctx_destroy();
     if (!strcmp(s, "primary_reset")) return primary_reset();
     if (!strcmp(s, "alloc_one")) return alloc_one();
+    if (!strcmp(s, "exit_from_thread")) return exit_from_thread();
     if (!strcmp(s, "device_oom")) return device_oom();
     if (!strcmp(s, "threads")) return threads();
     if (!strcmp(s, "fork_basic")) return fork_basic();

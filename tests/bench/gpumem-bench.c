@@ -293,13 +293,66 @@ static int bench_gpu(const char *shim)
     return 0;
 }
 
+/* ================================================================== driver call costs */
+
+/* The costs the pool's design trades in: what a context sync, an event record/query and a
+ * current-context lookup cost on this driver, with the device idle. */
+static int bench_driver(void)
+{
+    void *h = dlopen("libcuda.so.1", RTLD_NOW);
+    if (!h) {
+        fprintf(stderr, "gpumem-bench: cannot load libcuda.so.1\n");
+        return 2;
+    }
+    int (*init)(unsigned), (*dev_get)(int *, int), (*retain)(void **, int), (*set_cur)(void *);
+    int (*get_cur)(void **), (*sync)(void), (*ev_create)(void **, unsigned), (*ev_record)(void *, void *);
+    int (*ev_query)(void *), (*st_query)(void *), (*get_dev)(int *);
+    *(void **)&init = dlsym(h, "cuInit");
+    *(void **)&dev_get = dlsym(h, "cuDeviceGet");
+    *(void **)&retain = dlsym(h, "cuDevicePrimaryCtxRetain");
+    *(void **)&set_cur = dlsym(h, "cuCtxSetCurrent");
+    *(void **)&get_cur = dlsym(h, "cuCtxGetCurrent");
+    *(void **)&sync = dlsym(h, "cuCtxSynchronize");
+    *(void **)&ev_create = dlsym(h, "cuEventCreate");
+    *(void **)&ev_record = dlsym(h, "cuEventRecord");
+    *(void **)&ev_query = dlsym(h, "cuEventQuery");
+    *(void **)&st_query = dlsym(h, "cuStreamQuery");
+    *(void **)&get_dev = dlsym(h, "cuCtxGetDevice");
+    int dev;
+    void *ctx, *ev, *cur;
+    if (init(0) || dev_get(&dev, 0) || retain(&ctx, dev) || set_cur(ctx) || ev_create(&ev, 2)) return 3;
+    enum { N = 20000 };
+    static double t[N];
+    const char *names[] = {"cuCtxGetCurrent", "cuCtxGetDevice", "cuCtxSynchronize", "cuEventRecord+Query",
+                           "cuEventQuery", "cuStreamQuery(legacy)"};
+    printf("driver call costs, idle device, ns (median / p99)\n");
+    for (int k = 0; k < 6; k++) {
+        for (int i = -100; i < N; i++) {
+            uint64_t t0 = now_ns();
+            switch (k) {
+            case 0: get_cur(&cur); break;
+            case 1: get_dev(&dev); break;
+            case 2: sync(); break;
+            case 3: ev_record(ev, (void *)1); ev_query(ev); break;
+            case 4: ev_query(ev); break;
+            case 5: st_query((void *)1); break;
+            }
+            if (i >= 0) t[i] = (double)(now_ns() - t0);
+        }
+        summary s = summarize(t, N);
+        printf("%-24s %8.0f %8.0f\n", names[k], s.median, s.p99);
+    }
+    return 0;
+}
+
 /* ================================================================== main */
 
 static void usage(FILE *out)
 {
     fprintf(out,
             "usage: gpumem-bench pool\n"
-            "       gpumem-bench gpu [--shim PATH]   (default shim: %s)\n",
+            "       gpumem-bench gpu [--shim PATH]   (default shim: %s)\n"
+            "       gpumem-bench driver              (driver call costs the design trades in)\n",
             GPUMEM_SHIM_PATH);
 }
 
@@ -307,6 +360,7 @@ int main(int argc, char **argv)
 {
     if (argc >= 2 && strcmp(argv[1], "pool") == 0) return bench_pool();
     if (argc >= 3 && strcmp(argv[1], "gpu-worker") == 0) return gpu_worker(argv[2]);
+    if (argc >= 2 && strcmp(argv[1], "driver") == 0) return bench_driver();
     if (argc >= 2 && strcmp(argv[1], "gpu") == 0) {
         const char *shim = GPUMEM_SHIM_PATH;
         if (argc == 4 && strcmp(argv[2], "--shim") == 0) shim = argv[3];
