@@ -66,7 +66,7 @@ gpumem_status gpumem_free(void *ptr)
     gm_heap *heap;
     int rc = current_heap(&heap);
     if (rc != GPUMEM_OK) return rc;
-    rc = gm_free(heap, (uintptr_t)ptr, GM_FREE_BARRIER, NULL);
+    rc = gm_free_current(heap, (uintptr_t)ptr, NULL);
     if (rc == GM_NOT_OURS || rc == GM_PASSTHROUGH) {
         gm_log(GM_ERROR, "gpumem_free(%p): not allocated by gpumem_malloc, or already freed", ptr);
         return GPUMEM_ERROR_INVALID_VALUE;

@@ -160,6 +160,8 @@ static int cuda_sync(uintptr_t ctx)
     return rc;
 }
 
+static int cuda_sync_current(void) { return drv.ctx_synchronize(); }
+
 static int cuda_stream_sync(uintptr_t ctx, uintptr_t stream)
 {
     bool pushed;
@@ -331,6 +333,7 @@ static const gm_backend cuda_backend = {
     .mem_alloc = cuda_alloc,
     .mem_free = cuda_free,
     .synchronize = cuda_sync,
+    .synchronize_current = cuda_sync_current,
     .stream_synchronize = cuda_stream_sync,
     .mem_info = cuda_mem_info,
     .fence_record = cuda_fence_record,

@@ -89,6 +89,8 @@ static int host_sync(uintptr_t ctx)
     return GPUMEM_OK;
 }
 
+static int host_sync_current(void) { return host_sync(0); }
+
 static int host_stream_sync(uintptr_t ctx, uintptr_t stream)
 {
     (void)stream;
@@ -137,6 +139,7 @@ static const gm_backend host_backend = {
     .mem_alloc = host_alloc,
     .mem_free = host_free,
     .synchronize = host_sync,
+    .synchronize_current = host_sync_current,
     .stream_synchronize = host_stream_sync,
     .mem_info = host_mem_info,
     .fence_record = host_fence_record,

@@ -20,6 +20,8 @@ typedef struct gm_backend {
     int (*mem_free)(uintptr_t ctx, uintptr_t ptr);
     /* Wait for all work in the context: the barrier that cudaFree implies. */
     int (*synchronize)(uintptr_t ctx);
+    /* The same for the calling thread's current context (no lookup: the caller just made it). */
+    int (*synchronize_current)(void);
     /* Wait for one stream (0 = legacy default stream). */
     int (*stream_synchronize)(uintptr_t ctx, uintptr_t stream);
     int (*mem_info)(uintptr_t ctx, size_t *free_bytes, size_t *total_bytes);

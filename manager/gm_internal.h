@@ -211,6 +211,9 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
  * `stream` != GM_FREE_BARRIER for a stream-ordered free (cuMemFreeAsync). */
 #define GM_FREE_BARRIER ((uintptr_t)-1)
 int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out);
+/* gm_free with a barrier, where `current` is the heap of the calling thread's current context
+ * (looked up in this same call): the barrier then needs no context lookup. */
+int gm_free_current(gm_heap *current, uintptr_t ptr, gm_alloc_kind *kind_out);
 
 /* Pass-through allocations (async, managed, VMM, captured): reserve against the limit first,
  * then record or abort. */

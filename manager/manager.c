@@ -343,7 +343,8 @@ static void free_pool_block(gm_heap *heap, gm_block *b, uintptr_t stream, bool s
     release_over_cache_limit(heap);
 }
 
-int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out)
+static int free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr_t stream,
+                     gm_alloc_kind *kind_out)
 {
     if (!ptr) return GM_NOT_OURS;
     bool barrier = stream == GM_FREE_BARRIER;
@@ -352,7 +353,8 @@ int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_
     if (barrier && gm_mgr.cfg->pool && gm_mgr.cfg->free_sync && hint &&
         __atomic_load_n(&hint->nsegments, __ATOMIC_RELAXED) &&
         !atomic_load(&gm_mgr.exiting)) {
-        gm_mgr.backend->synchronize(hint->ctx);
+        if (hint_is_current) gm_mgr.backend->synchronize_current();
+        else gm_mgr.backend->synchronize(hint->ctx);
         synced = true;
     }
     gm_record *rec = NULL;
@@ -379,6 +381,16 @@ int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_
     gm_limit_unreserve(heap->device, rec->size);
     gm_record_delete(rec);
     return rc;
+}
+
+int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out)
+{
+    return free_impl(hint, false, ptr, stream, kind_out);
+}
+
+int gm_free_current(gm_heap *current, uintptr_t ptr, gm_alloc_kind *kind_out)
+{
+    return free_impl(current, true, ptr, GM_FREE_BARRIER, kind_out);
 }
 
 /* ------------------------------------------------------------------ pass-through tracking */

@@ -10,6 +10,7 @@
 #include <fnmatch.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -143,46 +144,127 @@ static uintptr_t file_address(const Dl_info *info, uintptr_t pc)
     return eh && eh->e_type == ET_EXEC ? pc : pc - (uintptr_t)info->dli_fbase;
 }
 
-/* Runs `addr2line -f -C -e module addr` and reads "function\nfile:line". No shell involved. */
-static void addr2line(frame *f)
+/* ---- addr2line, batched: one process per module for every frame a report prints. */
+
+typedef struct line_info {
+    uintptr_t pc;
+    char function[160];
+    char file[256];
+    int line;
+} line_info;
+
+static line_info *lines; /* what addr2line said, by pc */
+static size_t nlines, lines_cap;
+
+static const line_info *line_of(uintptr_t pc)
 {
+    for (size_t i = 0; i < nlines; i++)
+        if (lines[i].pc == pc) return &lines[i];
+    return NULL;
+}
+
+/* Modules over this size are framework libraries (libtorch_cuda.so is ~1 GB): addr2line would
+ * spend seconds parsing them, and their exported names come from dladdr anyway. */
+#define ADDR2LINE_MAX_MODULE ((off_t)256 << 20)
+
+static bool worth_addr2line(const char *module)
+{
+    struct stat st;
+    return module[0] && stat(module, &st) == 0 && st.st_size <= ADDR2LINE_MAX_MODULE;
+}
+
+/* Reads addr2line's "function\nfile:line\n" pairs for `n` addresses into `out`. */
+static void parse_addr2line(FILE *in, line_info *out, size_t n)
+{
+    char fn[512], loc[1024];
+    for (size_t i = 0; i < n && fgets(fn, sizeof fn, in) && fgets(loc, sizeof loc, in); i++) {
+        fn[strcspn(fn, "\n")] = 0;
+        loc[strcspn(loc, "\n")] = 0;
+        if (strcmp(fn, "??") != 0) snprintf(out[i].function, sizeof out[i].function, "%.159s", fn);
+        char *colon = strrchr(loc, ':');
+        if (colon && strncmp(loc, "??", 2) != 0) {
+            *colon = 0;
+            int line = atoi(colon + 1);
+            if (line > 0) {
+                snprintf(out[i].file, sizeof out[i].file, "%.255s", base_name(loc));
+                out[i].line = line;
+            }
+        }
+    }
+}
+
+/* One `addr2line -f -C -e module addr...` for up to 256 addresses; no shell involved. */
+static void run_addr2line(const char *module, const uintptr_t *offsets, line_info *out, size_t n)
+{
+    static char addrs[256][24];
+    const char *argv[256 + 8];
+    size_t a = 0;
+    argv[a++] = "addr2line";
+    argv[a++] = "-f";
+    argv[a++] = "-C";
+    argv[a++] = "-e";
+    argv[a++] = module;
+    for (size_t i = 0; i < n; i++) {
+        snprintf(addrs[i], sizeof addrs[i], "0x%lx", (unsigned long)offsets[i]);
+        argv[a++] = addrs[i];
+    }
+    argv[a] = NULL;
     int fds[2];
     if (pipe(fds)) return;
-    char addr[32];
-    snprintf(addr, sizeof addr, "0x%lx", (unsigned long)f->offset);
     pid_t pid = fork();
     if (pid == 0) {
         dup2(fds[1], STDOUT_FILENO);
         int devnull = open("/dev/null", O_WRONLY);
         if (devnull >= 0) dup2(devnull, STDERR_FILENO);
         close(fds[0]);
-        execlp("addr2line", "addr2line", "-f", "-C", "-e", f->module, addr, (char *)NULL);
+        execvp("addr2line", (char *const *)argv);
         _exit(127);
     }
     close(fds[1]);
-    char buf[1024] = {0};
-    size_t got = 0;
-    ssize_t r;
-    while (pid > 0 && got < sizeof buf - 1 && (r = read(fds[0], buf + got, sizeof buf - 1 - got)) > 0)
-        got += (size_t)r;
-    close(fds[0]);
+    FILE *in = fdopen(fds[0], "r");
+    if (in) {
+        if (pid > 0) parse_addr2line(in, out, n);
+        fclose(in);
+    } else {
+        close(fds[0]);
+    }
     if (pid > 0) waitpid(pid, NULL, 0);
-    char *nl = strchr(buf, '\n');
-    if (!nl) return;
-    *nl = 0;
-    if (!f->function[0] && strcmp(buf, "??") != 0) snprintf(f->function, sizeof f->function, "%s", buf);
-    char *loc = nl + 1, *end = strchr(loc, '\n'), *colon;
-    if (end) *end = 0;
-    if ((colon = strrchr(loc, ':')) && strncmp(loc, "??", 2) != 0) {
-        *colon = 0;
-        int line = atoi(colon + 1);
-        if (line > 0) {
-            snprintf(f->file, sizeof f->file, "%s", base_name(loc));
-            f->line = line;
+}
+
+/* Asks addr2line about every given frame of `module`, in batches of 256. */
+static void resolve_module(const char *module, const frame *pending, size_t n)
+{
+    if (!worth_addr2line(module)) return;
+    for (size_t done = 0; done < n;) {
+        size_t batch = n - done < 256 ? n - done : 256;
+        uintptr_t offsets[256];
+        if (nlines + batch > lines_cap) {
+            size_t ncap = (nlines + batch) * 2;
+            line_info *grown = realloc(lines, ncap * sizeof *grown);
+            if (!grown) return;
+            lines = grown;
+            lines_cap = ncap;
         }
+        line_info *out = &lines[nlines];
+        memset(out, 0, batch * sizeof *out);
+        for (size_t i = 0; i < batch; i++) {
+            offsets[i] = pending[done + i].offset;
+            out[i].pc = pending[done + i].pc;
+        }
+        run_addr2line(module, offsets, out, batch);
+        nlines += batch;
+        done += batch;
     }
 }
 
+/* Whether addr2line can add to what dladdr said: a missing name, or the program itself (where
+ * debug information for file:line usually is). */
+static bool wants_addr2line(const frame *f)
+{
+    return f->module[0] && (!f->function[0] || strcmp(f->module, gm_program_path()) == 0);
+}
+
+/* dladdr, plus what a batched addr2line run already found for this pc. */
 static void symbolize(frame *f)
 {
     Dl_info info;
@@ -192,14 +274,18 @@ static void symbolize(frame *f)
     f->offset = 0;
     /* pc - 1: the call instruction, not the one after it (matters at the end of a function). */
     if (!f->pc || !dladdr((void *)(f->pc - 1), &info) || !info.dli_fname) return;
-    snprintf(f->module, sizeof f->module, "%s", info.dli_fname[0] ? info.dli_fname : "<main>");
+    bool main_exe = !info.dli_fname[0] || strcmp(base_name(info.dli_fname), base_name(gm_program_path())) == 0;
+    snprintf(f->module, sizeof f->module, "%s", main_exe ? gm_program_path() : info.dli_fname);
     f->offset = file_address(&info, f->pc - 1);
     if (info.dli_sname) snprintf(f->function, sizeof f->function, "%s", info.dli_sname);
-    /* addr2line only where it pays: names dladdr cannot see, and the program itself (debug info
-     * for file:line). Never on huge framework libraries with exported names. */
-    bool main_exe = !info.dli_fname[0] || strcmp(base_name(info.dli_fname), base_name(gm_program_path())) == 0;
-    if (main_exe) snprintf(f->module, sizeof f->module, "%s", gm_program_path()); /* absolute */
-    if (!info.dli_sname || main_exe) addr2line(f);
+    const line_info *li = line_of(f->pc);
+    if (li) {
+        if (li->function[0]) snprintf(f->function, sizeof f->function, "%s", li->function);
+        if (li->line) {
+            snprintf(f->file, sizeof f->file, "%s", li->file);
+            f->line = li->line;
+        }
+    }
 }
 
 /* Frames of gpumem itself and of the CUDA libraries say nothing about the program. */
@@ -409,11 +495,51 @@ static void json_stats(FILE *out)
     fprintf(out, "},\"invalid_frees\":%llu", (unsigned long long)atomic_load(&gm_invalid_frees));
 }
 
+/* Before printing: one addr2line run per module for the frames of every group that will be
+ * printed (suppressed groups are decided on dladdr's names alone and never cost a process). */
+static void resolve_printed_frames(const leak_group *groups, size_t n, bool json)
+{
+    static frame frames[MAX_FRAMES];
+    frame *pending = NULL;
+    size_t npending = 0, cap = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t nf = group_frames(&groups[i], frames);
+        if (!json && suppression_for(frames, nf)) continue;
+        for (size_t k = 0; k < nf; k++) {
+            if (!wants_addr2line(&frames[k]) || line_of(frames[k].pc)) continue;
+            if (npending == cap) {
+                size_t ncap = cap ? cap * 2 : 256;
+                frame *grown = realloc(pending, ncap * sizeof *grown);
+                if (!grown) break;
+                pending = grown;
+                cap = ncap;
+            }
+            pending[npending++] = frames[k];
+        }
+    }
+    frame *same = npending ? malloc(npending * sizeof *same) : NULL;
+    for (size_t i = 0; same && i < npending; i++) { /* each module once, all its frames together */
+        if (!pending[i].module[0]) continue;
+        char module[256];
+        snprintf(module, sizeof module, "%s", pending[i].module);
+        size_t ns = 0;
+        for (size_t k = i; k < npending; k++)
+            if (strcmp(pending[k].module, module) == 0) {
+                same[ns++] = pending[k];
+                pending[k].module[0] = 0;
+            }
+        resolve_module(module, same, ns);
+    }
+    free(same);
+    free(pending);
+}
+
 static totals write_groups(FILE *out, bool json, const leak_group *groups, size_t n)
 {
     static frame frames[MAX_FRAMES];
     totals t = {0};
     load_suppressions();
+    resolve_printed_frames(groups, n, json);
     if (json) fputs("\"leaks\":[", out);
     for (size_t i = 0; i < n; i++) {
         size_t nf = group_frames(&groups[i], frames);
@@ -517,7 +643,9 @@ static void report_on_exit(int status, void *unused)
 {
     (void)unused;
     if (!gm_mgr.backend || atomic_exchange(&gm_mgr.exiting, true)) return;
+    uint64_t t0 = gm_now_ns();
     size_t leaked = gm_report_write(NULL, -1, 0, "at exit");
+    gm_log(GM_INFO, "exit report written in %.3f ms", (double)(gm_now_ns() - t0) / 1e6);
     gm_trace_close();
     int code = gm_mgr.cfg ? gm_mgr.cfg->leak_exitcode : 0;
     if (status == 0 && leaked && code) {

@@ -324,6 +324,8 @@ run_prog() { # run_prog TAG: run the program a tag stands for
     t_nc_base) R "$1" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_PY" ;;
     t_nc_shim) R "$1" env "$S" PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_PY" ;;
     t_oom) R "$1" env "$S" GPUMEM_LIMIT=1GiB "$PY" "$TORCH_PY" --oom ;;
+    t_report) R "$1" env "$S" GPUMEM_VERBOSE=1 GPUMEM_SUPPRESSIONS="$ROOT/docs/suppressions/frameworks.supp" \
+        GPUMEM_TRACE="$OUT/torch-trace.json" "$PY" "$TORCH_PY" ;;
     c_base) R "$1" "$PY" "$CUPY_PY" ;;
     c_shim) R "$1" env "$S" "$PY" "$CUPY_PY" ;;
     c_np_base) R "$1" "$PY" "$CUPY_PY" --no-pool ;;
@@ -587,6 +589,33 @@ t_leakinfo() { # information only: what PyTorch leaves at exit under the shim
     fi
 }
 
+# The exit report's cost against the whole run (goal: <= 0.1 %), the shipped framework
+# suppressions (PyTorch's cached segments are no leak to its user), and the timeline + its plot.
+t_report_impl() {
+    local name=$1 t0 t1 ms wall_ms ratio
+    t0=$(date +%s%N)
+    run_prog t_report
+    t1=$(date +%s%N)
+    wall_ms=$(( (t1 - t0) / 1000000 ))
+    [ -f "$LOGS/t_shim.err" ] && cp "$LOGS/t_shim.err" "$OUT/torch-report.txt"
+    ms=$(grep -o 'exit report written in [0-9.]* ms' "$LOGS/t_report.err" | grep -o '[0-9.]*' | head -1)
+    if [ -x "$ROOT/scripts/gpumem-report" ] && [ -f "$OUT/torch-trace.json" ]; then
+        "$PY" "$ROOT/scripts/gpumem-report" plot "$OUT/torch-trace.json" "$OUT/torch-memory.png" >>"$LOG" 2>&1
+    fi
+    if [ -z "$ms" ]; then
+        record "$name" FAIL "no 'exit report written' line; $(leak_text t_report)"
+        return
+    fi
+    ratio=$(awk -v a="$ms" -v b="$wall_ms" 'BEGIN { printf "%.4f", 100 * a / b }')
+    local sup; sup=$(grep -o 'Suppressed: [0-9]* bytes in [0-9]* allocations' "$LOGS/t_report.err" | head -1)
+    if awk -v r="$ratio" 'BEGIN { exit !(r <= 0.1) }' && grep -q 'LEAK SUMMARY: 0 bytes leaked in 0 allocations' "$LOGS/t_report.err"; then
+        record "$name" PASS "report ${ms} ms of ${wall_ms} ms wall = ${ratio} %; ${sup:-nothing suppressed}; leaks after suppressions: 0"
+    else
+        record "$name" FAIL "report ${ms} ms of ${wall_ms} ms = ${ratio} %; ${sup:-nothing suppressed}; $(leak_text t_report)"
+    fi
+}
+t_report() { t_wrap "$1" t_report_impl "$1"; }
+
 k_base() { c_wrap "$1" check_baseline "$1" c_base; }
 k_same() { c_wrap "$1" check_same "$1" c_base c_shim; }
 k_noleak() { c_wrap "$1" check_noleak "$1" c_shim; }
@@ -625,6 +654,8 @@ bench() { # bench NAME MODE
 }
 b_gpu() { bench "$1" gpu; }
 b_pool() { bench "$1" pool; }
+b_stacks() { bench "$1" stacks; }
+b_driver() { bench "$1" driver; }
 
 # ------------------------------------------------------------------------------------- the plan
 build_gpumem "build gpumem (meson+ninja)"
@@ -673,6 +704,7 @@ step "torch: no-caching no-shim baseline" t_nc_base
 step "torch: no-caching shim == baseline" t_nc_same
 step "torch: leaks at exit (info)" t_leakinfo
 step "torch: OOM under GPUMEM_LIMIT=1GiB" t_oom
+step "torch: report cost, suppressions, trace" t_report
 step "cupy: no-shim baseline (pool)" k_base
 step "cupy: shim stdout == baseline (pool)" k_same
 step "cupy: shim reports 0 leaks (pool)" k_noleak
@@ -682,6 +714,8 @@ step "cupy: shim reports 0 leaks (--no-pool)" k_np_noleak
 step "cupy: --leak 5 counted" k_leak
 step "bench: gpumem-bench gpu" b_gpu
 step "bench: gpumem-bench pool" b_pool
+step "bench: gpumem-bench stacks" b_stacks
+step "bench: gpumem-bench driver" b_driver
 
 # ------------------------------------------------------------------------------------- the table
 # torch: does caching on/off change the training output without the shim? (information)

@@ -109,7 +109,8 @@ CUresult cuMemFree_v2(CUdeviceptr dptr)
     SHIM_TRACE("cuMemFree_v2 ptr=%#llx", (unsigned long long)dptr);
     gm_heap *hint = shim_current_heap();
     gm_alloc_kind kind = GM_KIND_POOL;
-    int rc = gm_free(hint, (uintptr_t)dptr, GM_FREE_BARRIER, &kind);
+    int rc = hint ? gm_free_current(hint, (uintptr_t)dptr, &kind)
+                  : gm_free(NULL, (uintptr_t)dptr, GM_FREE_BARRIER, &kind);
     if (rc == GM_NOT_OURS) return shim_real_cuMemFree_v2(dptr);
     if (rc == GM_PASSTHROUGH) {
         CUresult res = shim_real_cuMemFree_v2(dptr);

@@ -293,6 +293,62 @@ static int bench_gpu(const char *shim)
     return 0;
 }
 
+/* ================================================================== stack capture */
+
+enum { CAPTURE_BATCH = 1000, CAPTURE_BATCHES = 200 };
+static double capture_per[CAPTURE_BATCHES];
+
+/* At the bottom of a 20-frame call chain, times captures as a hook makes them (its return
+ * address and frame); only the capture is inside the timed loop. */
+__attribute__((noinline)) static void capture_at(int depth, int distinct)
+{
+    if (depth > 0) {
+        capture_at(depth - 1, distinct);
+        __asm__ volatile("" ::: "memory"); /* not a tail call: keep the frame */
+        return;
+    }
+    for (int b = 0; b < CAPTURE_BATCHES; b++) {
+        uint64_t t0 = now_ns();
+        for (int i = 0; i < CAPTURE_BATCH; i++) {
+            gm_callsite site = {(uintptr_t)__builtin_return_address(0) +
+                                    (uintptr_t)(distinct ? (b * CAPTURE_BATCH + i) % distinct : 0),
+                                __builtin_frame_address(0)};
+            gm_stack_capture(&site);
+        }
+        capture_per[b] = (double)(now_ns() - t0) / CAPTURE_BATCH;
+    }
+}
+
+static summary time_captures(int distinct)
+{
+    capture_at(20, distinct);
+    return summarize(capture_per, CAPTURE_BATCHES);
+}
+
+/* Capture + dedup per allocation at GPUMEM_STACK_DEPTH=16, for both unwinders; "distinct" feeds
+ * 64 different call sites round robin so the thread's cache misses and the depot is searched. */
+static int bench_stacks(void)
+{
+    setenv("GPUMEM_REPORT", "off", 1);
+    setenv("GPUMEM_STACK_DEPTH", "16", 1);
+    const char *unwinders[] = {"fp", "dwarf"};
+    printf("stack capture + dedup, depth 16, ns per allocation (median / p99)\n");
+    double fp_same = 0;
+    for (int u = 0; u < 2; u++) {
+        setenv("GPUMEM_STACK_UNWINDER", unwinders[u], 1);
+        gm_config_reset_for_tests();
+        gm_config *cfg = (gm_config *)gm_config_get();
+        gm_mgr.cfg = cfg;
+        gm_stack_warm_up();
+        summary same = time_captures(0), distinct = time_captures(64);
+        printf("%-6s one call site %8.1f / %-8.1f  64 call sites %8.1f / %-8.1f\n", unwinders[u], same.median,
+               same.p99, distinct.median, distinct.p99);
+        if (u == 0) fp_same = same.median;
+    }
+    printf("stack_capture_ns_median=%.0f\n", fp_same);
+    return 0;
+}
+
 /* ================================================================== driver call costs */
 
 /* The costs the pool's design trades in: what a context sync, an event record/query and a
@@ -352,7 +408,8 @@ static void usage(FILE *out)
     fprintf(out,
             "usage: gpumem-bench pool\n"
             "       gpumem-bench gpu [--shim PATH]   (default shim: %s)\n"
-            "       gpumem-bench driver              (driver call costs the design trades in)\n",
+            "       gpumem-bench driver              (driver call costs the design trades in)\n"
+            "       gpumem-bench stacks              (call-stack capture + dedup per allocation)\n",
             GPUMEM_SHIM_PATH);
 }
 
@@ -361,6 +418,7 @@ int main(int argc, char **argv)
     if (argc >= 2 && strcmp(argv[1], "pool") == 0) return bench_pool();
     if (argc >= 3 && strcmp(argv[1], "gpu-worker") == 0) return gpu_worker(argv[2]);
     if (argc >= 2 && strcmp(argv[1], "driver") == 0) return bench_driver();
+    if (argc >= 2 && strcmp(argv[1], "stacks") == 0) return bench_stacks();
     if (argc >= 2 && strcmp(argv[1], "gpu") == 0) {
         const char *shim = GPUMEM_SHIM_PATH;
         if (argc == 4 && strcmp(argv[2], "--shim") == 0) shim = argv[3];
