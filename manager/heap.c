@@ -420,11 +420,16 @@ bool gm_heap_retire_pending_locked(gm_heap *heap, bool wait)
     }
     if (!heap->fence && heap->pending_head) {
         gm_fence *f = NULL;
-        /* Not queried now: a fence just recorded is almost never complete yet (measured on an
-         * H100: a query costs 265 ns), so the next miss asks. */
+        /* Queried at once: on an idle device the fence is usually complete by then, and a miss
+         * answered now spares a new segment (measured on the H100: dropping this query made
+         * fast-mode pairs of >= 1 MiB 2.6x slower, 0.72 -> 1.9 us). */
         if (be->fence_record(heap->ctx, &f) == GPUMEM_OK) {
             heap->fence = f;
             heap->fence_epoch = ++heap->epoch;
+            if (be->fence_query(f) == 0) {
+                any |= retire_upto_locked(heap, heap->fence_epoch);
+                fence_drop_locked(heap);
+            }
         }
     }
     return any;

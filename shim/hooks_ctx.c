@@ -5,14 +5,25 @@
 
 /* ------------------------------------------------------------------ contexts */
 
+static CUresult ctx_destroy(CUresult (*real)(CUcontext), CUcontext ctx)
+{
+    if (atomic_load(&shim_ready) && ctx) {
+        SHIM_TRACE("cuCtxDestroy ctx=%p", (void *)ctx);
+        gm_heap_drop((uintptr_t)ctx, "context destroyed", true);
+    }
+    return real(ctx);
+}
+
 CUresult cuCtxDestroy_v2(CUcontext ctx)
 {
     SHIM_REQUIRE_REAL(cuCtxDestroy_v2);
-    if (atomic_load(&shim_ready) && ctx) {
-        SHIM_TRACE("cuCtxDestroy_v2 ctx=%p", (void *)ctx);
-        gm_heap_drop((uintptr_t)ctx, "context destroyed", true);
-    }
-    return shim_real_cuCtxDestroy_v2(ctx);
+    return ctx_destroy(shim_real_cuCtxDestroy_v2, ctx);
+}
+
+CUresult cuCtxDestroy(CUcontext ctx)
+{
+    SHIM_REQUIRE_REAL(cuCtxDestroy);
+    return ctx_destroy(shim_real_cuCtxDestroy, ctx);
 }
 
 /* The primary context of `dev` if it is active, without changing its reference count. */
@@ -46,29 +57,51 @@ static bool primary_still_active(CUdevice dev)
 }
 
 /* cudaDeviceReset: the context and everything in it goes away now. */
-CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)
+static CUresult primary_reset(CUresult (*real)(CUdevice), CUdevice dev)
 {
-    SHIM_REQUIRE_REAL(cuDevicePrimaryCtxReset_v2);
     if (atomic_load(&shim_ready)) {
-        SHIM_TRACE("cuDevicePrimaryCtxReset_v2 dev=%d", dev);
+        SHIM_TRACE("cuDevicePrimaryCtxReset dev=%d", dev);
         CUcontext ctx = active_primary(dev);
         if (ctx) gm_heap_drop((uintptr_t)ctx, "device reset", true);
     }
-    return shim_real_cuDevicePrimaryCtxReset_v2(dev);
+    return real(dev);
+}
+
+CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)
+{
+    SHIM_REQUIRE_REAL(cuDevicePrimaryCtxReset_v2);
+    return primary_reset(shim_real_cuDevicePrimaryCtxReset_v2, dev);
+}
+
+CUresult cuDevicePrimaryCtxReset(CUdevice dev)
+{
+    SHIM_REQUIRE_REAL(cuDevicePrimaryCtxReset);
+    return primary_reset(shim_real_cuDevicePrimaryCtxReset, dev);
 }
 
 /* Only the last release destroys the context: check afterwards, and forget the heap without
  * calling the driver for a context that no longer exists. */
-CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev)
+static CUresult primary_release(CUresult (*real)(CUdevice), CUdevice dev)
 {
-    SHIM_REQUIRE_REAL(cuDevicePrimaryCtxRelease_v2);
     CUcontext ctx = atomic_load(&shim_ready) ? active_primary(dev) : NULL;
-    CUresult rc = shim_real_cuDevicePrimaryCtxRelease_v2(dev);
+    CUresult rc = real(dev);
     if (rc == CUDA_SUCCESS && ctx && !primary_still_active(dev)) {
         SHIM_TRACE("cuDevicePrimaryCtxRelease_v2 dev=%d destroyed the primary context", dev);
         gm_heap_drop((uintptr_t)ctx, "primary context released", false);
     }
     return rc;
+}
+
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev)
+{
+    SHIM_REQUIRE_REAL(cuDevicePrimaryCtxRelease_v2);
+    return primary_release(shim_real_cuDevicePrimaryCtxRelease_v2, dev);
+}
+
+CUresult cuDevicePrimaryCtxRelease(CUdevice dev)
+{
+    SHIM_REQUIRE_REAL(cuDevicePrimaryCtxRelease);
+    return primary_release(shim_real_cuDevicePrimaryCtxRelease, dev);
 }
 
 /* ------------------------------------------------------------------ streams */

@@ -4,7 +4,12 @@
 #define GPUMEM_SHIM_H
 
 #include <cuda.h>
-#undef cuGetProcAddress /* cuda.h renames it to _v2; we define both ABIs */
+/* cuda.h renames these to their newest ABI; we define every ABI the driver hands out (cudart 13
+ * still asks for the primary-context calls at version 7000 and gets the first ones). */
+#undef cuGetProcAddress
+#undef cuCtxDestroy
+#undef cuDevicePrimaryCtxRelease
+#undef cuDevicePrimaryCtxReset
 
 #include "gm_internal.h"
 
@@ -36,6 +41,9 @@ SHIM_EXPORT CUresult cuPointerGetAttributes(unsigned int n, CUpointer_attribute 
 SHIM_EXPORT CUresult cuCtxDestroy_v2(CUcontext ctx);
 SHIM_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev);
 SHIM_EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev);
+SHIM_EXPORT CUresult cuCtxDestroy(CUcontext ctx);
+SHIM_EXPORT CUresult cuDevicePrimaryCtxRelease(CUdevice dev);
+SHIM_EXPORT CUresult cuDevicePrimaryCtxReset(CUdevice dev);
 SHIM_EXPORT CUresult cuStreamCreate(CUstream *stream, unsigned int flags);
 SHIM_EXPORT CUresult cuStreamCreateWithPriority(CUstream *stream, unsigned int flags, int priority);
 SHIM_EXPORT CUresult cuStreamDestroy_v2(CUstream stream);

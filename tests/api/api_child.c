@@ -196,15 +196,23 @@ static int ctx_destroy(void)
 
 /* cudaDeviceReset: the primary context goes with 1000 + 2000 bytes live; then, retained again,
  * 700 more leak. */
-static int primary_reset(void)
+/* v1: the reset entry point as cudart 13 gets it, cuGetProcAddress at version 7000 (the pre-11.0
+ * ABI, a different function from cuDevicePrimaryCtxReset_v2). */
+static int primary_reset(bool v1)
 {
     CUdeviceptr p;
+    CUresult (*reset)(CUdevice) = cuDevicePrimaryCtxReset;
     start();
+    if (v1) {
+        CUdriverProcAddressQueryResult status;
+        CK(cuGetProcAddress_v2("cuDevicePrimaryCtxReset", (void **)&reset, 7000, 0, &status));
+        CHECK(reset != cuDevicePrimaryCtxReset, "version 7000 should give the v1 entry point");
+    }
     alloc_written(1000, 1);
     alloc_written(2000, 2);
     fprintf(stderr, "MARK before-reset\n");
     fflush(stderr);
-    CK(cuDevicePrimaryCtxReset(g_dev));
+    CK(reset(g_dev));
     fprintf(stderr, "MARK after-reset\n");
     fflush(stderr);
     CK(cuDevicePrimaryCtxRetain(&g_primary, g_dev));
@@ -439,7 +447,8 @@ int main(int argc, char **argv)
     if (!strcmp(s, "managed_async_leak")) return managed_async(true);
     if (!strcmp(s, "capture_leak")) return capture_leak();
     if (!strcmp(s, "ctx_destroy")) return ctx_destroy();
-    if (!strcmp(s, "primary_reset")) return primary_reset();
+    if (!strcmp(s, "primary_reset")) return primary_reset(false);
+    if (!strcmp(s, "primary_reset_v1")) return primary_reset(true);
     if (!strcmp(s, "alloc_one")) return alloc_one();
     if (!strcmp(s, "exit_from_thread")) return exit_from_thread();
     if (!strcmp(s, "device_oom")) return device_oom();

@@ -74,10 +74,10 @@ Test(report_exit, destroyed_context_reports_its_leaks)
     api_child_free(&c);
 }
 
-Test(report_exit, device_reset_reports_its_leaks)
+static void check_reset_report(const char *scenario)
 {
     const char *env[] = {"GPUMEM_REPORT=stderr", NULL};
-    api_child c = api_scenario_ok("primary_reset", env);
+    api_child c = api_scenario_ok(scenario, env);
     const char *before = strstr(c.err, "MARK before-reset");
     const char *after = strstr(c.err, "MARK after-reset");
     cr_assert(before && after, "%s", c.err);
@@ -91,4 +91,15 @@ Test(report_exit, device_reset_reports_its_leaks)
                        "the exit summary keeps the reset context's leaks:\n%s", c.err);
     cr_assert_eq(api_count_lines(c.err, "LEAK SUMMARY:"), 2, "%s", c.err);
     api_child_free(&c);
+}
+
+Test(report_exit, device_reset_reports_its_leaks)
+{
+    check_reset_report("primary_reset");
+}
+
+/* cudaDeviceReset in cudart 13 reaches the v1 entry point (looked up at version 7000). */
+Test(report_exit, device_reset_through_cudarts_v1_entry_point)
+{
+    check_reset_report("primary_reset_v1");
 }

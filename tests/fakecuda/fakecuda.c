@@ -2029,6 +2029,22 @@ FK_API void fakecuda_reload_env(void)
     UNLOCK();
 }
 
+/* The pre-CUDA-11 ABI of the primary-context calls and the pre-4.0 cuCtxDestroy: cudart 13 still
+ * asks cuGetProcAddress for "cuDevicePrimaryCtxRelease"/"Reset" at version 7000 and gets these. */
+#undef cuDevicePrimaryCtxRelease
+#undef cuDevicePrimaryCtxReset
+#undef cuCtxDestroy
+/* Called through hidden aliases: a call to the exported v2 names would go through the PLT to a
+ * preloaded shim's hook, and the shim must see only the v1 entry point it was handed. */
+extern __typeof__(cuDevicePrimaryCtxRelease_v2) fk_primary_release
+    __attribute__((alias("cuDevicePrimaryCtxRelease_v2"), visibility("hidden")));
+extern __typeof__(cuDevicePrimaryCtxReset_v2) fk_primary_reset
+    __attribute__((alias("cuDevicePrimaryCtxReset_v2"), visibility("hidden")));
+extern __typeof__(cuCtxDestroy_v2) fk_ctx_destroy __attribute__((alias("cuCtxDestroy_v2"), visibility("hidden")));
+FK_API CUresult CUDAAPI cuDevicePrimaryCtxRelease(CUdevice dev) { return fk_primary_release(dev); }
+FK_API CUresult CUDAAPI cuDevicePrimaryCtxReset(CUdevice dev) { return fk_primary_reset(dev); }
+FK_API CUresult CUDAAPI cuCtxDestroy(CUcontext ctx) { return fk_ctx_destroy(ctx); }
+
 /* ================================================================ cuGetProcAddress */
 
 FK_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion,
@@ -2046,13 +2062,16 @@ FK_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int 
     X("cuDeviceTotalMem", 3020, 0, cuDeviceTotalMem_v2)                             \
     X("cuDeviceGetAttribute", 2000, 0, cuDeviceGetAttribute)                        \
     X("cuDevicePrimaryCtxRetain", 7000, 0, cuDevicePrimaryCtxRetain)                \
+    X("cuDevicePrimaryCtxRelease", 7000, 0, cuDevicePrimaryCtxRelease)              \
     X("cuDevicePrimaryCtxRelease", 11000, 0, cuDevicePrimaryCtxRelease_v2)          \
+    X("cuDevicePrimaryCtxReset", 7000, 0, cuDevicePrimaryCtxReset)                  \
     X("cuDevicePrimaryCtxReset", 11000, 0, cuDevicePrimaryCtxReset_v2)              \
     X("cuDevicePrimaryCtxGetState", 7000, 0, cuDevicePrimaryCtxGetState)            \
     X("cuDevicePrimaryCtxSetFlags", 11000, 0, cuDevicePrimaryCtxSetFlags_v2)        \
     X("cuCtxCreate", 3020, 0, cuCtxCreate_v2)                                       \
     X("cuCtxCreate", 11040, 0, cuCtxCreate_v3)                                      \
     X("cuCtxCreate", 12050, 0, cuCtxCreate_v4)                                      \
+    X("cuCtxDestroy", 2000, 0, cuCtxDestroy)                                        \
     X("cuCtxDestroy", 4000, 0, cuCtxDestroy_v2)                                     \
     X("cuCtxSetCurrent", 4000, 0, cuCtxSetCurrent)                                  \
     X("cuCtxGetCurrent", 4000, 0, cuCtxGetCurrent)                                  \
