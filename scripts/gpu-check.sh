@@ -263,6 +263,25 @@ c_build_shared() {
     nvcc_build "$1" "$AC_D" -O2 -arch="$ARCH" -cudart shared \
         -Xlinker -rpath -Xlinker "$CUDA_HOME_DIR/lib64" -o "$AC_D" tests/gpu/alloc_check.cu
 }
+RC=$BIN/reset_check
+c_build_reset() {
+    nvcc_build "$1" "$RC" -O2 -arch="$ARCH" -o "$RC" tests/gpu/reset_check.cu
+}
+# cudaDeviceReset (cudart 13 reaches the v1 cuDevicePrimaryCtxReset): a leak check point between
+# the markers, the leak kept for the exit summary, and memory after the reset works.
+c_reset() {
+    local name=$1
+    [ -x "$RC" ] || { record "$name" FAIL "reset_check was not built"; return; }
+    R rc_shim env "LD_PRELOAD=$SHIM" "$RC"
+    local err=$LOGS/rc_shim.err rc; rc=$(cat "$LOGS/rc_shim.rc")
+    local at_reset; at_reset=$(sed -n '/MARK before-reset/,/MARK after-reset/p' "$err" | grep -c 'leak report (device reset)')
+    if [ "$rc" = 0 ] && [ "$at_reset" = 1 ] && grep -q 'LEAK SUMMARY: 3000 bytes leaked in 1 allocations' "$err" &&
+        grep -q 'value=7 OK' "$LOGS/rc_shim.out"; then
+        record "$name" PASS "report at the reset, 3000 B kept for the exit summary, memory after the reset works"
+    else
+        record "$name" FAIL "rc=$rc, reports at the reset: $at_reset; $(grep 'LEAK SUMMARY' "$err" | tr '\n' ';')"
+    fi
+}
 c_build_driver() {
     nvcc_build "$1" "$DC" -x c -O2 -o "$DC" tests/gpu/driver_check.c -lcuda
 }
@@ -663,6 +682,7 @@ build_gpumem "build gpumem (meson+ninja)"
 step "build alloc_check (static cudart)" c_build_static
 step "build alloc_check (-cudart shared)" c_build_shared
 step "build driver_check (-lcuda)" c_build_driver
+step "build reset_check (static cudart)" c_build_reset
 step "link static: no cuda* imports" c_link_static
 step "link shared: libcudart.so" c_link_shared
 
@@ -698,6 +718,7 @@ step "alloc: barrier, FREE_SYNC=0 (info)" c_bar_fast
 step "alloc: GPUMEM_FREE_SYNC=0 == baseline" c_fast
 step "alloc: GPUMEM_POOL=0 == baseline" c_nopool
 step "trace: hooked entry points" c_trace
+step "alloc: cudaDeviceReset is a leak check point" c_reset
 step "torch: no-shim baseline" t_base
 step "torch: shim stdout == baseline" t_same
 step "torch: no-caching no-shim baseline" t_nc_base
