@@ -9,6 +9,11 @@
  *                       side by side, and the table compares medians.
  */
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
+#include <link.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -201,12 +206,15 @@ static void time_memcpy(const char *label, void *stream)
     printf("%s 64 %.1f %.1f\n", label, s.median, s.p99);
 }
 
+static int copy_overhead(void);
+
 static int gpu_worker(const char *mode)
 {
     if (!load_cudart()) return 2;
     void *stream = NULL;
     if (rt.stream_create(&stream)) return 3;
     rt.device_sync();
+    if (strcmp(mode, "copy_ab") == 0) return copy_overhead();
     if (strncmp(mode, "memcpy_", 7) == 0) { /* the copy-overhead rounds */
         time_memcpy(mode, stream);
         return 0;
@@ -218,6 +226,79 @@ static int gpu_worker(const char *mode)
     }
     time_memcpy(raw ? "memcpy_raw" : "memcpy_shim", stream);
     return 0;
+}
+
+/* The real address of a libcuda symbol, read from the library's .dynsym on disk: under the shim,
+ * dlsym and cuGetProcAddress both answer with the hook, which is the point of the shim. */
+static void *real_driver_symbol(const char *want)
+{
+    struct { const char *path; uintptr_t base; } lib = {NULL, 0};
+    Dl_info di;
+    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    void *any = h ? dlsym(h, "cuInit") : NULL; /* not hooked: the real one */
+    if (!any || !dladdr(any, &di)) return NULL;
+    lib.path = di.dli_fname;
+    lib.base = (uintptr_t)di.dli_fbase;
+    int fd = open(lib.path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st)) return NULL;
+    unsigned char *f = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (f == MAP_FAILED) return NULL;
+    const Elf64_Ehdr *eh = (const Elf64_Ehdr *)f;
+    const Elf64_Shdr *sh = (const Elf64_Shdr *)(f + eh->e_shoff);
+    void *found = NULL;
+    for (int i = 0; i < eh->e_shnum && !found; i++) {
+        if (sh[i].sh_type != SHT_DYNSYM) continue;
+        const Elf64_Sym *sym = (const Elf64_Sym *)(f + sh[i].sh_offset);
+        const char *str = (const char *)(f + sh[sh[i].sh_link].sh_offset);
+        for (size_t k = 0; k < sh[i].sh_size / sizeof *sym; k++)
+            if (sym[k].st_value && strcmp(str + sym[k].st_name, want) == 0) {
+                found = (void *)(lib.base + sym[k].st_value);
+                break;
+            }
+    }
+    munmap(f, (size_t)st.st_size);
+    return found;
+}
+
+/* In one process under the shim: the hooked cuMemcpyHtoDAsync_v2 and the driver's own, called
+ * alternately on one stream, so both see the same queue state and the same noise. */
+static int copy_overhead(void)
+{
+    typedef int (*copy_fn)(unsigned long long, const void *, size_t, void *);
+    copy_fn hook = NULL;
+    void *h = dlopen("libcuda.so.1", RTLD_NOW);
+    int (*get_proc)(const char *, void **, int, unsigned long long, int *);
+    *(void **)&get_proc = h ? dlsym(h, "cuGetProcAddress_v2") : NULL;
+    int status = 0;
+    copy_fn real = (copy_fn)real_driver_symbol("cuMemcpyHtoDAsync_v2");
+    if (!get_proc || get_proc("cuMemcpyHtoDAsync", (void **)&hook, 13000, 0, &status) || !real) {
+        fprintf(stderr, "gpumem-bench: cannot find both entry points\n");
+        return 2;
+    }
+    if (!load_cudart()) return 2;
+    void *stream = NULL, *host = NULL, *dev = NULL;
+    if (rt.stream_create(&stream) || rt.host_alloc(&host, 64, 0) || rt.malloc_(&dev, 64)) return 3;
+    enum { N = 20000 };
+    static double th[N], tr[N];
+    for (int i = -200; i < N; i++) {
+        uint64_t t0 = now_ns();
+        if (hook((unsigned long long)(uintptr_t)dev, host, 64, stream)) return 3;
+        uint64_t t1 = now_ns();
+        if (real((unsigned long long)(uintptr_t)dev, host, 64, stream)) return 3;
+        uint64_t t2 = now_ns();
+        if (i >= 0) {
+            th[i] = (double)(t1 - t0);
+            tr[i] = (double)(t2 - t1);
+        }
+        if (i % 32 == 31) rt.stream_sync(stream);
+    }
+    rt.stream_sync(stream);
+    if (hook == real) fprintf(stderr, "gpumem-bench: not running under the shim\n");
+    summary sh = summarize(th, N), sr = summarize(tr, N);
+    printf("copy_hook 64 %.1f %.1f\ncopy_real 64 %.1f %.1f\n", sh.median, sh.p99, sr.median, sr.p99);
+    return hook == real ? 4 : 0;
 }
 
 typedef struct { char label[32]; size_t size; double median, p99; } gpu_row;
@@ -287,8 +368,17 @@ static int bench_gpu(const char *shim)
         if (s->median > worst_strict) worst_strict = s->median;
         if (f->median > worst_fast) worst_fast = f->median;
     }
-    /* Copy overhead: a process's own noise (±200 ns seen) dwarfs the hook's cost, so raw and shim
-     * workers alternate ROUNDS times and the medians of their medians are compared. */
+    /* Copy overhead, in one process under the shim: the hook and the driver's own entry point
+     * called alternately on one stream (the honest A/B: same queue, same noise). */
+    gpu_row ab[2];
+    if (run_child("copy_ab", shim, "1", ab, 2) == 2) {
+        printf("cuMemcpyHtoDAsync 64 B pinned, in-process A/B, ns per call (median / p99): hook %.1f / %.1f, "
+               "driver %.1f / %.1f, added %.1f\n", ab[0].median, ab[0].p99, ab[1].median, ab[1].p99,
+               ab[0].median - ab[1].median);
+        printf("copy_hook_added_ns=%.1f\n", ab[0].median - ab[1].median);
+    }
+    /* The same through cudart in separate processes: a process's own noise (±200 ns seen) dwarfs
+     * the hook's cost, so raw and shim workers alternate and the medians of medians are compared. */
     enum { ROUNDS = 7 };
     double raw_m[ROUNDS], shim_m[ROUNDS];
     int got = 0;
