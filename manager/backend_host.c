@@ -1,6 +1,6 @@
 /* Host backend: "device" memory is host memory, for tests, demos and the pool benchmark. A
  * configurable capacity and deterministic fault injection let tests drive every out-of-memory
- * path. Contexts are device cookies (device + 1). Fences complete after a configurable number of
+ * path. It has one device (0), whose context cookie is 1. Fences complete after a set number of
  * queries, so tests can exercise fast-mode reuse. */
 #include <stdlib.h>
 
@@ -11,7 +11,6 @@ static _Atomic uint64_t in_use;
 static _Atomic long fail_after = -1;   /* allocations left before faults begin; -1 never */
 static _Atomic uint64_t alloc_calls, sync_calls;
 static _Atomic int fence_queries_until_done;
-static __thread int current_device;
 
 struct gm_fence {
     int queries_left;
@@ -28,15 +27,14 @@ void gm_host_backend_configure(uint64_t cap, long fail)
 }
 
 void gm_host_backend_set_fence_delay(int queries) { atomic_store(&fence_queries_until_done, queries); }
-void gm_host_backend_set_device(int device) { current_device = device; }
 uint64_t gm_host_backend_in_use(void) { return atomic_load(&in_use); }
 uint64_t gm_host_backend_alloc_calls(void) { return atomic_load(&alloc_calls); }
 uint64_t gm_host_backend_sync_calls(void) { return atomic_load(&sync_calls); }
 
 static int host_current(uintptr_t *ctx, int *device)
 {
-    *ctx = (uintptr_t)current_device + 1;
-    *device = current_device;
+    *ctx = 1; /* one device, one "context" */
+    *device = 0;
     return GPUMEM_OK;
 }
 

@@ -39,7 +39,6 @@ void gm_host_backend_configure(uint64_t capacity, long fail_after);
 uint64_t gm_host_backend_in_use(void);
 uint64_t gm_host_backend_alloc_calls(void);
 uint64_t gm_host_backend_sync_calls(void);
-void gm_host_backend_set_device(int device);       /* the calling thread's "current device" */
 void gm_host_backend_set_fence_delay(int queries); /* fences complete after this many queries */
 
 /* CUDA backend, bound to the real driver entry points the shim resolved (or, in library mode,

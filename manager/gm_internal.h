@@ -80,7 +80,6 @@ typedef enum {
     GM_KIND_COUNT
 } gm_alloc_kind;
 
-const char *gm_kind_name(gm_alloc_kind kind);
 
 struct gm_block;
 
@@ -184,7 +183,6 @@ bool gm_limit_reserve(int device, uint64_t bytes);
 void gm_limit_unreserve(int device, uint64_t bytes);
 uint64_t gm_limit_headroom(int device); /* bytes still below the limit; UINT64_MAX if none */
 void gm_device_note_allocated(int device, int64_t delta);
-void gm_limits_reset(void); /* tests only */
 
 /* ---------------------------------------------------------------- the engine (manager.c) */
 typedef struct gm_manager {

@@ -71,16 +71,3 @@ void gm_device_note_allocated(int device, int64_t delta)
                    (uint64_t)delta;
     if (delta > 0) raise_peak(&d->allocated_peak, now);
 }
-
-/* Test and fork-child support: forget every device's accounting. */
-void gm_limits_reset(void)
-{
-    for (int i = 0; i < GM_MAX_DEVICES; i++) {
-        atomic_store(&devices[i].reserved, 0);
-        atomic_store(&devices[i].reserved_peak, 0);
-        atomic_store(&devices[i].allocated, 0);
-        atomic_store(&devices[i].allocated_peak, 0);
-        atomic_store(&devices[i].limit, 0);
-        atomic_store(&devices[i].limit_resolved, false);
-    }
-}

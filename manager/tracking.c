@@ -6,13 +6,6 @@
 
 #include "gm_internal.h"
 
-static const char *const kind_names[GM_KIND_COUNT] = {"pool", "direct", "async", "managed", "vmm"};
-
-const char *gm_kind_name(gm_alloc_kind kind)
-{
-    return kind < GM_KIND_COUNT ? kind_names[kind] : "unknown";
-}
-
 void gm_live_init(gm_heap *heap)
 {
     heap->live = NULL;
