@@ -75,6 +75,16 @@ static struct {
     CUresult (*event_query)(CUevent);
     CUresult (*event_synchronize)(CUevent);
     CUresult (*event_destroy)(CUevent);
+    CUresult (*ctx_set_current)(CUcontext);
+    CUresult (*host_alloc)(void **, size_t, unsigned);
+    CUresult (*host_free)(void *);
+    CUresult (*stream_create)(CUstream *, unsigned);
+    CUresult (*stream_destroy)(CUstream);
+    CUresult (*stream_wait_event)(CUstream, CUevent, unsigned);
+    CUresult (*copy_h2d_async)(CUdeviceptr, const void *, size_t, CUstream);
+    CUresult (*copy_d2h_async)(void *, CUdeviceptr, size_t, CUstream);
+    CUresult (*copy_d2d_async)(CUdeviceptr, CUdeviceptr, size_t, CUstream);
+    CUresult (*pointer_get_attribute)(void *, CUpointer_attribute, CUdeviceptr);
 } drv;
 
 static bool bind_driver(void)
@@ -87,7 +97,14 @@ static bool bind_driver(void)
            BIND(mem_free, "cuMemFree_v2") && BIND(mem_get_info, "cuMemGetInfo_v2") &&
            BIND(event_create, "cuEventCreate") && BIND(event_record, "cuEventRecord") &&
            BIND(event_query, "cuEventQuery") && BIND(event_synchronize, "cuEventSynchronize") &&
-           BIND(event_destroy, "cuEventDestroy_v2");
+           BIND(event_destroy, "cuEventDestroy_v2") && BIND(ctx_set_current, "cuCtxSetCurrent") &&
+           BIND(host_alloc, "cuMemHostAlloc") && BIND(host_free, "cuMemFreeHost") &&
+           BIND(stream_create, "cuStreamCreate") && BIND(stream_destroy, "cuStreamDestroy_v2") &&
+           BIND(stream_wait_event, "cuStreamWaitEvent") &&
+           BIND(copy_h2d_async, "cuMemcpyHtoDAsync_v2") &&
+           BIND(copy_d2h_async, "cuMemcpyDtoHAsync_v2") &&
+           BIND(copy_d2d_async, "cuMemcpyDtoDAsync_v2") &&
+           BIND(pointer_get_attribute, "cuPointerGetAttribute");
 #undef BIND
 }
 
@@ -327,6 +344,96 @@ static int cuda_fence_wait(gm_fence *f)
     return CUDA_SUCCESS;
 }
 
+/* ------------------------------------------------------------------ transfers */
+
+/* Runs `call` with `ctx` current; the result of the call, or INVALID_CONTEXT. */
+#define IN_CTX(ctx, call) \
+    do { \
+        bool pushed_; \
+        if (!enter_ctx((ctx), &pushed_)) return CUDA_ERROR_INVALID_CONTEXT; \
+        CUresult rc_ = (call); \
+        leave_ctx(pushed_); \
+        return rc_; \
+    } while (0)
+
+static int cuda_host_alloc(uintptr_t ctx, size_t size, unsigned flags, void **out)
+{
+    IN_CTX(ctx, drv.host_alloc(out, size, flags));
+}
+
+static int cuda_host_free(uintptr_t ctx, void *p) { IN_CTX(ctx, drv.host_free(p)); }
+
+static int cuda_stream_create(uintptr_t ctx, uintptr_t *out)
+{
+    IN_CTX(ctx, drv.stream_create((CUstream *)out, CU_STREAM_NON_BLOCKING));
+}
+
+static int cuda_stream_destroy(uintptr_t ctx, uintptr_t stream)
+{
+    IN_CTX(ctx, drv.stream_destroy((CUstream)stream));
+}
+
+static int cuda_event_create(uintptr_t ctx, uintptr_t *out)
+{
+    IN_CTX(ctx, drv.event_create((CUevent *)out, CU_EVENT_DISABLE_TIMING));
+}
+
+static int cuda_event_destroy(uintptr_t ctx, uintptr_t event)
+{
+    IN_CTX(ctx, drv.event_destroy((CUevent)event));
+}
+
+static int cuda_event_record(uintptr_t ctx, uintptr_t event, uintptr_t stream)
+{
+    IN_CTX(ctx, drv.event_record((CUevent)event, (CUstream)stream));
+}
+
+static int cuda_event_query(uintptr_t event)
+{
+    CUresult rc = drv.event_query((CUevent)event);
+    return rc == CUDA_ERROR_NOT_READY ? 1 : (int)rc;
+}
+
+static int cuda_event_synchronize(uintptr_t event) { return drv.event_synchronize((CUevent)event); }
+
+static int cuda_stream_wait_event(uintptr_t ctx, uintptr_t stream, uintptr_t event)
+{
+    IN_CTX(ctx, drv.stream_wait_event((CUstream)stream, (CUevent)event, 0));
+}
+
+static CUresult copy_async_now(gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n, CUstream s)
+{
+    switch (dir) {
+    case GM_COPY_H2D: return drv.copy_h2d_async((CUdeviceptr)dst, (const void *)src, n, s);
+    case GM_COPY_D2H: return drv.copy_d2h_async((void *)dst, (CUdeviceptr)src, n, s);
+    case GM_COPY_D2D: return drv.copy_d2d_async((CUdeviceptr)dst, (CUdeviceptr)src, n, s);
+    default: return CUDA_ERROR_INVALID_VALUE;
+    }
+}
+
+static int cuda_copy_async(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
+                           uintptr_t stream)
+{
+    IN_CTX(ctx, copy_async_now(dir, dst, src, n, (CUstream)stream));
+}
+
+/* The driver answers INVALID_VALUE for host memory it never saw (neither pinned nor registered). */
+static bool driver_knows(uintptr_t p)
+{
+    unsigned type = 0;
+    return drv.pointer_get_attribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (CUdeviceptr)p) ==
+           CUDA_SUCCESS;
+}
+
+static int cuda_host_range_is_pageable(const void *p, size_t n)
+{
+    uintptr_t a = (uintptr_t)p;
+    if (!a || !n) return 0;
+    return !driver_knows(a) && !driver_knows(a + n - 1);
+}
+
+static int cuda_set_current(uintptr_t ctx) { return drv.ctx_set_current((CUcontext)ctx); }
+
 static const gm_backend cuda_backend = {
     .name = "cuda",
     .current = cuda_current,
@@ -340,6 +447,19 @@ static const gm_backend cuda_backend = {
     .fence_query = cuda_fence_query,
     .fence_wait = cuda_fence_wait,
     .fence_destroy = cuda_fence_destroy,
+    .host_alloc = cuda_host_alloc,
+    .host_free = cuda_host_free,
+    .stream_create = cuda_stream_create,
+    .stream_destroy = cuda_stream_destroy,
+    .event_create = cuda_event_create,
+    .event_destroy = cuda_event_destroy,
+    .event_record = cuda_event_record,
+    .event_query = cuda_event_query,
+    .event_synchronize = cuda_event_synchronize,
+    .stream_wait_event = cuda_stream_wait_event,
+    .copy_async = cuda_copy_async,
+    .host_range_is_pageable = cuda_host_range_is_pageable,
+    .set_current = cuda_set_current,
 };
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;

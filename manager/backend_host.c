@@ -3,6 +3,7 @@
  * path. It has one device (0), whose context cookie is 1. Fences complete after a set number of
  * queries, so tests can exercise fast-mode reuse. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "gm_internal.h"
 
@@ -131,6 +132,65 @@ static int host_fence_wait(gm_fence *f)
 
 static void host_fence_destroy(gm_fence *f) { free(f); }
 
+/* Transfers: "device" memory is host memory, so a copy is a memcpy done at once and every stream
+ * and event is complete as soon as work is enqueued. Handles are distinct non-zero numbers. */
+static _Atomic uintptr_t next_handle = 1;
+
+static int host_pinned_alloc(uintptr_t ctx, size_t size, unsigned flags, void **out)
+{
+    (void)ctx, (void)flags;
+    if (!size) return GPUMEM_ERROR_INVALID_VALUE;
+    *out = aligned_alloc(4096, (size + 4095) & ~(size_t)4095);
+    return *out ? GPUMEM_OK : GPUMEM_ERROR_OUT_OF_MEMORY;
+}
+
+static int host_pinned_free(uintptr_t ctx, void *p)
+{
+    (void)ctx;
+    free(p);
+    return GPUMEM_OK;
+}
+
+static int host_handle_new(uintptr_t ctx, uintptr_t *out)
+{
+    (void)ctx;
+    *out = atomic_fetch_add(&next_handle, 1);
+    return GPUMEM_OK;
+}
+
+static int host_handle_drop(uintptr_t ctx, uintptr_t h)
+{
+    (void)ctx;
+    return h ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}
+
+static int host_event_record(uintptr_t ctx, uintptr_t ev, uintptr_t stream)
+{
+    (void)ctx, (void)stream;
+    return ev ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}
+
+static int host_event_query(uintptr_t ev) { return ev ? 0 : GPUMEM_ERROR_INVALID_VALUE; }
+
+static int host_stream_wait_event(uintptr_t ctx, uintptr_t stream, uintptr_t ev)
+{
+    (void)ctx, (void)stream;
+    return ev ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}
+
+static int host_copy_async(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
+                           uintptr_t stream)
+{
+    (void)ctx, (void)stream;
+    if (dir == GM_COPY_DEFAULT || dir >= GM_COPY_DIRS || !dst || !src) return GPUMEM_ERROR_INVALID_VALUE;
+    memmove((void *)dst, (const void *)src, n);
+    return GPUMEM_OK;
+}
+
+static int host_range_is_pageable(const void *p, size_t n) { return p && n; }
+
+static int host_set_current(uintptr_t ctx) { return ctx == 1 ? GPUMEM_OK : GPUMEM_ERROR_INVALID_CONTEXT; }
+
 static const gm_backend host_backend = {
     .name = "host",
     .current = host_current,
@@ -144,6 +204,19 @@ static const gm_backend host_backend = {
     .fence_query = host_fence_query,
     .fence_wait = host_fence_wait,
     .fence_destroy = host_fence_destroy,
+    .host_alloc = host_pinned_alloc,
+    .host_free = host_pinned_free,
+    .stream_create = host_handle_new,
+    .stream_destroy = host_handle_drop,
+    .event_create = host_handle_new,
+    .event_destroy = host_handle_drop,
+    .event_record = host_event_record,
+    .event_query = host_event_query,
+    .event_synchronize = host_event_query,
+    .stream_wait_event = host_stream_wait_event,
+    .copy_async = host_copy_async,
+    .host_range_is_pageable = host_range_is_pageable,
+    .set_current = host_set_current,
 };
 
 const gm_backend *gm_host_backend(void) { return &host_backend; }

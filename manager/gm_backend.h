@@ -12,6 +12,9 @@
 
 typedef struct gm_fence gm_fence; /* opaque: events recorded on every known stream */
 
+/* Copy directions (the unified cuMemcpy/cuMemcpyAsync are "default" until classified). */
+typedef enum { GM_COPY_H2D = 0, GM_COPY_D2H, GM_COPY_D2D, GM_COPY_DEFAULT, GM_COPY_DIRS } gm_copy_dir;
+
 typedef struct gm_backend {
     const char *name;
     /* The calling thread's current context and its device; INVALID_CONTEXT when none. */
@@ -30,6 +33,30 @@ typedef struct gm_backend {
     int (*fence_query)(gm_fence *fence); /* 0 complete, 1 pending, else a CUresult */
     int (*fence_wait)(gm_fence *fence);
     void (*fence_destroy)(gm_fence *fence);
+
+    /* ---- transfers: pinned staging, the pinned host pool, readback channels. Streams and
+     * events are opaque handles (CUstream/CUevent on the CUDA backend); stream 0 is the legacy
+     * default stream. Every call makes `ctx` current for its duration when it is not. */
+    /* Pinned host memory straight from the driver (flags: CU_MEMHOSTALLOC_*). */
+    int (*host_alloc)(uintptr_t ctx, size_t size, unsigned flags, void **out);
+    int (*host_free)(uintptr_t ctx, void *p);
+    /* A non-blocking stream of our own (never ordered behind the legacy stream implicitly). */
+    int (*stream_create)(uintptr_t ctx, uintptr_t *out);
+    int (*stream_destroy)(uintptr_t ctx, uintptr_t stream);
+    int (*event_create)(uintptr_t ctx, uintptr_t *out); /* timing disabled */
+    int (*event_destroy)(uintptr_t ctx, uintptr_t event);
+    int (*event_record)(uintptr_t ctx, uintptr_t event, uintptr_t stream);
+    int (*event_query)(uintptr_t event);       /* 0 complete, 1 pending, else a CUresult */
+    int (*event_synchronize)(uintptr_t event);
+    int (*stream_wait_event)(uintptr_t ctx, uintptr_t stream, uintptr_t event);
+    /* An asynchronous copy on `stream` (dir H2D, D2H or D2D; host sides must be pinned). */
+    int (*copy_async)(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
+                      uintptr_t stream);
+    /* 1 when the driver knows neither end of host range [p, p+n) (plain pageable memory: safe to
+     * read and write from the host), 0 when it does (pinned, registered, managed, device). */
+    int (*host_range_is_pageable)(const void *p, size_t n);
+    /* Makes `ctx` current on the calling thread (the staging workers). */
+    int (*set_current)(uintptr_t ctx);
 } gm_backend;
 
 /* Host backend: capacity in bytes per device (0 = effectively unlimited) and deterministic fault

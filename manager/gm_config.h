@@ -54,6 +54,13 @@ typedef struct gm_config {
     int stack_unwinder;     /* 0 fp, 1 dwarf */
     char trace[4096];
     int trace_interval_us;
+    bool check_copies;
+    bool staging;
+    uint64_t staging_min;
+    uint64_t staging_chunk;
+    int staging_threads;
+    bool pinned_pool;
+    uint64_t pinned_max_cached;             /* GM_UNLIMITED for "unlimited" */
 } gm_config;
 
 /* Reads an environment-like source. `get` returns the value of a variable or NULL.

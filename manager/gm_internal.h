@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 /* uthash's default (Jenkins) hash is slow for the 8-byte pointer keys of the hot path. */
 static inline unsigned gm_hash_bytes(const void *key, size_t len)
@@ -271,11 +272,20 @@ void gm_stats_on_free(gm_heap *heap, const gm_record *rec);
 /* A second heap appeared on `device`: its heaps switch to the device-wide atomic counters. */
 void gm_stats_share_device_locked(int device);
 
-/* transfer.c: copies by direction (the unified cuMemcpy/cuMemcpyAsync count as "default") */
-typedef enum { GM_COPY_H2D = 0, GM_COPY_D2H, GM_COPY_D2D, GM_COPY_DEFAULT, GM_COPY_DIRS } gm_copy_dir;
+/* transfer.c: checked and counted copies (more in gm_transfer.h) */
 void gm_copy_note(gm_copy_dir dir, size_t bytes);
 void gm_copy_totals(gm_copy_dir dir, uint64_t *calls, uint64_t *bytes);
 const char *gm_copy_dir_name(gm_copy_dir dir);
+void gm_copy_report_text(FILE *out); /* the report's copy lines */
+void gm_copy_report_json(FILE *out); /* the report's "copies" member */
+
+/* pinned.c: the pinned host memory pool (more in gm_pinned.h) */
+typedef enum { GM_LEAK_DEVICE = 0, GM_LEAK_PINNED_HOST } gm_leak_memory;
+const char *gm_leak_memory_name(int memory); /* "device", "pinned_host" */
+/* Calls `fn` for every live pinned host allocation, with the device current when it was made. */
+void gm_pinned_for_each_live(void (*fn)(void *cx, int device, const gm_record *rec), void *cx);
+void gm_pinned_report_text(FILE *out); /* the report's pinned-pool line */
+void gm_pinned_report_json(FILE *out); /* the report's "pinned" member */
 
 /* trace.c: the timeline (GPUMEM_TRACE) */
 extern bool gm_trace_on;

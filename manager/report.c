@@ -21,6 +21,7 @@
 
 typedef struct leak_group {
     int device;
+    uint8_t memory; /* gm_leak_memory: device memory or pinned host memory */
     uintptr_t caller;
     uint32_t stack_id;
     uint64_t bytes; /* sum of requested sizes */
@@ -51,7 +52,8 @@ static bool merge_group(leak_group **groups, size_t *n, size_t *cap, const leak_
 {
     for (size_t i = 0; i < *n; i++) {
         leak_group *h = &(*groups)[i];
-        if (h->device == g->device && h->caller == g->caller && h->stack_id == g->stack_id) {
+        if (h->device == g->device && h->memory == g->memory && h->caller == g->caller &&
+            h->stack_id == g->stack_id) {
             h->bytes += g->bytes;
             h->count += g->count;
             return true;
@@ -71,8 +73,22 @@ static bool merge_group(leak_group **groups, size_t *n, size_t *cap, const leak_
 static bool add_to_groups(leak_group **groups, size_t *n, size_t *cap, int device,
                           const gm_record *rec)
 {
-    leak_group g = {device, rec->caller, rec->stack_id, rec->requested, 1};
+    leak_group g = {device, GM_LEAK_DEVICE, rec->caller, rec->stack_id, rec->requested, 1};
     return merge_group(groups, n, cap, &g);
+}
+
+typedef struct pinned_cx {
+    leak_group **groups;
+    size_t *n, *cap;
+    int only_device;
+} pinned_cx;
+
+static void add_pinned(void *arg, int device, const gm_record *rec)
+{
+    pinned_cx *cx = arg;
+    if (cx->only_device >= 0 && device != cx->only_device) return;
+    leak_group g = {device, GM_LEAK_PINNED_HOST, rec->caller, rec->stack_id, rec->requested, 1};
+    merge_group(cx->groups, cx->n, cx->cap, &g);
 }
 
 /* Leaks of destroyed contexts, kept for the exit report. */
@@ -123,6 +139,10 @@ static size_t collect_groups(int only_device, uintptr_t only_ctx, leak_group **o
         }
         GM_FOR_EACH_LIVE(h, rec) add_to_groups(&groups, &n, &cap, h->device, rec);
         pthread_mutex_unlock(&h->lock);
+    }
+    if (!only_ctx) { /* pinned host memory belongs to the process, not to one context */
+        pinned_cx cx = {&groups, &n, &cap, only_device};
+        gm_pinned_for_each_live(add_pinned, &cx);
     }
     if (n) qsort(groups, n, sizeof *groups, group_order);
     *out = groups;
@@ -449,16 +469,8 @@ static void text_stats(FILE *out)
                 (unsigned long long)st.release_retries, (unsigned long long)st.limit_rejections,
                 (unsigned long long)st.backend_ooms);
     }
-    bool any = false;
-    for (int d = 0; d < GM_COPY_DIRS; d++) {
-        uint64_t calls, bytes;
-        gm_copy_totals((gm_copy_dir)d, &calls, &bytes);
-        if (!calls) continue;
-        fprintf(out, "%s%s %llu B in %llu calls", any ? ", " : "copies: ", gm_copy_dir_name((gm_copy_dir)d),
-                (unsigned long long)bytes, (unsigned long long)calls);
-        any = true;
-    }
-    if (any) fputc('\n', out);
+    gm_copy_report_text(out);
+    gm_pinned_report_text(out);
 }
 
 static void json_stats(FILE *out)
@@ -485,14 +497,11 @@ static void json_stats(FILE *out)
                 (unsigned long long)s.backend_ooms, (unsigned long long)s.limit_bytes);
         first = false;
     }
-    fputs("],\"copies\":{", out);
-    for (int d = 0; d < GM_COPY_DIRS; d++) {
-        uint64_t calls, bytes;
-        gm_copy_totals((gm_copy_dir)d, &calls, &bytes);
-        fprintf(out, "%s\"%s\":{\"calls\":%llu,\"bytes\":%llu}", d ? "," : "", gm_copy_dir_name((gm_copy_dir)d),
-                (unsigned long long)calls, (unsigned long long)bytes);
-    }
-    fprintf(out, "},\"invalid_frees\":%llu", (unsigned long long)atomic_load(&gm_invalid_frees));
+    fputs("],", out);
+    gm_copy_report_json(out);
+    fputc(',', out);
+    gm_pinned_report_json(out);
+    fprintf(out, ",\"invalid_frees\":%llu", (unsigned long long)atomic_load(&gm_invalid_frees));
 }
 
 /* Before printing: one addr2line run per module for the frames of every group that will be
@@ -552,16 +561,21 @@ static totals write_groups(FILE *out, bool json, const leak_group *groups, size_
             t.count += groups[i].count;
         }
         if (json) {
-            fprintf(out, "%s{\"device\":%d,\"bytes\":%llu,\"allocations\":%llu,\"suppressed\":%s,\"suppression\":",
-                    i ? "," : "", groups[i].device, (unsigned long long)groups[i].bytes,
+            fprintf(out, "%s{\"device\":%d,\"memory\":\"%s\",\"bytes\":%llu,\"allocations\":%llu,\"suppressed\":%s,\"suppression\":",
+                    i ? "," : "", groups[i].device, gm_leak_memory_name(groups[i].memory),
+                    (unsigned long long)groups[i].bytes,
                     (unsigned long long)groups[i].count, sup ? "true" : "false");
             json_string(out, sup);
             fputc(',', out);
             json_frames(out, frames, nf);
             fputc('}', out);
         } else if (!sup) {
-            fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) on device %d allocated from:\n",
-                    (unsigned long long)groups[i].bytes, (unsigned long long)groups[i].count, groups[i].device);
+            if (groups[i].memory == GM_LEAK_PINNED_HOST)
+                fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) of pinned host memory allocated from:\n",
+                        (unsigned long long)groups[i].bytes, (unsigned long long)groups[i].count);
+            else
+                fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) on device %d allocated from:\n",
+                        (unsigned long long)groups[i].bytes, (unsigned long long)groups[i].count, groups[i].device);
             text_frames(out, frames, nf);
         }
     }

@@ -55,3 +55,29 @@ void gm_copy_totals(gm_copy_dir dir, uint64_t *calls, uint64_t *bytes)
 }
 
 const char *gm_copy_dir_name(gm_copy_dir dir) { return dir < GM_COPY_DIRS ? dir_names[dir] : "?"; }
+
+void gm_copy_report_text(FILE *out)
+{
+    bool any = false;
+    for (int d = 0; d < GM_COPY_DIRS; d++) {
+        uint64_t calls, bytes;
+        gm_copy_totals((gm_copy_dir)d, &calls, &bytes);
+        if (!calls) continue;
+        fprintf(out, "%s%s %llu B in %llu calls", any ? ", " : "copies: ", gm_copy_dir_name((gm_copy_dir)d),
+                (unsigned long long)bytes, (unsigned long long)calls);
+        any = true;
+    }
+    if (any) fputc('\n', out);
+}
+
+void gm_copy_report_json(FILE *out)
+{
+    fputs("\"copies\":{", out);
+    for (int d = 0; d < GM_COPY_DIRS; d++) {
+        uint64_t calls, bytes;
+        gm_copy_totals((gm_copy_dir)d, &calls, &bytes);
+        fprintf(out, "%s\"%s\":{\"calls\":%llu,\"bytes\":%llu}", d ? "," : "", gm_copy_dir_name((gm_copy_dir)d),
+                (unsigned long long)calls, (unsigned long long)bytes);
+    }
+    fputc('}', out);
+}

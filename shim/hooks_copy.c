@@ -35,3 +35,24 @@ COPY_HOOK(cuMemcpyDtoDAsync_v2, GM_COPY_D2D, (CUdeviceptr dst, CUdeviceptr src, 
 COPY_HOOK(cuMemcpyDtoDAsync_v2_ptsz, GM_COPY_D2D, (CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s), (dst, src, n, s), n)
 COPY_HOOK(cuMemcpyAsync, GM_COPY_DEFAULT, (CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s), (dst, src, n, s), n)
 COPY_HOOK(cuMemcpyAsync_ptsz, GM_COPY_DEFAULT, (CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s), (dst, src, n, s), n)
+
+/* Memsets: forwarded (the checks hook in here). */
+#define SET_HOOK(name, params, args) \
+    CUresult name params \
+    { \
+        SHIM_REQUIRE_REAL(name); \
+        return shim_real_##name args; \
+    }
+
+SET_HOOK(cuMemsetD8_v2, (CUdeviceptr d, unsigned char v, size_t n), (d, v, n))
+SET_HOOK(cuMemsetD8_v2_ptds, (CUdeviceptr d, unsigned char v, size_t n), (d, v, n))
+SET_HOOK(cuMemsetD16_v2, (CUdeviceptr d, unsigned short v, size_t n), (d, v, n))
+SET_HOOK(cuMemsetD16_v2_ptds, (CUdeviceptr d, unsigned short v, size_t n), (d, v, n))
+SET_HOOK(cuMemsetD32_v2, (CUdeviceptr d, unsigned int v, size_t n), (d, v, n))
+SET_HOOK(cuMemsetD32_v2_ptds, (CUdeviceptr d, unsigned int v, size_t n), (d, v, n))
+SET_HOOK(cuMemsetD8Async, (CUdeviceptr d, unsigned char v, size_t n, CUstream s), (d, v, n, s))
+SET_HOOK(cuMemsetD8Async_ptsz, (CUdeviceptr d, unsigned char v, size_t n, CUstream s), (d, v, n, s))
+SET_HOOK(cuMemsetD16Async, (CUdeviceptr d, unsigned short v, size_t n, CUstream s), (d, v, n, s))
+SET_HOOK(cuMemsetD16Async_ptsz, (CUdeviceptr d, unsigned short v, size_t n, CUstream s), (d, v, n, s))
+SET_HOOK(cuMemsetD32Async, (CUdeviceptr d, unsigned int v, size_t n, CUstream s), (d, v, n, s))
+SET_HOOK(cuMemsetD32Async_ptsz, (CUdeviceptr d, unsigned int v, size_t n, CUstream s), (d, v, n, s))

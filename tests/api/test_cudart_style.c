@@ -159,7 +159,7 @@ Test(cudart_style, unhooked_names_are_the_drivers_own)
         {"cuDeviceGetName", "cuDeviceGetName", 0},
         {"cuCtxSynchronize", "cuCtxSynchronize_v2", 0}, /* CUDA 13's variant */
         {"cuStreamSynchronize", "cuStreamSynchronize_ptsz", 2},
-        {"cuMemsetD8", "cuMemsetD8_v2_ptds", 2},
+        {"cuStreamQuery", "cuStreamQuery_ptsz", 2},
         {"cuCtxGetCurrent", "cuCtxGetCurrent", 0},
         {"cuDeviceTotalMem", "cuDeviceTotalMem_v2", 0},
     };
