@@ -21,6 +21,7 @@ const char *gpumem_strerror(gpumem_status status)
     case GPUMEM_ERROR_NOT_INITIALIZED: return "not initialized (no CUDA driver could be loaded)";
     case GPUMEM_ERROR_INVALID_CONTEXT: return "no current CUDA context on this thread";
     case GPUMEM_ERROR_NOT_FOUND: return "not found";
+    case GPUMEM_ERROR_NOT_READY: return "not ready (nothing completed yet; try again later)";
     case GPUMEM_ERROR_NOT_SUPPORTED: return "not supported";
     default: return "CUDA driver error (see cuGetErrorString)";
     }

@@ -35,6 +35,7 @@ typedef int gpumem_status;
 #define GPUMEM_ERROR_NOT_INITIALIZED 3
 #define GPUMEM_ERROR_INVALID_CONTEXT 201
 #define GPUMEM_ERROR_NOT_FOUND 500
+#define GPUMEM_ERROR_NOT_READY 600
 #define GPUMEM_ERROR_NOT_SUPPORTED 801
 
 /* Per-device statistics. "allocated" counts bytes handed to the program (rounded block sizes),
@@ -83,6 +84,28 @@ GPUMEM_API size_t gpumem_release_cached(void);
 /* Write the leak report and statistics now to `out` (the exit report's format). Returns the
  * number of live (leaked-so-far) allocations. */
 GPUMEM_API size_t gpumem_report(FILE *out);
+
+/* ================================================================ copies (transfers) */
+/* @copy-stats: declarations of the copy statistics go here */
+
+/* ================================================================ double-buffered channels
+ * The seed's readback pattern as a library object: two pinned host buffers, a transfer stream of
+ * the channel's own, one event per buffer and a ping-pong index. Frame k's copy runs while the
+ * program works on frame k+1; reading frame k never waits for the copy of frame k+1.
+ * Streams are passed as `void *` holding a CUstream (NULL = the legacy default stream), so this
+ * header needs no CUDA header. A channel belongs to the context current when it was created. */
+typedef struct gpumem_channel gpumem_channel;
+typedef enum gpumem_channel_kind {
+    GPUMEM_CHANNEL_READBACK = 0, /* device -> host, read one frame behind */
+    GPUMEM_CHANNEL_UPLOAD = 1    /* host -> device, fill one buffer while the other is copied */
+} gpumem_channel_kind;
+/* @channel: declarations of the channel functions go here */
+
+/* ================================================================ named, resizable buffers */
+/* @buffers: declarations of the buffer functions go here */
+
+/* ================================================================ tags */
+/* @tags: declarations of the tag functions go here */
 
 #ifdef __cplusplus
 }
