@@ -286,6 +286,9 @@ const char *gm_leak_memory_name(int memory); /* "device", "pinned_host" */
 void gm_pinned_for_each_live(void (*fn)(void *cx, int device, const gm_record *rec), void *cx);
 void gm_pinned_report_text(FILE *out); /* the report's pinned-pool line */
 void gm_pinned_report_json(FILE *out); /* the report's "pinned" member */
+/* True when all of host range [p, p+n) is pinned: the pinned pool, memory the program pinned
+ * through the driver (cuMemHostAlloc pass-through) or registered (cuMemHostRegister). */
+bool gm_host_is_pinned(const void *p, size_t n);
 
 /* trace.c: the timeline (GPUMEM_TRACE) */
 extern bool gm_trace_on;

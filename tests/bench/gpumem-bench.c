@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "gm_internal.h"
 
 #ifndef GPUMEM_SHIM_PATH
@@ -514,7 +515,11 @@ static void usage(FILE *out)
             "usage: gpumem-bench pool\n"
             "       gpumem-bench gpu [--shim PATH]   (default shim: %s)\n"
             "       gpumem-bench driver              (driver call costs the design trades in)\n"
-            "       gpumem-bench stacks              (call-stack capture + dedup per allocation)\n",
+            "       gpumem-bench stacks              (call-stack capture + dedup per allocation)\n"
+            "       gpumem-bench transfer            (pageable copies: staged against the driver's own)\n"
+            "       gpumem-bench checks              (cost of the copy range check)\n"
+            "       gpumem-bench pinned              (pinned host alloc+free: driver against pool)\n"
+            "       gpumem-bench buffers             (buffer resize, in-place growth, tracking overhead)\n",
             GPUMEM_SHIM_PATH);
 }
 
@@ -524,6 +529,12 @@ int main(int argc, char **argv)
     if (argc >= 3 && strcmp(argv[1], "gpu-worker") == 0) return gpu_worker(argv[2]);
     if (argc >= 2 && strcmp(argv[1], "driver") == 0) return bench_driver();
     if (argc >= 2 && strcmp(argv[1], "stacks") == 0) return bench_stacks();
+    static const struct { const char *name; int (*run)(int, char **); } modes[] = {
+        {"transfer", bench_transfer}, {"checks", bench_checks}, {"pinned", bench_pinned},
+        {"buffers", bench_buffers},
+    };
+    for (size_t i = 0; argc >= 2 && i < sizeof modes / sizeof *modes; i++)
+        if (strcmp(argv[1], modes[i].name) == 0) return modes[i].run(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "gpu") == 0) {
         const char *shim = GPUMEM_SHIM_PATH;
         if (argc == 4 && strcmp(argv[2], "--shim") == 0) shim = argv[3];

@@ -1,0 +1,11 @@
+/* The modes of gpumem-bench that live in their own files (one per concern). Each takes the
+ * arguments after the mode name and returns the process exit status. */
+#ifndef GPUMEM_BENCH_H
+#define GPUMEM_BENCH_H
+
+int bench_transfer(int argc, char **argv); /* pageable copies through pinned staging against the driver's own (256 MiB both ways, and small copies) */
+int bench_checks(int argc, char **argv); /* cost of the copy range check on the hook path */
+int bench_pinned(int argc, char **argv); /* pinned host alloc+free: the driver's own against the pinned pool */
+int bench_buffers(int argc, char **argv); /* buffer growth: resize with data copy, in-place growth, tracking memory overhead */
+
+#endif
