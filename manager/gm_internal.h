@@ -94,6 +94,7 @@ typedef struct gm_record {
     uintptr_t caller;       /* return address of the hooked call */
     uint32_t stack_id;      /* call-stack depot id; 0 = not captured */
     uint8_t kind;           /* gm_alloc_kind */
+    uint16_t tag;           /* the thread's tag when it was made (tags.c); 0 = none */
     struct gm_block *block; /* pool block, NULL for other kinds */
     UT_hash_handle hh;      /* heap->live, keyed by ptr */
 } gm_record;
@@ -289,6 +290,22 @@ void gm_pinned_report_json(FILE *out); /* the report's "pinned" member */
 /* True when all of host range [p, p+n) is pinned: the pinned pool, memory the program pinned
  * through the driver (cuMemHostAlloc pass-through) or registered (cuMemHostRegister). */
 bool gm_host_is_pinned(const void *p, size_t n);
+
+/* tags.c: names the calling thread pushes; every allocation made meanwhile carries the innermost */
+#define GM_TAG_NAME_MAX 127
+#define GM_TAG_DEPTH_MAX 64
+#define GM_TAGS_MAX 4096
+int gm_tag_push(const char *name);
+int gm_tag_pop(void);
+uint16_t gm_tag_current(void);
+const char *gm_tag_name(uint16_t id); /* NULL for 0 */
+uint16_t gm_tag_find(const char *name);
+uint32_t gm_tag_count(void);          /* ids 1 .. count-1 are in use */
+void gm_tag_on_alloc(uint16_t id, uint64_t bytes);
+void gm_tag_on_free(uint16_t id, uint64_t bytes);
+void gm_tag_usage_get(uint16_t id, gpumem_tag_usage *out);
+void gm_tags_report_text(FILE *out);
+void gm_tags_report_json(FILE *out, void (*json_string)(FILE *, const char *));
 
 /* trace.c: the timeline (GPUMEM_TRACE) */
 extern bool gm_trace_on;

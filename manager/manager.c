@@ -245,6 +245,7 @@ static void fill_record(gm_record *rec, uintptr_t ptr, size_t requested, size_t 
     rec->stream = stream;
     rec->caller = site ? site->pc : 0;
     rec->stack_id = stack_id;
+    rec->tag = gm_tag_current();
     rec->time_ns = gm_coarse_now_ns();
 }
 

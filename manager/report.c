@@ -22,6 +22,7 @@
 typedef struct leak_group {
     int device;
     uint8_t memory; /* gm_leak_memory: device memory or pinned host memory */
+    uint16_t tag;   /* tags.c id, 0 = none */
     uintptr_t caller;
     uint32_t stack_id;
     uint64_t bytes; /* sum of requested sizes */
@@ -52,8 +53,8 @@ static bool merge_group(leak_group **groups, size_t *n, size_t *cap, const leak_
 {
     for (size_t i = 0; i < *n; i++) {
         leak_group *h = &(*groups)[i];
-        if (h->device == g->device && h->memory == g->memory && h->caller == g->caller &&
-            h->stack_id == g->stack_id) {
+        if (h->device == g->device && h->memory == g->memory && h->tag == g->tag &&
+            h->caller == g->caller && h->stack_id == g->stack_id) {
             h->bytes += g->bytes;
             h->count += g->count;
             return true;
@@ -73,7 +74,7 @@ static bool merge_group(leak_group **groups, size_t *n, size_t *cap, const leak_
 static bool add_to_groups(leak_group **groups, size_t *n, size_t *cap, int device,
                           const gm_record *rec)
 {
-    leak_group g = {device, GM_LEAK_DEVICE, rec->caller, rec->stack_id, rec->requested, 1};
+    leak_group g = {device, GM_LEAK_DEVICE, rec->tag, rec->caller, rec->stack_id, rec->requested, 1};
     return merge_group(groups, n, cap, &g);
 }
 
@@ -87,7 +88,7 @@ static void add_pinned(void *arg, int device, const gm_record *rec)
 {
     pinned_cx *cx = arg;
     if (cx->only_device >= 0 && device != cx->only_device) return;
-    leak_group g = {device, GM_LEAK_PINNED_HOST, rec->caller, rec->stack_id, rec->requested, 1};
+    leak_group g = {device, GM_LEAK_PINNED_HOST, rec->tag, rec->caller, rec->stack_id, rec->requested, 1};
     merge_group(cx->groups, cx->n, cx->cap, &g);
 }
 
@@ -471,6 +472,7 @@ static void text_stats(FILE *out)
     }
     gm_copy_report_text(out);
     gm_pinned_report_text(out);
+    gm_tags_report_text(out);
 }
 
 static void json_stats(FILE *out)
@@ -501,6 +503,8 @@ static void json_stats(FILE *out)
     gm_copy_report_json(out);
     fputc(',', out);
     gm_pinned_report_json(out);
+    fputc(',', out);
+    gm_tags_report_json(out, json_string);
     fprintf(out, ",\"invalid_frees\":%llu", (unsigned long long)atomic_load(&gm_invalid_frees));
 }
 
@@ -543,6 +547,18 @@ static void resolve_printed_frames(const leak_group *groups, size_t n, bool json
     free(pending);
 }
 
+/* "Leak of N byte(s) in M allocation(s) on device D [tagged "x"] allocated from:" */
+static void text_leak_heading(FILE *out, const leak_group *g)
+{
+    fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) ", (unsigned long long)g->bytes,
+            (unsigned long long)g->count);
+    if (g->memory == GM_LEAK_PINNED_HOST) fputs("of pinned host memory", out);
+    else fprintf(out, "on device %d", g->device);
+    const char *tag = gm_tag_name(g->tag);
+    if (tag) fprintf(out, " tagged \"%s\"", tag);
+    fputs(" allocated from:\n", out);
+}
+
 static totals write_groups(FILE *out, bool json, const leak_group *groups, size_t n)
 {
     static frame frames[MAX_FRAMES];
@@ -566,16 +582,13 @@ static totals write_groups(FILE *out, bool json, const leak_group *groups, size_
                     (unsigned long long)groups[i].bytes,
                     (unsigned long long)groups[i].count, sup ? "true" : "false");
             json_string(out, sup);
+            fputs(",\"tag\":", out);
+            json_string(out, gm_tag_name(groups[i].tag));
             fputc(',', out);
             json_frames(out, frames, nf);
             fputc('}', out);
         } else if (!sup) {
-            if (groups[i].memory == GM_LEAK_PINNED_HOST)
-                fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) of pinned host memory allocated from:\n",
-                        (unsigned long long)groups[i].bytes, (unsigned long long)groups[i].count);
-            else
-                fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) on device %d allocated from:\n",
-                        (unsigned long long)groups[i].bytes, (unsigned long long)groups[i].count, groups[i].device);
+            text_leak_heading(out, &groups[i]);
             text_frames(out, frames, nf);
         }
     }

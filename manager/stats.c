@@ -29,6 +29,7 @@ void gm_stats_on_alloc(gm_heap *heap, const gm_record *rec, bool hit)
     heap->c.bytes_requested += rec->requested;
     heap->c.bytes_allocated += rec->size;
     note_allocated(heap, (int64_t)rec->size);
+    if (rec->tag) gm_tag_on_alloc(rec->tag, rec->requested);
 }
 
 void gm_stats_on_free(gm_heap *heap, const gm_record *rec)
@@ -37,6 +38,7 @@ void gm_stats_on_free(gm_heap *heap, const gm_record *rec)
     heap->c.bytes_requested -= rec->requested;
     heap->c.bytes_allocated -= rec->size;
     note_allocated(heap, -(int64_t)rec->size);
+    if (rec->tag) gm_tag_on_free(rec->tag, rec->requested);
 }
 
 /* Called under gm_mgr.heaps_lock when a device gets its second heap: from now on every heap of

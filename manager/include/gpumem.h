@@ -105,7 +105,26 @@ typedef enum gpumem_channel_kind {
 /* @buffers: declarations of the buffer functions go here */
 
 /* ================================================================ tags */
-/* @tags: declarations of the tag functions go here */
+/* A tag names what the calling thread is doing ("optimizer", "physics/nodes"): every allocation
+ * it makes while the tag is pushed, through this API or through the shim (cudaMalloc in a library
+ * it calls), carries the innermost tag. The leak report groups leaks by tag and prints live bytes
+ * per tag. Tags nest (up to 64 per thread); names are at most 127 bytes; at most 4095 distinct
+ * names per process. Push and pop are per thread and never lock once a name is known. */
+typedef struct gpumem_tag_usage {
+    uint64_t live_bytes;       /* requested bytes of live allocations carrying the tag */
+    uint64_t live_allocations;
+    uint64_t allocations;      /* every allocation ever made under the tag */
+    uint64_t peak_bytes;       /* highest live_bytes seen */
+} gpumem_tag_usage;
+
+/* GPUMEM_ERROR_INVALID_VALUE for NULL, "" or a name over 127 bytes, or more than 64 nested. */
+GPUMEM_API gpumem_status gpumem_tag_push(const char *name);
+/* GPUMEM_ERROR_INVALID_VALUE when this thread has no tag pushed. */
+GPUMEM_API gpumem_status gpumem_tag_pop(void);
+/* The calling thread's innermost tag, NULL when none. */
+GPUMEM_API const char *gpumem_tag_current(void);
+/* Usage of one tag; GPUMEM_ERROR_NOT_FOUND for a name never pushed. */
+GPUMEM_API gpumem_status gpumem_tag_get_usage(const char *name, gpumem_tag_usage *out);
 
 #ifdef __cplusplus
 }

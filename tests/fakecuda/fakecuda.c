@@ -65,7 +65,8 @@ CUresult CUDAAPI cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *paramsArra
 #define FK_VMM_GRANULARITY ((size_t)2 << 20)
 #define FK_DRIVER_VERSION 13000
 
-typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM } fk_akind;
+/* A_REGISTERED: program memory pinned by cuMemHostRegister (never freed by the fake). */
+typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM, A_REGISTERED } fk_akind;
 
 typedef struct fk_ctx {
     struct fk_ctx *next; /* g_ctxs; never unlinked */
@@ -97,14 +98,14 @@ typedef struct fk_event {
     bool destroyed;
 } fk_event;
 
-typedef enum { W_COPY, W_SET8, W_SET32, W_FILL, W_EVENT, W_WAIT, W_FREE } fk_wkind;
+typedef enum { W_COPY, W_SET8, W_SET16, W_SET32, W_FILL, W_EVENT, W_WAIT, W_FREE } fk_wkind;
 
 typedef struct fk_work {
     struct fk_work *next;
     fk_wkind kind;
     uint64_t seq;
     uintptr_t dst, src;
-    size_t n;            /* bytes (W_SET32: 32-bit words) */
+    size_t n;            /* bytes (W_SET16/W_SET32: 16-/32-bit words) */
     uint32_t val;
     unsigned delay_us;
     fk_event *ev;
@@ -289,7 +290,7 @@ static bool dev_range_ok(uintptr_t p, size_t n)
 
 static bool counts_as_device(fk_akind k)
 {
-    return k != A_HOST;
+    return k != A_HOST && k != A_REGISTERED;
 }
 
 /* Unregister and free the block. Called with g_mu held. */
@@ -306,7 +307,8 @@ static void alloc_release(fk_alloc *a)
     }
     if (counts_as_device(a->kind))
         g_dev[a->dev].in_use -= a->size;
-    free((void *)a->base);
+    if (a->kind != A_REGISTERED)
+        free((void *)a->base);
     free(a);
 }
 
@@ -440,6 +442,13 @@ static void ev_unref(fk_event *e)
     free(e);
 }
 
+static void fill_halves(uintptr_t dst, uint16_t v, size_t halves)
+{
+    uint16_t *p = (uint16_t *)dst;
+    for (size_t i = 0; i < halves; i++)
+        p[i] = v;
+}
+
 static void fill_words(uintptr_t dst, uint32_t v, size_t words)
 {
     uint32_t *p = (uint32_t *)dst;
@@ -453,6 +462,7 @@ static void work_run_unlocked(const fk_work *w)
     switch (w->kind) {
     case W_COPY: memmove((void *)w->dst, (const void *)w->src, w->n); break;
     case W_SET8: memset((void *)w->dst, (int)w->val, w->n); break;
+    case W_SET16: fill_halves(w->dst, (uint16_t)w->val, w->n); break;
     case W_SET32: fill_words(w->dst, w->val, w->n); break;
     case W_FILL: {
         struct timespec ts = {w->delay_us / 1000000u, (long)(w->delay_us % 1000000u) * 1000L};
@@ -1614,6 +1624,46 @@ FK_API CUresult CUDAAPI cuMemFreeHost(void *p)
     return leave(CUDA_SUCCESS);
 }
 
+/* Host registration: the range becomes pinned memory the driver knows (pointer queries answer
+ * for it) until unregistered; its memory stays the program's. */
+FK_API CUresult CUDAAPI cuMemHostRegister_v2(void *p, size_t size, unsigned int flags)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!p || size == 0 || (flags & ~(unsigned)(CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP |
+                                               CU_MEMHOSTREGISTER_IOMEMORY | CU_MEMHOSTREGISTER_READ_ONLY)))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    uintptr_t base = (uintptr_t)p;
+    if (reg_find(base) || reg_find(base + size - 1))
+        return leave(CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED);
+    fk_alloc *a = calloc(1, sizeof *a);
+    if (!a)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    *a = (fk_alloc){.base = base, .size = size, .kind = A_REGISTERED, .dev = c->dev, .ctx = c,
+                    .id = g_next_id++};
+    if (!reg_insert(a)) {
+        free(a);
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuMemHostUnregister(void *p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_alloc *a = p ? reg_find_base((uintptr_t)p) : NULL;
+    if (!a || a->kind != A_REGISTERED)
+        return leave(CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED);
+    alloc_release(a);
+    return leave(CUDA_SUCCESS);
+}
+
 /* ================================================================ virtual memory handles */
 
 FK_API CUresult CUDAAPI cuMemGetAllocationGranularity(size_t *g, const CUmemAllocationProp *prop,
@@ -1683,8 +1733,9 @@ static CUresult mem_op(CUstream h, bool ptds, fk_work w, bool sync)
         return leave(r);
     if (w.n == 0)
         return leave(CUDA_SUCCESS);
-    size_t bytes = w.kind == W_SET32 ? w.n * 4 : w.n;
-    if (w.kind == W_SET32 && (w.n > SIZE_MAX / 4 || w.dst % 4))
+    size_t unit = w.kind == W_SET32 ? 4 : w.kind == W_SET16 ? 2 : 1;
+    size_t bytes = w.n * unit;
+    if (unit > 1 && (w.n > SIZE_MAX / unit || w.dst % unit))
         return leave(CUDA_ERROR_INVALID_VALUE);
     if (!w.dst || (w.kind == W_COPY && !w.src) || (w.chk_dst && !dev_range_ok(w.dst, bytes)) ||
         (w.chk_src && !dev_range_ok(w.src, bytes)))
@@ -1815,6 +1866,26 @@ FK_API CUresult CUDAAPI cuMemsetD8Async_ptsz(CUdeviceptr d, unsigned char v, siz
     return mem_op(h, true, set_work(W_SET8, d, v, n), false);
 }
 
+FK_API CUresult CUDAAPI cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n)
+{
+    return mem_op(NULL, false, set_work(W_SET16, d, v, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD16_v2_ptds(CUdeviceptr d, unsigned short v, size_t n)
+{
+    return mem_op(NULL, true, set_work(W_SET16, d, v, n), true);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUstream h)
+{
+    return mem_op(h, false, set_work(W_SET16, d, v, n), false);
+}
+
+FK_API CUresult CUDAAPI cuMemsetD16Async_ptsz(CUdeviceptr d, unsigned short v, size_t n, CUstream h)
+{
+    return mem_op(h, true, set_work(W_SET16, d, v, n), false);
+}
+
 FK_API CUresult CUDAAPI cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n)
 {
     return mem_op(NULL, false, set_work(W_SET32, d, v, n), true);
@@ -1858,11 +1929,12 @@ FK_API CUresult CUDAAPI cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psiz
 /* One attribute of a known allocation; booleans are written as unsigned int. */
 static CUresult ptr_attr(void *data, CUpointer_attribute attr, const fk_alloc *a, CUdeviceptr p)
 {
-    bool host_ok = a->kind == A_HOST || a->kind == A_MANAGED;
+    bool host_ok = a->kind == A_HOST || a->kind == A_MANAGED || a->kind == A_REGISTERED;
     switch (attr) {
     case CU_POINTER_ATTRIBUTE_CONTEXT: *(CUcontext *)data = (CUcontext)a->ctx; break;
     case CU_POINTER_ATTRIBUTE_MEMORY_TYPE:
-        *(unsigned *)data = a->kind == A_HOST ? CU_MEMORYTYPE_HOST : CU_MEMORYTYPE_DEVICE;
+        *(unsigned *)data =
+            a->kind == A_HOST || a->kind == A_REGISTERED ? CU_MEMORYTYPE_HOST : CU_MEMORYTYPE_DEVICE;
         break;
     case CU_POINTER_ATTRIBUTE_DEVICE_POINTER: *(CUdeviceptr *)data = p; break;
     case CU_POINTER_ATTRIBUTE_HOST_POINTER:
@@ -2136,6 +2208,12 @@ FK_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int 
     X("cuMemsetD8", 7000, 1, cuMemsetD8_v2_ptds)                                    \
     X("cuMemsetD8Async", 3020, 0, cuMemsetD8Async)                                  \
     X("cuMemsetD8Async", 7000, 1, cuMemsetD8Async_ptsz)                             \
+    X("cuMemsetD16", 3020, 0, cuMemsetD16_v2)                                       \
+    X("cuMemsetD16", 7000, 1, cuMemsetD16_v2_ptds)                                  \
+    X("cuMemsetD16Async", 3020, 0, cuMemsetD16Async)                                \
+    X("cuMemsetD16Async", 7000, 1, cuMemsetD16Async_ptsz)                           \
+    X("cuMemHostRegister", 6050, 0, cuMemHostRegister_v2)                           \
+    X("cuMemHostUnregister", 4000, 0, cuMemHostUnregister)                          \
     X("cuMemsetD32", 3020, 0, cuMemsetD32_v2)                                       \
     X("cuMemsetD32", 7000, 1, cuMemsetD32_v2_ptds)                                  \
     X("cuMemsetD32Async", 3020, 0, cuMemsetD32Async)                                \

@@ -647,3 +647,39 @@ Test(fakecuda, threads_smoke, .init = start)
     cr_assert_eq(counters().bytes_in_use, 0);
     cr_assert_eq(counters().alloc_calls, N * 50);
 }
+
+Test(fakecuda, memset_d16_and_alignment, .init = start)
+{
+    CUdeviceptr d;
+    OK(cuMemAlloc(&d, 64));
+    OK(cuMemsetD16(d, 0xBEEF, 8));
+    OK(cuMemsetD16Async(d + 16, 0x1234, 4, NULL));
+    OK(cuCtxSynchronize());
+    uint16_t h[12];
+    OK(cuMemcpyDtoH(h, d, sizeof h));
+    for (int i = 0; i < 8; i++) cr_assert_eq(h[i], 0xBEEF);
+    for (int i = 8; i < 12; i++) cr_assert_eq(h[i], 0x1234);
+    ERR(cuMemsetD16(d + 1, 0, 2), CUDA_ERROR_INVALID_VALUE); /* 2-byte aligned only */
+    ERR(cuMemsetD16(d, 0, 33), CUDA_ERROR_INVALID_VALUE);    /* past the end */
+    OK(cuMemFree(d));
+}
+
+Test(fakecuda, host_register, .init = start)
+{
+    size_t n = 8192;
+    char *p = malloc(n);
+    cr_assert_not_null(p);
+    unsigned type = 0;
+    ERR(cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (CUdeviceptr)p),
+        CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemHostRegister(p, n, 0));
+    OK(cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (CUdeviceptr)(p + 100)));
+    cr_assert_eq(type, CU_MEMORYTYPE_HOST);
+    ERR(cuMemHostRegister(p + 4096, 16, 0), CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED);
+    ERR(cuMemHostRegister(p, n, 0x80), CUDA_ERROR_INVALID_VALUE);
+    ERR(cuMemHostUnregister(p + 1), CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED);
+    OK(cuMemHostUnregister(p));
+    ERR(cuMemHostUnregister(p), CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED);
+    p[n - 1] = 1; /* still the program's memory */
+    free(p);
+}

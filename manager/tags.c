@@ -1,0 +1,158 @@
+/* Tags: a name the calling thread pushes so that every allocation it makes meanwhile, through
+ * the API or through the shim, carries it ("named buffer tracking for debugging"). The report
+ * groups leaks by tag and the statistics keep live bytes per tag.
+ *
+ * Names are interned once into a fixed table (an id fits the record in 16 bits); ids are never
+ * reused, so a record's tag stays readable after the last pop. The per-thread stack is a plain
+ * array: push and pop never lock; only interning a new name does. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "gm_internal.h"
+
+typedef struct tag_entry {
+    char name[GM_TAG_NAME_MAX + 1];
+    _Atomic uint64_t live_bytes, live_allocations, allocations, peak_bytes;
+} tag_entry;
+
+static pthread_mutex_t intern_lock = PTHREAD_MUTEX_INITIALIZER;
+static tag_entry *table;         /* index 0 is "no tag" */
+static _Atomic uint32_t ntags = 1;
+
+static __thread uint16_t stack[GM_TAG_DEPTH_MAX];
+static __thread int depth;
+
+/* Looks a name up, adding it when new. 0 when the table is full or out of memory. */
+static uint16_t intern(const char *name)
+{
+    pthread_mutex_lock(&intern_lock);
+    uint32_t n = atomic_load(&ntags), id = 0;
+    if (!table) table = calloc(GM_TAGS_MAX, sizeof *table);
+    for (uint32_t i = 1; table && i < n && !id; i++)
+        if (strcmp(table[i].name, name) == 0) id = i;
+    if (!id && table && n < GM_TAGS_MAX) {
+        strcpy(table[n].name, name);
+        atomic_store(&ntags, n + 1); /* published after the name is written */
+        id = n;
+    }
+    pthread_mutex_unlock(&intern_lock);
+    return (uint16_t)id;
+}
+
+int gm_tag_push(const char *name)
+{
+    if (!name || !*name || strlen(name) > GM_TAG_NAME_MAX) {
+        gm_log(GM_ERROR, "gpumem_tag_push: the tag must be a non-empty name of at most %d bytes (got %s)",
+               GM_TAG_NAME_MAX, name ? (*name ? "a longer one" : "\"\"") : "NULL");
+        return GPUMEM_ERROR_INVALID_VALUE;
+    }
+    if (depth == GM_TAG_DEPTH_MAX) {
+        gm_log(GM_ERROR, "gpumem_tag_push(\"%s\"): more than %d tags pushed on this thread (a pop is missing?)",
+               name, GM_TAG_DEPTH_MAX);
+        return GPUMEM_ERROR_INVALID_VALUE;
+    }
+    uint16_t id = intern(name);
+    if (!id) {
+        gm_log(GM_ERROR, "gpumem_tag_push(\"%s\"): %d distinct tag names in use, no room for another",
+               name, GM_TAGS_MAX - 1);
+        return GPUMEM_ERROR_OUT_OF_MEMORY;
+    }
+    stack[depth++] = id;
+    return GPUMEM_OK;
+}
+
+int gm_tag_pop(void)
+{
+    if (depth == 0) {
+        gm_log(GM_ERROR, "gpumem_tag_pop: no tag pushed on this thread");
+        return GPUMEM_ERROR_INVALID_VALUE;
+    }
+    depth--;
+    return GPUMEM_OK;
+}
+
+uint16_t gm_tag_current(void) { return depth ? stack[depth - 1] : 0; }
+
+const char *gm_tag_name(uint16_t id)
+{
+    return id && id < atomic_load(&ntags) ? table[id].name : NULL;
+}
+
+uint16_t gm_tag_find(const char *name)
+{
+    uint32_t n = atomic_load(&ntags);
+    for (uint32_t i = 1; name && i < n; i++)
+        if (strcmp(table[i].name, name) == 0) return (uint16_t)i;
+    return 0;
+}
+
+uint32_t gm_tag_count(void) { return atomic_load(&ntags); }
+
+void gm_tag_on_alloc(uint16_t id, uint64_t bytes)
+{
+    tag_entry *t = &table[id];
+    uint64_t now = atomic_fetch_add(&t->live_bytes, bytes) + bytes;
+    atomic_fetch_add(&t->live_allocations, 1);
+    atomic_fetch_add(&t->allocations, 1);
+    uint64_t peak = atomic_load(&t->peak_bytes);
+    while (now > peak && !atomic_compare_exchange_weak(&t->peak_bytes, &peak, now)) {}
+}
+
+void gm_tag_on_free(uint16_t id, uint64_t bytes)
+{
+    atomic_fetch_sub(&table[id].live_bytes, bytes);
+    atomic_fetch_sub(&table[id].live_allocations, 1);
+}
+
+void gm_tag_usage_get(uint16_t id, gpumem_tag_usage *out)
+{
+    tag_entry *t = &table[id];
+    *out = (gpumem_tag_usage){atomic_load(&t->live_bytes), atomic_load(&t->live_allocations),
+                              atomic_load(&t->allocations), atomic_load(&t->peak_bytes)};
+}
+
+void gm_tags_report_text(FILE *out)
+{
+    uint32_t n = atomic_load(&ntags);
+    for (uint32_t i = 1; i < n; i++) {
+        gpumem_tag_usage u;
+        gm_tag_usage_get((uint16_t)i, &u);
+        fprintf(out, "%s%s: %llu B live in %llu allocation(s), peak %llu B, %llu allocation(s) in all",
+                i == 1 ? "tags: " : "; ", table[i].name, (unsigned long long)u.live_bytes,
+                (unsigned long long)u.live_allocations, (unsigned long long)u.peak_bytes,
+                (unsigned long long)u.allocations);
+    }
+    if (n > 1) fputc('\n', out);
+}
+
+void gm_tags_report_json(FILE *out, void (*json_string)(FILE *, const char *))
+{
+    uint32_t n = atomic_load(&ntags);
+    fputs("\"tags\":[", out);
+    for (uint32_t i = 1; i < n; i++) {
+        gpumem_tag_usage u;
+        gm_tag_usage_get((uint16_t)i, &u);
+        fprintf(out, "%s{\"tag\":", i > 1 ? "," : "");
+        json_string(out, table[i].name);
+        fprintf(out, ",\"live_bytes\":%llu,\"live_allocations\":%llu,\"peak_bytes\":%llu,\"allocations\":%llu}",
+                (unsigned long long)u.live_bytes, (unsigned long long)u.live_allocations,
+                (unsigned long long)u.peak_bytes, (unsigned long long)u.allocations);
+    }
+    fputc(']', out);
+}
+
+/* ------------------------------------------------------------------ public API */
+
+gpumem_status gpumem_tag_push(const char *name) { return gm_tag_push(name); }
+gpumem_status gpumem_tag_pop(void) { return gm_tag_pop(); }
+
+const char *gpumem_tag_current(void) { return gm_tag_name(gm_tag_current()); }
+
+gpumem_status gpumem_tag_get_usage(const char *name, gpumem_tag_usage *out)
+{
+    if (!name || !out) return GPUMEM_ERROR_INVALID_VALUE;
+    uint16_t id = gm_tag_find(name);
+    if (!id) return GPUMEM_ERROR_NOT_FOUND;
+    gm_tag_usage_get(id, out);
+    return GPUMEM_OK;
+}
