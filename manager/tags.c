@@ -98,6 +98,9 @@ void gm_tag_on_alloc(uint16_t id, uint64_t bytes)
     while (now > peak && !atomic_compare_exchange_weak(&t->peak_bytes, &peak, now)) {}
 }
 
+/* A block resized in place was counted as freed and allocated again: it is one allocation. */
+void gm_tag_on_resize(uint16_t id) { atomic_fetch_sub(&table[id].allocations, 1); }
+
 void gm_tag_on_free(uint16_t id, uint64_t bytes)
 {
     atomic_fetch_sub(&table[id].live_bytes, bytes);

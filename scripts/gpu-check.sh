@@ -45,6 +45,10 @@ AC_D=$BIN/alloc_check_shared
 DC=$BIN/driver_check
 TORCH_PY=$ROOT/tests/gpu/torch_check.py
 CUPY_PY=$ROOT/tests/gpu/cupy_check.py
+PS=$BIN/physics_sim
+RB=$BIN/readback_bench
+SC=$BIN/staging_check
+LIBDIR=$ROOT/build-gpu/manager
 
 rm -rf "$BIN" "$LOGS" "$W/tmp"
 mkdir -p "$BIN" "$LOGS" "$W/tmp" "$W/cache" || exit 1
@@ -350,6 +354,12 @@ run_prog() { # run_prog TAG: run the program a tag stands for
     c_np_base) R "$1" "$PY" "$CUPY_PY" --no-pool ;;
     c_np_shim) R "$1" env "$S" "$PY" "$CUPY_PY" --no-pool ;;
     c_leak) R "$1" env "$S" "$PY" "$CUPY_PY" --leak 5 ;;
+    ph_shim) R "$1" env "$S" "$PS" ;;
+    ph_lib) R "$1" "$PS" ;;
+    sc_base) R "$1" "$SC" ;;
+    sc_shim) R "$1" env "$S" "$SC" ;;
+    sc_off) R "$1" env "$S" GPUMEM_STAGING=0 "$SC" ;;
+    rb_lib) R "$1" env GPUMEM_REPORT=off "$RB" ;;
     *) echo "gpu-check: unknown run tag $1" >&2; return 99 ;;
     esac
 }
@@ -360,6 +370,9 @@ have_bin() { # have_bin TAG
     as_* ) [ -x "$AC_S" ] || { WHY="alloc_check (static) was not built"; return 1; } ;;
     ad_* ) [ -x "$AC_D" ] || { WHY="alloc_check (shared) was not built"; return 1; } ;;
     dc_* ) [ -x "$DC" ] || { WHY="driver_check was not built"; return 1; } ;;
+    ph_* ) [ -x "$PS" ] || { WHY="physics_sim was not built"; return 1; } ;;
+    sc_* ) [ -x "$SC" ] || { WHY="staging_check was not built"; return 1; } ;;
+    rb_* ) [ -x "$RB" ] || { WHY="readback_bench was not built"; return 1; } ;;
     esac
     return 0
 }
@@ -370,6 +383,9 @@ prog_of() {
     dc_*) echo driver_check ;;
     t_*) echo torch_check ;;
     c_*) echo cupy_check ;;
+    ph_*) echo physics_sim ;;
+    sc_*) echo staging_check ;;
+    rb_*) echo readback_bench ;;
     esac
 }
 
@@ -643,6 +659,47 @@ k_np_same() { c_wrap "$1" check_same "$1" c_np_base c_np_shim; }
 k_np_noleak() { c_wrap "$1" check_noleak "$1" c_np_shim; }
 k_leak() { c_wrap "$1" check_leak "$1" c_leak; }
 
+# ------------------------------------------------------------------------------------- libgpumem clients
+# Programs that link libgpumem (the API of issues 5 and 6); rpath to build-gpu/manager.
+lib_args=(-I "$ROOT/manager/include" -L "$LIBDIR" -lgpumem -Xlinker -rpath -Xlinker "$LIBDIR")
+p_build_physics() {
+    nvcc_build "$1" "$PS" -O2 -arch="$ARCH" -I "$ROOT/tests/physics" -o "$PS" tests/gpu/physics_sim.cu "${lib_args[@]}"
+}
+p_build_readback() {
+    nvcc_build "$1" "$RB" -O2 -arch="$ARCH" -o "$RB" tests/gpu/readback_bench.cu "${lib_args[@]}"
+}
+p_build_staging() {
+    nvcc_build "$1" "$SC" -x c -O2 -o "$SC" tests/gpu/staging_check.c -lcuda
+}
+# physics_sim under the shim and alone: OK (small graph = CPU reference, >= 1M nodes grown step
+# by step) and an exit report of 0 bytes leaked (the shim's, or libgpumem's own).
+p_physics() { # p_physics NAME TAG
+    local name=$1 tag=$2
+    have_bin "$tag" || { record "$name" FAIL "$WHY"; return; }
+    run_prog "$tag"
+    if ! ran_ok "$tag" physics_sim; then record "$name" FAIL "$WHY"; return; fi
+    if ! leak "$tag" || [ "$LK_BYTES" != 0 ]; then record "$name" FAIL "report: $(leak_text "$tag")"; return; fi
+    local stress
+    stress=$(grep -oE 'stress: [0-9]+ nodes' "$(out_of "$tag")" | head -n 1)
+    record "$name" PASS "${stress:-?}, CPU reference matched; report: $(leak_text "$tag")"
+}
+p_phys_shim() { p_physics "$1" ph_shim; }
+# The seed's readback case: 1M float4 per step, synchronous cudaMemcpy (pageable, pinned) against
+# the channel, side by side; exit 0 means every frame's checksum matched.
+p_readback() {
+    local name=$1
+    have_bin rb_lib || { record "$name" FAIL "$WHY"; return; }
+    run_prog rb_lib
+    local sp
+    sp=$(grep -m1 'speedup (median per step)' "$(out_of rb_lib)" | sed -E 's/.*: //')
+    if [ "$(rc_of rb_lib)" = 0 ] && [ -n "$sp" ]; then
+        record "$name" PASS "$sp, checksums equal"
+    else
+        record "$name" FAIL "rc=$(rc_of rb_lib): $(tail -n 1 "$(err_of rb_lib)" | cut -c1-100)"
+    fi
+}
+p_phys_lib() { p_physics "$1" ph_lib; }
+
 # ------------------------------------------------------------------------------------- bench
 bench() { # bench NAME MODE
     local name=$1 mode=$2
@@ -733,6 +790,11 @@ step "cupy: no-shim baseline (--no-pool)" k_np_base
 step "cupy: shim == baseline (--no-pool)" k_np_same
 step "cupy: shim reports 0 leaks (--no-pool)" k_np_noleak
 step "cupy: --leak 5 counted" k_leak
+step "build physics_sim (libgpumem)" p_build_physics
+step "physics: shim, CPU ref + 1M nodes, 0 leaks" p_phys_shim
+step "physics: library alone, 0 leaks" p_phys_lib
+step "build readback_bench (libgpumem)" p_build_readback
+step "channel: readback vs sync cudaMemcpy" p_readback
 step "bench: gpumem-bench gpu" b_gpu
 step "bench: gpumem-bench pool" b_pool
 step "bench: gpumem-bench stacks" b_stacks
