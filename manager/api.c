@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "gm_internal.h"
+#include "gm_pinned.h"
 
 #define GM_STR2(x) #x
 #define GM_STR(x) GM_STR2(x)
@@ -88,7 +89,7 @@ size_t gpumem_release_cached(void)
 {
     size_t released = 0, n = atomic_load(&gm_mgr.nheaps);
     for (size_t i = 0; i < n; i++) released += gm_heap_release_cached(gm_mgr.heaps[i], 0);
-    return released;
+    return released + gm_pinned_release_cached();
 }
 
 size_t gpumem_report(FILE *out)

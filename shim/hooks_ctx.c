@@ -2,6 +2,7 @@
  * the program creates are registered so fast-mode fences cover them; graph capture is tracked so
  * allocations made while a capture is active pass through to the driver. */
 #include "shim.h"
+#include "gm_pinned.h"
 
 /* ------------------------------------------------------------------ contexts */
 
@@ -10,6 +11,7 @@ static CUresult ctx_destroy(CUresult (*real)(CUcontext), CUcontext ctx)
     if (atomic_load(&shim_ready) && ctx) {
         SHIM_TRACE("cuCtxDestroy ctx=%p", (void *)ctx);
         gm_heap_drop((uintptr_t)ctx, "context destroyed", true);
+        gm_pinned_drop_ctx((uintptr_t)ctx); /* the driver frees the context's pinned memory */
     }
     return real(ctx);
 }
@@ -63,6 +65,7 @@ static CUresult primary_reset(CUresult (*real)(CUdevice), CUdevice dev)
         SHIM_TRACE("cuDevicePrimaryCtxReset dev=%d", dev);
         CUcontext ctx = active_primary(dev);
         if (ctx) gm_heap_drop((uintptr_t)ctx, "device reset", true);
+        if (ctx) gm_pinned_drop_ctx((uintptr_t)ctx);
     }
     return real(dev);
 }
@@ -88,6 +91,7 @@ static CUresult primary_release(CUresult (*real)(CUdevice), CUdevice dev)
     if (rc == CUDA_SUCCESS && ctx && !primary_still_active(dev)) {
         SHIM_TRACE("cuDevicePrimaryCtxRelease_v2 dev=%d destroyed the primary context", dev);
         gm_heap_drop((uintptr_t)ctx, "primary context released", false);
+        gm_pinned_drop_ctx((uintptr_t)ctx);
     }
     return rc;
 }

@@ -432,6 +432,25 @@ static int exit_from_thread(void)
     for (;;) pause();
 }
 
+/* Pinned host memory: 3000 B (cuMemAllocHost) and 5000 B (cuMemHostAlloc, DEVICEMAP) leaked;
+ * 100 B freed, then freed again (refused by the pool, or by the driver with GPUMEM_PINNED_POOL=0). */
+static int pinned_leak(void)
+{
+    void *a = NULL, *b = NULL, *c = NULL;
+    start();
+    fakecuda_reset_counters();
+    CK(cuMemAllocHost(&a, 3000));
+    CK(cuMemHostAlloc(&b, 5000, CU_MEMHOSTALLOC_DEVICEMAP));
+    CK(cuMemHostAlloc(&c, 100, 0));
+    memset(a, 1, 3000);
+    memset(b, 2, 5000);
+    CK(cuMemFreeHost(c));
+    CUresult r = cuMemFreeHost(c);
+    CHECK(r == CUDA_ERROR_INVALID_VALUE, "second cuMemFreeHost returned %d", (int)r);
+    printf("host_alloc_calls=%llu\n", (unsigned long long)counters().host_alloc_calls);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- main */
 
 int main(int argc, char **argv)
@@ -456,6 +475,7 @@ int main(int argc, char **argv)
     if (!strcmp(s, "fork_basic")) return fork_basic();
     if (!strcmp(s, "fork_threads")) return fork_threads();
     if (!strcmp(s, "fork_orphans")) return fork_orphans();
+    if (!strcmp(s, "pinned_leak")) return pinned_leak();
     fprintf(stderr, "api_child: unknown scenario %s\n", s);
     return 64;
 }
