@@ -13,4 +13,9 @@
 int gm_staged_copy(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
                    uintptr_t stream, bool sync);
 
+/* The context is going away (destroyed, reset, or its primary context released): its staging
+ * stream, events, pinned buffers and worker threads go first, through the driver while
+ * `ctx_alive`. Waits for a staged copy in flight in that context. */
+void gm_staging_drop_context(uintptr_t ctx, bool ctx_alive);
+
 #endif

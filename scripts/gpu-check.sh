@@ -39,7 +39,7 @@ BENCH_BIN=$ROOT/build-gpu/tests/gpumem-bench
 ARCH=${GPU_ARCH:-sm_90}
 PY=${PYTHON:-python3}
 RUN_TIMEOUT=${RUN_TIMEOUT:-120}
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-510}
 AC_S=$BIN/alloc_check_static
 AC_D=$BIN/alloc_check_shared
 DC=$BIN/driver_check
@@ -699,6 +699,23 @@ p_readback() {
     fi
 }
 p_phys_lib() { p_physics "$1" ph_lib; }
+p_stage_base() { check_baseline "$1" sc_base; }
+# Staged pageable copies give the bytes the driver's own copies give (identical stdout), and the
+# shim's report shows copies were really staged.
+p_stage_same() {
+    local name=$1
+    check_same "$name.tmp" sc_base sc_shim
+    local last=$((${#STATUS[@]} - 1)) staged
+    staged=$(grep -oE '[0-9]+ staged' "$(err_of sc_shim)" | head -n 1)
+    if [ "${STATUS[$last]}" = PASS ] && [ -n "$staged" ]; then
+        NAMES[last]=$name
+        DETAILS[last]="${DETAILS[$last]}; H2D $staged"
+    else
+        NAMES[last]=$name
+        STATUS[last]=FAIL
+        [ -z "$staged" ] && DETAILS[last]="no 'N staged' in the shim's report; ${DETAILS[$last]}"
+    fi
+}
 
 # ------------------------------------------------------------------------------------- bench
 bench() { # bench NAME MODE
@@ -732,6 +749,10 @@ b_gpu() { bench "$1" gpu; }
 b_pool() { bench "$1" pool; }
 b_stacks() { bench "$1" stacks; }
 b_driver() { bench "$1" driver; }
+b_transfer() { bench "$1" transfer; }
+b_pinned() { bench "$1" pinned; }
+b_buffers() { bench "$1" buffers; }
+b_checks() { bench "$1" checks; }
 
 # ------------------------------------------------------------------------------------- the plan
 build_gpumem "build gpumem (meson+ninja)"
@@ -793,12 +814,19 @@ step "cupy: --leak 5 counted" k_leak
 step "build physics_sim (libgpumem)" p_build_physics
 step "physics: shim, CPU ref + 1M nodes, 0 leaks" p_phys_shim
 step "physics: library alone, 0 leaks" p_phys_lib
+step "build staging_check (-lcuda)" p_build_staging
+step "staging: no-shim baseline" p_stage_base
+step "staging: shim stdout == baseline, staged" p_stage_same
 step "build readback_bench (libgpumem)" p_build_readback
 step "channel: readback vs sync cudaMemcpy" p_readback
 step "bench: gpumem-bench gpu" b_gpu
 step "bench: gpumem-bench pool" b_pool
 step "bench: gpumem-bench stacks" b_stacks
 step "bench: gpumem-bench driver" b_driver
+step "bench: gpumem-bench transfer" b_transfer
+step "bench: gpumem-bench pinned" b_pinned
+step "bench: gpumem-bench buffers" b_buffers
+step "bench: gpumem-bench checks" b_checks
 
 # ------------------------------------------------------------------------------------- the table
 # torch: does caching on/off change the training output without the shim? (information)

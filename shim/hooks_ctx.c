@@ -3,15 +3,25 @@
  * allocations made while a capture is active pass through to the driver. */
 #include "shim.h"
 #include "gm_pinned.h"
+#include "gm_staging.h"
 
 /* ------------------------------------------------------------------ contexts */
+
+/* Everything gpumem keeps per context goes with it: the heap (a leak check point), the pinned
+ * blocks the driver frees with the context, the staging stream and buffers. `alive`: the context
+ * still exists (before the driver's call), so its resources may be handed back through it. */
+static void context_going_away(CUcontext ctx, const char *why, bool alive)
+{
+    gm_heap_drop((uintptr_t)ctx, why, alive);
+    gm_pinned_drop_ctx((uintptr_t)ctx);
+    gm_staging_drop_context((uintptr_t)ctx, alive);
+}
 
 static CUresult ctx_destroy(CUresult (*real)(CUcontext), CUcontext ctx)
 {
     if (atomic_load(&shim_ready) && ctx) {
         SHIM_TRACE("cuCtxDestroy ctx=%p", (void *)ctx);
-        gm_heap_drop((uintptr_t)ctx, "context destroyed", true);
-        gm_pinned_drop_ctx((uintptr_t)ctx); /* the driver frees the context's pinned memory */
+        context_going_away(ctx, "context destroyed", true);
     }
     return real(ctx);
 }
@@ -64,8 +74,7 @@ static CUresult primary_reset(CUresult (*real)(CUdevice), CUdevice dev)
     if (atomic_load(&shim_ready)) {
         SHIM_TRACE("cuDevicePrimaryCtxReset dev=%d", dev);
         CUcontext ctx = active_primary(dev);
-        if (ctx) gm_heap_drop((uintptr_t)ctx, "device reset", true);
-        if (ctx) gm_pinned_drop_ctx((uintptr_t)ctx);
+        if (ctx) context_going_away(ctx, "device reset", true);
     }
     return real(dev);
 }
@@ -90,8 +99,7 @@ static CUresult primary_release(CUresult (*real)(CUdevice), CUdevice dev)
     CUresult rc = real(dev);
     if (rc == CUDA_SUCCESS && ctx && !primary_still_active(dev)) {
         SHIM_TRACE("cuDevicePrimaryCtxRelease_v2 dev=%d destroyed the primary context", dev);
-        gm_heap_drop((uintptr_t)ctx, "primary context released", false);
-        gm_pinned_drop_ctx((uintptr_t)ctx);
+        context_going_away(ctx, "primary context released", false);
     }
     return rc;
 }

@@ -12,6 +12,11 @@
  *    streams (no blocking/non-blocking distinction).
  *  - Synchronous copies and memsets are enqueued on the legacy (or, for _ptds, the per-thread)
  *    stream and waited for, so they run after everything queued there before them.
+ *  - Pageable host memory (host memory the fake does not know: neither cuMemHostAlloc'd nor
+ *    registered) behaves as the real driver documents: a copy into it (D2H, H2H), async or not,
+ *    returns when the data is there; an async copy out of it snapshots the source at the call, so
+ *    the call returns once the source has been consumed while the copy itself waits its turn.
+ *  - Test knobs: a delay for every copy (a slow DMA) and injected copy errors (fakecuda.h).
  *  - cuMemFree_v2 waits for every stream of the allocation's context, as the real one does;
  *    cuMemFreeAsync frees when the stream reaches it.
  *  - Stream capture only flips a per-stream state; captured work still runs. While a capture in
@@ -76,6 +81,7 @@ typedef struct fk_ctx {
     int prim_refs;
     unsigned flags;
     struct fk_stream *legacy;
+    uint64_t id;         /* cuCtxGetId: new at every activation, so a reset primary gets a new one */
 } fk_ctx;
 
 typedef struct fk_alloc {
@@ -112,6 +118,7 @@ typedef struct fk_work {
     uint64_t gen;
     uint64_t alloc_id;   /* W_FREE: which allocation at dst */
     bool chk_dst, chk_src;
+    void *owned;         /* W_COPY from a snapshot of pageable memory: freed once it has run */
 } fk_work;
 
 typedef struct fk_stream {
@@ -150,6 +157,10 @@ static size_t g_nallocs, g_allocs_cap;
 static fk_alloc *g_vmm;
 static uint64_t g_next_id = 1;
 static fakecuda_counters_t g_cnt;
+static uint64_t g_copies_pending;   /* W_COPY items queued and not yet run */
+static unsigned g_copy_delay_us;    /* fakecuda_set_copy_delay */
+static unsigned g_copy_fail_skip, g_copy_fail_count; /* fakecuda_fail_copies */
+static CUresult g_copy_fail_code;
 
 static __thread fk_ctx *tl_stack[FK_STACK_MAX];
 static __thread int tl_depth;
@@ -456,21 +467,29 @@ static void fill_words(uintptr_t dst, uint32_t v, size_t words)
         p[i] = v;
 }
 
+static void sleep_us(unsigned us)
+{
+    struct timespec ts = {us / 1000000u, (long)(us % 1000000u) * 1000L};
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+}
+
 /* The data-moving part of a work item, run without the lock like a real engine would. */
 static void work_run_unlocked(const fk_work *w)
 {
     switch (w->kind) {
-    case W_COPY: memmove((void *)w->dst, (const void *)w->src, w->n); break;
+    case W_COPY:
+        if (w->delay_us)
+            sleep_us(w->delay_us);
+        memmove((void *)w->dst, (const void *)w->src, w->n);
+        break;
     case W_SET8: memset((void *)w->dst, (int)w->val, w->n); break;
     case W_SET16: fill_halves(w->dst, (uint16_t)w->val, w->n); break;
     case W_SET32: fill_words(w->dst, w->val, w->n); break;
-    case W_FILL: {
-        struct timespec ts = {w->delay_us / 1000000u, (long)(w->delay_us % 1000000u) * 1000L};
-        while (nanosleep(&ts, &ts) != 0) {
-        }
+    case W_FILL:
+        sleep_us(w->delay_us);
         memset((void *)w->dst, (int)w->val, w->n);
         break;
-    }
     default: break;
     }
 }
@@ -495,6 +514,10 @@ static void work_run_locked(const fk_work *w)
             alloc_release(a);
         break;
     }
+    case W_COPY:
+        g_copies_pending--;
+        free(w->owned);
+        break;
     default: break;
     }
 }
@@ -558,6 +581,8 @@ static CUresult enqueue(fk_stream *s, const fk_work *tmpl, uint64_t *seq_out)
     *w = *tmpl;
     w->next = NULL;
     w->seq = ++s->enq_seq;
+    if (w->kind == W_COPY)
+        g_copies_pending++;
     if (s->tail)
         s->tail->next = w;
     else
@@ -674,6 +699,7 @@ static CUresult ctx_activate(fk_ctx *c)
     if (!c->legacy)
         return CUDA_ERROR_OUT_OF_MEMORY;
     c->alive = true;
+    c->id = g_next_id++;
     return CUDA_SUCCESS;
 }
 
@@ -1033,6 +1059,20 @@ FK_API CUresult CUDAAPI cuCtxPopCurrent_v2(CUcontext *pctx)
     fk_ctx *c = tl_stack[--tl_depth];
     if (pctx)
         *pctx = (CUcontext)c;
+    return leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuCtxGetId(CUcontext h, unsigned long long *id)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!id)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ctx *c;
+    if ((r = arg_ctx(h, &c)))
+        return leave(r);
+    *id = c->id;
     return leave(CUDA_SUCCESS);
 }
 
@@ -1719,6 +1759,39 @@ FK_API CUresult CUDAAPI cuMemRelease(CUmemGenericAllocationHandle handle)
 
 /* ================================================================ copies and memsets */
 
+/* fakecuda_fail_copies: the injected error for this copy, or CUDA_SUCCESS. */
+static CUresult copy_fault(void)
+{
+    if (!g_copy_fail_count)
+        return CUDA_SUCCESS;
+    if (g_copy_fail_skip) {
+        g_copy_fail_skip--;
+        return CUDA_SUCCESS;
+    }
+    g_copy_fail_count--;
+    return g_copy_fail_code;
+}
+
+/* Host memory the fake does not know (neither pinned nor registered) is pageable, and the real
+ * driver's documented behaviour for it is kept: a copy into pageable memory returns only once the
+ * data is there, and an asynchronous copy out of pageable memory returns once the source has been
+ * consumed (snapshotted here), so the program may overwrite it at once. */
+static CUresult copy_pageable(fk_work *w, bool *sync)
+{
+    bool dst_pageable = !w->chk_dst && !reg_find(w->dst);
+    bool src_pageable = !w->chk_src && !reg_find(w->src);
+    w->delay_us = g_copy_delay_us;
+    if (dst_pageable)
+        *sync = true;
+    if (!src_pageable || *sync)
+        return CUDA_SUCCESS;
+    if (!(w->owned = malloc(w->n)))
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    memcpy(w->owned, (const void *)w->src, w->n);
+    w->src = (uintptr_t)w->owned;
+    return CUDA_SUCCESS;
+}
+
 /* Validate, count and queue one copy/memset/fill; `sync` waits for it like the blocking APIs.
  * chk_dst/chk_src say which side must lie inside a live allocation. */
 static CUresult mem_op(CUstream h, bool ptds, fk_work w, bool sync)
@@ -1740,9 +1813,17 @@ static CUresult mem_op(CUstream h, bool ptds, fk_work w, bool sync)
     if (!w.dst || (w.kind == W_COPY && !w.src) || (w.chk_dst && !dev_range_ok(w.dst, bytes)) ||
         (w.chk_src && !dev_range_ok(w.src, bytes)))
         return leave(CUDA_ERROR_INVALID_VALUE);
+    if (w.kind == W_COPY) {
+        if ((r = copy_fault()))
+            return leave(r);
+        if ((r = copy_pageable(&w, &sync)))
+            return leave(r);
+    }
     uint64_t seq;
-    if ((r = enqueue(s, &w, &seq)))
+    if ((r = enqueue(s, &w, &seq))) {
+        free(w.owned);
         return leave(r);
+    }
     if (sync)
         wait_stream_until(s, seq);
     return leave(CUDA_SUCCESS);
@@ -2081,6 +2162,7 @@ FK_API void fakecuda_counters(fakecuda_counters_t *out)
         return;
     LOCK();
     *out = g_cnt;
+    out->copies_pending = g_copies_pending;
     out->bytes_in_use = 0;
     for (int i = 0; i < FK_MAX_DEVICES; i++)
         out->bytes_in_use += g_dev[i].in_use;
@@ -2091,6 +2173,22 @@ FK_API void fakecuda_reset_counters(void)
 {
     LOCK();
     memset(&g_cnt, 0, sizeof g_cnt);
+    UNLOCK();
+}
+
+FK_API void fakecuda_set_copy_delay(unsigned delay_us)
+{
+    LOCK();
+    g_copy_delay_us = delay_us;
+    UNLOCK();
+}
+
+FK_API void fakecuda_fail_copies(unsigned after, unsigned count, CUresult code)
+{
+    LOCK();
+    g_copy_fail_skip = after;
+    g_copy_fail_count = count;
+    g_copy_fail_code = code;
     UNLOCK();
 }
 
@@ -2150,6 +2248,7 @@ FK_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int 
     X("cuCtxPushCurrent", 4000, 0, cuCtxPushCurrent_v2)                             \
     X("cuCtxPopCurrent", 4000, 0, cuCtxPopCurrent_v2)                               \
     X("cuCtxGetDevice", 2000, 0, cuCtxGetDevice)                                    \
+    X("cuCtxGetId", 12000, 0, cuCtxGetId)                                           \
     X("cuCtxGetDevice", 13000, 0, cuCtxGetDevice_v2)                                \
     X("cuCtxSynchronize", 2000, 0, cuCtxSynchronize)                                \
     X("cuCtxSynchronize", 13000, 0, cuCtxSynchronize_v2)                            \

@@ -57,6 +57,7 @@ typedef struct fakecuda_counters {
     uint64_t bytes_in_use;       /* device bytes allocated now, all devices (not a counter) */
     uint64_t host_alloc_calls;   /* cuMemAllocHost_v2 and cuMemHostAlloc calls */
     uint64_t copy_calls;         /* every cuMemcpy* call, synchronous or not */
+    uint64_t copies_pending;     /* copies queued on some stream and not yet run (not a counter) */
 } fakecuda_counters_t;
 
 /* Enqueue a "kernel" on stream s (0 = the legacy default stream) that sleeps delay_us
@@ -68,6 +69,14 @@ void fakecuda_counters(fakecuda_counters_t *out);
 
 /* Zero the counters; bytes_in_use is state, not a counter, and is kept. */
 void fakecuda_reset_counters(void);
+
+/* Every copy enqueued from now on sleeps delay_us microseconds on its stream before it moves its
+ * bytes (a slow DMA), so tests can see what waits for a copy and what does not. 0 = none. */
+void fakecuda_set_copy_delay(unsigned delay_us);
+
+/* Fault injection for copies: after `after` more copy calls succeed, the next `count` calls fail
+ * with `code` (checked after argument validation, before anything is queued). count 0 = off. */
+void fakecuda_fail_copies(unsigned after, unsigned count, CUresult code);
 
 /* Re-read the environment now and restart the FAKECUDA_FAIL_ALLOC_AFTER count. */
 void fakecuda_reload_env(void);
