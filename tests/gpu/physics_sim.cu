@@ -141,7 +141,7 @@ static bool stress(cudaStream_t stream)
            (unsigned long long)r.grows_in_place, (unsigned long long)r.copies,
            (double)r.bytes_copied / (1 << 20), r.frames_acquired, r.frame_errors, finite ? "yes" : "no");
     bool ok = r.nodes >= 1000000 && r.frame_errors == 0 && r.frames_acquired == sch.steps - 1 && finite &&
-              r.grows >= 4 * 8;
+              r.grows >= 4 * 4; // every buffer grew repeatedly (10 growth events, capacity x1.5)
     pm_result_free(&r);
     return ok;
 }
