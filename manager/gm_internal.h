@@ -274,7 +274,6 @@ void gm_stats_on_free(gm_heap *heap, const gm_record *rec);
 void gm_stats_share_device_locked(int device);
 
 /* transfer.c: checked and counted copies (more in gm_transfer.h) */
-void gm_copy_note(gm_copy_dir dir, size_t bytes);
 void gm_copy_totals(gm_copy_dir dir, uint64_t *calls, uint64_t *bytes);
 const char *gm_copy_dir_name(gm_copy_dir dir);
 void gm_copy_report_text(FILE *out); /* the report's copy lines */
@@ -303,6 +302,7 @@ uint16_t gm_tag_find(const char *name);
 uint32_t gm_tag_count(void);          /* ids 1 .. count-1 are in use */
 void gm_tag_on_alloc(uint16_t id, uint64_t bytes);
 void gm_tag_on_free(uint16_t id, uint64_t bytes);
+void gm_tag_on_resize(uint16_t id);
 void gm_tag_usage_get(uint16_t id, gpumem_tag_usage *out);
 void gm_tags_report_text(FILE *out);
 void gm_tags_report_json(FILE *out, void (*json_string)(FILE *, const char *));

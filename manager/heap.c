@@ -581,3 +581,164 @@ void gm_heap_reset_locked(gm_heap *heap)
     heap->c.limit_rejections = keep.limit_rejections;
     heap->c.backend_ooms = keep.backend_ooms;
 }
+
+/* ------------------------------------------------------------------ checked copies */
+
+/* Probes of the live table on each side of an interior pointer before walking a segment's block
+ * list: a pointer within 4 KiB of either end of its block is found in a few hash lookups instead
+ * of a walk over every block in front of it (a small segment can hold 4096). */
+#define GM_INTERIOR_PROBES 8
+
+/* The blocks this thread last found by probing or walking: a program that copies into the same
+ * buffer at many offsets (rows of a matrix, a framework's own sub-allocations) walks once. Only
+ * addresses are kept and each is re-validated through the live table, so a stale entry costs a
+ * hash probe, never a wrong answer. */
+#define GM_RECENT 4
+static __thread struct { const gm_heap *heap; uintptr_t base, end; } tl_recent[GM_RECENT];
+static __thread unsigned tl_recent_next;
+
+/* The block of the live record at `addr`, if it is a pool block of `seg` (NULL: any segment). */
+static gm_block *live_block_at(gm_heap *heap, const gm_segment *seg, uintptr_t addr)
+{
+    gm_record *rec = gm_live_find(heap, addr);
+    return rec && rec->block && (!seg || rec->block->seg == seg) ? rec->block : NULL;
+}
+
+static gm_block *recent_block(gm_heap *heap, uintptr_t ptr)
+{
+    for (int i = 0; i < GM_RECENT; i++) {
+        if (tl_recent[i].heap != heap || ptr < tl_recent[i].base || ptr >= tl_recent[i].end) continue;
+        gm_block *b = live_block_at(heap, NULL, tl_recent[i].base);
+        if (b && ptr < b->addr + b->size) return b;
+    }
+    return NULL;
+}
+
+static void remember_block(const gm_heap *heap, const gm_block *b)
+{
+    unsigned i = tl_recent_next++ % GM_RECENT;
+    tl_recent[i].heap = heap;
+    tl_recent[i].base = b->addr;
+    tl_recent[i].end = b->addr + b->size;
+}
+
+/* A live block near `ptr` (which is in `seg` and not a live block's base): the nearest one below
+ * or above it within GM_INTERIOR_PROBES 512-B steps, or NULL. */
+static gm_block *live_block_near(gm_heap *heap, const gm_segment *seg, uintptr_t ptr)
+{
+    uintptr_t down = (ptr - 1) & ~(uintptr_t)(GM_ALIGN - 1); /* the first base below ptr */
+    uintptr_t up = (ptr | (GM_ALIGN - 1)) + 1;               /* the first base above it */
+    for (int i = 0; i < GM_INTERIOR_PROBES; i++, down -= GM_ALIGN, up += GM_ALIGN) {
+        gm_block *b = down >= seg->base && down < ptr ? live_block_at(heap, seg, down) : NULL;
+        if (!b && up < seg->base + seg->size) b = live_block_at(heap, seg, up);
+        if (b) return b;
+    }
+    return NULL;
+}
+
+/* Like gm_heap_block_containing_locked, faster for the pointers copies use: a block's own base
+ * costs one hash probe; a pointer outside every segment, one more and a binary search over the
+ * segments; a pointer inside a block this thread used lately, one more; a pointer near either end of a live
+ * block, a few; otherwise the segment's block list is walked from the nearest live block found
+ * (blocks tile their segment: forward from one below, backward from one above), else from the
+ * segment's first block. `*live` tells that the block was found through the live table (it is
+ * live); otherwise the caller checks. */
+gm_block *gm_heap_block_at_locked(gm_heap *heap, uintptr_t ptr, bool *live)
+{
+    *live = true;
+    gm_record *rec = gm_live_find(heap, ptr);
+    if (rec) return rec->block; /* NULL: a tracked allocation that is not pooled */
+    gm_segment *seg = segment_containing(heap, ptr);
+    if (!seg) return NULL;
+    gm_block *b = recent_block(heap, ptr);
+    if (b) return b;
+    b = live_block_near(heap, seg, ptr);
+    if (b && b->addr <= ptr && ptr < b->addr + b->size) {
+        remember_block(heap, b);
+        return b;
+    }
+    *live = false;
+    if (b && b->addr > ptr) {
+        while (b && b->addr > ptr) b = b->prev;
+    } else {
+        for (b = b ? b : seg->first; b && ptr >= b->addr + b->size;) b = b->next;
+    }
+    if (b && b->state == GM_BLOCK_LIVE) remember_block(heap, b);
+    return b;
+}
+
+/* ------------------------------------------------------------------ resizing a live block */
+/* Named buffers (buffers.c) grow a live block into the free block right after it, and shrink one
+ * by handing its tail back, so neither needs a copy or a new pointer. The block's record then
+ * reads as if the block had been allocated at its new size. */
+
+size_t gm_heap_room_after_locked(const gm_block *b)
+{
+    const gm_block *next = b->next;
+    return next && next->state == GM_BLOCK_FREE ? next->size : 0;
+}
+
+/* Statistics and the tag see the old size freed and the new one allocated; a resize is neither
+ * an allocation nor a free of its own, so those counts are put back. */
+static void record_resized_locked(gm_heap *heap, gm_record *rec, size_t requested)
+{
+    gm_stats_on_free(heap, rec);
+    rec->size = rec->block->size;
+    rec->requested = requested;
+    gm_stats_on_alloc(heap, rec, true);
+    heap->c.allocations--;
+    heap->c.frees--;
+    heap->c.pool_hits--;
+    if (rec->tag) gm_tag_on_resize(rec->tag);
+}
+
+int gm_heap_extend_block_locked(gm_heap *heap, gm_block *b, size_t new_rounded, size_t requested)
+{
+    if (b->state != GM_BLOCK_LIVE || !b->rec.block) return GPUMEM_ERROR_INVALID_VALUE;
+    size_t grow = new_rounded > b->size ? new_rounded - b->size : 0;
+    if (grow > gm_heap_room_after_locked(b)) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    if (grow) {
+        gm_block *next = b->next;
+        gm_bins *bins = bins_for(heap, b->seg);
+        bins_remove(bins, next);
+        if (next->size == grow) {
+            merge_into_prev_locked(heap, b, next);
+        } else { /* the neighbour keeps what is left, further up */
+            next->addr += grow;
+            next->size -= grow;
+            bins_insert(bins, next);
+            b->size += grow;
+        }
+        b->seg->used += grow;
+        heap->c.bytes_free -= grow;
+    }
+    record_resized_locked(heap, &b->rec, requested);
+    return GPUMEM_OK;
+}
+
+int gm_heap_shrink_block_locked(gm_heap *heap, gm_block *b, size_t new_rounded, size_t requested,
+                                bool pend)
+{
+    if (b->state != GM_BLOCK_LIVE || !b->rec.block || new_rounded == 0 || new_rounded > b->size ||
+        new_rounded % GM_ALIGN)
+        return GPUMEM_ERROR_INVALID_VALUE;
+    if (new_rounded < b->size) {
+        gm_block *tail = block_new(heap);
+        if (!tail) return GPUMEM_ERROR_OUT_OF_MEMORY;
+        /* The tail starts as part of the live block (counted in seg->used) and leaves it the way a
+         * freed block does, so it waits for the barrier or the fence like any other free. */
+        tail->addr = b->addr + new_rounded;
+        tail->size = b->size - new_rounded;
+        tail->seg = b->seg;
+        tail->state = GM_BLOCK_LIVE;
+        tail->prev = b;
+        tail->next = b->next;
+        if (b->next) b->next->prev = tail;
+        b->next = tail;
+        b->size = new_rounded;
+        if (pend) gm_heap_pend_block_locked(heap, tail);
+        else gm_heap_free_block_locked(heap, tail);
+    }
+    record_resized_locked(heap, &b->rec, requested);
+    return GPUMEM_OK;
+}

@@ -519,3 +519,71 @@ void gm_heap_drop(uintptr_t ctx, const char *why, bool ctx_alive)
     heap->bound = false;
     pthread_mutex_unlock(&heap->lock);
 }
+
+/* ------------------------------------------------------------------ checked copies */
+
+#include "gm_transfer.h"
+
+/* The heap that held this thread's last checked pointer: heaps are never freed, so a stale hint
+ * costs one extra lookup, never a crash. */
+static __thread gm_heap *tl_span_heap;
+
+/* Classifies span `s` against block `b` (which contains s->ptr); the heap is locked. */
+static void span_classify_locked(gm_heap *h, const gm_block *b, bool known_live, gm_span *s)
+{
+    s->device = h->device;
+    /* A block found by walking may be LIVE while its free is in progress (record already gone). */
+    bool live = known_live || (b->state == GM_BLOCK_LIVE && gm_live_find(h, b->addr) == &b->rec);
+    if (!live) {
+        s->status = GM_SPAN_FREED;
+        s->base = b->addr;
+        s->size = b->size;
+        return;
+    }
+    s->base = b->addr;
+    s->size = b->rec.requested;
+    uintptr_t end = b->addr + b->rec.requested;
+    bool fits = s->ptr < end && s->n <= end - s->ptr;
+    s->status = fits ? GM_SPAN_LIVE : GM_SPAN_PAST_END;
+}
+
+/* Resolves the still unresolved spans that lie in `h`; returns how many it resolved. */
+static size_t spans_in_heap(gm_heap *h, gm_span *spans, size_t count, bool *done)
+{
+    if (__atomic_load_n(&h->nsegments, __ATOMIC_RELAXED) == 0) return 0;
+    size_t found = 0;
+    pthread_mutex_lock(&h->lock);
+    for (size_t i = 0; i < count; i++) {
+        if (done[i]) continue;
+        bool live;
+        gm_block *b = gm_heap_block_at_locked(h, spans[i].ptr, &live);
+        if (!b) continue;
+        span_classify_locked(h, b, live, &spans[i]);
+        done[i] = true;
+        found++;
+    }
+    pthread_mutex_unlock(&h->lock);
+    return found;
+}
+
+void gm_pool_find_spans(gm_span *spans, size_t count)
+{
+    bool done[2] = {true, true};
+    size_t left = 0;
+    if (count > 2) count = 2;
+    for (size_t i = 0; i < count; i++) {
+        spans[i].status = GM_SPAN_NOT_OURS;
+        done[i] = spans[i].ptr == 0 || spans[i].n == 0;
+        left += !done[i];
+    }
+    gm_heap *hint = tl_span_heap;
+    if (left && hint) left -= spans_in_heap(hint, spans, count, done);
+    size_t n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < n && left; i++) {
+        gm_heap *h = gm_mgr.heaps[i];
+        if (h == hint) continue;
+        size_t got = spans_in_heap(h, spans, count, done);
+        if (got) tl_span_heap = h;
+        left -= got;
+    }
+}
