@@ -163,6 +163,9 @@ typedef struct gm_heap {
     gm_block *spare_blocks;     /* recycled block headers */
     gm_record *live;            /* uthash by ptr; never empty: see sentinel */
     gm_record sentinel;         /* ptr 0, keeps uthash from freeing its table on every last delete */
+    _Atomic uint64_t live_gen;  /* bumped (under the lock) whenever a live block stops being live
+                                 * or changes size: a checked copy may trust what it learnt about
+                                 * a live block without the lock while this is unchanged */
     gm_heap_counters c;
 } gm_heap;
 
@@ -187,12 +190,21 @@ uint64_t gm_limit_headroom(int device); /* bytes still below the limit; UINT64_M
 void gm_device_note_allocated(int device, int64_t delta);
 
 /* ---------------------------------------------------------------- the engine (manager.c) */
+/* What every copy hook reads, copied from the configuration into the manager's first cache line
+ * (the configuration itself spreads over kilobytes of path strings). */
+typedef struct gm_copy_settings {
+    bool check;          /* GPUMEM_CHECK_COPIES */
+    bool staging;        /* GPUMEM_STAGING */
+    uint64_t staging_min;
+} gm_copy_settings;
+
 typedef struct gm_manager {
     const gm_backend *backend;
     const gm_config *cfg;
-    pthread_mutex_t heaps_lock;
+    gm_copy_settings copy;
+    _Atomic size_t nheaps;          /* next to heaps[0]: the hot path reads both */
     gm_heap *heaps[GM_MAX_HEAPS];
-    _Atomic size_t nheaps;
+    pthread_mutex_t heaps_lock;
     _Atomic bool exiting;           /* after exit began: never call the backend again */
 } gm_manager;
 
@@ -236,6 +248,16 @@ void gm_heap_drop(uintptr_t ctx, const char *why, bool ctx_alive);
 /* Bytes this process can still obtain on `device` (limit and cached free memory considered). */
 void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
                  size_t *total_out);
+
+/* Lowest and highest address of any pool segment ever made (never narrowed): a pointer outside
+ * is not pool memory, known without a lock. */
+extern _Atomic uintptr_t gm_pool_lo, gm_pool_hi;
+static inline void gm_heap_live_changed_locked(gm_heap *heap)
+{
+    /* Only lock holders write it: a release store, no locked instruction on the hot path. */
+    uint64_t g = atomic_load_explicit(&heap->live_gen, memory_order_relaxed);
+    atomic_store_explicit(&heap->live_gen, g + 1, memory_order_release);
+}
 
 /* heap.c internals used by manager.c */
 int gm_heap_alloc_locked(gm_heap *heap, size_t rounded, gm_block **out);

@@ -139,6 +139,15 @@ static gm_segment *segment_containing(const gm_heap *heap, uintptr_t addr)
     return addr < s->base + s->size ? s : NULL;
 }
 
+_Atomic uintptr_t gm_pool_lo = UINTPTR_MAX, gm_pool_hi = 0;
+
+static void widen_pool_range(uintptr_t base, size_t size)
+{
+    uintptr_t lo = atomic_load(&gm_pool_lo), hi = atomic_load(&gm_pool_hi);
+    while (base < lo && !atomic_compare_exchange_weak(&gm_pool_lo, &lo, base)) {}
+    while (base + size > hi && !atomic_compare_exchange_weak(&gm_pool_hi, &hi, base + size)) {}
+}
+
 static bool segments_insert(gm_heap *heap, gm_segment *seg)
 {
     if (heap->nsegments == heap->segments_cap) {
@@ -152,6 +161,7 @@ static bool segments_insert(gm_heap *heap, gm_segment *seg)
     memmove(&heap->segments[i + 1], &heap->segments[i], (heap->nsegments - i) * sizeof seg);
     heap->segments[i] = seg;
     __atomic_store_n(&heap->nsegments, heap->nsegments + 1, __ATOMIC_RELAXED);
+    widen_pool_range(seg->base, seg->size); /* before any block of it is handed out */
     return true;
 }
 
@@ -340,6 +350,7 @@ void gm_heap_free_block_locked(gm_heap *heap, gm_block *b)
 {
     gm_bins *bins = bins_for(heap, b->seg);
     if (b->state == GM_BLOCK_LIVE) {
+        gm_heap_live_changed_locked(heap);
         b->seg->used -= b->size;
         heap->c.bytes_free += b->size;
     }
@@ -361,6 +372,7 @@ void gm_heap_free_block_locked(gm_heap *heap, gm_block *b)
 /* Fast mode: the block waits for a fence covering all work enqueued before this free. */
 void gm_heap_pend_block_locked(gm_heap *heap, gm_block *b)
 {
+    gm_heap_live_changed_locked(heap);
     b->seg->used -= b->size;
     heap->c.bytes_free += b->size;
     b->state = GM_BLOCK_PENDING;
@@ -531,6 +543,7 @@ void gm_heap_init(gm_heap *heap, uintptr_t ctx, int device)
  * this is a fork child). Limit reservations of the segments are returned. */
 void gm_heap_reset_locked(gm_heap *heap)
 {
+    gm_heap_live_changed_locked(heap);
     gm_record *rec, *tmp;
     HASH_ITER(hh, heap->live, rec, tmp) {
         HASH_DELETE(hh, heap->live, rec);
@@ -682,6 +695,7 @@ size_t gm_heap_room_after_locked(const gm_block *b)
  * an allocation nor a free of its own, so those counts are put back. */
 static void record_resized_locked(gm_heap *heap, gm_record *rec, size_t requested)
 {
+    gm_heap_live_changed_locked(heap);
     gm_stats_on_free(heap, rec);
     rec->size = rec->block->size;
     rec->requested = requested;

@@ -126,6 +126,8 @@ bool gm_manager_init(const gm_backend *backend)
     pthread_mutex_lock(&init_lock);
     if (!gm_mgr.backend) {
         gm_mgr.cfg = gm_config_get();
+        gm_mgr.copy = (gm_copy_settings){gm_mgr.cfg->check_copies, gm_mgr.cfg->staging,
+                                         gm_mgr.cfg->staging_min};
         gm_mgr.backend = backend;
         pthread_atfork(lock_everything, unlock_everything, child_after_fork);
         gm_stack_warm_up();
@@ -528,6 +530,57 @@ void gm_heap_drop(uintptr_t ctx, const char *why, bool ctx_alive)
  * costs one extra lookup, never a crash. */
 static __thread gm_heap *tl_span_heap;
 
+/* What this thread learnt of the live blocks it checked last. An entry is trusted without the
+ * heap's lock while the heap's live_gen is what it was when the entry was made: no block of the
+ * heap has stopped being live or changed size since, so the block is still live with that size.
+ * A program's copies mostly reuse a few buffers, so most checks end here, lock-free. */
+typedef struct span_memo {
+    gm_heap *heap;
+    uint64_t gen;
+    uintptr_t base;
+    size_t block_size, requested;
+} span_memo;
+#define SPAN_MEMOS 4
+static __thread span_memo tl_memo[SPAN_MEMOS];
+static __thread unsigned tl_memo_next;
+
+static void memo_remember_locked(gm_heap *h, const gm_block *b)
+{
+    span_memo *m = &tl_memo[tl_memo_next++ % SPAN_MEMOS];
+    *m = (span_memo){h, atomic_load_explicit(&h->live_gen, memory_order_relaxed), b->addr, b->size,
+                     b->rec.requested};
+}
+
+static void span_classify_live(gm_span *s, int device, uintptr_t base, size_t requested)
+{
+    s->device = device;
+    s->base = base;
+    s->size = requested;
+    uintptr_t end = base + requested;
+    bool fits = s->ptr < end && s->n <= end - s->ptr;
+    s->status = fits ? GM_SPAN_LIVE : GM_SPAN_PAST_END;
+}
+
+/* Resolves `s` from the thread's memos or from the pool's address range alone; false when the
+ * heap must be asked. */
+static bool span_resolve_unlocked(gm_span *s)
+{
+    if (s->ptr < atomic_load_explicit(&gm_pool_lo, memory_order_relaxed) ||
+        s->ptr >= atomic_load_explicit(&gm_pool_hi, memory_order_relaxed))
+        return true; /* no segment was ever there: GM_SPAN_NOT_OURS */
+    for (int i = 0; i < SPAN_MEMOS; i++) {
+        span_memo *m = &tl_memo[i];
+        if (!m->heap || s->ptr - m->base >= m->block_size) continue;
+        if (atomic_load_explicit(&m->heap->live_gen, memory_order_acquire) != m->gen) {
+            m->heap = NULL;
+            continue;
+        }
+        span_classify_live(s, m->heap->device, m->base, m->requested);
+        return true;
+    }
+    return false;
+}
+
 /* Classifies span `s` against block `b` (which contains s->ptr); the heap is locked. */
 static void span_classify_locked(gm_heap *h, const gm_block *b, bool known_live, gm_span *s)
 {
@@ -540,11 +593,8 @@ static void span_classify_locked(gm_heap *h, const gm_block *b, bool known_live,
         s->size = b->size;
         return;
     }
-    s->base = b->addr;
-    s->size = b->rec.requested;
-    uintptr_t end = b->addr + b->rec.requested;
-    bool fits = s->ptr < end && s->n <= end - s->ptr;
-    s->status = fits ? GM_SPAN_LIVE : GM_SPAN_PAST_END;
+    span_classify_live(s, h->device, b->addr, b->rec.requested);
+    memo_remember_locked(h, b);
 }
 
 /* Resolves the still unresolved spans that lie in `h`; returns how many it resolved. */
@@ -573,7 +623,7 @@ void gm_pool_find_spans(gm_span *spans, size_t count)
     if (count > 2) count = 2;
     for (size_t i = 0; i < count; i++) {
         spans[i].status = GM_SPAN_NOT_OURS;
-        done[i] = spans[i].ptr == 0 || spans[i].n == 0;
+        done[i] = spans[i].ptr == 0 || spans[i].n == 0 || span_resolve_unlocked(&spans[i]);
         left += !done[i];
     }
     gm_heap *hint = tl_span_heap;

@@ -28,6 +28,7 @@ gm_record *gm_live_find(gm_heap *heap, uintptr_t ptr)
 
 void gm_live_remove(gm_heap *heap, gm_record *rec)
 {
+    gm_heap_live_changed_locked(heap); /* a checked copy's cached view of the block is stale */
     HASH_DELETE(hh, heap->live, rec);
 }
 

@@ -317,7 +317,7 @@ static int sole_device(void)
 
 int gm_xfer_check(gm_xfer *x)
 {
-    bool check = gm_mgr.cfg->check_copies;
+    bool check = gm_mgr.copy.check;
     x->device = sole_device();
     x->side[GM_XFER_DST].status = x->side[GM_XFER_SRC].status = GM_SPAN_NOT_OURS;
     if (!check && x->device >= 0) return GPUMEM_OK; /* the lookup would only name the device */

@@ -110,7 +110,7 @@ static void count(const copy_op *op, const copy_class *c, uint64_t t0, bool stag
 
 static bool worth_staging(const copy_op *op, const copy_class *c)
 {
-    const gm_config *cfg = gm_mgr.cfg;
+    const gm_copy_settings *cfg = &gm_mgr.copy;
     return (c->dir == GPUMEM_COPY_H2D || c->dir == GPUMEM_COPY_D2H) && c->host == GPUMEM_HOST_PAGEABLE &&
            cfg->staging && op->n >= cfg->staging_min && op->n > 0 && !shim_capture_active();
 }
