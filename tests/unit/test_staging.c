@@ -11,6 +11,7 @@
  * Staged and unstaged copies are told apart by the fake's copy-call counter: an unstaged copy is
  * one driver call, a staged one a call per piece. */
 #include <criterion/criterion.h>
+#include <sys/mman.h>
 #include <dlfcn.h>
 #include <libgen.h>
 #include <limits.h>
@@ -143,6 +144,24 @@ Test(staging_host, what_is_not_staged)
     fill_pattern(b, MiB, 3);
     cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, MiB, 0, false), GPUMEM_OK);
     cr_expect_eq(check_pattern(a, MiB, 3), MiB);
+}
+
+Test(staging_host, host_memory_that_is_not_mapped_is_left_to_the_driver)
+{
+    host_start((const char *[]){"GPUMEM_STAGING_MIN", "64KiB", NULL});
+    static unsigned char dev[4 * MiB];
+    /* A range with an unmapped page in the middle: gpumem must not memcpy it. */
+    unsigned char *m = mmap(NULL, 3 * MiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    cr_assert_neq(m, MAP_FAILED);
+    cr_assert_eq(munmap(m + MiB, MiB), 0);
+    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)m, 3 * MiB, 0, false), GM_NOT_OURS);
+    cr_expect_eq(gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)m + 512, (uintptr_t)dev, 2 * MiB, 0, true), GM_NOT_OURS);
+    /* The mapped part alone is staged. */
+    fill_pattern(m, MiB, 5);
+    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)m, MiB, 0, false), GPUMEM_OK);
+    cr_expect_eq(check_pattern(dev, MiB, 5), MiB);
+    munmap(m, MiB);
+    munmap(m + 2 * MiB, MiB);
 }
 
 Test(staging_host, off_stages_nothing)
