@@ -341,6 +341,9 @@ const char *gm_program_path(void); /* /proc/self/exe, resolved once */
 extern _Atomic uint64_t gm_invalid_frees;
 
 /* report.c */
+/* One call stack in the report's frame format ("    #i 0x.. in fn module+0x.. (file:line)\n"),
+ * names and lines resolved like the leak report's (addr2line once per module, cached). */
+size_t gm_report_format_stack(char *out, size_t cap, const uintptr_t *pc, size_t n);
 size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
 /* Leaks of a context that went away stay in the exit report. Called with heap->lock held. */
 void gm_report_keep_orphans_locked(gm_heap *heap);

@@ -510,6 +510,25 @@ static void json_stats(FILE *out)
 
 /* Before printing: one addr2line run per module for the frames of every group that will be
  * printed (suppressed groups are decided on dladdr's names alone and never cost a process). */
+/* addr2line once per module, for all of its pending frames together. */
+static void resolve_pending(frame *pending, size_t npending)
+{
+    frame *same = npending ? malloc(npending * sizeof *same) : NULL;
+    for (size_t i = 0; same && i < npending; i++) {
+        if (!pending[i].module[0]) continue;
+        char module[256];
+        snprintf(module, sizeof module, "%s", pending[i].module);
+        size_t ns = 0;
+        for (size_t k = i; k < npending; k++)
+            if (strcmp(pending[k].module, module) == 0) {
+                same[ns++] = pending[k];
+                pending[k].module[0] = 0;
+            }
+        resolve_module(module, same, ns);
+    }
+    free(same);
+}
+
 static void resolve_printed_frames(const leak_group *groups, size_t n, bool json)
 {
     static frame frames[MAX_FRAMES];
@@ -530,21 +549,40 @@ static void resolve_printed_frames(const leak_group *groups, size_t n, bool json
             pending[npending++] = frames[k];
         }
     }
-    frame *same = npending ? malloc(npending * sizeof *same) : NULL;
-    for (size_t i = 0; same && i < npending; i++) { /* each module once, all its frames together */
-        if (!pending[i].module[0]) continue;
-        char module[256];
-        snprintf(module, sizeof module, "%s", pending[i].module);
-        size_t ns = 0;
-        for (size_t k = i; k < npending; k++)
-            if (strcmp(pending[k].module, module) == 0) {
-                same[ns++] = pending[k];
-                pending[k].module[0] = 0;
-            }
-        resolve_module(module, same, ns);
-    }
-    free(same);
+    resolve_pending(pending, npending);
     free(pending);
+}
+
+/* The report, and the stacks of refused copies, share the addr2line cache. */
+static pthread_mutex_t symbols_lock = PTHREAD_MUTEX_INITIALIZER;
+
+size_t gm_report_format_stack(char *out, size_t cap, const uintptr_t *pc, size_t n)
+{
+    frame f[MAX_FRAMES], pending[MAX_FRAMES];
+    size_t npending = 0, used = 0;
+    if (n > MAX_FRAMES) n = MAX_FRAMES;
+    if (cap) out[0] = 0;
+    pthread_mutex_lock(&symbols_lock);
+    for (size_t i = 0; i < n; i++) {
+        f[i].pc = pc[i];
+        symbolize(&f[i]);
+        if (wants_addr2line(&f[i]) && !line_of(f[i].pc)) pending[npending++] = f[i];
+    }
+    if (npending) {
+        resolve_pending(pending, npending);
+        for (size_t i = 0; i < n; i++) symbolize(&f[i]);
+    }
+    pthread_mutex_unlock(&symbols_lock);
+    for (size_t i = 0; i < n && used + 1 < cap; i++) {
+        int w = snprintf(out + used, cap - used, "    #%zu 0x%lx in %s %s+0x%lx", i, (unsigned long)f[i].pc,
+                         f[i].function[0] ? f[i].function : "<unknown>",
+                         f[i].module[0] ? base_name(f[i].module) : "<unknown>", (unsigned long)f[i].offset);
+        if (w > 0 && f[i].line && used + (size_t)w < cap)
+            w += snprintf(out + used + w, cap - used - (size_t)w, " (%s:%d)", f[i].file, f[i].line);
+        if (w > 0 && used + (size_t)w + 1 < cap) out[used + (size_t)w++] = '\n', out[used + (size_t)w] = 0;
+        used = w < 0 ? used : used + (size_t)w < cap ? used + (size_t)w : cap - 1;
+    }
+    return used;
 }
 
 /* "Leak of N byte(s) in M allocation(s) on device D [tagged "x"] allocated from:" */
@@ -614,7 +652,18 @@ static FILE *open_destination(bool *close_it)
     return f;
 }
 
+static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
+
+/* One report at a time, and never while a refused copy's stack is being symbolized. */
 static uint64_t write_report(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
+{
+    bool locked = lock_for_report(&symbols_lock);
+    uint64_t n = write_report_locked(out, only_device, only_ctx, why);
+    if (locked) pthread_mutex_unlock(&symbols_lock);
+    return n;
+}
+
+static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
 {
     bool json = gm_mgr.cfg && gm_mgr.cfg->report_format == 1;
     leak_group *groups = NULL;

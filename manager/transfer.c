@@ -221,39 +221,20 @@ static bool is_plumbing(const char *module)
     return false;
 }
 
-/* "    #i 0x<pc> in <function> <module>+0x<offset>\n", LeakSanitizer's frame format (dladdr names:
- * no addr2line at the time of the call; the offsets are what addr2line wants). */
-static size_t format_frame(char *out, size_t cap, size_t i, uintptr_t pc)
-{
-    Dl_info info;
-    memset(&info, 0, sizeof info);
-    const char *function = "<unknown>", *module = "<unknown>";
-    uintptr_t offset = 0;
-    if (pc && dladdr((void *)(pc - 1), &info) && info.dli_fname) {
-        const ElfW(Ehdr) *eh = info.dli_fbase;
-        module = info.dli_fname[0] ? base_name(info.dli_fname) : base_name(gm_program_path());
-        offset = eh && eh->e_type == ET_EXEC ? pc - 1 : pc - 1 - (uintptr_t)info.dli_fbase;
-        if (info.dli_sname) function = info.dli_sname;
-    }
-    int n = snprintf(out, cap, "    #%zu 0x%lx in %s %s+0x%lx\n", i, (unsigned long)pc, function, module,
-                     (unsigned long)offset);
-    return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
-}
-
+/* The refused call's stack, LeakSanitizer's frame format with file:line where known. */
 static size_t format_stack(char *out, size_t cap, const gm_callsite *site)
 {
-    uintptr_t pc[64];
-    size_t n = site ? gm_stack_get(gm_stack_capture(site), pc, 64) : 0;
+    uintptr_t pc[64], shown[64];
+    size_t n = site ? gm_stack_get(gm_stack_capture(site), pc, 64) : 0, m = 0;
     if (n == 0 && site) pc[n++] = site->pc;
-    size_t used = 0, printed = 0;
-    for (size_t i = 0; i < n && used + 1 < cap; i++) {
+    for (size_t i = 0; i < n; i++) { /* from the program's call on, as the leak report does */
         Dl_info info;
         bool plumbing = dladdr((void *)(pc[i] - 1), &info) && info.dli_fname &&
                         is_plumbing(base_name(info.dli_fname));
-        if (plumbing && printed == 0 && i + 1 < n) continue;
-        used += format_frame(out + used, cap - used, printed++, pc[i]);
+        if (plumbing && m == 0 && i + 1 < n) continue;
+        shown[m++] = pc[i];
     }
-    return used;
+    return gm_report_format_stack(out, cap, shown, m);
 }
 
 static unsigned long long ull(uint64_t v) { return (unsigned long long)v; }

@@ -3,8 +3,9 @@
  * It finds the driver the way cudart does (dlopen libcuda.so.1, cuGetProcAddress_v2, entry points
  * by name), so it runs unchanged on a real GPU and on the fake driver of the test suite. It
  * allocates and frees in a loop (pooled: watch the hit rate), round-trips data, asks for more than
- * GPUMEM_LIMIT (an out-of-memory error, not a crash), and "forgets" two buffers, which the exit
- * report lists. Run it with scripts/demo.sh. */
+ * GPUMEM_LIMIT (an out-of-memory error, not a crash), copies into a buffer it already freed and
+ * past the end of another (refused, where the driver would have let both corrupt pool memory), and
+ * "forgets" two buffers, which the exit report lists. Run it with scripts/demo.sh. */
 #include <cuda.h>
 #include <dlfcn.h>
 #include <stdio.h>
@@ -117,6 +118,22 @@ static int round_trip(void)
     return 0;
 }
 
+/* Bugs a pool would hide: the driver sees one big segment, so it accepts both copies. */
+static int bad_copies(void)
+{
+    static unsigned char data[8192];
+    CUdeviceptr a, b;
+    CHECK(cu.alloc(&a, 4096));
+    CHECK(cu.alloc(&b, 4096));
+    CHECK(cu.free_(a));
+    CUresult rc = cu.htod(a, data, sizeof data / 2);
+    printf("  cuMemcpyHtoD into the freed buffer -> %s\n", err(rc));
+    rc = cu.htod(b, data, sizeof data);
+    printf("  cuMemcpyHtoD of 8192 bytes into a 4096-byte buffer -> %s\n", err(rc));
+    CHECK(cu.free_(b));
+    return 0;
+}
+
 static void print_stats(void)
 {
     gpumem_status (*get_stats)(int, gpumem_stats *);
@@ -159,7 +176,11 @@ int main(void)
            rc == CUDA_ERROR_OUT_OF_MEMORY ? " (as the driver would say; the program carries on)" : "");
     if (rc == CUDA_SUCCESS) cu.free_(big);
 
-    printf("3. two buffers the program forgets to free (see the report below)\n");
+    printf("3. copies into freed memory and past the end (refused, each with a line on stderr)\n");
+    fflush(stdout);
+    if (bad_copies()) return 1;
+
+    printf("4. two buffers the program forgets to free (see the report below)\n");
     CUdeviceptr forgotten[2];
     CHECK(cu.alloc(&forgotten[0], 3000));
     CHECK(cu.alloc(&forgotten[1], 5 << 20));
