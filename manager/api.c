@@ -29,7 +29,7 @@ const char *gpumem_strerror(gpumem_status status)
 }
 
 /* Library mode defaults to the real driver; tests and demos install the host backend first. */
-static int ensure_manager(void)
+int gm_api_ready(void)
 {
     if (gm_mgr.backend) return GPUMEM_OK;
     const gm_backend *be = gm_cuda_backend();
@@ -38,9 +38,9 @@ static int ensure_manager(void)
     return GPUMEM_OK;
 }
 
-static int current_heap(gm_heap **out)
+int gm_api_current_heap(gm_heap **out)
 {
-    int rc = ensure_manager();
+    int rc = gm_api_ready();
     if (rc != GPUMEM_OK) return rc;
     uintptr_t ctx;
     int device;
@@ -54,7 +54,7 @@ gpumem_status gpumem_malloc(void **ptr, size_t size)
 {
     if (!ptr) return GPUMEM_ERROR_INVALID_VALUE;
     gm_heap *heap;
-    int rc = current_heap(&heap);
+    int rc = gm_api_current_heap(&heap);
     if (rc != GPUMEM_OK) return rc;
     uintptr_t p = 0;
     rc = gm_alloc(heap, size, 0, GM_CALLSITE(), &p);
@@ -66,7 +66,7 @@ gpumem_status gpumem_free(void *ptr)
 {
     if (!ptr) return GPUMEM_OK; /* like free(NULL) and cudaFree(NULL) */
     gm_heap *heap;
-    int rc = current_heap(&heap);
+    int rc = gm_api_current_heap(&heap);
     if (rc != GPUMEM_OK) return rc;
     rc = gm_free_current(heap, (uintptr_t)ptr, NULL);
     if (rc == GM_NOT_OURS || rc == GM_PASSTHROUGH) {

@@ -86,27 +86,6 @@ static bool over_max(const gpumem_buffer *b, size_t n) { return b->cfg.max_size 
 
 /* ------------------------------------------------------------------ the manager, the heap */
 
-static int ensure_manager(void)
-{
-    if (gm_mgr.backend) return GPUMEM_OK;
-    const gm_backend *be = gm_cuda_backend();
-    if (!be) return GPUMEM_ERROR_NOT_INITIALIZED;
-    gm_manager_init(be);
-    return GPUMEM_OK;
-}
-
-static int current_heap(gm_heap **out)
-{
-    int rc = ensure_manager();
-    if (rc != GPUMEM_OK) return rc;
-    uintptr_t ctx;
-    int device;
-    rc = gm_mgr.backend->current(&ctx, &device);
-    if (rc != GPUMEM_OK) return rc;
-    *out = gm_heap_get(ctx, device);
-    return *out ? GPUMEM_OK : GPUMEM_ERROR_OUT_OF_MEMORY;
-}
-
 /* An allocation of the buffer's, tagged with its name. */
 static int buffer_alloc(gpumem_buffer *b, size_t size, const gm_callsite *site, uintptr_t *out)
 {
@@ -398,7 +377,7 @@ gpumem_status gpumem_buffer_create(gpumem_buffer **out, const char *name,
     else gpumem_buffer_config_init(&conf);
     if ((rc = check_config(name, &conf)) != GPUMEM_OK) return rc;
     gm_heap *heap = NULL;
-    if ((rc = current_heap(&heap)) != GPUMEM_OK)
+    if ((rc = gm_api_current_heap(&heap)) != GPUMEM_OK)
         return fail(rc, "gpumem_buffer_create(\"%s\"): %s", name, gpumem_strerror(rc));
     gpumem_buffer *b = calloc(1, sizeof *b);
     if (!b) return fail(GPUMEM_ERROR_OUT_OF_MEMORY, "gpumem_buffer_create(\"%s\"): out of host memory", name);

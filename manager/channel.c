@@ -45,17 +45,6 @@ static const char *const kind_names[] = {"GPUMEM_CHANNEL_READBACK", "GPUMEM_CHAN
 
 /* ------------------------------------------------------------------ the manager and context */
 
-/* The same start as api.c: library mode defaults to the real driver; the shim or a test has
- * usually installed a backend already. */
-static int ensure_manager(void)
-{
-    if (gm_mgr.backend) return GPUMEM_OK;
-    const gm_backend *be = gm_cuda_backend();
-    if (!be) return GPUMEM_ERROR_NOT_INITIALIZED;
-    gm_manager_init(be);
-    return GPUMEM_OK;
-}
-
 /* The stream a call names belongs to the calling thread's current context; the channel's events
  * can only be recorded on streams of its own context, so the two must be the same. */
 static int check_context(const gpumem_channel *ch, const char *fn)
@@ -220,7 +209,7 @@ static int check_create_args(gpumem_channel **out, gpumem_channel_kind kind, siz
 gpumem_status gpumem_channel_create(gpumem_channel **out, gpumem_channel_kind kind, size_t capacity)
 {
     int rc = check_create_args(out, kind, capacity);
-    if (rc == GPUMEM_OK) rc = ensure_manager();
+    if (rc == GPUMEM_OK) rc = gm_api_ready();
     if (rc != GPUMEM_OK) return rc;
     uintptr_t ctx = 0;
     int device = 0;

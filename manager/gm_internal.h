@@ -340,6 +340,10 @@ void gm_expand_pid(const char *pattern, char *out, size_t cap);
 const char *gm_program_path(void); /* /proc/self/exe, resolved once */
 extern _Atomic uint64_t gm_invalid_frees;
 
+/* api.c: what every public entry point needs first */
+int gm_api_ready(void);                  /* the manager started (library mode: on the real driver) */
+int gm_api_current_heap(gm_heap **out);  /* the heap of the calling thread's current context */
+
 /* report.c */
 /* One call stack in the report's frame format ("    #i 0x.. in fn module+0x.. (file:line)\n"),
  * names and lines resolved like the leak report's (addr2line once per module, cached). */

@@ -54,6 +54,18 @@ static inline api_child api_scenario_ok(const char *scenario, const char *const 
     return c;
 }
 
+/* The report as gpumem_report writes it now (for programs linked with libgpumem). */
+static inline char *api_report_text(void)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    cr_assert_not_null(f);
+    gpumem_report(f);
+    fclose(f);
+    return buf;
+}
+
 /* `text` has exactly one LEAK SUMMARY line and it is the expected one. */
 #define ASSERT_LEAKS(text, bytes, count) \
     do { \

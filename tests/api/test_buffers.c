@@ -92,17 +92,6 @@ static gpumem_stats expect_coherent(void)
     return st;
 }
 
-static char *report_text(void)
-{
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-    cr_assert_not_null(f);
-    gpumem_report(f);
-    fclose(f);
-    return buf;
-}
-
 static uint64_t tag_live(const char *name)
 {
     gpumem_tag_usage u;
@@ -543,7 +532,7 @@ Test(buffers, the_report_names_the_buffer_and_destroy_frees_everything)
     cr_assert_eq(gpumem_tag_get_usage("model", &u), GPUMEM_OK);
     cr_assert_eq(u.live_bytes, 0);
 
-    char *text = report_text();
+    char *text = api_report_text();
     cr_assert(strstr(text, "Leak of 3145728 byte(s) in 1 allocation(s)") &&
                   strstr(text, "tagged \"weights\""),
               "the live buffer is in the report under its name:\n%s", text);
@@ -555,7 +544,7 @@ Test(buffers, the_report_names_the_buffer_and_destroy_frees_everything)
     cr_assert_eq(gpumem_buffer_destroy(b), GPUMEM_OK);
     cr_assert_eq(tag_live("weights"), 0);
     cr_assert_eq(gpumem_buffer_find("weights", &found), GPUMEM_ERROR_NOT_FOUND);
-    text = report_text();
+    text = api_report_text();
     cr_assert_null(strstr(text, "Leak of"), "nothing live after destroy:\n%s", text);
     free(text);
     gpumem_stats st = expect_coherent();

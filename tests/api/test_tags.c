@@ -5,17 +5,6 @@
 
 #include "api_test.h"
 
-static char *report_text(void)
-{
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-    cr_assert_not_null(f);
-    gpumem_report(f);
-    fclose(f);
-    return buf;
-}
-
 static gpumem_tag_usage usage_of(const char *tag)
 {
     gpumem_tag_usage u;
@@ -87,7 +76,7 @@ Test(tags, the_report_groups_leaks_by_tag)
     for (int i = 0; i < 2; i++) OK(cuMemAlloc(&ab[i], 4096)); /* one call site: one group */
     gpumem_tag_pop();
     OK(cuMemAlloc(&c, 100));
-    char *text = report_text();
+    char *text = api_report_text();
     cr_assert(strstr(text, "Leak of 8192 byte(s) in 2 allocation(s) on device 0 tagged \"physics/nodes\" allocated from:"),
               "%s", text);
     cr_assert(strstr(text, "Leak of 100 byte(s) in 1 allocation(s) on device 0 allocated from:"), "%s", text);
@@ -107,7 +96,7 @@ Test(tags, json_report_names_the_tag)
     gpumem_tag_push("weights \"v2\"");
     OK(cuMemAlloc(&a, 512));
     gpumem_tag_pop();
-    char *text = report_text();
+    char *text = api_report_text();
     cr_assert(strstr(text, "\"tag\":\"weights \\\"v2\\\"\""), "%s", text);
     cr_assert(strstr(text, "\"tags\":[{\"tag\":\"weights \\\"v2\\\"\",\"live_bytes\":512,\"live_allocations\":1,"
                            "\"peak_bytes\":512,\"allocations\":1}]"),

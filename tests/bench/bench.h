@@ -3,6 +3,24 @@
 #ifndef GPUMEM_BENCH_H
 #define GPUMEM_BENCH_H
 
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* qsort order of doubles, for medians. */
+static inline int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 int bench_transfer(int argc, char **argv); /* pageable copies through pinned staging against the driver's own (256 MiB both ways, and small copies) */
 int bench_checks(int argc, char **argv); /* cost of the copy range check on the hook path */
 int bench_pinned(int argc, char **argv); /* pinned host alloc+free: the driver's own against the pinned pool */

@@ -24,19 +24,6 @@
 #define BATCHES 300
 #define HEAPS 8
 
-static uint64_t clock_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 typedef struct { double median, p99; } figure;
 
 typedef enum { DO_CHECK, DO_COUNT, DO_CHECK_AND_COUNT, DO_LOOKUP } op_kind;
@@ -82,9 +69,9 @@ static figure time_case(const bench_case *c)
     static double per[BATCHES];
     for (int i = 0; i < BATCH; i++) run_once(c); /* warm: caches, the thread's heap hint */
     for (int b = 0; b < BATCHES; b++) {
-        uint64_t t0 = clock_ns();
+        uint64_t t0 = now_ns();
         for (int i = 0; i < BATCH; i++) run_once(c);
-        per[b] = (double)(clock_ns() - t0) / BATCH;
+        per[b] = (double)(now_ns() - t0) / BATCH;
     }
     qsort(per, BATCHES, sizeof *per, cmp_double);
     return (figure){per[BATCHES / 2], per[(size_t)((BATCHES - 1) * 0.99)]};
@@ -180,10 +167,10 @@ int bench_checks(int argc, char **argv)
         if (i == 0) base = f.median;
         if (cases[i].op == DO_CHECK_AND_COUNT) path = f.median;
     }
-    uint64_t t0 = clock_ns();
+    uint64_t t0 = now_ns();
     for (int i = 0; i < BATCH * 100; i++) sink += (int)gm_copy_clock();
     printf("%-50s %8.1f\n", "gm_copy_clock (blocking copies: two per copy)",
-           (double)(clock_ns() - t0) / (BATCH * 100));
+           (double)(now_ns() - t0) / (BATCH * 100));
     printf("check_base_ns_median=%.1f\nhook_path_ns_median=%.1f\n", base, path);
     return 0;
 }

@@ -29,19 +29,6 @@
 #define GPUMEM_SHIM_PATH "libgpumem_shim.so"
 #endif
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 typedef struct { double median, p99; } summary;
 
 static summary summarize(double *v, size_t n)
