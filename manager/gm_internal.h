@@ -152,6 +152,10 @@ typedef struct gm_heap {
     bool bound;                 /* false once its context was destroyed */
     bool solo;                  /* the device's only heap: its counters are the device's, so the
                                  * hot path needs no device-wide atomics */
+    _Atomic uint64_t live_gen;  /* bumped (under the lock) whenever a live block stops being live
+                                 * or changes size: a checked copy may trust what it learnt about
+                                 * a live block without the lock while this is unchanged. Near
+                                 * `device`: a copy hook reads both. */
     gm_bins small_bins, large_bins;
     gm_segment **segments;      /* sorted by base */
     size_t nsegments, segments_cap;
@@ -163,9 +167,6 @@ typedef struct gm_heap {
     gm_block *spare_blocks;     /* recycled block headers */
     gm_record *live;            /* uthash by ptr; never empty: see sentinel */
     gm_record sentinel;         /* ptr 0, keeps uthash from freeing its table on every last delete */
-    _Atomic uint64_t live_gen;  /* bumped (under the lock) whenever a live block stops being live
-                                 * or changes size: a checked copy may trust what it learnt about
-                                 * a live block without the lock while this is unchanged */
     gm_heap_counters c;
 } gm_heap;
 
@@ -198,10 +199,14 @@ typedef struct gm_copy_settings {
     uint64_t staging_min;
 } gm_copy_settings;
 
+/* The first cache line is what every hooked copy reads: keep it that way. */
 typedef struct gm_manager {
     const gm_backend *backend;
     const gm_config *cfg;
     gm_copy_settings copy;
+    /* Lowest and highest address of any pool segment ever made (never narrowed): a pointer
+     * outside is not pool memory, known without a lock. */
+    _Atomic uintptr_t pool_lo, pool_hi;
     _Atomic size_t nheaps;          /* next to heaps[0]: the hot path reads both */
     gm_heap *heaps[GM_MAX_HEAPS];
     pthread_mutex_t heaps_lock;
@@ -249,9 +254,6 @@ void gm_heap_drop(uintptr_t ctx, const char *why, bool ctx_alive);
 void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
                  size_t *total_out);
 
-/* Lowest and highest address of any pool segment ever made (never narrowed): a pointer outside
- * is not pool memory, known without a lock. */
-extern _Atomic uintptr_t gm_pool_lo, gm_pool_hi;
 static inline void gm_heap_live_changed_locked(gm_heap *heap)
 {
     /* Only lock holders write it: a release store, no locked instruction on the hot path. */

@@ -139,13 +139,12 @@ static gm_segment *segment_containing(const gm_heap *heap, uintptr_t addr)
     return addr < s->base + s->size ? s : NULL;
 }
 
-_Atomic uintptr_t gm_pool_lo = UINTPTR_MAX, gm_pool_hi = 0;
-
 static void widen_pool_range(uintptr_t base, size_t size)
 {
-    uintptr_t lo = atomic_load(&gm_pool_lo), hi = atomic_load(&gm_pool_hi);
-    while (base < lo && !atomic_compare_exchange_weak(&gm_pool_lo, &lo, base)) {}
-    while (base + size > hi && !atomic_compare_exchange_weak(&gm_pool_hi, &hi, base + size)) {}
+    uintptr_t lo = atomic_load(&gm_mgr.pool_lo), hi = atomic_load(&gm_mgr.pool_hi);
+    /* lo 0: no segment yet (the range [0, 0) holds nothing). */
+    while ((lo == 0 || base < lo) && !atomic_compare_exchange_weak(&gm_mgr.pool_lo, &lo, base)) {}
+    while (base + size > hi && !atomic_compare_exchange_weak(&gm_mgr.pool_hi, &hi, base + size)) {}
 }
 
 static bool segments_insert(gm_heap *heap, gm_segment *seg)

@@ -565,8 +565,8 @@ static void span_classify_live(gm_span *s, int device, uintptr_t base, size_t re
  * heap must be asked. */
 static bool span_resolve_unlocked(gm_span *s)
 {
-    if (s->ptr < atomic_load_explicit(&gm_pool_lo, memory_order_relaxed) ||
-        s->ptr >= atomic_load_explicit(&gm_pool_hi, memory_order_relaxed))
+    if (s->ptr < atomic_load_explicit(&gm_mgr.pool_lo, memory_order_relaxed) ||
+        s->ptr >= atomic_load_explicit(&gm_mgr.pool_hi, memory_order_relaxed))
         return true; /* no segment was ever there: GM_SPAN_NOT_OURS */
     for (int i = 0; i < SPAN_MEMOS; i++) {
         span_memo *m = &tl_memo[i];

@@ -176,6 +176,14 @@ static bool covered(const range_array *t, size_t n, uintptr_t a, uintptr_t end)
     return false;
 }
 
+/* The last range this thread found pinned, valid while `range_seq` has not moved: a program
+ * copies from the same pinned buffers again and again, and this answers without touching the
+ * table (whose lines are cold after every driver call). */
+static __thread struct {
+    unsigned seq;
+    uintptr_t lo, hi;
+} tl_pinned;
+
 bool gm_host_is_pinned(const void *p, size_t n)
 {
     uintptr_t a = (uintptr_t)p, end = a + (n ? n : 1);
@@ -183,10 +191,13 @@ bool gm_host_is_pinned(const void *p, size_t n)
     for (;;) {
         unsigned seq = atomic_load_explicit(&range_seq, memory_order_acquire);
         if (seq & 1) continue; /* a writer is inside: a few hundred ns at most */
+        if (seq == tl_pinned.seq && a >= tl_pinned.lo && end <= tl_pinned.hi) return true;
         range_array *t = atomic_load_explicit(&ranges, memory_order_acquire);
         size_t count = atomic_load_explicit(&nranges, memory_order_acquire);
         bool yes = t && covered(t, count < t->cap ? count : t->cap, a, end);
-        if (atomic_load_explicit(&range_seq, RELAXED) == seq) return yes;
+        if (atomic_load_explicit(&range_seq, RELAXED) != seq) continue;
+        if (yes) tl_pinned.seq = seq, tl_pinned.lo = a, tl_pinned.hi = end;
+        return yes;
     }
 }
 
