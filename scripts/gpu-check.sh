@@ -342,6 +342,8 @@ run_prog() { # run_prog TAG: run the program a tag stands for
     as_fast) R "$1" env "$S" GPUMEM_FREE_SYNC=0 "$AC_S" ;;
     as_nopool) R "$1" env "$S" GPUMEM_POOL=0 "$AC_S" ;;
     as_trace) R "$1" env "$S" GPUMEM_VERBOSE=3 "$AC_S" --probe ;;
+    as_bad_base) R "$1" "$AC_S" --bad-copies ;;
+    as_bad_shim) R "$1" env "$S" "$AC_S" --bad-copies ;;
     t_base) R "$1" "$PY" "$TORCH_PY" ;;
     t_shim) R "$1" env "$S" "$PY" "$TORCH_PY" ;;
     t_nc_base) R "$1" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_PY" ;;
@@ -446,6 +448,29 @@ check_leak() {
         record "$name" PASS "$(leak_text "$tag") = expected"
     else
         record "$name" FAIL "expected $eb B in $ea allocs, report says $(leak_text "$tag")"
+    fi
+}
+
+# Copies into a freed pool block and past a block's end, through cudart: refused under the shim
+# with the error the driver gives for such a copy without a pool (cudaErrorInvalidValue), each
+# with a logged line; the good copy still goes through.
+c_badcopy() {
+    local name=$1
+    have_bin as_bad_shim || { record "$name" FAIL "$WHY"; return; }
+    run_prog as_bad_base
+    run_prog as_bad_shim
+    local f p r g n base
+    f=$(kv as_bad_shim freed_copy)
+    p=$(kv as_bad_shim past_end_copy)
+    r=$(kv as_bad_shim past_end_readback)
+    g=$(kv as_bad_shim good_copy)
+    n=$(grep -c 'refused with CUDA_ERROR_INVALID_VALUE' "$(err_of as_bad_shim)")
+    base="without the shim: freed $(kv as_bad_base freed_copy), past end $(kv as_bad_base past_end_copy), readback $(kv as_bad_base past_end_readback)"
+    if ran_ok as_bad_shim alloc_check && [ "$f" = cudaErrorInvalidValue ] && [ "$p" = cudaErrorInvalidValue ] &&
+        [ "$r" = cudaErrorInvalidValue ] && [ "$g" = cudaSuccess ] && [ "$n" = 3 ]; then
+        record "$name" PASS "3 refused with cudaErrorInvalidValue and a logged line, good copy ok; $base"
+    else
+        record "$name" FAIL "freed=$f past_end=$p readback=$r good=$g, $n refusal lines; $base"
     fi
 }
 
@@ -796,6 +821,7 @@ step "alloc: barrier, FREE_SYNC=0 (info)" c_bar_fast
 step "alloc: GPUMEM_FREE_SYNC=0 == baseline" c_fast
 step "alloc: GPUMEM_POOL=0 == baseline" c_nopool
 step "trace: hooked entry points" c_trace
+step "alloc: bad copies refused (checked copies)" c_badcopy
 step "alloc: cudaDeviceReset is a leak check point" c_reset
 step "torch: no-shim baseline" t_base
 step "torch: shim stdout == baseline" t_same

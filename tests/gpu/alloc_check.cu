@@ -12,6 +12,8 @@
 //                  calls cudaFree(B); prints free_waited_ms=<x> and barrier_kept=<1|0> (whether A
 //                  held the kernel's result as soon as cudaFree returned)
 //     --probe      only the trace probe: one call of each kind between markers on stderr
+//     --bad-copies only: copies and a memset into a freed buffer and past a buffer's end, printing
+//                  the runtime's answer to each (under the shim: refused by gpumem's copy check)
 //                  ("alloc_check: probe begin <name>" / "alloc_check: probe end <name>"), for
 //                  GPUMEM_VERBOSE=3 runs; then "alloc_check: OK"
 //
@@ -480,10 +482,38 @@ static void probe()
     printf("probe: done\n");
 }
 
+// ------------------------------------------------------------------ --bad-copies
+// Bugs a pool would hide from the driver: B sits right after A in the same pool segment, so
+// without gpumem's check both copies would land in valid device memory.
+static void bad_copies_phase()
+{
+    static unsigned char host[8192];
+    void *a = NULL, *b = NULL;
+    cudaStream_t s;
+    CK(cudaStreamCreate(&s));
+    CK(cudaMalloc(&a, 4096));
+    CK(cudaMalloc(&b, 4096));
+    CK(cudaFree(a));
+    cudaError_t e = cudaMemcpy(a, host, 2048, cudaMemcpyHostToDevice);
+    printf("freed_copy=%s\n", cudaGetErrorName(e));
+    (void)cudaGetLastError();
+    e = cudaMemcpyAsync(b, host, 8192, cudaMemcpyHostToDevice, s);
+    printf("past_end_copy=%s\n", cudaGetErrorName(e));
+    (void)cudaGetLastError();
+    e = cudaMemcpy(host, (char *)b + 1024, 4096, cudaMemcpyDeviceToHost);
+    printf("past_end_readback=%s\n", cudaGetErrorName(e));
+    (void)cudaGetLastError();
+    e = cudaMemcpy(b, host, 4096, cudaMemcpyHostToDevice);
+    printf("good_copy=%s\n", cudaGetErrorName(e));
+    CK(cudaStreamSynchronize(s));
+    CK(cudaStreamDestroy(s));
+    CK(cudaFree(b));
+}
+
 // ------------------------------------------------------------------ main
 static void usage()
 {
-    fprintf(stderr, "usage: alloc_check [--leak N] [--oom BYTES] [--barrier] [--probe]\n");
+    fprintf(stderr, "usage: alloc_check [--leak N] [--oom BYTES] [--barrier] [--probe] [--bad-copies]\n");
     exit(2);
 }
 
@@ -491,7 +521,7 @@ int main(int argc, char **argv)
 {
     long leak = 0;
     unsigned long long oom = 0;
-    bool do_oom = false, do_barrier = false, do_probe = false;
+    bool do_oom = false, do_barrier = false, do_probe = false, do_bad = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--leak") && i + 1 < argc) {
             char *end;
@@ -506,6 +536,8 @@ int main(int argc, char **argv)
             do_barrier = true;
         } else if (!strcmp(argv[i], "--probe")) {
             do_probe = true;
+        } else if (!strcmp(argv[i], "--bad-copies")) {
+            do_bad = true;
         } else {
             usage();
         }
@@ -519,6 +551,11 @@ int main(int argc, char **argv)
 
     if (do_probe) {
         probe();
+        printf("alloc_check: OK\n");
+        return 0;
+    }
+    if (do_bad) {
+        bad_copies_phase();
         printf("alloc_check: OK\n");
         return 0;
     }
