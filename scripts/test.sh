@@ -25,6 +25,6 @@ ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0 UBSAN_OPTIONS=halt_on_error
     meson test -C build-asan --print-errorlogs
 
 echo "== ThreadSanitizer (stress)"
-TARGETS="tests/tsan_threads_1 tests/tsan_threads_0" run_setup build-tsan -Db_sanitize=thread -Db_lundef=false
+TARGETS="tests/tsan_threads_1 tests/tsan_threads_0 tests/tsan_copies" run_setup build-tsan -Db_sanitize=thread -Db_lundef=false
 TSAN_OPTIONS=halt_on_error=1 meson test -C build-tsan --no-rebuild --print-errorlogs \
-    stress_threads_plain_free_sync_1 stress_threads_plain_free_sync_0
+    stress_threads_plain_free_sync_1 stress_threads_plain_free_sync_0 stress_copies_plain
