@@ -89,7 +89,7 @@ static bool over_max(const gpumem_buffer *b, size_t n) { return b->cfg.max_size 
 /* An allocation of the buffer's, tagged with its name. */
 static int buffer_alloc(gpumem_buffer *b, size_t size, const gm_callsite *site, uintptr_t *out)
 {
-    int rc = gm_tag_push(b->name);
+    int rc = gm_tag_push_id(b->tag);
     if (rc != GPUMEM_OK) return rc;
     rc = gm_alloc(b->heap, size, b->stream, site, out);
     gm_tag_pop();
@@ -354,12 +354,10 @@ static int check_name(const char *name)
 /* Interns the name as a tag now, so a full tag table fails the create, not a later grow. */
 static int intern_tag(gpumem_buffer *b)
 {
-    int rc = gm_tag_push(b->name);
+    int rc = gm_tag_intern(b->name, &b->tag);
     if (rc != GPUMEM_OK)
         return fail(rc, "gpumem_buffer_create(\"%s\"): the name cannot be used as a tag (%s)",
                     b->name, gpumem_strerror(rc));
-    b->tag = gm_tag_current();
-    gm_tag_pop();
     return GPUMEM_OK;
 }
 

@@ -318,7 +318,9 @@ bool gm_host_is_pinned(const void *p, size_t n);
 #define GM_TAG_NAME_MAX 127
 #define GM_TAG_DEPTH_MAX 64
 #define GM_TAGS_MAX 4096
-int gm_tag_push(const char *name);
+int gm_tag_push(const char *name);      /* gm_tag_intern + gm_tag_push_id */
+int gm_tag_intern(const char *name, uint16_t *id); /* validates and interns; no lock once known */
+int gm_tag_push_id(uint16_t id);
 int gm_tag_pop(void);
 uint16_t gm_tag_current(void);
 const char *gm_tag_name(uint16_t id); /* NULL for 0 */
@@ -348,7 +350,8 @@ int gm_api_current_heap(gm_heap **out);  /* the heap of the calling thread's cur
 
 /* report.c */
 /* One call stack in the report's frame format ("    #i 0x.. in fn module+0x.. (file:line)\n"),
- * names and lines resolved like the leak report's (addr2line once per module, cached). */
+ * from the program's own call on, names and lines resolved like the leak report's (addr2line
+ * once per module, cached). */
 size_t gm_report_format_stack(char *out, size_t cap, const uintptr_t *pc, size_t n);
 size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
 /* Leaks of a context that went away stay in the exit report. Called with heap->lock held. */

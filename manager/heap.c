@@ -302,22 +302,29 @@ int gm_heap_grow(gm_heap *heap, size_t rounded)
 /* ------------------------------------------------------------------ allocation */
 
 /* Carves `rounded` bytes out of free block `b`, leaving the tail free. */
-static void split_block_locked(gm_heap *heap, gm_block *b, size_t rounded)
+/* Cuts `b` after its first `at` bytes: the rest becomes a block of its own right after it, in
+ * `state` and in no bin yet. NULL (and `b` unchanged) when no block header can be had. */
+static gm_block *cut_tail_locked(gm_heap *heap, gm_block *b, size_t at, uint8_t state)
 {
-    size_t rest = b->size - rounded;
-    if (rest < GM_ALIGN) return;
     gm_block *tail = block_new(heap);
-    if (!tail) return; /* keep the slack inside the block: correct, only less tidy */
-    tail->addr = b->addr + rounded;
-    tail->size = rest;
+    if (!tail) return NULL;
+    tail->addr = b->addr + at;
+    tail->size = b->size - at;
     tail->seg = b->seg;
-    tail->state = GM_BLOCK_FREE;
+    tail->state = state;
     tail->prev = b;
     tail->next = b->next;
     if (b->next) b->next->prev = tail;
     b->next = tail;
-    b->size = rounded;
-    bins_insert(bins_for(heap, b->seg), tail);
+    b->size = at;
+    return tail;
+}
+
+static void split_block_locked(gm_heap *heap, gm_block *b, size_t rounded)
+{
+    if (b->size - rounded < GM_ALIGN) return;
+    gm_block *tail = cut_tail_locked(heap, b, rounded, GM_BLOCK_FREE);
+    if (tail) bins_insert(bins_for(heap, b->seg), tail); /* else the slack stays inside: correct */
 }
 
 int gm_heap_alloc_locked(gm_heap *heap, size_t rounded, gm_block **out)
@@ -736,19 +743,10 @@ int gm_heap_shrink_block_locked(gm_heap *heap, gm_block *b, size_t new_rounded, 
         new_rounded % GM_ALIGN)
         return GPUMEM_ERROR_INVALID_VALUE;
     if (new_rounded < b->size) {
-        gm_block *tail = block_new(heap);
-        if (!tail) return GPUMEM_ERROR_OUT_OF_MEMORY;
         /* The tail starts as part of the live block (counted in seg->used) and leaves it the way a
          * freed block does, so it waits for the barrier or the fence like any other free. */
-        tail->addr = b->addr + new_rounded;
-        tail->size = b->size - new_rounded;
-        tail->seg = b->seg;
-        tail->state = GM_BLOCK_LIVE;
-        tail->prev = b;
-        tail->next = b->next;
-        if (b->next) b->next->prev = tail;
-        b->next = tail;
-        b->size = new_rounded;
+        gm_block *tail = cut_tail_locked(heap, b, new_rounded, GM_BLOCK_LIVE);
+        if (!tail) return GPUMEM_ERROR_OUT_OF_MEMORY;
         if (pend) gm_heap_pend_block_locked(heap, tail);
         else gm_heap_free_block_locked(heap, tail);
     }

@@ -323,6 +323,20 @@ static bool is_plumbing(const frame *f)
 }
 
 /* The group's frames, symbolized, with leading plumbing dropped (at least one frame stays). */
+/* The frames of a stack from the program's own call on: gpumem's and the CUDA libraries' frames
+ * at the top say nothing about the program (the last frame is kept whatever it is). */
+static size_t program_frames(const uintptr_t *pc, size_t n, frame *out)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < n && kept < MAX_FRAMES; i++) {
+        out[kept].pc = pc[i];
+        symbolize(&out[kept]);
+        if (kept == 0 && is_plumbing(&out[0]) && i + 1 < n) continue;
+        kept++;
+    }
+    return kept;
+}
+
 static size_t group_frames(const leak_group *g, frame *out)
 {
     uintptr_t pc[MAX_FRAMES];
@@ -331,14 +345,7 @@ static size_t group_frames(const leak_group *g, frame *out)
         pc[0] = g->caller;
         n = 1;
     }
-    size_t kept = 0;
-    for (size_t i = 0; i < n; i++) {
-        out[kept].pc = pc[i];
-        symbolize(&out[kept]);
-        if (kept == 0 && is_plumbing(&out[0]) && i + 1 < n) continue;
-        kept++;
-    }
-    return kept;
+    return program_frames(pc, n, out);
 }
 
 /* ------------------------------------------------------------------ suppressions */
@@ -416,14 +423,23 @@ static void json_string(FILE *out, const char *s)
     fputc('"', out);
 }
 
+/* "    #i 0x<pc> in <function> <module>+0x<offset> (file:line)": LeakSanitizer's frame line. */
+static int frame_line(char *out, size_t cap, size_t i, const frame *f)
+{
+    int w = snprintf(out, cap, "    #%zu 0x%lx in %s %s+0x%lx", i, (unsigned long)f->pc,
+                     f->function[0] ? f->function : "<unknown>",
+                     f->module[0] ? base_name(f->module) : "<unknown>", (unsigned long)f->offset);
+    if (w >= 0 && (size_t)w < cap && f->line)
+        w += snprintf(out + w, cap - (size_t)w, " (%s:%d)", f->file, f->line);
+    return w;
+}
+
 static void text_frames(FILE *out, const frame *f, size_t n)
 {
+    char line[1024];
     for (size_t i = 0; i < n; i++) {
-        fprintf(out, "    #%zu 0x%lx in %s %s+0x%lx", i, (unsigned long)f[i].pc,
-                f[i].function[0] ? f[i].function : "<unknown>",
-                f[i].module[0] ? base_name(f[i].module) : "<unknown>", (unsigned long)f[i].offset);
-        if (f[i].line) fprintf(out, " (%s:%d)", f[i].file, f[i].line);
-        fputc('\n', out);
+        frame_line(line, sizeof line, i, &f[i]);
+        fprintf(out, "%s\n", line);
     }
 }
 
@@ -560,31 +576,25 @@ size_t gm_report_format_stack(char *out, size_t cap, const uintptr_t *pc, size_t
 {
     frame f[MAX_FRAMES], pending[MAX_FRAMES];
     size_t npending = 0, used = 0;
-    if (n > MAX_FRAMES) n = MAX_FRAMES;
     if (cap) out[0] = 0;
     pthread_mutex_lock(&symbols_lock);
-    for (size_t i = 0; i < n; i++) {
-        f[i].pc = pc[i];
-        symbolize(&f[i]);
+    n = program_frames(pc, n, f);
+    for (size_t i = 0; i < n; i++)
         if (wants_addr2line(&f[i]) && !line_of(f[i].pc)) pending[npending++] = f[i];
-    }
     if (npending) {
         resolve_pending(pending, npending);
         for (size_t i = 0; i < n; i++) symbolize(&f[i]);
     }
     pthread_mutex_unlock(&symbols_lock);
-    for (size_t i = 0; i < n && used + 1 < cap; i++) {
-        int w = snprintf(out + used, cap - used, "    #%zu 0x%lx in %s %s+0x%lx", i, (unsigned long)f[i].pc,
-                         f[i].function[0] ? f[i].function : "<unknown>",
-                         f[i].module[0] ? base_name(f[i].module) : "<unknown>", (unsigned long)f[i].offset);
-        if (w > 0 && f[i].line && used + (size_t)w < cap)
-            w += snprintf(out + used + w, cap - used - (size_t)w, " (%s:%d)", f[i].file, f[i].line);
-        if (w > 0 && used + (size_t)w + 1 < cap) out[used + (size_t)w++] = '\n', out[used + (size_t)w] = 0;
-        used = w < 0 ? used : used + (size_t)w < cap ? used + (size_t)w : cap - 1;
+    for (size_t i = 0; i < n && used + 2 < cap; i++) {
+        int w = frame_line(out + used, cap - used - 1, i, &f[i]);
+        if (w < 0) break;
+        used += (size_t)w < cap - used - 1 ? (size_t)w : cap - used - 2;
+        out[used++] = '\n';
+        out[used] = 0;
     }
     return used;
 }
-
 /* "Leak of N byte(s) in M allocation(s) on device D [tagged "x"] allocated from:" */
 static void text_leak_heading(FILE *out, const leak_group *g)
 {

@@ -22,43 +22,65 @@ static _Atomic uint32_t ntags = 1;
 static __thread uint16_t stack[GM_TAG_DEPTH_MAX];
 static __thread int depth;
 
-/* Looks a name up, adding it when new. 0 when the table is full or out of memory. */
-static uint16_t intern(const char *name)
+/* The id of a known name, without a lock: names are written before `ntags` is raised past them
+ * (release/acquire) and never change afterwards. 0 when unknown. */
+uint16_t gm_tag_find(const char *name)
 {
-    pthread_mutex_lock(&intern_lock);
-    uint32_t n = atomic_load(&ntags), id = 0;
-    if (!table) table = calloc(GM_TAGS_MAX, sizeof *table);
-    for (uint32_t i = 1; table && i < n && !id; i++)
-        if (strcmp(table[i].name, name) == 0) id = i;
-    if (!id && table && n < GM_TAGS_MAX) {
-        strcpy(table[n].name, name);
-        atomic_store(&ntags, n + 1); /* published after the name is written */
-        id = n;
-    }
-    pthread_mutex_unlock(&intern_lock);
-    return (uint16_t)id;
+    uint32_t n = atomic_load_explicit(&ntags, memory_order_acquire);
+    for (uint32_t i = 1; name && i < n; i++)
+        if (strcmp(table[i].name, name) == 0) return (uint16_t)i;
+    return 0;
 }
 
-int gm_tag_push(const char *name)
+/* Adds a new name under the lock (another thread may have added it meanwhile). 0 when full. */
+static uint16_t add_name(const char *name)
+{
+    pthread_mutex_lock(&intern_lock);
+    uint16_t id = gm_tag_find(name);
+    uint32_t n = atomic_load(&ntags);
+    if (!table) table = calloc(GM_TAGS_MAX, sizeof *table);
+    if (!id && table && n < GM_TAGS_MAX) {
+        strcpy(table[n].name, name);
+        atomic_store_explicit(&ntags, n + 1, memory_order_release);
+        id = (uint16_t)n;
+    }
+    pthread_mutex_unlock(&intern_lock);
+    return id;
+}
+
+int gm_tag_intern(const char *name, uint16_t *id)
 {
     if (!name || !*name || strlen(name) > GM_TAG_NAME_MAX) {
         gm_log(GM_ERROR, "gpumem_tag_push: the tag must be a non-empty name of at most %d bytes (got %s)",
                GM_TAG_NAME_MAX, name ? (*name ? "a longer one" : "\"\"") : "NULL");
         return GPUMEM_ERROR_INVALID_VALUE;
     }
-    if (depth == GM_TAG_DEPTH_MAX) {
-        gm_log(GM_ERROR, "gpumem_tag_push(\"%s\"): more than %d tags pushed on this thread (a pop is missing?)",
-               name, GM_TAG_DEPTH_MAX);
-        return GPUMEM_ERROR_INVALID_VALUE;
-    }
-    uint16_t id = intern(name);
-    if (!id) {
+    *id = gm_tag_find(name);
+    if (!*id) *id = add_name(name);
+    if (!*id) {
         gm_log(GM_ERROR, "gpumem_tag_push(\"%s\"): %d distinct tag names in use, no room for another",
                name, GM_TAGS_MAX - 1);
         return GPUMEM_ERROR_OUT_OF_MEMORY;
     }
+    return GPUMEM_OK;
+}
+
+int gm_tag_push_id(uint16_t id)
+{
+    if (depth == GM_TAG_DEPTH_MAX) {
+        gm_log(GM_ERROR, "gpumem_tag_push(\"%s\"): more than %d tags pushed on this thread (a pop is missing?)",
+               gm_tag_name(id), GM_TAG_DEPTH_MAX);
+        return GPUMEM_ERROR_INVALID_VALUE;
+    }
     stack[depth++] = id;
     return GPUMEM_OK;
+}
+
+int gm_tag_push(const char *name)
+{
+    uint16_t id;
+    int rc = gm_tag_intern(name, &id);
+    return rc == GPUMEM_OK ? gm_tag_push_id(id) : rc;
 }
 
 int gm_tag_pop(void)
@@ -76,14 +98,6 @@ uint16_t gm_tag_current(void) { return depth ? stack[depth - 1] : 0; }
 const char *gm_tag_name(uint16_t id)
 {
     return id && id < atomic_load(&ntags) ? table[id].name : NULL;
-}
-
-uint16_t gm_tag_find(const char *name)
-{
-    uint32_t n = atomic_load(&ntags);
-    for (uint32_t i = 1; name && i < n; i++)
-        if (strcmp(table[i].name, name) == 0) return (uint16_t)i;
-    return 0;
 }
 
 uint32_t gm_tag_count(void) { return atomic_load(&ntags); }

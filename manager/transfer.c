@@ -9,9 +9,6 @@
  * Counters: per device, direction and host-memory kind. Each thread counts into its own block per
  * device (a plain load and store, no locked instruction: only that thread writes it); readers sum
  * the blocks, which live until exit so a finished thread's copies still count. */
-#include <dlfcn.h>
-#include <elf.h>
-#include <link.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -206,35 +203,13 @@ void gm_copy_totals(gm_copy_dir dir, uint64_t *calls, uint64_t *bytes)
 /* Refused calls logged in full; later ones are only counted (a loop must not flood the log). */
 #define LOGGED_MAX 100
 
-static const char *base_name(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    return slash ? slash + 1 : path;
-}
-
-/* Frames of gpumem and of the CUDA libraries say nothing about the program. */
-static bool is_plumbing(const char *module)
-{
-    static const char *const modules[] = {"libgpumem", "libcuda.so", "libcudart"};
-    for (size_t i = 0; i < sizeof modules / sizeof *modules; i++)
-        if (strncmp(module, modules[i], strlen(modules[i])) == 0) return true;
-    return false;
-}
-
-/* The refused call's stack, LeakSanitizer's frame format with file:line where known. */
+/* The refused call's stack, as the leak report prints one (from the program's own call on). */
 static size_t format_stack(char *out, size_t cap, const gm_callsite *site)
 {
-    uintptr_t pc[64], shown[64];
-    size_t n = site ? gm_stack_get(gm_stack_capture(site), pc, 64) : 0, m = 0;
+    uintptr_t pc[64];
+    size_t n = site ? gm_stack_get(gm_stack_capture(site), pc, 64) : 0;
     if (n == 0 && site) pc[n++] = site->pc;
-    for (size_t i = 0; i < n; i++) { /* from the program's call on, as the leak report does */
-        Dl_info info;
-        bool plumbing = dladdr((void *)(pc[i] - 1), &info) && info.dli_fname &&
-                        is_plumbing(base_name(info.dli_fname));
-        if (plumbing && m == 0 && i + 1 < n) continue;
-        shown[m++] = pc[i];
-    }
-    return gm_report_format_stack(out, cap, shown, m);
+    return gm_report_format_stack(out, cap, pc, n);
 }
 
 static unsigned long long ull(uint64_t v) { return (unsigned long long)v; }
