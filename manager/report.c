@@ -92,6 +92,9 @@ static void add_pinned(void *arg, int device, const gm_record *rec)
     merge_group(cx->groups, cx->n, cx->cap, &g);
 }
 
+/* The report and the stacks of refused copies share the dladdr and addr2line caches. */
+static pthread_mutex_t symbols_lock = PTHREAD_MUTEX_INITIALIZER;
+
 /* Leaks of destroyed contexts, kept for the exit report. */
 static pthread_mutex_t orphans_lock = PTHREAD_MUTEX_INITIALIZER;
 static leak_group *orphans;
@@ -106,7 +109,8 @@ void gm_report_keep_orphans_locked(gm_heap *heap)
 
 void gm_report_forget_orphans(void)
 {
-    pthread_mutex_init(&orphans_lock, NULL); /* a fork child: the lock may have been held */
+    pthread_mutex_init(&orphans_lock, NULL); /* a fork child: the locks may have been held */
+    pthread_mutex_init(&symbols_lock, NULL);
     free(orphans);
     orphans = NULL;
     norphans = orphans_cap = 0;
@@ -285,8 +289,15 @@ static bool wants_addr2line(const frame *f)
     return f->module[0] && (!f->function[0] || strcmp(f->module, gm_program_path()) == 0);
 }
 
-/* dladdr, plus what a batched addr2line run already found for this pc. */
-static void symbolize(frame *f)
+/* What dladdr said of each pc seen so far. dladdr scans a module's symbol table, which for a
+ * library like libtorch_cuda costs a large part of a millisecond, and the report asks for the
+ * same frames several times (suppressions, addr2line batching, printing; groups share most of
+ * their frames), so each pc is described once. Under symbols_lock. */
+static frame *described;
+static size_t ndescribed, described_cap;
+static __thread bool holds_symbols_lock; /* a report that could not get the lock goes uncached */
+
+static void describe(frame *f)
 {
     Dl_info info;
     memset(&info, 0, sizeof info);
@@ -299,6 +310,34 @@ static void symbolize(frame *f)
     snprintf(f->module, sizeof f->module, "%s", main_exe ? gm_program_path() : info.dli_fname);
     f->offset = file_address(&info, f->pc - 1);
     if (info.dli_sname) snprintf(f->function, sizeof f->function, "%s", info.dli_sname);
+}
+
+static void describe_cached(frame *f)
+{
+    if (!holds_symbols_lock) {
+        describe(f);
+        return;
+    }
+    for (size_t i = 0; i < ndescribed; i++)
+        if (described[i].pc == f->pc) {
+            *f = described[i];
+            return;
+        }
+    describe(f);
+    if (ndescribed == described_cap) {
+        size_t cap = described_cap ? described_cap * 2 : 256;
+        frame *grown = realloc(described, cap * sizeof *grown);
+        if (!grown) return;
+        described = grown;
+        described_cap = cap;
+    }
+    described[ndescribed++] = *f;
+}
+
+/* dladdr, plus what a batched addr2line run already found for this pc. */
+static void symbolize(frame *f)
+{
+    describe_cached(f);
     const line_info *li = line_of(f->pc);
     if (li) {
         if (li->function[0]) snprintf(f->function, sizeof f->function, "%s", li->function);
@@ -569,8 +608,6 @@ static void resolve_printed_frames(const leak_group *groups, size_t n, bool json
     free(pending);
 }
 
-/* The report, and the stacks of refused copies, share the addr2line cache. */
-static pthread_mutex_t symbols_lock = PTHREAD_MUTEX_INITIALIZER;
 
 size_t gm_report_format_stack(char *out, size_t cap, const uintptr_t *pc, size_t n)
 {
@@ -578,6 +615,7 @@ size_t gm_report_format_stack(char *out, size_t cap, const uintptr_t *pc, size_t
     size_t npending = 0, used = 0;
     if (cap) out[0] = 0;
     pthread_mutex_lock(&symbols_lock);
+    holds_symbols_lock = true;
     n = program_frames(pc, n, f);
     for (size_t i = 0; i < n; i++)
         if (wants_addr2line(&f[i]) && !line_of(f[i].pc)) pending[npending++] = f[i];
@@ -585,6 +623,7 @@ size_t gm_report_format_stack(char *out, size_t cap, const uintptr_t *pc, size_t
         resolve_pending(pending, npending);
         for (size_t i = 0; i < n; i++) symbolize(&f[i]);
     }
+    holds_symbols_lock = false;
     pthread_mutex_unlock(&symbols_lock);
     for (size_t i = 0; i < n && used + 2 < cap; i++) {
         int w = frame_line(out + used, cap - used - 1, i, &f[i]);
@@ -668,7 +707,9 @@ static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_c
 static uint64_t write_report(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
 {
     bool locked = lock_for_report(&symbols_lock);
+    holds_symbols_lock = locked;
     uint64_t n = write_report_locked(out, only_device, only_ctx, why);
+    holds_symbols_lock = false;
     if (locked) pthread_mutex_unlock(&symbols_lock);
     return n;
 }
