@@ -16,23 +16,31 @@
 
 static gm_dlsym_fn real_dlsym_fn;
 static void *driver_handle;
-static pthread_once_t resolve_once = PTHREAD_ONCE_INIT;
 
 /* glibc versions under which dlsym has been published on the architectures we build for. */
 static const char *const dlsym_versions[] = {"GLIBC_2.34", "GLIBC_2.2.5", "GLIBC_2.17", "GLIBC_2.0"};
 
 /* This runs very early: a sanitizer runtime asks dlsym(RTLD_NEXT, ...) while setting itself up,
  * before its own dlopen and memory tracking work. So: no dlopen, no instrumentation. */
-GM_NO_SANITIZE static void resolve_dlsym(void)
+GM_NO_SANITIZE static gm_dlsym_fn resolve_dlsym(void)
 {
-    for (size_t i = 0; i < sizeof dlsym_versions / sizeof *dlsym_versions && !real_dlsym_fn; i++)
-        real_dlsym_fn = (gm_dlsym_fn)dlvsym(RTLD_NEXT, "dlsym", dlsym_versions[i]);
+    gm_dlsym_fn fn = NULL;
+    for (size_t i = 0; i < sizeof dlsym_versions / sizeof *dlsym_versions && !fn; i++)
+        fn = (gm_dlsym_fn)dlvsym(RTLD_NEXT, "dlsym", dlsym_versions[i]);
+    return fn;
 }
 
+/* No pthread_once: ThreadSanitizer's start-up reaches this through our dlsym before its
+ * pthread_once interceptor can run (it segfaults). Threads that race here all resolve the same
+ * address, so resolving twice is harmless; the atomics make the publication well defined. */
 GM_NO_SANITIZE gm_dlsym_fn gm_real_dlsym(void)
 {
-    pthread_once(&resolve_once, resolve_dlsym);
-    return real_dlsym_fn;
+    gm_dlsym_fn fn = __atomic_load_n(&real_dlsym_fn, __ATOMIC_ACQUIRE);
+    if (!fn) {
+        fn = resolve_dlsym();
+        __atomic_store_n(&real_dlsym_fn, fn, __ATOMIC_RELEASE);
+    }
+    return fn;
 }
 
 void *gm_driver_handle(void)

@@ -208,7 +208,7 @@ static size_t parse_whole(span t, uint64_t *out)
     return n;
 }
 
-/* Grammar: digits [ '.' digits ] [ ' '... ] [ unit ]. Parsed by hand rather than with strtod so
+/* Grammar: digits [ '.' digits ] [ ' ' ] [ unit ]. Parsed by hand rather than with strtod so
  * that every byte count up to UINT64_MAX is exact and signs, hex, exponents, inf and nan never
  * get in. */
 static int parse_size_span(span t, uint64_t *out)
@@ -225,7 +225,7 @@ static int parse_size_span(span t, uint64_t *out)
             return -1;
         i += 1 + frac.n;
     }
-    while (i < t.n && t.s[i] == ' ') /* "4 GiB" */
+    if (i < t.n && t.s[i] == ' ') /* "4 GiB": one space, as documented */
         i++;
     if (parse_unit((span){t.s + i, t.n - i}, &unit) != 0)
         return -1;
@@ -267,6 +267,26 @@ int gm_parse_bool(const char *text, bool *out)
     return parse_bool_span(trim(text), out);
 }
 
+/* ---------------------------------------------------------------- numbers */
+
+/* Digits, an optional leading '-' (so that "-1" is reported as out of range) and, where
+ * `fraction`, a '.' and more digits: the plain decimal forms the documentation promises. strtod
+ * and strtol alone would also take '+', hexadecimal, exponents and "0x1.8p1". */
+static bool is_decimal(span t, bool fraction)
+{
+    size_t i = t.n && t.s[0] == '-';
+    size_t whole = digit_run((span){t.s + i, t.n - i});
+    if (whole == 0)
+        return false;
+    i += whole;
+    if (i == t.n)
+        return true;
+    if (!fraction || t.s[i] != '.')
+        return false;
+    size_t frac = digit_run((span){t.s + i + 1, t.n - i - 1});
+    return frac > 0 && i + 1 + frac == t.n;
+}
+
 /* ---------------------------------------------------------------- limits */
 
 /* Why a limit was refused, for the error line; NULL when it is merely malformed. */
@@ -281,7 +301,7 @@ static int parse_percent(span t, double *out, limit_error *e)
     char buf[64];
     span num = t;
     num.n--; /* the '%' */
-    while (num.n && num.s[num.n - 1] == ' ') /* "50 %" */
+    if (num.n && num.s[num.n - 1] == ' ') /* "50 %": one space, as before a size's unit */
         num.n--;
     size_t whole = digit_run(num);
     size_t frac = whole < num.n && num.s[whole] == '.'
@@ -494,8 +514,8 @@ static void describe_forms(const parse_ctx *c, char *buf, size_t cap)
     case GM_OPT_BOOL: snprintf(buf, cap, "1, 0, true, false, yes, no, on or off"); break;
     case GM_OPT_SIZE: describe_size(o, buf, cap); break;
     case GM_OPT_SIZE_OR_UNLIMITED: snprintf(buf, cap, GM_SIZE_FORMS " or unlimited"); break;
-    case GM_OPT_DOUBLE: describe_number(o, "a number", buf, cap); break;
-    case GM_OPT_INT: describe_number(o, "an integer", buf, cap); break;
+    case GM_OPT_DOUBLE: describe_number(o, "a decimal number", buf, cap); break;
+    case GM_OPT_INT: describe_number(o, "a whole decimal number", buf, cap); break;
     case GM_OPT_STRING:
         snprintf(buf, cap, "a non-empty value shorter than %zu bytes", c->slot->size);
         break;
@@ -553,7 +573,7 @@ static int apply_size_or_unlimited(const parse_ctx *c, span v, void *slot)
 static int apply_double(const parse_ctx *c, span v, void *slot)
 {
     char buf[64], *end;
-    if (span_copy(v, buf, sizeof buf) != 0)
+    if (!is_decimal(v, true) || span_copy(v, buf, sizeof buf) != 0)
         return fail(c, NULL);
     double d = c_strtod(buf, &end);
     if (*end || errno == ERANGE || !isfinite(d))
@@ -567,7 +587,7 @@ static int apply_double(const parse_ctx *c, span v, void *slot)
 static int apply_int(const parse_ctx *c, span v, void *slot)
 {
     char buf[64], *end;
-    if (span_copy(v, buf, sizeof buf) != 0)
+    if (!is_decimal(v, false) || span_copy(v, buf, sizeof buf) != 0)
         return fail(c, NULL);
     errno = 0;
     long n = strtol(buf, &end, 10);
@@ -861,8 +881,8 @@ static int check_leak_exitcode(const gm_config *cfg, const env_src *env, char *e
     show_setting(env, "GPUMEM_LEAK_EXITCODE", shown, sizeof shown);
     if (err && errlen)
         snprintf(err, errlen,
-                 "gpumem: GPUMEM_LEAK_EXITCODE=%s is not valid: expected an integer from 0 to 255 "
-                 "other than 77 (77 means \"skipped\" to test runners)", shown);
+                 "gpumem: GPUMEM_LEAK_EXITCODE=%s is not valid: expected a whole decimal number "
+                 "from 0 to 255 other than 77 (77 means \"skipped\" to test runners)", shown);
     return -1;
 }
 

@@ -61,6 +61,7 @@ typedef struct gm_config {
     int staging_threads;
     bool pinned_pool;
     uint64_t pinned_max_cached;             /* GM_UNLIMITED for "unlimited" */
+    char ipc_dir[4096];
 } gm_config;
 
 /* Reads an environment-like source. `get` returns the value of a variable or NULL.

@@ -100,7 +100,9 @@ typedef struct gm_record {
 } gm_record;
 
 /* ---------------------------------------------------------------- the caching pool (heap.c) */
-typedef enum { GM_BLOCK_FREE = 0, GM_BLOCK_LIVE, GM_BLOCK_PENDING } gm_block_state;
+/* QUARANTINE: freed by the program while another process still has it open through IPC; it
+ * goes back to the bins once no importer is left (ipc.c). */
+typedef enum { GM_BLOCK_FREE = 0, GM_BLOCK_LIVE, GM_BLOCK_PENDING, GM_BLOCK_QUARANTINE } gm_block_state;
 
 struct gm_segment;
 
@@ -113,6 +115,11 @@ typedef struct gm_block {
     uint8_t state;
     uint8_t bin_fl, bin_sl;         /* bin indices while free */
     uint32_t fence_epoch;           /* fast mode: fence that must complete before reuse */
+    /* Identity, set at every allocation (what the driver tells apart for separate allocations):
+     * CU_POINTER_ATTRIBUTE_BUFFER_ID, SYNC_MEMOPS, and the IPC registry slot (ipc.c) + 1. */
+    uint8_t sync_memops;
+    uint32_t ipc_slot;
+    uint64_t buffer_id;
     gm_record rec;                  /* valid while LIVE */
 } gm_block;
 
@@ -165,6 +172,9 @@ typedef struct gm_heap {
     gm_fence *fence;            /* newest fence covering pending blocks with epoch <= fence_epoch */
     uint32_t fence_epoch, epoch;
     gm_block *spare_blocks;     /* recycled block headers */
+    gm_block *quarantine;       /* freed blocks other processes still have open (ipc.c), by fnext */
+    uint64_t buffer_seq;        /* buffer ids of this heap's blocks (gm_buffer_id) */
+    uint32_t index;             /* in gm_mgr.heaps: makes buffer ids unique across heaps */
     gm_record *live;            /* uthash by ptr; never empty: see sentinel */
     gm_record sentinel;         /* ptr 0, keeps uthash from freeing its table on every last delete */
     gm_heap_counters c;
@@ -243,8 +253,33 @@ int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
 
 /* The live block containing `ptr` (interior pointers too): its start and requested size.
  * GPUMEM_OK, GM_NOT_OURS (not in our segments), or GPUMEM_ERROR_INVALID_VALUE (inside a segment
- * but not inside a live block: freed memory). */
+ * but not within a live block's requested size: freed memory, or a block's rounding slack, which
+ * the driver does not count as part of a separate allocation either). */
 int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size);
+
+/* What the driver would tell apart for a separate allocation: gm_block_identity answers like
+ * gm_lookup and fills this. */
+typedef struct gm_block_identity {
+    uintptr_t base;
+    size_t size;        /* requested */
+    uint64_t buffer_id;
+    bool sync_memops;
+    uintptr_t ctx;      /* the heap's context */
+    uintptr_t seg_base; /* the driver allocation it lives in */
+    size_t seg_size;
+} gm_block_identity;
+int gm_block_identity_get(uintptr_t ptr, gm_block_identity *out);
+/* Records cuPointerSetAttribute(SYNC_MEMOPS) on the live block at `ptr` (same codes). */
+int gm_block_set_sync_memops(uintptr_t ptr, bool on);
+
+/* Buffer ids never equal one the driver gives (small counters): the high bit is set, then the
+ * heap's index, then a per-heap counter bumped under the heap lock (no locked instruction on the
+ * allocation path). Index 0xFFFF is kept for blocks imported from other processes (ipc.c). */
+#define GM_BUFFER_ID_BIT (1ull << 63)
+static inline uint64_t gm_buffer_id_next_locked(gm_heap *heap)
+{
+    return GM_BUFFER_ID_BIT | ((uint64_t)(heap->index & 0xFFFF) << 47) | (++heap->buffer_seq & ((1ull << 47) - 1));
+}
 
 /* Context going away (a leak check point): report its leaks, keep them for the exit report, hand
  * its cached segments back while the context is still alive, forget its records. */

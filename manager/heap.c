@@ -209,7 +209,10 @@ size_t gm_next_segment_size(gm_heap *heap, size_t rounded)
     if (rounded <= GM_SMALL_MAX) return round_up(cfg->small_segment, GM_SEGMENT_ALIGN);
     size_t own = round_up(rounded, GM_SEGMENT_ALIGN);
     if (rounded >= cfg->dedicated_min) return own;
-    size_t next = heap->next_large_segment ? heap->next_large_segment : cfg->segment_min;
+    /* Read without the heap lock (growth runs unlocked: a backend call never holds it); a value
+     * another thread is advancing only picks the previous step of the sequence. */
+    size_t next = __atomic_load_n(&heap->next_large_segment, __ATOMIC_RELAXED);
+    if (!next) next = cfg->segment_min;
     next = round_up(next, GM_SEGMENT_ALIGN);
     return own > next ? own : next;
 }
@@ -220,7 +223,7 @@ static void advance_growth_locked(gm_heap *heap, size_t used)
     double grown = (double)used * cfg->growth_factor;
     size_t next = grown >= (double)cfg->segment_max ? cfg->segment_max : (size_t)grown;
     if (next < cfg->segment_min) next = cfg->segment_min;
-    heap->next_large_segment = next;
+    __atomic_store_n(&heap->next_large_segment, next, __ATOMIC_RELAXED);
 }
 
 /* Reserve `size` against the limit, handing cached segments back first if that is what it takes. */
@@ -582,11 +585,12 @@ void gm_heap_reset_locked(gm_heap *heap)
     heap->segments = NULL;
     __atomic_store_n(&heap->nsegments, 0, __ATOMIC_RELAXED);
     heap->segments_cap = 0;
-    heap->next_large_segment = 0;
+    __atomic_store_n(&heap->next_large_segment, 0, __ATOMIC_RELAXED);
     heap->pending_head = NULL;
     heap->pending_bytes = 0;
     heap->fence = NULL;
     heap->spare_blocks = NULL;
+    heap->quarantine = NULL; /* its blocks were in the segments freed above */
     gm_live_init(heap);
     memset(&heap->c, 0, sizeof heap->c);
     /* Lifetime counters survive so the exit statistics still tell what happened. */

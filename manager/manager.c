@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include "gm_internal.h"
+#include "gm_ipc.h"
+#include "gm_transfer.h"
 
 gm_manager gm_mgr = {.heaps_lock = PTHREAD_MUTEX_INITIALIZER};
 
@@ -164,6 +166,7 @@ static gm_heap *heap_lookup_or_create_locked(uintptr_t ctx, int device)
     gm_heap *h = malloc(sizeof *h);
     if (!h) return NULL;
     gm_heap_init(h, ctx, device);
+    h->index = (uint32_t)n;
     bool shared = false;
     for (size_t i = 0; i < n; i++) shared |= gm_mgr.heaps[i]->device == device;
     if (shared) {
@@ -286,6 +289,7 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     pthread_mutex_lock(&heap->lock);
     for (int attempt = 0; gm_heap_alloc_locked(heap, rounded, &b) != GPUMEM_OK; attempt++) {
         if (heap->pending_head && gm_heap_retire_pending_locked(heap, false)) continue;
+        if (heap->quarantine && gm_ipc_reclaim_locked(heap)) continue;
         hit = false;
         if (attempt >= 4) {
             rc = GPUMEM_ERROR_OUT_OF_MEMORY;
@@ -306,6 +310,9 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     }
     fill_record(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, site, stack_id);
     b->rec.block = b;
+    b->buffer_id = gm_buffer_id_next_locked(heap); /* a new allocation to the driver's eyes */
+    b->sync_memops = 0;
+    b->ipc_slot = 0;
     gm_live_insert(heap, &b->rec);
     gm_stats_on_alloc(heap, &b->rec, hit);
     pthread_mutex_unlock(&heap->lock);
@@ -321,6 +328,15 @@ static void release_over_cache_limit(gm_heap *heap)
     if (keep != GM_UNLIMITED && !atomic_load(&gm_mgr.exiting)) gm_heap_release_cached(heap, keep);
 }
 
+/* The block's last step out of the live set: another process still has it open through IPC →
+ * kept from reuse (quarantine) until it closes; else back to the bins, or (pend) to the fence. */
+static void release_block_locked(gm_heap *heap, gm_block *b, bool pend)
+{
+    if (b->ipc_slot && gm_ipc_quarantine_locked(heap, b)) return;
+    if (pend) gm_heap_pend_block_locked(heap, b);
+    else gm_heap_free_block_locked(heap, b);
+}
+
 /* A pool block whose record is already gone; the heap is locked on entry and unlocked on return.
  * Strict mode keeps cudaFree's barrier: the context is synchronized before the block can be
  * reused. A stream-ordered free waits for its stream only. Fast mode defers reuse to a fence. */
@@ -331,16 +347,16 @@ static void free_pool_block(gm_heap *heap, gm_block *b, uintptr_t stream, bool s
         pthread_mutex_unlock(&heap->lock);
         gm_mgr.backend->stream_synchronize(heap->ctx, stream);
         pthread_mutex_lock(&heap->lock);
-        gm_heap_free_block_locked(heap, b);
+        release_block_locked(heap, b, false);
     } else if (!exiting && !gm_mgr.cfg->free_sync) {
-        gm_heap_pend_block_locked(heap, b);
+        release_block_locked(heap, b, true);
     } else {
         if (!exiting && !synced) {
             pthread_mutex_unlock(&heap->lock);
             gm_mgr.backend->synchronize(heap->ctx);
             pthread_mutex_lock(&heap->lock);
         }
-        gm_heap_free_block_locked(heap, b);
+        release_block_locked(heap, b, false);
     }
     pthread_mutex_unlock(&heap->lock);
     release_over_cache_limit(heap);
@@ -375,6 +391,7 @@ static int free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr
     }
     gm_live_remove(heap, rec);
     gm_stats_on_free(heap, rec);
+    if (heap->quarantine) gm_ipc_reclaim_locked(heap); /* a flag test unless IPC kept blocks */
     if (kind == GM_KIND_POOL) {
         free_pool_block(heap, rec->block, stream, synced && heap == hint);
         return GPUMEM_OK;
@@ -462,26 +479,72 @@ int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
 
 /* ------------------------------------------------------------------ queries */
 
-int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size)
+/* The block of heap `h` at `ptr` if it is live and `ptr` lies within its requested size. */
+static int live_block_in_heap_locked(gm_heap *h, uintptr_t ptr, gm_block **out)
 {
+    bool live;
+    gm_block *b = gm_heap_block_at_locked(h, ptr, &live);
+    if (!b) return GM_NOT_OURS; /* not in a segment, or a tracked allocation of the driver's */
+    if (!live) live = b->state == GM_BLOCK_LIVE && gm_live_find(h, b->addr) == &b->rec;
+    if (!live || ptr - b->addr >= b->rec.requested) return GPUMEM_ERROR_INVALID_VALUE;
+    *out = b;
+    return GPUMEM_OK;
+}
+
+/* Runs `fn` on the live block at `ptr` with its heap locked; GM_NOT_OURS when no heap's segment
+ * holds `ptr`, GPUMEM_ERROR_INVALID_VALUE for pool memory outside every live block. */
+static int with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx)
+{
+    if (ptr < atomic_load_explicit(&gm_mgr.pool_lo, memory_order_relaxed) ||
+        ptr >= atomic_load_explicit(&gm_mgr.pool_hi, memory_order_relaxed))
+        return GM_NOT_OURS; /* no segment was ever there */
     size_t n = atomic_load(&gm_mgr.nheaps);
     for (size_t i = 0; i < n; i++) {
         gm_heap *h = gm_mgr.heaps[i];
+        if (__atomic_load_n(&h->nsegments, __ATOMIC_RELAXED) == 0) continue;
+        gm_block *b = NULL;
         pthread_mutex_lock(&h->lock);
-        gm_block *b = gm_heap_block_containing_locked(h, ptr);
-        int rc = GM_NOT_OURS;
-        if (b) {
-            rc = GPUMEM_ERROR_INVALID_VALUE;
-            if (b->state == GM_BLOCK_LIVE && gm_live_find(h, b->addr) == &b->rec) {
-                *base = b->addr;
-                *size = b->rec.requested;
-                rc = GPUMEM_OK;
-            }
-        }
+        int rc = live_block_in_heap_locked(h, ptr, &b);
+        if (rc == GPUMEM_OK) fn(h, b, cx);
         pthread_mutex_unlock(&h->lock);
         if (rc != GM_NOT_OURS) return rc;
     }
     return GM_NOT_OURS;
+}
+
+static void identity_of(gm_heap *h, gm_block *b, void *cx)
+{
+    *(gm_block_identity *)cx = (gm_block_identity){
+        .base = b->addr, .size = b->rec.requested, .buffer_id = b->buffer_id,
+        .sync_memops = b->sync_memops, .ctx = h->ctx, .seg_base = b->seg->base,
+        .seg_size = b->seg->size};
+}
+
+int gm_block_identity_get(uintptr_t ptr, gm_block_identity *out)
+{
+    return with_live_block(ptr, identity_of, out);
+}
+
+static void set_sync_memops(gm_heap *h, gm_block *b, void *cx)
+{
+    (void)h;
+    b->sync_memops = *(bool *)cx;
+}
+
+int gm_block_set_sync_memops(uintptr_t ptr, bool on)
+{
+    return with_live_block(ptr, set_sync_memops, &on);
+}
+
+int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size)
+{
+    gm_block_identity id;
+    int rc = gm_block_identity_get(ptr, &id);
+    if (rc == GPUMEM_OK) {
+        *base = id.base;
+        *size = id.size;
+    }
+    return rc;
 }
 
 void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,

@@ -4,10 +4,17 @@
  *
  * Unwinding: "fp" walks frame pointers from the hooked entry point's own frame (it is compiled
  * with them), checked against the thread's stack bounds, like LeakSanitizer's fast unwinder;
- * "dwarf" uses glibc's backtrace() (the unwind tables: complete, slower). */
+ * "dwarf" uses glibc's backtrace() (the unwind tables: complete, slower).
+ *
+ * Code built without frame pointers (much of a Python process) leaves rbp holding anything: a
+ * walk through it reads a "frame" out of ordinary stack data, and its return address is garbage
+ * (a PyTorch report ended in 0x3434343433323130, ASCII digits). So the walk also stops at a
+ * return address that lies in no executable segment of a loaded object. */
 #include <execinfo.h>
+#include <link.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "gm_internal.h"
 
@@ -25,8 +32,157 @@ static uint32_t count, cap_ids;
 static uint32_t *table;        /* open addressing: ids, 0 = empty */
 static uint32_t table_mask;    /* table size - 1 */
 
+/* ------------------------------------------------------------------ executable ranges */
+
+/* The executable PT_LOAD segments of every loaded object, sorted, as of one state of the loaded
+ * set (glibc's dlpi_adds/dlpi_subs counters). Published whole and never freed: a walker on
+ * another thread may still be reading the previous one; there is one per change of the set
+ * that a walk noticed, which is a handful in a process's life. */
+typedef struct exec_range {
+    uintptr_t lo, hi; /* [lo, hi) */
+} exec_range;
+
+typedef struct exec_map {
+    unsigned long long adds, subs;
+    size_t n;
+    exec_range r[];
+} exec_map;
+
+static exec_map *exec_ranges;      /* atomic: published with release, read with acquire */
+static int64_t exec_checked_ns;    /* atomic: last time a miss asked whether the set changed */
+static pthread_mutex_t exec_lock = PTHREAD_MUTEX_INITIALIZER; /* one rebuild at a time */
+
+typedef struct exec_collect {
+    exec_range *r;
+    size_t n, cap;
+    unsigned long long adds, subs;
+    bool failed;
+} exec_collect;
+
+static bool has_counters(size_t size)
+{
+    return size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof(unsigned long long);
+}
+
+static int collect_object(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    exec_collect *c = arg;
+    if (has_counters(size)) {
+        c->adds = info->dlpi_adds;
+        c->subs = info->dlpi_subs;
+    }
+    for (size_t i = 0; i < info->dlpi_phnum && !c->failed; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type != PT_LOAD || !(ph->p_flags & PF_X)) continue;
+        if (c->n == c->cap) {
+            size_t ncap = c->cap ? c->cap * 2 : 64;
+            exec_range *grown = realloc(c->r, ncap * sizeof *grown);
+            if (!grown) {
+                c->failed = true;
+                break;
+            }
+            c->r = grown;
+            c->cap = ncap;
+        }
+        uintptr_t lo = (uintptr_t)info->dlpi_addr + (uintptr_t)ph->p_vaddr;
+        c->r[c->n++] = (exec_range){lo, lo + (uintptr_t)ph->p_memsz};
+    }
+    return 0;
+}
+
+static int range_order(const void *a, const void *b)
+{
+    uintptr_t x = ((const exec_range *)a)->lo, y = ((const exec_range *)b)->lo;
+    return x < y ? -1 : x > y;
+}
+
+/* Reads the loaded set again and publishes it; false when memory ran out (the old map stays). */
+static bool exec_map_rebuild(void)
+{
+    exec_collect c = {0};
+    dl_iterate_phdr(collect_object, &c);
+    exec_map *m = c.failed ? NULL : malloc(sizeof *m + c.n * sizeof *c.r);
+    if (m) {
+        qsort(c.r, c.n, sizeof *c.r, range_order);
+        m->adds = c.adds;
+        m->subs = c.subs;
+        m->n = c.n;
+        if (c.n) memcpy(m->r, c.r, c.n * sizeof *c.r);
+        __atomic_store_n(&exec_ranges, m, __ATOMIC_RELEASE);
+    }
+    free(c.r);
+    return m != NULL;
+}
+
+static bool exec_map_has(const exec_map *m, uintptr_t a)
+{
+    size_t lo = 0, hi = m->n;
+    while (lo < hi) { /* the last range starting at or below a */
+        size_t mid = lo + (hi - lo) / 2;
+        if (m->r[mid].lo <= a) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo > 0 && a < m->r[lo - 1].hi;
+}
+
+static int read_counters(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    unsigned long long *out = arg;
+    if (has_counters(size)) {
+        out[0] = info->dlpi_adds;
+        out[1] = info->dlpi_subs;
+    }
+    return 1; /* the counters are the same in every entry: the first one is enough */
+}
+
+static int64_t coarse_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* After a miss: has an object been loaded or unloaded since `m` was built? Walks through code
+ * without frame pointers miss on every capture, and asking takes the loader's lock, so the
+ * question is asked at most once per millisecond by all threads together. */
+static bool loaded_set_changed(const exec_map *m)
+{
+    int64_t now = coarse_now_ns(), last = __atomic_load_n(&exec_checked_ns, __ATOMIC_RELAXED);
+    if (now - last < 1000000 ||
+        !__atomic_compare_exchange_n(&exec_checked_ns, &last, now, false, __ATOMIC_RELAXED,
+                                     __ATOMIC_RELAXED))
+        return false;
+    unsigned long long now_counts[2] = {m->adds, m->subs};
+    dl_iterate_phdr(read_counters, now_counts);
+    return now_counts[0] != m->adds || now_counts[1] != m->subs;
+}
+
+/* Rebuilds unless `seen` was replaced meanwhile. A trylock: a capture never waits for another
+ * thread's rebuild (it uses the map it has), and a fork child whose parent forked mid-rebuild
+ * keeps the parent's map rather than blocking. */
+static exec_map *exec_map_refresh(const exec_map *seen)
+{
+    if (pthread_mutex_trylock(&exec_lock) == 0) {
+        if (__atomic_load_n(&exec_ranges, __ATOMIC_ACQUIRE) == seen) exec_map_rebuild();
+        pthread_mutex_unlock(&exec_lock);
+    }
+    return __atomic_load_n(&exec_ranges, __ATOMIC_ACQUIRE);
+}
+
+/* Is `a` in the text of a loaded object? Without a map (out of memory) every address is. */
+static bool is_code(uintptr_t a)
+{
+    exec_map *m = __atomic_load_n(&exec_ranges, __ATOMIC_ACQUIRE);
+    if (!m && !(m = exec_map_refresh(NULL))) return true;
+    if (exec_map_has(m, a)) return true;
+    if (!loaded_set_changed(m)) return false;
+    return exec_map_has(exec_map_refresh(m), a);
+}
+
 /* ------------------------------------------------------------------ capture */
 
+/* This thread's stack, learnt at its first capture (pthread_getattr_np reads /proc/self/maps
+ * for the main thread: once per thread, never on the hot path). */
 static __thread uintptr_t tl_stack_lo, tl_stack_hi;
 
 static void learn_stack_bounds(void)
@@ -54,9 +210,11 @@ static size_t walk_frame_pointers(const gm_callsite *site, uintptr_t *pc, size_t
     if (!tl_stack_hi) learn_stack_bounds();
     uintptr_t fp = site->frame ? *(const uintptr_t *)site->frame : 0;
     uintptr_t prev = (uintptr_t)site->frame;
+    /* Each frame must lie above the previous one and on this thread's stack (so it can be read),
+     * and its return address must be code (else the frame was not one). */
     while (n < depth && fp > prev && fp >= tl_stack_lo && fp + 16 <= tl_stack_hi && !(fp & 7)) {
         uintptr_t ret = ((const uintptr_t *)fp)[1];
-        if (ret < 4096) break;
+        if (ret < 4096 || !is_code(ret)) break;
         pc[n++] = ret;
         prev = fp;
         fp = ((const uintptr_t *)fp)[0];
@@ -189,4 +347,7 @@ void gm_stack_warm_up(void)
     void *raw[4];
     if (gm_mgr.cfg && gm_mgr.cfg->stack_unwinder == 1) backtrace(raw, 4);
     learn_stack_bounds();
+    pthread_mutex_lock(&exec_lock);
+    exec_map_rebuild();
+    pthread_mutex_unlock(&exec_lock);
 }

@@ -23,7 +23,19 @@
  * pinned allocation cut into two buffers per thread (each buffer with its event), and the pool of
  * GPUMEM_STAGING_THREADS - 1 workers. One staged copy runs at a time per context (the link is
  * the bottleneck, a second copy would only share it); each thread owns its two buffers, so pieces
- * never contend for a buffer. */
+ * never contend for a buffer.
+ *
+ * A copy is staged by the context that owns its device memory, not by the caller's current
+ * context (issue 10). An H2D returns with its last DMAs still in flight on the transfer stream,
+ * ordered before later work on the caller's stream only. Staged by the caller's context, a later
+ * staged copy of the same memory from another context (its own transfer stream, its own
+ * caller's stream) was ordered after nothing: a thread that switched contexts between an H2D
+ * and the D2H of the same block read it back before the DMAs had landed. Staged by the owner,
+ * every staged copy of a block goes through one transfer stream, in call order. The caller's
+ * stream stays in the caller's context: what is recorded on it or made to wait is done there
+ * (a stream 0 made in the owner's context would be the owner's legacy stream), and where the
+ * two contexts differ the caller's stream is waited for from the host, since our events belong
+ * to the owner and an event is recorded only on a stream of its own context. */
 #include <signal.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -116,14 +128,19 @@ static void bind_driver_checks(void)
 }
 
 /* A range the driver would refuse goes to the driver, which then answers with its own error and
- * writes nothing, where pieces would have written the part before the bad end. */
-static bool device_range_whole(uintptr_t p, size_t n)
+ * writes nothing, where pieces would have written the part before the bad end. *owner gets the
+ * context the allocation belongs to, where the driver names one (where it names none, *owner is
+ * left alone). */
+static bool device_range_whole(uintptr_t p, size_t n, uintptr_t *owner)
 {
     CUdeviceptr start = 0;
     size_t size = 0;
-    CUpointer_attribute attrs[2] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_RANGE_SIZE};
-    void *data[2] = {&start, &size};
-    if (xdrv.pointer_attributes(2, attrs, data, (CUdeviceptr)p) != CUDA_SUCCESS || !start) return false;
+    CUcontext ctx = NULL;
+    CUpointer_attribute attrs[3] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+                                    CU_POINTER_ATTRIBUTE_CONTEXT};
+    void *data[3] = {&start, &size, &ctx};
+    if (xdrv.pointer_attributes(3, attrs, data, (CUdeviceptr)p) != CUDA_SUCCESS || !start) return false;
+    if (ctx) *owner = (uintptr_t)ctx;
     return p >= start && p - start <= size && n <= size - (p - start);
 }
 
@@ -146,8 +163,10 @@ static bool host_range_mapped(uintptr_t p, size_t n)
     return msync((void *)start, p + n - start, MS_ASYNC) == 0;
 }
 
-/* Everything that makes staging wrong or pointless, cheapest first. */
-static bool should_stage(gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n, uintptr_t stream)
+/* Everything that makes staging wrong or pointless, cheapest first. *owner: the context that owns
+ * the device side (left as the caller's where the driver does not say, and on the host backend). */
+static bool should_stage(gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n, uintptr_t stream,
+                         uintptr_t *owner)
 {
     const gm_config *cfg = gm_mgr.cfg;
     if (!cfg || !cfg->staging || n == 0 || n < cfg->staging_min) return false;
@@ -161,7 +180,7 @@ static bool should_stage(gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n
     pthread_once(&xdrv_once, bind_driver_checks);
     if (!xdrv.cuda) return true;
     if (!xdrv.pointer_attributes || !xdrv.stream_is_capturing) return false;
-    return device_range_whole(dev, n) && stream_is_plain(stream);
+    return device_range_whole(dev, n, owner) && stream_is_plain(stream);
 }
 
 /* ------------------------------------------------------------------ copying out */
@@ -539,29 +558,48 @@ static int drain(stager *st, int rc)
     return rc;
 }
 
-static int stage_h2d(stager *st, stage_job *job, uintptr_t stream)
+/* The caller's side of a copy: its stream, in its context (the one current when it called; a
+ * stream 0 or CU_STREAM_PER_THREAD means that context's). */
+typedef struct caller {
+    uintptr_t ctx, stream;
+} caller;
+
+/* Our work comes after earlier work on the caller's stream: the host waits for it (H2D: the
+ * driver's stream sync before a pageable source is read), or else the transfer stream does (D2H:
+ * no host wait). In the stager's own context an event of ours on the caller's stream marks the
+ * point. In another context an event of ours cannot be recorded there (an event is recorded only
+ * on a stream of its own context), so the host synchronizes the caller's stream: the same wait,
+ * with the host in it for a D2H as well, which returns only when its bytes have landed anyway. */
+static int after_caller(stager *st, const caller *c, bool host_waits)
+{
+    const gm_backend *be = gm_mgr.backend;
+    if (c->ctx != st->ctx) return be->stream_synchronize(c->ctx, c->stream);
+    int rc = be->event_record(c->ctx, st->start_ev, c->stream);
+    if (rc != CUDA_SUCCESS) return rc;
+    return host_waits ? be->event_synchronize(st->start_ev) : be->stream_wait_event(st->ctx, st->stream, st->start_ev);
+}
+
+static int stage_h2d(stager *st, stage_job *job, const caller *c)
 {
     const gm_backend *be = gm_mgr.backend;
     /* The driver's stream sync before a pageable source is read. After it the transfer stream
-     * needs no wait of its own: everything before the copy on `stream` is complete. */
-    int rc = be->event_record(st->ctx, st->start_ev, stream);
-    if (rc == CUDA_SUCCESS) rc = be->event_synchronize(st->start_ev);
+     * needs no wait of its own: everything before the copy on the caller's stream is complete. */
+    int rc = after_caller(st, c, true);
     if (rc != CUDA_SUCCESS) return rc;
     run_job(st, job);
     rc = atomic_load(&job->error);
     if (rc != CUDA_SUCCESS) return drain(st, rc);
-    /* Later work on the caller's stream waits for the last DMA. */
+    /* Later work on the caller's stream waits for the last DMA; a later staged copy of this memory,
+     * from any context, is behind it on our transfer stream. The wait is enqueued in the caller's
+     * context (an event may be waited for from another context's stream). */
     rc = be->event_record(st->ctx, st->done_ev, st->stream);
-    if (rc == CUDA_SUCCESS) rc = be->stream_wait_event(st->ctx, stream, st->done_ev);
+    if (rc == CUDA_SUCCESS) rc = be->stream_wait_event(c->ctx, c->stream, st->done_ev);
     return rc == CUDA_SUCCESS ? rc : drain(st, rc);
 }
 
-static int stage_d2h(stager *st, stage_job *job, uintptr_t stream)
+static int stage_d2h(stager *st, stage_job *job, const caller *c)
 {
-    const gm_backend *be = gm_mgr.backend;
-    /* The DMAs come after earlier work on the caller's stream; the host does not wait for it. */
-    int rc = be->event_record(st->ctx, st->start_ev, stream);
-    if (rc == CUDA_SUCCESS) rc = be->stream_wait_event(st->ctx, st->stream, st->start_ev);
+    int rc = after_caller(st, c, false);
     if (rc != CUDA_SUCCESS) return rc;
     run_job(st, job);
     rc = atomic_load(&job->error);
@@ -574,8 +612,10 @@ int gm_staged_copy(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src,
                    uintptr_t stream, bool sync)
 {
     (void)sync; /* pageable copies: the blocking entry points have the same semantics (above) */
-    if (!should_stage(dir, dst, src, n, stream)) return GM_NOT_OURS;
-    stager *st = stager_get(ctx);
+    uintptr_t owner = ctx;
+    if (!should_stage(dir, dst, src, n, stream, &owner)) return GM_NOT_OURS;
+    const caller c = {ctx, stream};
+    stager *st = stager_get(owner); /* the memory's context stages it (top of the file) */
     if (!st) return GM_NOT_OURS;
     int rc = GM_NOT_OURS;
     pthread_mutex_lock(&st->copy_lock);
@@ -588,7 +628,7 @@ int gm_staged_copy(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src,
             .piece = piece_size(n, st->nworkers + 1, st->chunk),
         };
         job.pieces = (n + job.piece - 1) / job.piece;
-        rc = dir == GM_COPY_H2D ? stage_h2d(st, &job, stream) : stage_d2h(st, &job, stream);
+        rc = dir == GM_COPY_H2D ? stage_h2d(st, &job, &c) : stage_d2h(st, &job, &c);
     }
     pthread_mutex_unlock(&st->copy_lock);
     stager_put(st);

@@ -48,6 +48,9 @@ CUPY_PY=$ROOT/tests/gpu/cupy_check.py
 PS=$BIN/physics_sim
 RB=$BIN/readback_bench
 SC=$BIN/staging_check
+IC=$BIN/ipc_check
+TORCH_IPC_PY=$ROOT/tests/gpu/torch_ipc_check.py
+CUPY_IPC_PY=$ROOT/tests/gpu/cupy_ipc_check.py
 LIBDIR=$ROOT/build-gpu/manager
 
 rm -rf "$BIN" "$LOGS" "$W/tmp"
@@ -362,6 +365,14 @@ run_prog() { # run_prog TAG: run the program a tag stands for
     sc_shim) R "$1" env "$S" "$SC" ;;
     sc_off) R "$1" env "$S" GPUMEM_STAGING=0 "$SC" ;;
     rb_lib) R "$1" env GPUMEM_REPORT=off "$RB" ;;
+    ic_base) R "$1" "$IC" ;;
+    ic_shim) R "$1" env "$S" "$IC" ;;
+    ti_base) R "$1" "$PY" "$TORCH_IPC_PY" ;;
+    ti_shim) R "$1" env "$S" "$PY" "$TORCH_IPC_PY" ;;
+    ti_nc_base) R "$1" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_IPC_PY" ;;
+    ti_nc_shim) R "$1" env "$S" PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_IPC_PY" ;;
+    ci_base) R "$1" "$PY" "$CUPY_IPC_PY" ;;
+    ci_shim) R "$1" env "$S" "$PY" "$CUPY_IPC_PY" ;;
     *) echo "gpu-check: unknown run tag $1" >&2; return 99 ;;
     esac
 }
@@ -375,6 +386,7 @@ have_bin() { # have_bin TAG
     ph_* ) [ -x "$PS" ] || { WHY="physics_sim was not built"; return 1; } ;;
     sc_* ) [ -x "$SC" ] || { WHY="staging_check was not built"; return 1; } ;;
     rb_* ) [ -x "$RB" ] || { WHY="readback_bench was not built"; return 1; } ;;
+    ic_* ) [ -x "$IC" ] || { WHY="ipc_check was not built"; return 1; } ;;
     esac
     return 0
 }
@@ -388,6 +400,9 @@ prog_of() {
     ph_*) echo physics_sim ;;
     sc_*) echo staging_check ;;
     rb_*) echo readback_bench ;;
+    ic_*) echo ipc_check ;;
+    ti_*) echo torch_ipc_check ;;
+    ci_*) echo cupy_ipc_check ;;
     esac
 }
 
@@ -724,6 +739,22 @@ p_readback() {
     fi
 }
 p_phys_lib() { p_physics "$1" ph_lib; }
+
+# ------------------------------------------------------------------------------------- IPC (issue 10)
+# A block at its segment's start and one deep inside it exported to a child process, which writes
+# into them; exactly those bytes must change. Each program passes without the shim, and under it
+# prints the same lines (PASS needs both runs).
+p_build_ipc() {
+    nvcc_build "$1" "$IC" -O2 -arch="$ARCH" -o "$IC" tests/gpu/ipc_check.cu
+}
+i_base() { check_baseline "$1" ic_base; }
+i_same() { check_same "$1" ic_base ic_shim; }
+ti_base() { t_wrap "$1" check_baseline "$1" ti_base; }
+ti_same() { t_wrap "$1" check_same "$1" ti_base ti_shim; }
+ti_nc_base() { t_wrap "$1" check_baseline "$1" ti_nc_base; }
+ti_nc_same() { t_wrap "$1" check_same "$1" ti_nc_base ti_nc_shim; }
+ci_base() { c_wrap "$1" check_baseline "$1" ci_base; }
+ci_same() { c_wrap "$1" check_same "$1" ci_base ci_shim; }
 p_stage_base() { check_baseline "$1" sc_base; }
 # Staged pageable copies give the bytes the driver's own copies give (identical stdout), and the
 # shim's report shows copies were really staged.
@@ -845,6 +876,15 @@ step "staging: no-shim baseline" p_stage_base
 step "staging: shim stdout == baseline, staged" p_stage_same
 step "build readback_bench (libgpumem)" p_build_readback
 step "channel: readback vs sync cudaMemcpy" p_readback
+step "build ipc_check (static cudart)" p_build_ipc
+step "ipc: no-shim baseline" i_base
+step "ipc: shim stdout == baseline" i_same
+step "torch ipc: no-shim baseline" ti_base
+step "torch ipc: shim stdout == baseline" ti_same
+step "torch ipc: no-caching no-shim baseline" ti_nc_base
+step "torch ipc: no-caching shim == baseline" ti_nc_same
+step "cupy ipc: no-shim baseline" ci_base
+step "cupy ipc: shim stdout == baseline" ci_same
 step "bench: gpumem-bench gpu" b_gpu
 step "bench: gpumem-bench pool" b_pool
 step "bench: gpumem-bench stacks" b_stacks

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: the normal build with warnings as errors, then the same
-# tests under AddressSanitizer+UndefinedBehaviorSanitizer, then the threaded stress test under
-# ThreadSanitizer. Runs on a machine without a GPU (the fake driver stands in).
+# tests under AddressSanitizer+UndefinedBehaviorSanitizer, then under ThreadSanitizer the threaded
+# stress tests, the fake driver's and the unwinder's tests and every preload-path test (the api and
+# misuse suites: the shim preloaded in front of the fake driver, on criterion-lite since Criterion
+# cannot start under TSan). Runs on a machine without a GPU (the fake driver stands in).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -24,7 +26,11 @@ run_setup build-asan -Db_sanitize=address,undefined -Db_lundef=false
 ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     meson test -C build-asan --print-errorlogs
 
-echo "== ThreadSanitizer (stress)"
-TARGETS="tests/tsan_threads_1 tests/tsan_threads_0 tests/tsan_copies" run_setup build-tsan -Db_sanitize=thread -Db_lundef=false
+echo "== ThreadSanitizer (stress, fake driver, unwinder, the preload path)"
+# Everything is built; only the tests named below run (Criterion itself cannot start under TSan).
+run_setup build-tsan -Db_sanitize=thread -Db_lundef=false
 TSAN_OPTIONS=halt_on_error=1 meson test -C build-tsan --no-rebuild --print-errorlogs \
-    stress_threads_plain_free_sync_1 stress_threads_plain_free_sync_0 stress_copies_plain
+    stress_threads_plain_free_sync_1 stress_threads_plain_free_sync_0 stress_copies_plain \
+    stress_ctx_switch_copies unit_fakecuda unit_stacks
+TSAN_OPTIONS=halt_on_error=1 meson test -C build-tsan --no-rebuild --print-errorlogs \
+    --suite api --suite misuse

@@ -3,6 +3,7 @@
  * leaks; queries report the user's block, never a pool segment. */
 #include <string.h>
 
+#include "gm_ipc.h"
 #include "shim.h"
 
 static inline bool shim_active(void)
@@ -276,50 +277,129 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes)
     return res;
 }
 
+/* ------------------------------------------------------------------ allocation identity
+ * A pooled block is not a driver allocation: every query that reveals allocation identity
+ * answers for the block as the driver would for a separate allocation (docs/compatibility.md,
+ * "Allocation identity"). Pool memory outside every live block's requested size (freed, or a
+ * block's rounding slack) is memory the driver would not know; what the driver reports about the
+ * physical mapping (MAPPING_*, MEMORY_BLOCK_ID) is shared by separate allocations too, so it passes
+ * through. */
+
+/* The block at `ptr`: pool memory first, then blocks imported from another process. */
+static int block_identity(CUdeviceptr ptr, gm_block_identity *id)
+{
+    int rc = gm_block_identity_get((uintptr_t)ptr, id);
+    return rc == GM_NOT_OURS ? gm_ipc_lookup((uintptr_t)ptr, id) : rc;
+}
+
 CUresult cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr)
 {
     SHIM_REQUIRE_REAL(cuMemGetAddressRange_v2);
     if (!shim_active()) return shim_real_cuMemGetAddressRange_v2(pbase, psize, dptr);
-    uintptr_t base;
-    size_t size;
-    int rc = gm_lookup((uintptr_t)dptr, &base, &size);
+    gm_block_identity id;
+    int rc = block_identity(dptr, &id);
     if (rc == GM_NOT_OURS) return shim_real_cuMemGetAddressRange_v2(pbase, psize, dptr);
-    if (rc != CUDA_SUCCESS) return CUDA_ERROR_NOT_FOUND; /* freed pool memory: no allocation */
-    if (pbase) *pbase = (CUdeviceptr)base;
-    if (psize) *psize = size;
+    if (rc != CUDA_SUCCESS) return CUDA_ERROR_NOT_FOUND; /* no allocation there */
+    if (pbase) *pbase = (CUdeviceptr)id.base;
+    if (psize) *psize = id.size;
     return CUDA_SUCCESS;
 }
 
-/* Rewrites a range attribute for a pointer inside a live pool block. */
-static CUresult patch_range_attribute(void *data, CUpointer_attribute attr, CUdeviceptr ptr)
+/* The block's own answer for an attribute that tells allocations apart; false: ask the driver
+ * (its answer for the segment is its answer for a separate allocation there). Imported blocks
+ * keep the driver's SYNC_MEMOPS: the flag is the mapping's. */
+static bool block_attribute(void *data, CUpointer_attribute attr, const gm_block_identity *id,
+                            bool pooled)
 {
-    if (attr != CU_POINTER_ATTRIBUTE_RANGE_START_ADDR && attr != CU_POINTER_ATTRIBUTE_RANGE_SIZE)
-        return CUDA_SUCCESS;
-    uintptr_t base;
-    size_t size;
-    int rc = gm_lookup((uintptr_t)ptr, &base, &size);
-    if (rc == GM_NOT_OURS) return CUDA_SUCCESS;
-    if (rc != CUDA_SUCCESS) return CUDA_ERROR_INVALID_VALUE;
-    if (attr == CU_POINTER_ATTRIBUTE_RANGE_START_ADDR) *(CUdeviceptr *)data = (CUdeviceptr)base;
-    else *(size_t *)data = size;
-    return CUDA_SUCCESS;
+    switch (attr) {
+    case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR: *(CUdeviceptr *)data = (CUdeviceptr)id->base; return true;
+    case CU_POINTER_ATTRIBUTE_RANGE_SIZE: *(size_t *)data = id->size; return true;
+    case CU_POINTER_ATTRIBUTE_BUFFER_ID: *(unsigned long long *)data = id->buffer_id; return true;
+    case CU_POINTER_ATTRIBUTE_SYNC_MEMOPS:
+        if (!pooled) return false;
+        *(unsigned *)data = id->sync_memops;
+        return true;
+    default: return false;
+    }
 }
 
 CUresult cuPointerGetAttribute(void *data, CUpointer_attribute attribute, CUdeviceptr ptr)
 {
     SHIM_REQUIRE_REAL(cuPointerGetAttribute);
-    CUresult res = shim_real_cuPointerGetAttribute(data, attribute, ptr);
-    if (res != CUDA_SUCCESS || !data || !shim_active()) return res;
-    return patch_range_attribute(data, attribute, ptr);
+    if (!data || !shim_active()) return shim_real_cuPointerGetAttribute(data, attribute, ptr);
+    gm_block_identity id;
+    int rc = gm_block_identity_get((uintptr_t)ptr, &id);
+    bool pooled = rc != GM_NOT_OURS;
+    if (!pooled) rc = gm_ipc_lookup((uintptr_t)ptr, &id);
+    if (rc == GM_NOT_OURS) return shim_real_cuPointerGetAttribute(data, attribute, ptr);
+    if (rc != CUDA_SUCCESS) return CUDA_ERROR_INVALID_VALUE; /* every attribute, as the driver */
+    if (block_attribute(data, attribute, &id, pooled)) return CUDA_SUCCESS;
+    return shim_real_cuPointerGetAttribute(data, attribute, ptr);
+}
+
+/* What the driver writes for a pointer it does not know (it returns CUDA_SUCCESS). */
+static void attribute_unknown(void *data, CUpointer_attribute attr)
+{
+    switch (attr) {
+    case CU_POINTER_ATTRIBUTE_CONTEXT: *(CUcontext *)data = NULL; break;
+    case CU_POINTER_ATTRIBUTE_DEVICE_POINTER:
+    case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR: *(CUdeviceptr *)data = 0; break;
+    case CU_POINTER_ATTRIBUTE_HOST_POINTER: *(void **)data = NULL; break;
+    case CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: *(int *)data = -2; break;
+    case CU_POINTER_ATTRIBUTE_BUFFER_ID: *(unsigned long long *)data = 0; break;
+    case CU_POINTER_ATTRIBUTE_RANGE_SIZE: *(size_t *)data = 0; break;
+    case CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE: *(CUmemoryPool *)data = NULL; break;
+    default: *(unsigned *)data = 0; break;
+    }
 }
 
 CUresult cuPointerGetAttributes(unsigned int n, CUpointer_attribute *attributes, void **data,
                                 CUdeviceptr ptr)
 {
     SHIM_REQUIRE_REAL(cuPointerGetAttributes);
+    if (!n || !attributes || !data || !shim_active())
+        return shim_real_cuPointerGetAttributes(n, attributes, data, ptr);
+    gm_block_identity id;
+    int rc = gm_block_identity_get((uintptr_t)ptr, &id);
+    bool pooled = rc != GM_NOT_OURS;
+    if (!pooled) rc = gm_ipc_lookup((uintptr_t)ptr, &id);
+    if (rc == GM_NOT_OURS) return shim_real_cuPointerGetAttributes(n, attributes, data, ptr);
+    for (unsigned i = 0; i < n; i++)
+        if (!data[i]) return CUDA_ERROR_INVALID_VALUE;
+    if (rc != CUDA_SUCCESS) { /* freed or slack: a pointer the driver would not know */
+        for (unsigned i = 0; i < n; i++) attribute_unknown(data[i], attributes[i]);
+        return CUDA_SUCCESS;
+    }
     CUresult res = shim_real_cuPointerGetAttributes(n, attributes, data, ptr);
-    if (res != CUDA_SUCCESS || !attributes || !data || !shim_active()) return res;
     for (unsigned i = 0; i < n && res == CUDA_SUCCESS; i++)
-        if (data[i]) res = patch_range_attribute(data[i], attributes[i], ptr);
+        block_attribute(data[i], attributes[i], &id, pooled);
     return res;
+}
+
+/* SYNC_MEMOPS on a live block is set on its segment (every sync of the segment's memory becomes
+ * synchronous: stronger than asked, never wrong) and remembered on the block, which answers it. */
+CUresult cuPointerSetAttribute(const void *value, CUpointer_attribute attribute, CUdeviceptr ptr)
+{
+    SHIM_REQUIRE_REAL(cuPointerSetAttribute);
+    if (!value || !shim_active()) return shim_real_cuPointerSetAttribute(value, attribute, ptr);
+    gm_block_identity id;
+    int rc = gm_block_identity_get((uintptr_t)ptr, &id);
+    if (rc == GM_NOT_OURS) return shim_real_cuPointerSetAttribute(value, attribute, ptr);
+    if (rc != CUDA_SUCCESS) return CUDA_ERROR_INVALID_VALUE;
+    CUresult res = shim_real_cuPointerSetAttribute(value, attribute, ptr);
+    if (res == CUDA_SUCCESS && attribute == CU_POINTER_ATTRIBUTE_SYNC_MEMOPS)
+        gm_block_set_sync_memops((uintptr_t)ptr, *(const unsigned *)value != 0);
+    return res;
+}
+
+/* cuMemAlloc memory has no allocation handle (the driver: CUDA_ERROR_INVALID_VALUE); answered
+ * here so that it does not depend on how segments are backed. */
+CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr)
+{
+    SHIM_REQUIRE_REAL(cuMemRetainAllocationHandle);
+    if (!shim_active()) return shim_real_cuMemRetainAllocationHandle(handle, addr);
+    gm_block_identity id;
+    if (gm_block_identity_get((uintptr_t)addr, &id) == GM_NOT_OURS)
+        return shim_real_cuMemRetainAllocationHandle(handle, addr);
+    return CUDA_ERROR_INVALID_VALUE;
 }

@@ -84,7 +84,11 @@ Test(barrier, fast_free_returns_at_once)
     OK(cuMemFree(b));
     double took = api_now_ms() - t0;
     cr_assert_lt(took, 200.0, "fast-mode cuMemFree took %.0f ms", took);
+#ifndef __SANITIZE_THREAD__
+    /* Peeks at memory the pending fill will write: by timing alone (the fill's worker sleeps
+     * first), which ThreadSanitizer rightly calls a race; the time taken above says the same. */
     cr_assert(api_all_bytes((void *)a, 0, 256 * KiB), "the fill cannot have run yet");
+#endif
     cr_assert_eq(counters().ctx_sync_calls, 0, "fast mode must not synchronize the context");
     gpumem_stats st = api_stats_or_fail();
     cr_assert_eq(st.frees, 1);
@@ -160,7 +164,9 @@ Test(barrier, fast_free_block_reusable_after_synchronize)
             found = n;
         else
             cr_assert(!overlaps(p[n], MiB, x, MiB), "block %d overlaps x but is not x", n);
-        api_sleep_ms(2); /* the fence's events complete on the fake's stream threads */
+        /* the fence's events complete on the fake's stream threads: wait for them, since a fixed
+         * sleep loses that race on a loaded machine */
+        OK(cuCtxSynchronize());
     }
     cr_assert_geq(found, 0, "x %#llx was not reused in %d allocations", (unsigned long long)x, n);
     cr_assert_leq(counters().alloc_calls, 1, "the pool grew by %llu segments although x was free",

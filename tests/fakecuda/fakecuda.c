@@ -24,6 +24,7 @@
  *    cuMemFree_v2 fail with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED like the real driver, and so do
  *    cuStreamSynchronize/cuStreamQuery on the capturing stream.
  *  - One global mutex guards all state; g_done is broadcast whenever a work item completes.
+ *  - fork(): the lock is held across it; the child gets a fresh, uninitialized driver.
  *  - Contexts are never freed (only marked dead) so stale handles are detected, not followed.
  *  - cuGetProcAddress hands out the addresses of this library's own exported functions through
  *    hidden aliases, so they equal what dlsym(libcuda.so.1, "<versioned name>") returns even
@@ -42,6 +43,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <cuda.h>
 
@@ -70,8 +76,9 @@ CUresult CUDAAPI cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *paramsArra
 #define FK_VMM_GRANULARITY ((size_t)2 << 20)
 #define FK_DRIVER_VERSION 13000
 
-/* A_REGISTERED: program memory pinned by cuMemHostRegister (never freed by the fake). */
-typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM, A_REGISTERED } fk_akind;
+/* A_REGISTERED: program memory pinned by cuMemHostRegister (never freed by the fake).
+ * A_IPC: another process's A_DEVICE memory mapped by cuIpcOpenMemHandle (freed by the close). */
+typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM, A_REGISTERED, A_IPC } fk_akind;
 
 typedef struct fk_ctx {
     struct fk_ctx *next; /* g_ctxs; never unlinked */
@@ -93,6 +100,13 @@ typedef struct fk_alloc {
     bool freeing;        /* a free is under way (async free queued, or cuMemFree waiting) */
     uint64_t id;         /* unique, to recognise the record after the lock was dropped */
     struct fk_alloc *vnext; /* g_vmm list (cuMemCreate handles only) */
+    size_t map_len;      /* A_DEVICE, A_IPC: the memory is an mmap of this length (IPC section) */
+    int memfd;           /* A_DEVICE: the memfd behind it, open while it lives (another process
+                          * maps it through /proc/<pid>/fd/<memfd>) */
+    bool sync_memops;    /* cuPointerSetAttribute(CU_POINTER_ATTRIBUTE_SYNC_MEMOPS) */
+    int ipc_pid;         /* A_IPC: the exporter and its allocation id (the key of a reopen) */
+    uint64_t ipc_id;
+    unsigned ipc_refs;   /* A_IPC: opens not yet closed */
 } fk_alloc;
 
 typedef struct fk_event {
@@ -301,8 +315,10 @@ static bool dev_range_ok(uintptr_t p, size_t n)
 
 static bool counts_as_device(fk_akind k)
 {
-    return k != A_HOST && k != A_REGISTERED;
+    return k != A_HOST && k != A_REGISTERED && k != A_IPC;
 }
+
+static void shared_unmap(fk_alloc *a);
 
 /* Unregister and free the block. Called with g_mu held. */
 static void alloc_release(fk_alloc *a)
@@ -318,7 +334,9 @@ static void alloc_release(fk_alloc *a)
     }
     if (counts_as_device(a->kind))
         g_dev[a->dev].in_use -= a->size;
-    if (a->kind != A_REGISTERED)
+    if (a->map_len)
+        shared_unmap(a);
+    else if (a->kind != A_REGISTERED)
         free((void *)a->base);
     free(a);
 }
@@ -326,6 +344,48 @@ static void alloc_release(fk_alloc *a)
 static size_t round_up(size_t v, size_t a)
 {
     return (v + a - 1) / a * a;
+}
+
+/* cuMemAlloc memory is a memfd mapped shared, `align`-aligned, so that another process can map
+ * the same pages (cuIpcOpenMemHandle opens /proc/<pid>/fd/<memfd>). The memfd's name carries the
+ * allocation id, so an importer can tell a reused descriptor from the one it was handed. */
+static void *shared_map(size_t size, size_t align, uint64_t id, int *fd_out, size_t *len_out)
+{
+    char name[48];
+    snprintf(name, sizeof name, "fakecuda-%llu", (unsigned long long)id);
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t len = round_up(size, page), span = len + (align > page ? align : 0);
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, (off_t)len) != 0) {
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    char *r = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r == MAP_FAILED) {
+        close(fd);
+        return NULL;
+    }
+    char *at = (char *)round_up((uintptr_t)r, align > page ? align : page);
+    if (at > r)
+        munmap(r, (size_t)(at - r));
+    if (r + span > at + len)
+        munmap(at + len, (size_t)(r + span - (at + len)));
+    if (mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        munmap(at, len);
+        close(fd);
+        return NULL;
+    }
+    *fd_out = fd;
+    *len_out = len;
+    return at;
+}
+
+static void shared_unmap(fk_alloc *a)
+{
+    munmap((void *)a->base, a->map_len);
+    if (a->kind == A_DEVICE)
+        close(a->memfd);
 }
 
 /* The common path of every device allocation entry point: fault injection, capacity, memory.
@@ -341,13 +401,22 @@ static CUresult dev_alloc(int dev, fk_ctx *c, size_t size, fk_akind kind, fk_all
     if (size > SIZE_MAX - align)
         return CUDA_ERROR_OUT_OF_MEMORY;
     fk_alloc *a = malloc(sizeof *a);
-    void *mem = aligned_alloc(align, round_up(size, align));
+    uint64_t id = g_next_id++;
+    int fd = -1;
+    size_t map_len = 0;
+    void *mem = kind == A_DEVICE ? shared_map(size, align, id, &fd, &map_len)
+                                 : aligned_alloc(align, round_up(size, align));
     if (a && mem)
         *a = (fk_alloc){.base = (uintptr_t)mem, .size = size, .kind = kind, .dev = dev,
-                        .ctx = c, .id = g_next_id++};
+                        .ctx = c, .id = id, .map_len = map_len, .memfd = fd};
     if (!a || !mem || (kind != A_VMM && !reg_insert(a))) {
         free(a);
-        free(mem);
+        if (mem && map_len) {
+            munmap(mem, map_len);
+            close(fd);
+        } else {
+            free(mem);
+        }
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     g_dev[dev].in_use += size;
@@ -755,7 +824,67 @@ static fk_ctx *ctx_new(int dev, bool primary)
     return c;
 }
 
+/* ================================================================ fork */
+
+/* A fork while another thread is inside the fake (holding g_mu, or a worker between two items)
+ * would leave the child a lock no thread will ever release. So g_mu, the fake's only lock, is
+ * held across fork(), and the child starts from a driver that knows nothing of the parent: like
+ * a real driver's child it has no usable context and must call cuInit again; the parent's
+ * streams have no worker threads in it, their events can never complete. */
+static void fork_prepare(void)
+{
+    LOCK();
+}
+
+static void fork_parent(void)
+{
+    UNLOCK();
+}
+
+/* Forgets rather than frees: the parent's records may be mid-update by threads that do not exist
+ * here (and the memory behind its allocations may be shared with it through memfds). Contexts
+ * stay listed, dead, so that a handle from before the fork is refused, not followed. */
+static void fork_child(void)
+{
+    UNLOCK(); /* taken by this same thread in fork_prepare; released, not re-created, so that
+               * ThreadSanitizer (which saw it taken) sees it released */
+    pthread_cond_init(&g_done, NULL); /* its waiters were other threads: gone */
+    for (fk_ctx *c = g_ctxs; c; c = c->next) {
+        c->alive = false;
+        c->prim_refs = 0;
+        c->legacy = NULL;
+    }
+    for (int i = 0; i < FK_MAX_DEVICES; i++) {
+        g_dev[i].primary = NULL;
+        g_dev[i].in_use = 0;
+    }
+    g_streams = NULL;
+    g_events = NULL;
+    g_nallocs = 0;
+    g_vmm = NULL;
+    g_copies_pending = 0;
+    tl_depth = 0; /* the forking thread's context stack: the only thread the child has */
+    atomic_store(&g_inited, false);
+}
+
+/* At load, so before the shim's own handlers: prepare handlers run in reverse order, so the
+ * shim's locks (taken before it calls the driver) are taken before g_mu, as in normal use. */
+__attribute__((constructor)) static void fork_handlers_install(void)
+{
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
 /* ================================================================ init, version, devices */
+
+/* Every cuMemAlloc allocation holds a memfd (IPC): let a test with many of them have them. */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
 
 FK_API CUresult CUDAAPI cuInit(unsigned int flags)
 {
@@ -763,6 +892,7 @@ FK_API CUresult CUDAAPI cuInit(unsigned int flags)
         return CUDA_ERROR_INVALID_VALUE;
     LOCK();
     env_load(false); /* tests set the environment before the first cuInit */
+    raise_fd_limit();
     CUresult r = g_ndev > 0 ? CUDA_SUCCESS : CUDA_ERROR_NO_DEVICE;
     if (r == CUDA_SUCCESS)
         atomic_store(&g_inited, true);
@@ -1270,6 +1400,28 @@ FK_API CUresult CUDAAPI cuStreamBeginCapture_v2_ptsz(CUstream h, CUstreamCapture
     return stream_begin_capture(h, mode, true);
 }
 
+/* Capture into an existing graph: the fake keeps no graph, so only the stream's state changes. */
+FK_API CUresult CUDAAPI cuStreamBeginCaptureToGraph(CUstream h, CUgraph graph, const CUgraphNode *deps,
+                                                    const CUgraphEdgeData *edge_data, size_t ndeps,
+                                                    CUstreamCaptureMode mode)
+{
+    (void)edge_data;
+    if (!graph || (ndeps && !deps))
+        return CUDA_ERROR_INVALID_VALUE;
+    return stream_begin_capture(h, mode, false);
+}
+
+FK_API CUresult CUDAAPI cuStreamBeginCaptureToGraph_ptsz(CUstream h, CUgraph graph,
+                                                         const CUgraphNode *deps,
+                                                         const CUgraphEdgeData *edge_data,
+                                                         size_t ndeps, CUstreamCaptureMode mode)
+{
+    (void)edge_data;
+    if (!graph || (ndeps && !deps))
+        return CUDA_ERROR_INVALID_VALUE;
+    return stream_begin_capture(h, mode, true);
+}
+
 /* Ends the capture; there is no graph, so *graph is NULL. */
 static CUresult stream_end_capture(CUstream h, CUgraph *graph, bool ptds)
 {
@@ -1547,7 +1699,7 @@ FK_API CUresult CUDAAPI cuMemFree_v2(CUdeviceptr p)
     if (capture_forbids_sync())
         return leave(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
     fk_alloc *a = reg_find_base(p);
-    if (!a || a->freeing || a->kind == A_HOST)
+    if (!a || a->freeing || a->kind == A_HOST || a->kind == A_IPC) /* IPC: cuIpcCloseMemHandle */
         return leave(CUDA_ERROR_INVALID_VALUE);
     a->freeing = true; /* a racing second free now fails instead of freeing twice */
     uint64_t id = a->id;
@@ -1987,6 +2139,252 @@ FK_API CUresult CUDAAPI cuMemsetD32Async_ptsz(CUdeviceptr d, unsigned int v, siz
     return mem_op(h, true, set_work(W_SET32, d, v, n), false);
 }
 
+/* ================================================================ pitched, peer and 2D-memset copies */
+
+/* A pitched (2D/3D) copy runs as one row copy per row of every slice, queued together under the
+ * lock, so it is ordered on its stream like one copy; pageable sides behave per row as in
+ * copy_pageable. Each host/device side is validated as the real driver documents (pitch at
+ * least X + WidthInBytes when there are several rows, slices of at least Height rows), a DEVICE
+ * side must lie in one live allocation over its whole span, UNIFIED sides are unchecked like
+ * cuMemcpy's. The fake has no CUDA arrays: an ARRAY side is an invalid handle. */
+typedef struct fk_pside {
+    CUmemorytype type;
+    uintptr_t host, dev;
+    size_t x, y, z, pitch, rows; /* rows: rows per slice of a 3D side; 0 for 2D */
+    uintptr_t start;             /* resolved: the first byte, and the span's length */
+    size_t extent;
+} fk_pside;
+
+typedef struct fk_pitched {
+    bool given; /* false: the descriptor pointer was NULL */
+    fk_pside side[2]; /* dst, src */
+    size_t width, height, depth;
+    bool peer;        /* a 3D peer copy: check the contexts */
+    CUcontext ctx[2];
+} fk_pitched;
+
+#define FK_PSIDE(d, s, z_, rows_)                                                                  \
+    ((fk_pside){.type = (d)->s##MemoryType, .host = (uintptr_t)(d)->s##Host, .dev = (d)->s##Device, \
+                .x = (d)->s##XInBytes, .y = (d)->s##Y, .z = (z_), .pitch = (d)->s##Pitch, .rows = (rows_)})
+
+static fk_pitched fk_from_2d(const CUDA_MEMCPY2D *d)
+{
+    return (fk_pitched){true, {FK_PSIDE(d, dst, 0, 0), FK_PSIDE(d, src, 0, 0)}, d->WidthInBytes, d->Height, 1,
+                        false, {NULL, NULL}};
+}
+
+static fk_pitched fk_from_3d(const CUDA_MEMCPY3D *d)
+{
+    return (fk_pitched){true,
+                        {FK_PSIDE(d, dst, d->dstZ, d->dstHeight), FK_PSIDE(d, src, d->srcZ, d->srcHeight)},
+                        d->WidthInBytes, d->Height, d->Depth, false, {NULL, NULL}};
+}
+
+static fk_pitched fk_from_3d_peer(const CUDA_MEMCPY3D_PEER *d)
+{
+    return (fk_pitched){true,
+                        {FK_PSIDE(d, dst, d->dstZ, d->dstHeight), FK_PSIDE(d, src, d->srcZ, d->srcHeight)},
+                        d->WidthInBytes, d->Height, d->Depth, true, {d->dstContext, d->srcContext}};
+}
+
+/* *out = a * b + c; false when it wraps. */
+static bool fk_mul_add(size_t a, size_t b, size_t c, size_t *out)
+{
+    return !__builtin_mul_overflow(a, b, out) && !__builtin_add_overflow(*out, c, out);
+}
+
+/* Resolve and validate one side: start = base + X + (Z * rows + Y) * pitch, extent =
+ * ((Depth - 1) * rows + Height - 1) * pitch + WidthInBytes. */
+static CUresult pside_resolve(fk_pside *s, const fk_pitched *pc)
+{
+    if (s->type == CU_MEMORYTYPE_ARRAY)
+        return CUDA_ERROR_INVALID_HANDLE;
+    if (s->type != CU_MEMORYTYPE_HOST && s->type != CU_MEMORYTYPE_DEVICE && s->type != CU_MEMORYTYPE_UNIFIED)
+        return CUDA_ERROR_INVALID_VALUE;
+    uintptr_t base = s->type == CU_MEMORYTYPE_HOST ? s->host : s->dev;
+    bool several = pc->height > 1 || pc->depth > 1;
+    size_t row_end, before, off, after;
+    if (!base || __builtin_add_overflow(s->x, pc->width, &row_end) || (several && s->pitch < row_end) ||
+        (pc->depth > 1 && s->rows < pc->height))
+        return CUDA_ERROR_INVALID_VALUE;
+    if (!fk_mul_add(s->z, s->rows, s->y, &before) || !fk_mul_add(before, s->pitch, s->x, &off) ||
+        __builtin_add_overflow(base, off, &s->start) ||
+        !fk_mul_add(pc->depth - 1, s->rows, pc->height - 1, &after) ||
+        !fk_mul_add(after, s->pitch, pc->width, &s->extent))
+        return CUDA_ERROR_INVALID_VALUE;
+    if (s->type == CU_MEMORYTYPE_DEVICE && !dev_range_ok(s->start, s->extent))
+        return CUDA_ERROR_INVALID_VALUE;
+    return CUDA_SUCCESS;
+}
+
+/* One row copy per row; *last gets the last one's sequence number, *wait is set when a row's
+ * destination is pageable memory (the call then returns once the data is there). */
+static CUresult pitched_enqueue(fk_stream *s, const fk_pitched *pc, uint64_t *last, bool *wait)
+{
+    const fk_pside *d = &pc->side[0], *r = &pc->side[1];
+    for (size_t z = 0; z < pc->depth; z++) {
+        for (size_t y = 0; y < pc->height; y++) {
+            uintptr_t dst = d->start + (z * d->rows + y) * d->pitch, src = r->start + (z * r->rows + y) * r->pitch;
+            fk_work w = copy_work(dst, src, pc->width, d->type == CU_MEMORYTYPE_DEVICE,
+                                  r->type == CU_MEMORYTYPE_DEVICE);
+            CUresult rc = copy_pageable(&w, wait);
+            if (!rc)
+                rc = enqueue(s, &w, last);
+            if (rc) {
+                free(w.owned);
+                return rc;
+            }
+        }
+    }
+    return CUDA_SUCCESS;
+}
+
+static CUresult pitched_copy(CUstream h, bool ptds, fk_pitched pc, bool sync)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    g_cnt.copy_calls++;
+    fk_stream *s;
+    fk_ctx *c;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    if (!pc.given)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (pc.peer && ((r = arg_ctx(pc.ctx[0], &c)) || (r = arg_ctx(pc.ctx[1], &c))))
+        return leave(r);
+    if (!pc.width || !pc.height || !pc.depth)
+        return leave(CUDA_SUCCESS);
+    for (int i = 0; i < 2; i++)
+        if ((r = pside_resolve(&pc.side[i], &pc)))
+            return leave(r);
+    if ((r = copy_fault()))
+        return leave(r);
+    uint64_t last = 0;
+    if ((r = pitched_enqueue(s, &pc, &last, &sync)))
+        return leave(r);
+    if (sync)
+        wait_stream_until(s, last);
+    return leave(CUDA_SUCCESS);
+}
+
+#define FK_PITCHED(name, desc_t, conv, ptds)                    \
+    FK_API CUresult CUDAAPI name(const desc_t *p)               \
+    {                                                           \
+        return pitched_copy(NULL, ptds, p ? conv(p) : (fk_pitched){0}, true); \
+    }
+#define FK_PITCHED_ASYNC(name, desc_t, conv, ptds)              \
+    FK_API CUresult CUDAAPI name(const desc_t *p, CUstream h)   \
+    {                                                           \
+        return pitched_copy(h, ptds, p ? conv(p) : (fk_pitched){0}, false); \
+    }
+
+FK_PITCHED(cuMemcpy2D_v2, CUDA_MEMCPY2D, fk_from_2d, false)
+FK_PITCHED(cuMemcpy2D_v2_ptds, CUDA_MEMCPY2D, fk_from_2d, true)
+FK_PITCHED(cuMemcpy2DUnaligned_v2, CUDA_MEMCPY2D, fk_from_2d, false)
+FK_PITCHED(cuMemcpy2DUnaligned_v2_ptds, CUDA_MEMCPY2D, fk_from_2d, true)
+FK_PITCHED_ASYNC(cuMemcpy2DAsync_v2, CUDA_MEMCPY2D, fk_from_2d, false)
+FK_PITCHED_ASYNC(cuMemcpy2DAsync_v2_ptsz, CUDA_MEMCPY2D, fk_from_2d, true)
+FK_PITCHED(cuMemcpy3D_v2, CUDA_MEMCPY3D, fk_from_3d, false)
+FK_PITCHED(cuMemcpy3D_v2_ptds, CUDA_MEMCPY3D, fk_from_3d, true)
+FK_PITCHED_ASYNC(cuMemcpy3DAsync_v2, CUDA_MEMCPY3D, fk_from_3d, false)
+FK_PITCHED_ASYNC(cuMemcpy3DAsync_v2_ptsz, CUDA_MEMCPY3D, fk_from_3d, true)
+FK_PITCHED(cuMemcpy3DPeer, CUDA_MEMCPY3D_PEER, fk_from_3d_peer, false)
+FK_PITCHED(cuMemcpy3DPeer_ptds, CUDA_MEMCPY3D_PEER, fk_from_3d_peer, true)
+FK_PITCHED_ASYNC(cuMemcpy3DPeerAsync, CUDA_MEMCPY3D_PEER, fk_from_3d_peer, false)
+FK_PITCHED_ASYNC(cuMemcpy3DPeerAsync_ptsz, CUDA_MEMCPY3D_PEER, fk_from_3d_peer, true)
+
+/* cuMemcpyPeer: a device-to-device copy once both context handles are valid (the fake's memory
+ * is one address space, so the contexts say nothing else). */
+static CUresult peer_copy(CUdeviceptr d, CUcontext dc, CUdeviceptr s, CUcontext sc, size_t n, CUstream h,
+                          bool ptds, bool sync)
+{
+    fk_ctx *c;
+    CUresult r = enter();
+    if (r)
+        return r;
+    if (!(r = arg_ctx(dc, &c)))
+        r = arg_ctx(sc, &c);
+    if (r)
+        g_cnt.copy_calls++; /* mem_op counts the others */
+    UNLOCK();
+    return r ? r : mem_op(h, ptds, DTOD(d, s, n), sync);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyPeer(CUdeviceptr d, CUcontext dc, CUdeviceptr s, CUcontext sc, size_t n)
+{
+    return peer_copy(d, dc, s, sc, n, NULL, false, true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyPeer_ptds(CUdeviceptr d, CUcontext dc, CUdeviceptr s, CUcontext sc, size_t n)
+{
+    return peer_copy(d, dc, s, sc, n, NULL, true, true);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyPeerAsync(CUdeviceptr d, CUcontext dc, CUdeviceptr s, CUcontext sc, size_t n,
+                                          CUstream h)
+{
+    return peer_copy(d, dc, s, sc, n, h, false, false);
+}
+
+FK_API CUresult CUDAAPI cuMemcpyPeerAsync_ptsz(CUdeviceptr d, CUcontext dc, CUdeviceptr s, CUcontext sc,
+                                               size_t n, CUstream h)
+{
+    return peer_copy(d, dc, s, sc, n, h, true, false);
+}
+
+/* cuMemsetD2D*: Height rows of Width elements, dstPitch bytes apart, one memset per row; the
+ * whole span, (Height - 1) * pitch + Width * element size, in one live allocation. */
+static CUresult set2d(CUstream h, bool ptds, fk_wkind kind, CUdeviceptr d, size_t pitch, uint32_t v, size_t w,
+                      size_t hgt, bool sync)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_stream *s;
+    if ((r = resolve_stream(h, ptds, &s)))
+        return leave(r);
+    if (!w || !hgt)
+        return leave(CUDA_SUCCESS);
+    size_t unit = kind == W_SET32 ? 4 : kind == W_SET16 ? 2 : 1, row, n;
+    if (!d || d % unit || __builtin_mul_overflow(w, unit, &row) || (hgt > 1 && (pitch < row || pitch % unit)) ||
+        !fk_mul_add(hgt - 1, pitch, row, &n) || !dev_range_ok(d, n))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    uint64_t last = 0;
+    for (size_t y = 0; y < hgt; y++) {
+        fk_work work = set_work(kind, d + y * pitch, v, w);
+        if ((r = enqueue(s, &work, &last)))
+            return leave(r);
+    }
+    if (sync)
+        wait_stream_until(s, last);
+    return leave(CUDA_SUCCESS);
+}
+
+#define FK_SET2D(name, t, kind, ptds)                                                       \
+    FK_API CUresult CUDAAPI name(CUdeviceptr d, size_t pitch, t v, size_t w, size_t h)      \
+    {                                                                                       \
+        return set2d(NULL, ptds, kind, d, pitch, v, w, h, true);                            \
+    }
+#define FK_SET2D_ASYNC(name, t, kind, ptds)                                                           \
+    FK_API CUresult CUDAAPI name(CUdeviceptr d, size_t pitch, t v, size_t w, size_t h, CUstream hs)   \
+    {                                                                                                 \
+        return set2d(hs, ptds, kind, d, pitch, v, w, h, false);                                       \
+    }
+
+FK_SET2D(cuMemsetD2D8_v2, unsigned char, W_SET8, false)
+FK_SET2D(cuMemsetD2D8_v2_ptds, unsigned char, W_SET8, true)
+FK_SET2D(cuMemsetD2D16_v2, unsigned short, W_SET16, false)
+FK_SET2D(cuMemsetD2D16_v2_ptds, unsigned short, W_SET16, true)
+FK_SET2D(cuMemsetD2D32_v2, unsigned int, W_SET32, false)
+FK_SET2D(cuMemsetD2D32_v2_ptds, unsigned int, W_SET32, true)
+FK_SET2D_ASYNC(cuMemsetD2D8Async, unsigned char, W_SET8, false)
+FK_SET2D_ASYNC(cuMemsetD2D8Async_ptsz, unsigned char, W_SET8, true)
+FK_SET2D_ASYNC(cuMemsetD2D16Async, unsigned short, W_SET16, false)
+FK_SET2D_ASYNC(cuMemsetD2D16Async_ptsz, unsigned short, W_SET16, true)
+FK_SET2D_ASYNC(cuMemsetD2D32Async, unsigned int, W_SET32, false)
+FK_SET2D_ASYNC(cuMemsetD2D32Async_ptsz, unsigned int, W_SET32, true)
+
 /* ================================================================ pointer queries */
 
 FK_API CUresult CUDAAPI cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psize, CUdeviceptr p)
@@ -2033,6 +2431,15 @@ static CUresult ptr_attr(void *data, CUpointer_attribute attr, const fk_alloc *a
         *(unsigned *)data = a->kind == A_DEVICE;
         break;
     case CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE: *(CUmemoryPool *)data = NULL; break;
+    /* What the H200 answered for cuMemAlloc memory (docs/gpu-runs/identity_probe_driver.txt). */
+    case CU_POINTER_ATTRIBUTE_SYNC_MEMOPS: *(unsigned *)data = a->sync_memops; break;
+    case CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES: *(unsigned long long *)data = 0; break;
+    case CU_POINTER_ATTRIBUTE_IS_GPU_DIRECT_RDMA_CAPABLE:
+        *(unsigned *)data = a->kind == A_DEVICE;
+        break;
+    case CU_POINTER_ATTRIBUTE_ACCESS_FLAGS:
+        *(unsigned *)data = counts_as_device(a->kind) || a->kind == A_IPC ? 3 : 0;
+        break;
     default: return CUDA_ERROR_INVALID_VALUE;
     }
     return CUDA_SUCCESS;
@@ -2089,6 +2496,183 @@ FK_API CUresult CUDAAPI cuPointerGetAttributes(unsigned int n, CUpointer_attribu
     return leave(CUDA_SUCCESS);
 }
 
+/* Only SYNC_MEMOPS can be set, on memory the fake knows (what the driver allows). */
+FK_API CUresult CUDAAPI cuPointerSetAttribute(const void *value, CUpointer_attribute attr,
+                                              CUdeviceptr p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_alloc *a = reg_find(p);
+    if (!value || !a || attr != CU_POINTER_ATTRIBUTE_SYNC_MEMOPS)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    a->sync_memops = *(const unsigned *)value != 0;
+    return leave(CUDA_SUCCESS);
+}
+
+/* The fake maps no VMM handles to addresses, so no address has an allocation handle (the driver
+ * answers CUDA_ERROR_INVALID_VALUE for cuMemAlloc memory too). */
+FK_API CUresult CUDAAPI cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr)
+{
+    (void)addr;
+    CUresult r = enter();
+    if (r)
+        return r;
+    (void)handle;
+    return leave(CUDA_ERROR_INVALID_VALUE);
+}
+
+/* ================================================================ IPC
+ * A handle names a whole cuMemAlloc allocation (an interior pointer gives the same handle, as on
+ * the driver): magic, size at bytes 16..23 (where the driver keeps it), exporter pid, its memfd and
+ * the allocation id. The importer opens /proc/<pid>/fd/<memfd>, checks the memfd's name against the
+ * id, and maps it: an A_IPC allocation of its current context, refcounted per (pid, id). */
+
+#define FK_IPC_MAGIC "fakecuda-ipc-v1"
+
+typedef struct {
+    char magic[16];
+    uint64_t size;
+    int32_t pid, fd;
+    uint64_t id;
+    char zero[24];
+} fk_ipc_handle;
+_Static_assert(sizeof(fk_ipc_handle) == CU_IPC_HANDLE_SIZE, "fake IPC handle size");
+
+FK_API CUresult CUDAAPI cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    const fk_alloc *a = reg_find(p);
+    if (!handle || !a || a->kind != A_DEVICE || a->freeing)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    fk_ipc_handle h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, FK_IPC_MAGIC, sizeof h.magic);
+    h.size = a->size;
+    h.pid = (int32_t)getpid();
+    h.fd = a->memfd;
+    h.id = a->id;
+    memcpy(handle, &h, sizeof h);
+    return leave(CUDA_SUCCESS);
+}
+
+static fk_alloc *ipc_find_open(fk_ctx *c, int pid, uint64_t id)
+{
+    for (size_t i = 0; i < g_nallocs; i++) {
+        fk_alloc *a = g_allocs[i];
+        if (a->kind == A_IPC && a->ctx == c && a->ipc_pid == pid && a->ipc_id == id)
+            return a;
+    }
+    return NULL;
+}
+
+/* The exporter's memfd, if it still is the allocation the handle names. */
+static int ipc_open_exporter_fd(const fk_ipc_handle *h)
+{
+    char path[64], link[128], want[96];
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)h->pid, (int)h->fd);
+    ssize_t n = readlink(path, link, sizeof link - 1);
+    if (n <= 0)
+        return -1;
+    link[n] = 0;
+    snprintf(want, sizeof want, "/memfd:fakecuda-%llu ", (unsigned long long)h->id);
+    if (strncmp(link, want, strlen(want)) != 0)
+        return -1;
+    return open(path, O_RDWR | O_CLOEXEC);
+}
+
+static CUresult ipc_map(fk_ctx *c, const fk_ipc_handle *h, CUdeviceptr *out)
+{
+    int fd = ipc_open_exporter_fd(h);
+    if (fd < 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    struct stat st;
+    size_t len = round_up(h->size, (size_t)sysconf(_SC_PAGESIZE));
+    void *m = fstat(fd, &st) == 0 && (uint64_t)st.st_size >= len
+                  ? mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                  : MAP_FAILED;
+    close(fd);
+    if (m == MAP_FAILED)
+        return CUDA_ERROR_INVALID_VALUE;
+    fk_alloc *a = malloc(sizeof *a);
+    if (a)
+        *a = (fk_alloc){.base = (uintptr_t)m, .size = h->size, .kind = A_IPC, .dev = c->dev,
+                        .ctx = c, .id = g_next_id++, .map_len = len, .memfd = -1,
+                        .ipc_pid = h->pid, .ipc_id = h->id, .ipc_refs = 1};
+    if (!a || !reg_insert(a)) {
+        free(a);
+        munmap(m, len);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *out = a->base;
+    return CUDA_SUCCESS;
+}
+
+static CUresult ipc_open(CUdeviceptr *out, CUipcMemHandle handle, unsigned flags)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    fk_ipc_handle h;
+    memcpy(&h, &handle, sizeof h);
+    static const char zero[sizeof h.zero];
+    if (!out || (flags & ~(unsigned)CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS) ||
+        memcmp(h.magic, FK_IPC_MAGIC, sizeof h.magic) != 0 || h.size == 0 || h.pid <= 0 ||
+        memcmp(h.zero, zero, sizeof zero) != 0) /* every byte is checked: garbage is refused */
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (h.pid == (int32_t)getpid()) /* the driver's answer for a handle of this process */
+        return leave(CUDA_ERROR_INVALID_CONTEXT);
+    fk_alloc *a = ipc_find_open(c, h.pid, h.id);
+    if (a) {
+        a->ipc_refs++;
+        *out = a->base;
+        return leave(CUDA_SUCCESS);
+    }
+    return leave(ipc_map(c, &h, out));
+}
+
+FK_API CUresult CUDAAPI cuIpcOpenMemHandle_v2(CUdeviceptr *out, CUipcMemHandle handle,
+                                              unsigned int flags)
+{
+    return ipc_open(out, handle, flags);
+}
+
+#undef cuIpcOpenMemHandle
+CUresult CUDAAPI cuIpcOpenMemHandle(CUdeviceptr *out, CUipcMemHandle handle, unsigned int flags);
+FK_API CUresult CUDAAPI cuIpcOpenMemHandle(CUdeviceptr *out, CUipcMemHandle handle,
+                                           unsigned int flags)
+{
+    return ipc_open(out, handle, flags);
+}
+
+FK_API CUresult CUDAAPI cuIpcCloseMemHandle(CUdeviceptr p)
+{
+    CUresult r = enter();
+    if (r)
+        return r;
+    fk_ctx *c;
+    if ((r = cur_ctx(&c)))
+        return leave(r);
+    fk_alloc *a = reg_find_base(p);
+    if (!a || a->kind != A_IPC)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (--a->ipc_refs == 0) {
+        wait_ctx(a->ctx); /* no queued copy may touch the mapping after it is gone */
+        a = reg_find_base(p);
+        if (a && a->kind == A_IPC && a->ipc_refs == 0)
+            alloc_release(a);
+    }
+    return leave(CUDA_SUCCESS);
+}
+
 /* ================================================================ errors */
 
 #define FK_ERRORS(X)                                                                          \
@@ -2104,6 +2688,8 @@ FK_API CUresult CUDAAPI cuPointerGetAttributes(unsigned int n, CUpointer_attribu
     X(CUDA_ERROR_INVALID_HANDLE, "invalid resource handle")                                   \
     X(CUDA_ERROR_ILLEGAL_STATE, "the operation cannot be performed in the present state")     \
     X(CUDA_ERROR_NOT_FOUND, "named symbol not found")                                         \
+    X(CUDA_ERROR_ALREADY_MAPPED, "resource already mapped")                                   \
+    X(CUDA_ERROR_MAP_FAILED, "mapping of buffer object failed")                               \
     X(CUDA_ERROR_NOT_READY, "device not ready")                                               \
     X(CUDA_ERROR_ILLEGAL_ADDRESS, "an illegal memory access was encountered")                 \
     X(CUDA_ERROR_LAUNCH_FAILED, "unspecified launch failure")                                 \
@@ -2265,6 +2851,8 @@ FK_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int 
     X("cuStreamIsCapturing", 10000, 1, cuStreamIsCapturing_ptsz)                    \
     X("cuStreamBeginCapture", 10010, 0, cuStreamBeginCapture_v2)                    \
     X("cuStreamBeginCapture", 10010, 1, cuStreamBeginCapture_v2_ptsz)               \
+    X("cuStreamBeginCaptureToGraph", 12030, 0, cuStreamBeginCaptureToGraph)         \
+    X("cuStreamBeginCaptureToGraph", 12030, 1, cuStreamBeginCaptureToGraph_ptsz)    \
     X("cuStreamEndCapture", 10000, 0, cuStreamEndCapture)                           \
     X("cuStreamEndCapture", 10000, 1, cuStreamEndCapture_ptsz)                      \
     X("cuEventCreate", 2000, 0, cuEventCreate)                                      \
@@ -2317,9 +2905,45 @@ FK_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int 
     X("cuMemsetD32", 7000, 1, cuMemsetD32_v2_ptds)                                  \
     X("cuMemsetD32Async", 3020, 0, cuMemsetD32Async)                                \
     X("cuMemsetD32Async", 7000, 1, cuMemsetD32Async_ptsz)                           \
+    X("cuMemcpy2D", 3020, 0, cuMemcpy2D_v2)                                         \
+    X("cuMemcpy2D", 7000, 1, cuMemcpy2D_v2_ptds)                                    \
+    X("cuMemcpy2DUnaligned", 3020, 0, cuMemcpy2DUnaligned_v2)                       \
+    X("cuMemcpy2DUnaligned", 7000, 1, cuMemcpy2DUnaligned_v2_ptds)                  \
+    X("cuMemcpy2DAsync", 3020, 0, cuMemcpy2DAsync_v2)                               \
+    X("cuMemcpy2DAsync", 7000, 1, cuMemcpy2DAsync_v2_ptsz)                          \
+    X("cuMemcpy3D", 3020, 0, cuMemcpy3D_v2)                                         \
+    X("cuMemcpy3D", 7000, 1, cuMemcpy3D_v2_ptds)                                    \
+    X("cuMemcpy3DAsync", 3020, 0, cuMemcpy3DAsync_v2)                               \
+    X("cuMemcpy3DAsync", 7000, 1, cuMemcpy3DAsync_v2_ptsz)                          \
+    X("cuMemcpy3DPeer", 4000, 0, cuMemcpy3DPeer)                                    \
+    X("cuMemcpy3DPeer", 7000, 1, cuMemcpy3DPeer_ptds)                               \
+    X("cuMemcpy3DPeerAsync", 4000, 0, cuMemcpy3DPeerAsync)                          \
+    X("cuMemcpy3DPeerAsync", 7000, 1, cuMemcpy3DPeerAsync_ptsz)                     \
+    X("cuMemcpyPeer", 4000, 0, cuMemcpyPeer)                                        \
+    X("cuMemcpyPeer", 7000, 1, cuMemcpyPeer_ptds)                                   \
+    X("cuMemcpyPeerAsync", 4000, 0, cuMemcpyPeerAsync)                              \
+    X("cuMemcpyPeerAsync", 7000, 1, cuMemcpyPeerAsync_ptsz)                         \
+    X("cuMemsetD2D8", 3020, 0, cuMemsetD2D8_v2)                                     \
+    X("cuMemsetD2D8", 7000, 1, cuMemsetD2D8_v2_ptds)                                \
+    X("cuMemsetD2D8Async", 3020, 0, cuMemsetD2D8Async)                              \
+    X("cuMemsetD2D8Async", 7000, 1, cuMemsetD2D8Async_ptsz)                         \
+    X("cuMemsetD2D16", 3020, 0, cuMemsetD2D16_v2)                                   \
+    X("cuMemsetD2D16", 7000, 1, cuMemsetD2D16_v2_ptds)                              \
+    X("cuMemsetD2D16Async", 3020, 0, cuMemsetD2D16Async)                            \
+    X("cuMemsetD2D16Async", 7000, 1, cuMemsetD2D16Async_ptsz)                       \
+    X("cuMemsetD2D32", 3020, 0, cuMemsetD2D32_v2)                                   \
+    X("cuMemsetD2D32", 7000, 1, cuMemsetD2D32_v2_ptds)                              \
+    X("cuMemsetD2D32Async", 3020, 0, cuMemsetD2D32Async)                            \
+    X("cuMemsetD2D32Async", 7000, 1, cuMemsetD2D32Async_ptsz)                       \
     X("cuMemGetAddressRange", 3020, 0, cuMemGetAddressRange_v2)                     \
     X("cuPointerGetAttribute", 4000, 0, cuPointerGetAttribute)                      \
     X("cuPointerGetAttributes", 7000, 0, cuPointerGetAttributes)                    \
+    X("cuPointerSetAttribute", 6000, 0, cuPointerSetAttribute)                      \
+    X("cuMemRetainAllocationHandle", 11000, 0, cuMemRetainAllocationHandle)         \
+    X("cuIpcGetMemHandle", 4010, 0, cuIpcGetMemHandle)                              \
+    X("cuIpcOpenMemHandle", 4010, 0, cuIpcOpenMemHandle)                            \
+    X("cuIpcOpenMemHandle", 11000, 0, cuIpcOpenMemHandle_v2)                        \
+    X("cuIpcCloseMemHandle", 4010, 0, cuIpcCloseMemHandle)                          \
     X("cuMemCreate", 10020, 0, cuMemCreate)                                         \
     X("cuMemRelease", 10020, 0, cuMemRelease)                                       \
     X("cuMemGetAllocationGranularity", 10020, 0, cuMemGetAllocationGranularity)     \

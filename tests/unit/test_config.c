@@ -94,7 +94,7 @@ static gm_config parse_ok(const char *const *pairs)
 
 Test(config_table, has_every_option_once)
 {
-    cr_assert_eq(gm_option_count, 26);
+    cr_assert_eq(gm_option_count, 27);
     for (size_t i = 0; i < gm_option_count; i++) {
         cr_assert(strncmp(gm_options[i].name, "GPUMEM_", 7) == 0);
         cr_assert_not_null(gm_options[i].default_value);
@@ -217,6 +217,8 @@ Test(size, whitespace_is_trimmed)
     expect_size("4GiB  ", 4 * GiB);
     expect_size("\t 4GiB \n", 4 * GiB);
     expect_size("4 GiB", 4 * GiB);
+    expect_size(" 4 GiB ", 4 * GiB);
+    expect_size("4 B", 4);
     expect_size(" 1048576 ", MiB);
 }
 
@@ -245,6 +247,10 @@ Test(size, malformed)
     expect_bad_size("4GiBx");
     expect_bad_size("4GiB 4");
     expect_bad_size("4 G iB");
+    expect_bad_size("4  GiB"); /* one space may separate number and unit, not two */
+    expect_bad_size("4   G");
+    expect_bad_size("4\tGiB");
+    expect_bad_size("1.5  G");
     expect_bad_size("4Gi");
     expect_bad_size("4KiBB");
     expect_bad_size("4E");
@@ -328,13 +334,14 @@ Test(limit_value, none_size_and_percent)
     cr_assert_eq(limit_of("100%").percent, 100.0);
     cr_assert_eq(limit_of("0.001%").percent, 0.001);
     cr_assert_eq(limit_of(" 50 % ").percent, 50.0);
+    cr_assert_eq(limit_of("4 GiB").bytes, 4 * GiB);
 }
 
 Test(limit_value, malformed)
 {
     const char *bad[] = {"", "0", "0B", "0GiB", "0.0001K" /* rounds to 0 bytes */, "0%", "0.0%",
                          "100.5%", "101%", "1000%", "-5%", "-1", "%", "abc%", "5%%", "1e2%",
-                         "nan%", "inf%", ".5%", "5.%", "4XB", "unlimited", "nones", "0:4GiB",
+                         "nan%", "inf%", ".5%", "5.%", "50  %", "4  GiB", "4XB", "unlimited", "nones", "0:4GiB",
                          "1.5"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         gm_limit_setting s;
@@ -383,14 +390,38 @@ Test(config_valid, numbers)
     gm_config cfg = parse_ok(ENV("GPUMEM_GROWTH_FACTOR", " 1.5 ", "GPUMEM_VERBOSE", "3"));
     cr_assert_eq(cfg.growth_factor, 1.5);
     cr_assert_eq(cfg.verbose, 3);
-    cfg = parse_ok(ENV("GPUMEM_GROWTH_FACTOR", "1", "GPUMEM_VERBOSE", "+0"));
+    cfg = parse_ok(ENV("GPUMEM_GROWTH_FACTOR", "1", "GPUMEM_VERBOSE", "0"));
     cr_assert_eq(cfg.growth_factor, 1.0);
     cr_assert_eq(cfg.verbose, 0);
     cfg = parse_ok(ENV("GPUMEM_GROWTH_FACTOR", "16", "GPUMEM_VERBOSE", " 2"));
     cr_assert_eq(cfg.growth_factor, 16.0);
     cr_assert_eq(cfg.verbose, 2);
-    cfg = parse_ok(ENV("GPUMEM_GROWTH_FACTOR", "1.6e1"));
+    cfg = parse_ok(ENV("GPUMEM_GROWTH_FACTOR", "16.0", "GPUMEM_VERBOSE", "03"));
     cr_assert_eq(cfg.growth_factor, 16.0);
+    cr_assert_eq(cfg.verbose, 3);
+    cfg = parse_ok(ENV("GPUMEM_GROWTH_FACTOR", "01.25", "GPUMEM_STACK_DEPTH", "64"));
+    cr_assert_eq(cfg.growth_factor, 1.25);
+    cr_assert_eq(cfg.stack_depth, 64);
+}
+
+/* The documented forms only: digits, a fraction for numbers, one space before a unit. */
+Test(config_invalid, numbers_are_plain_decimal)
+{
+    const char *number = "expected a decimal number from 1 to 16";
+    const char *bad_numbers[] = {"0x10", "0X10", "0x1.8p1", "1e1", "1E1", "1.6e1", "+2", "+1.5",
+                                 "1.", ".5", "1.5.0", "1,5", "- 2", "2 .5"};
+    for (size_t i = 0; i < sizeof bad_numbers / sizeof *bad_numbers; i++)
+        expect_error_for("GPUMEM_GROWTH_FACTOR", bad_numbers[i], number);
+    const char *integer = "expected a whole decimal number from 0 to 3";
+    const char *bad_integers[] = {"+1", "+0", "0x1", "1e0", "1.0", "1.", " + 1", "--1"};
+    for (size_t i = 0; i < sizeof bad_integers / sizeof *bad_integers; i++)
+        expect_error_for("GPUMEM_VERBOSE", bad_integers[i], integer);
+    expect_error_for("GPUMEM_STAGING_MIN", "4  GiB", "expected a size (e.g. 4GiB");
+    expect_error_for("GPUMEM_LIMIT", "50  %", "a percentage of device memory");
+    /* ...and the one-space forms next to them are fine. */
+    gm_config cfg = parse_ok(ENV("GPUMEM_STAGING_MIN", "4 GiB", "GPUMEM_LIMIT", "50 %"));
+    cr_assert_eq(cfg.staging_min, 4 * GiB);
+    cr_assert_eq(cfg.limit[0].percent, 50.0);
 }
 
 /* A program may switch to a decimal-comma locale before its first allocation. */
@@ -551,7 +582,7 @@ Test(config_invalid, booleans)
 
 Test(config_invalid, growth_factor)
 {
-    const char *range = "expected a number from 1 to 16";
+    const char *range = "expected a decimal number from 1 to 16";
     expect_error_for("GPUMEM_GROWTH_FACTOR", "abc", range);
     expect_error_for("GPUMEM_GROWTH_FACTOR", "2.0x", range);
     expect_error_for("GPUMEM_GROWTH_FACTOR", "2 0", range);
@@ -560,7 +591,8 @@ Test(config_invalid, growth_factor)
     expect_error_for("GPUMEM_GROWTH_FACTOR", "inf", range);
     expect_error_for("GPUMEM_GROWTH_FACTOR", "-inf", range);
     expect_error_for("GPUMEM_GROWTH_FACTOR", "1e400", range);
-    expect_error_for("GPUMEM_GROWTH_FACTOR", "0.5", "out of range; expected a number from 1 to 16");
+    expect_error_for("GPUMEM_GROWTH_FACTOR", "0.5",
+                     "out of range; expected a decimal number from 1 to 16");
     expect_error_for("GPUMEM_GROWTH_FACTOR", "-2", "out of range");
     expect_error_for("GPUMEM_GROWTH_FACTOR", "16.01", "out of range");
     expect_error_for("GPUMEM_GROWTH_FACTOR", "0.99999", "out of range");
@@ -568,14 +600,14 @@ Test(config_invalid, growth_factor)
 
 Test(config_invalid, verbose)
 {
-    const char *range = "expected an integer from 0 to 3";
+    const char *range = "expected a whole decimal number from 0 to 3";
     expect_error_for("GPUMEM_VERBOSE", "loud", range);
     expect_error_for("GPUMEM_VERBOSE", "1.5", range);
     expect_error_for("GPUMEM_VERBOSE", "3x", range);
     expect_error_for("GPUMEM_VERBOSE", "0x1", range);
     expect_error_for("GPUMEM_VERBOSE", "-", range);
     expect_error_for("GPUMEM_VERBOSE", "99999999999999999999", range);
-    expect_error_for("GPUMEM_VERBOSE", "4", "out of range; expected an integer from 0 to 3");
+    expect_error_for("GPUMEM_VERBOSE", "4", "out of range; expected a whole decimal number from 0 to 3");
     expect_error_for("GPUMEM_VERBOSE", "-1", "out of range");
     expect_error_for("GPUMEM_VERBOSE", "4294967296", "out of range");
 }

@@ -9,11 +9,15 @@
 #include <criterion/criterion.h>
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fakecuda.h"
 
@@ -682,4 +686,88 @@ Test(fakecuda, host_register, .init = start)
     ERR(cuMemHostUnregister(p), CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED);
     p[n - 1] = 1; /* still the program's memory */
     free(p);
+}
+
+/* ---------------------------------------------------------------- fork */
+
+static atomic_bool g_hammer_stop;
+
+/* Keeps the fake's lock busy: allocations, memsets run by the stream worker, frees. */
+static void *hammer(void *arg)
+{
+    CUcontext ctx = arg;
+    long failures = 0;
+    cuCtxSetCurrent(ctx);
+    while (!atomic_load(&g_hammer_stop)) {
+        CUdeviceptr d;
+        failures += cuMemAlloc(&d, 4096) != CUDA_SUCCESS;
+        failures += cuMemsetD8Async(d, 7, 4096, NULL) != CUDA_SUCCESS;
+        failures += cuMemFree(d) != CUDA_SUCCESS;
+    }
+    return (void *)(intptr_t)failures;
+}
+
+/* In the child: the driver answers (a lock left held by the hammer would hang here), has no
+ * context from the parent, and starts afresh, workers included. Exit status: which step failed. */
+static int fork_child_body(void)
+{
+    int v = 0, n = 0;
+    CUcontext cur = (CUcontext)1, ctx;
+    CUdevice dev;
+    CUdeviceptr d;
+    if (cuDriverGetVersion(&v) != CUDA_SUCCESS || v <= 0) return 10;
+    if (cuInit(0) != CUDA_SUCCESS) return 11;
+    if (cuDeviceGetCount(&n) != CUDA_SUCCESS || n < 1) return 12;
+    if (cuCtxGetCurrent(&cur) != CUDA_SUCCESS || cur != NULL) return 13;
+    if (cuDeviceGet(&dev, 0) || cuDevicePrimaryCtxRetain(&ctx, dev) || cuCtxSetCurrent(ctx)) return 14;
+    if (cuMemAlloc(&d, 4096)) return 15;
+#ifndef __SANITIZE_THREAD__ /* TSan lets no thread start in the child of a multi-threaded fork */
+    if (cuMemsetD8(d, 9, 4096) || cuCtxSynchronize()) return 16; /* a new stream worker */
+    if (((unsigned char *)(uintptr_t)d)[4095] != 9) return 17;
+#endif
+    if (cuMemFree(d)) return 18;
+    return 0;
+}
+
+/* Waits up to `seconds` for the child; a child still running is killed and reported hung. */
+static int wait_child(pid_t pid, double seconds)
+{
+    int status = 0;
+    for (double waited = 0; waited < seconds; waited += 0.001) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid) return status;
+        if (r < 0) return -1;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -2;
+}
+
+/* A fork while another thread is inside the fake must not leave the child a lock no thread will
+ * release (a real driver's child simply has no usable context). */
+Test(fakecuda, fork_while_another_thread_is_inside, .init = start, .timeout = 120)
+{
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, hammer, g_ctx), 0);
+    for (int i = 0; i < 200; i++) {
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+            alarm(5); /* belt and braces: a hung child dies even if the parent is gone */
+            _exit(fork_child_body());
+        }
+        int status = wait_child(pid, 5.0);
+        cr_assert_neq(status, -2, "fork %d: the child hung in the fake driver (deadlock)", i);
+        cr_assert(WIFEXITED(status), "fork %d: the child died of signal %d%s", i,
+                  WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung: deadlock)" : "");
+        cr_assert_eq(WEXITSTATUS(status), 0, "fork %d: the child failed at step %d", i,
+                     WEXITSTATUS(status));
+    }
+    atomic_store(&g_hammer_stop, true);
+    void *failures;
+    pthread_join(t, &failures);
+    cr_assert_eq((intptr_t)failures, 0, "the parent's calls failed meanwhile");
+    OK(cuCtxSynchronize());
 }
