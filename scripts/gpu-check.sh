@@ -49,6 +49,8 @@ PS=$BIN/physics_sim
 RB=$BIN/readback_bench
 SC=$BIN/staging_check
 IC=$BIN/ipc_check
+IP=$BIN/identity_probe
+SP=$BIN/semantics_probe
 TORCH_IPC_PY=$ROOT/tests/gpu/torch_ipc_check.py
 CUPY_IPC_PY=$ROOT/tests/gpu/cupy_ipc_check.py
 LIBDIR=$ROOT/build-gpu/manager
@@ -372,6 +374,10 @@ run_prog() { # run_prog TAG: run the program a tag stands for
     ti_nc_base) R "$1" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_IPC_PY" ;;
     ti_nc_shim) R "$1" env "$S" PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_IPC_PY" ;;
     ci_base) R "$1" "$PY" "$CUPY_IPC_PY" ;;
+    ip_base) R "$1" "$IP" ;;
+    ip_shim) R "$1" env "$S" "$IP" ;;
+    sp_base) R "$1" "$SP" ;;
+    sp_shim) R "$1" env "$S" "$SP" ;;
     ci_shim) R "$1" env "$S" "$PY" "$CUPY_IPC_PY" ;;
     *) echo "gpu-check: unknown run tag $1" >&2; return 99 ;;
     esac
@@ -387,6 +393,8 @@ have_bin() { # have_bin TAG
     sc_* ) [ -x "$SC" ] || { WHY="staging_check was not built"; return 1; } ;;
     rb_* ) [ -x "$RB" ] || { WHY="readback_bench was not built"; return 1; } ;;
     ic_* ) [ -x "$IC" ] || { WHY="ipc_check was not built"; return 1; } ;;
+    ip_* ) [ -x "$IP" ] || { WHY="identity_probe was not built"; return 1; } ;;
+    sp_* ) [ -x "$SP" ] || { WHY="semantics_probe was not built"; return 1; } ;;
     esac
     return 0
 }
@@ -403,6 +411,8 @@ prog_of() {
     ic_*) echo ipc_check ;;
     ti_*) echo torch_ipc_check ;;
     ci_*) echo cupy_ipc_check ;;
+    ip_*) echo identity_probe ;;
+    sp_*) echo semantics_probe ;;
     esac
 }
 
@@ -754,6 +764,21 @@ ti_same() { t_wrap "$1" check_same "$1" ti_base ti_shim; }
 ti_nc_base() { t_wrap "$1" check_baseline "$1" ti_nc_base; }
 ti_nc_same() { t_wrap "$1" check_same "$1" ti_nc_base ti_nc_shim; }
 ci_base() { c_wrap "$1" check_baseline "$1" ci_base; }
+# The driver's answers about allocation identity (address ranges, pointer attributes, buffer ids,
+# IPC) for separate allocations, and gpumem's for pooled blocks: equal line by line. Left out: ids
+# and handle bytes (new every run), the driver's mapping-level block ids, the layout probes next to
+# a small allocation, and the flipped-byte opens of a gpumem handle (gpumem checks every byte of
+# its own handles; the driver ignores some bytes of its own).
+p_build_probes() {
+    nvcc_build "$1" "$IP" -x c -O2 -o "$IP" tests/gpu/identity_probe.c -lcuda &&
+        nvcc_build "$1" "$SP" -x c -O2 -o "$SP" tests/gpu/semantics_probe.c -lcuda
+}
+ip_base() { check_baseline "$1" ip_base; }
+ip_same() {
+    check_same "$1" ip_base ip_shim 'BUFFER_ID|MEMORY_BLOCK_ID|^handle |flip|parent sees b|^range a\+(5120|8191|8192|65535|65536|2097151):'
+}
+sp_base() { check_baseline "$1" sp_base; }
+sp_same() { check_same "$1" sp_base sp_shim; }
 ci_same() { c_wrap "$1" check_same "$1" ci_base ci_shim; }
 p_stage_base() { check_baseline "$1" sc_base; }
 # Staged pageable copies give the bytes the driver's own copies give (identical stdout), and the
@@ -885,6 +910,11 @@ step "torch ipc: no-caching no-shim baseline" ti_nc_base
 step "torch ipc: no-caching shim == baseline" ti_nc_same
 step "cupy ipc: no-shim baseline" ci_base
 step "cupy ipc: shim stdout == baseline" ci_same
+step "build identity/semantics probes (-lcuda)" p_build_probes
+step "identity: no-shim baseline" ip_base
+step "identity: shim answers == driver's" ip_same
+step "semantics: no-shim baseline" sp_base
+step "semantics: shim answers == driver's" sp_same
 step "bench: gpumem-bench gpu" b_gpu
 step "bench: gpumem-bench pool" b_pool
 step "bench: gpumem-bench stacks" b_stacks

@@ -31,7 +31,7 @@ if [ $rc_driver -ne 0 ] || [ $rc_shim -ne 0 ]; then
 fi
 normalise "$dir/driver.txt" > "$dir/driver.norm"
 normalise "$dir/shim.txt" > "$dir/shim.norm"
-if ! grep -q '^done$' "$dir/shim.norm"; then
+if ! grep -q '^identity_probe: OK$' "$dir/shim.norm"; then
     echo "identity_probe did not finish under the shim"; cat "$dir/shim.txt"; exit 1
 fi
 if ! diff -u "$dir/driver.norm" "$dir/shim.norm"; then

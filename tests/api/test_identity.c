@@ -140,7 +140,9 @@ Test(identity, attributes_call_writes_defaults_outside_live_blocks)
     int ordinal = 1;
     void *data[] = {&start, &size, &id, &type, &ctx, &ordinal};
     OK(cuPointerGetAttributes(6, at, data, a + 5000));
-    cr_assert(start == 0 && size == 0 && id == 0 && type == 0 && ctx == NULL && ordinal == -2,
+    /* what the H200's driver (580) wrote for its own slack and freed pointers
+     * (docs/gpu-runs/semantics_probe_driver.txt): the range attributes are left untouched */
+    cr_assert(start == 1 && size == 1 && id == 0 && type == 0 && ctx == NULL && ordinal == -2,
               "defaults: %llu %zu %llu %u %p %d", (unsigned long long)start, size, id, type,
               (void *)ctx, ordinal);
     OK(cuPointerGetAttributes(6, at, data, a + 10));

@@ -236,6 +236,6 @@ int main(int argc, char **argv)
     printf("parent sees b[0]=%#x b[4096]=%#x\n", first[0], first[1]);
     CK(cuMemcpyDtoH(first, c, 1));
     printf("parent sees c[0]=%#x\n", first[0]);
-    printf("done\n");
+    printf("identity_probe: OK\n");
     return 0;
 }

@@ -47,18 +47,27 @@ static void from_hex(const char *s, cudaIpcMemHandle_t *h)
     for (size_t i = 0; i < sizeof *h && s[2 * i] && s[2 * i + 1]; i++) sscanf(s + 2 * i, "%2hhx", &b[i]);
 }
 
+/* "child": every open must succeed. "plain-child" (run without the shim): a handle the driver
+ * refuses with cudaErrorInvalidValue is reported in the exit status (bit 2 + index) instead. */
 static int child(int argc, char **argv)
 {
     CK(cudaSetDevice(0));
-    int ok = 1;
+    bool refused_ok = !strcmp(argv[1], "plain-child");
+    int ok = 1, refused = 0;
     for (int i = 2, k = 0; i + 1 < argc; i += 2, k++) {
         cudaIpcMemHandle_t h;
         from_hex(argv[i], &h);
         size_t n = strtoull(argv[i + 1], NULL, 10);
         void *p = NULL;
         cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+        fprintf(stderr, "child%s: open %d: %s\n", getenv("LD_PRELOAD") ? "" : " (no shim)", k,
+                cudaGetErrorName(e));
+        if (e == cudaErrorInvalidValue && refused_ok) {
+            cudaGetLastError();
+            refused |= 1 << k;
+            continue;
+        }
         if (e != cudaSuccess) {
-            fprintf(stderr, "child: open %d: %s\n", k, cudaGetErrorName(e));
             ok = 0;
             continue;
         }
@@ -66,7 +75,7 @@ static int child(int argc, char **argv)
         CK(cudaDeviceSynchronize());
         if (cudaIpcCloseMemHandle(p) != cudaSuccess) ok = 0;
     }
-    return ok ? 0 : 2;
+    return ok ? refused << 2 : 2;
 }
 
 static bool all_bytes(const void *dev, size_t n, unsigned char v)
@@ -79,11 +88,12 @@ static bool all_bytes(const void *dev, size_t n, unsigned char v)
     return ok;
 }
 
-static int run_child(char **args)
+static int run_child(char **args, bool without_shim)
 {
     fflush(stdout);
     pid_t pid = fork();
     if (pid == 0) {
+        if (without_shim) unsetenv("LD_PRELOAD");
         execv("/proc/self/exe", args);
         _exit(127);
     }
@@ -94,7 +104,7 @@ static int run_child(char **args)
 
 int main(int argc, char **argv)
 {
-    if (argc > 1 && !strcmp(argv[1], "child")) return child(argc, argv);
+    if (argc > 1 && (!strcmp(argv[1], "child") || !strcmp(argv[1], "plain-child"))) return child(argc, argv);
     CK(cudaSetDevice(0));
     const size_t size[4] = {4096, 5000, 8192, 3000};
     void *blk[4];
@@ -129,12 +139,29 @@ int main(int argc, char **argv)
     snprintf(n0, sizeof n0, "%zu", size[0]);
     snprintf(n2, sizeof n2, "%zu", size[2]);
     char *args[] = {argv[0], (char *)"child", x0, n0, x2, n2, NULL};
-    check("child opened and wrote both blocks", run_child(args) == 0);
+    check("child opened and wrote both blocks", run_child(args, false) == 0);
 
     check("block 0 (segment start) has the child's bytes", all_bytes(blk[0], size[0], 0xA0));
     check("block 2 (inside the segment) has the child's bytes", all_bytes(blk[2], size[2], 0xA1));
     check("block 1 unchanged", all_bytes(blk[1], size[1], 0x11));
     check("block 3 unchanged", all_bytes(blk[3], size[3], 0x13));
+
+    /* A receiver that does not run under gpumem: each handle either opens the right block or is
+     * refused with cudaErrorInvalidValue (a gpumem handle the driver does not know); no other
+     * block may change. Without the shim both open. */
+    for (int i = 0; i < 4; i++) CK(cudaMemset(blk[i], 0x10 + i, size[i]));
+    CK(cudaDeviceSynchronize());
+    args[1] = (char *)"plain-child";
+    int st = run_child(args, true);
+    bool ran = st != 2 && st < 128 && st != 127;
+    int refused = ran ? st >> 2 : 0;
+    check("receiver without gpumem: ran", ran);
+    check("receiver without gpumem: block 0 opened and written", !(refused & 1) && all_bytes(blk[0], size[0], 0xA0));
+    check("receiver without gpumem: block 2 written or refused",
+          all_bytes(blk[2], size[2], (refused & 2) ? 0x12 : 0xA1));
+    check("receiver without gpumem: blocks 1 and 3 unchanged",
+          all_bytes(blk[1], size[1], 0x11) && all_bytes(blk[3], size[3], 0x13));
+    fprintf(stderr, "receiver without gpumem: block 2 %s\n", (refused & 2) ? "refused" : "opened");
     for (int i = 0; i < 4; i++) CK(cudaFree(blk[i]));
     if (failures) return 1;
     printf("ipc_check: OK\n");

@@ -165,6 +165,6 @@ int main(int argc, char **argv)
     multi_attrs("freed", f);
     copy2d_probe();
     exporter_free_probe("/proc/self/exe");
-    printf("done\n");
+    printf("semantics_probe: OK\n");
     return 0;
 }
