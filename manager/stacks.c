@@ -114,15 +114,37 @@ static bool exec_map_rebuild(void)
     return m != NULL;
 }
 
+/* The last two ranges this thread's frames hit, with the map they came from: a stack's frames
+ * lie in a few objects (the program, its framework, libc), so most lookups end here instead of in
+ * a binary search per frame (stack capture runs on every allocation). */
+static __thread struct { const exec_map *map; exec_range r[2]; } tl_hits;
+
 static bool exec_map_has(const exec_map *m, uintptr_t a)
 {
+    if (tl_hits.map == m) {
+        if (a >= tl_hits.r[0].lo && a < tl_hits.r[0].hi) return true;
+        if (a >= tl_hits.r[1].lo && a < tl_hits.r[1].hi) {
+            exec_range t = tl_hits.r[0];
+            tl_hits.r[0] = tl_hits.r[1];
+            tl_hits.r[1] = t;
+            return true;
+        }
+    }
     size_t lo = 0, hi = m->n;
     while (lo < hi) { /* the last range starting at or below a */
         size_t mid = lo + (hi - lo) / 2;
         if (m->r[mid].lo <= a) lo = mid + 1;
         else hi = mid;
     }
-    return lo > 0 && a < m->r[lo - 1].hi;
+    if (lo == 0 || a >= m->r[lo - 1].hi) return false;
+    if (tl_hits.map != m) {
+        tl_hits.map = m;
+        tl_hits.r[1] = (exec_range){0, 0};
+    } else {
+        tl_hits.r[1] = tl_hits.r[0];
+    }
+    tl_hits.r[0] = m->r[lo - 1];
+    return true;
 }
 
 static int read_counters(struct dl_phdr_info *info, size_t size, void *arg)
@@ -212,9 +234,16 @@ static size_t walk_frame_pointers(const gm_callsite *site, uintptr_t *pc, size_t
     uintptr_t prev = (uintptr_t)site->frame;
     /* Each frame must lie above the previous one and on this thread's stack (so it can be read),
      * and its return address must be code (else the frame was not one). */
+    /* the range of the last code address, in registers: most frames are in the same object */
+    uintptr_t code_lo = tl_hits.r[0].lo, code_hi = tl_hits.r[0].hi;
+    if (tl_hits.map != __atomic_load_n(&exec_ranges, __ATOMIC_ACQUIRE)) code_lo = code_hi = 0;
     while (n < depth && fp > prev && fp >= tl_stack_lo && fp + 16 <= tl_stack_hi && !(fp & 7)) {
         uintptr_t ret = ((const uintptr_t *)fp)[1];
-        if (ret < 4096 || !is_code(ret)) break;
+        if (ret < code_lo || ret >= code_hi) {
+            if (ret < 4096 || !is_code(ret)) break;
+            code_lo = tl_hits.r[0].lo;
+            code_hi = tl_hits.r[0].hi;
+        }
         pc[n++] = ret;
         prev = fp;
         fp = ((const uintptr_t *)fp)[0];

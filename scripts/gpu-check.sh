@@ -371,8 +371,6 @@ run_prog() { # run_prog TAG: run the program a tag stands for
     ic_shim) R "$1" env "$S" "$IC" ;;
     ti_base) R "$1" "$PY" "$TORCH_IPC_PY" ;;
     ti_shim) R "$1" env "$S" "$PY" "$TORCH_IPC_PY" ;;
-    ti_nc_base) R "$1" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_IPC_PY" ;;
-    ti_nc_shim) R "$1" env "$S" PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PY" "$TORCH_IPC_PY" ;;
     ci_base) R "$1" "$PY" "$CUPY_IPC_PY" ;;
     ip_base) R "$1" "$IP" ;;
     ip_shim) R "$1" env "$S" "$IP" ;;
@@ -752,7 +750,8 @@ p_phys_lib() { p_physics "$1" ph_lib; }
 
 # ------------------------------------------------------------------------------------- IPC (issue 10)
 # A block at its segment's start and one deep inside it exported to a child process, which writes
-# into them; exactly those bytes must change. Each program passes without the shim, and under it
+# into them; exactly those bytes must change. (PyTorch cannot share CUDA tensors with its caching
+# allocator off, gpumem or not: "RuntimeError: invalid device pointer"; so only caching on.) Each program passes without the shim, and under it
 # prints the same lines (PASS needs both runs).
 p_build_ipc() {
     nvcc_build "$1" "$IC" -O2 -arch="$ARCH" -o "$IC" tests/gpu/ipc_check.cu
@@ -761,8 +760,6 @@ i_base() { check_baseline "$1" ic_base; }
 i_same() { check_same "$1" ic_base ic_shim; }
 ti_base() { t_wrap "$1" check_baseline "$1" ti_base; }
 ti_same() { t_wrap "$1" check_same "$1" ti_base ti_shim; }
-ti_nc_base() { t_wrap "$1" check_baseline "$1" ti_nc_base; }
-ti_nc_same() { t_wrap "$1" check_same "$1" ti_nc_base ti_nc_shim; }
 ci_base() { c_wrap "$1" check_baseline "$1" ci_base; }
 # The driver's answers about allocation identity (address ranges, pointer attributes, buffer ids,
 # IPC) for separate allocations, and gpumem's for pooled blocks: equal line by line. Left out: ids
@@ -778,7 +775,13 @@ ip_same() {
     check_same "$1" ip_base ip_shim 'BUFFER_ID|MEMORY_BLOCK_ID|^handle |flip|parent sees b|^range a\+(5120|8191|8192|65535|65536|2097151):'
 }
 sp_base() { check_baseline "$1" sp_base; }
-sp_same() { check_same "$1" sp_base sp_shim; }
+# Left out: what an importer sees after the exporter freed an exported block and allocated again.
+# The driver hands the memory to the next allocation (the importer then reads and writes it);
+# gpumem keeps a block aside while a receiver under gpumem still has it open (quarantine), so the
+# next allocation is another block: see docs/compatibility.md, IPC.
+sp_same() {
+    check_same "$1" sp_base sp_shim 'exporter free while imported|importer reads after|exporter.s new allocation'
+}
 ci_same() { c_wrap "$1" check_same "$1" ci_base ci_shim; }
 p_stage_base() { check_baseline "$1" sc_base; }
 # Staged pageable copies give the bytes the driver's own copies give (identical stdout), and the
@@ -906,8 +909,6 @@ step "ipc: no-shim baseline" i_base
 step "ipc: shim stdout == baseline" i_same
 step "torch ipc: no-shim baseline" ti_base
 step "torch ipc: shim stdout == baseline" ti_same
-step "torch ipc: no-caching no-shim baseline" ti_nc_base
-step "torch ipc: no-caching shim == baseline" ti_nc_same
 step "cupy ipc: no-shim baseline" ci_base
 step "cupy ipc: shim stdout == baseline" ci_same
 step "build identity/semantics probes (-lcuda)" p_build_probes
