@@ -34,3 +34,6 @@ TSAN_OPTIONS=halt_on_error=1 meson test -C build-tsan --no-rebuild --print-error
     stress_ctx_switch_copies unit_fakecuda unit_stacks
 TSAN_OPTIONS=halt_on_error=1 meson test -C build-tsan --no-rebuild --print-errorlogs \
     --suite api --suite misuse
+
+echo "== line coverage (shim/ must stay at or above 90 %)"
+scripts/coverage.sh build-cov
