@@ -269,6 +269,9 @@ typedef struct gm_block_identity {
     size_t seg_size;
 } gm_block_identity;
 int gm_block_identity_get(uintptr_t ptr, gm_block_identity *out);
+/* Runs `fn` on the live block at `ptr` with its heap locked (the codes of gm_lookup; `fn` runs only
+ * for GPUMEM_OK). */
+int gm_with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx);
 /* Records cuPointerSetAttribute(SYNC_MEMOPS) on the live block at `ptr` (same codes). */
 int gm_block_set_sync_memops(uintptr_t ptr, bool on);
 

@@ -267,23 +267,6 @@ static void wire_make(uint32_t slot, uint64_t slot_nonce, unsigned char out[GM_I
 
 /* ------------------------------------------------------------------ exporter: blocks */
 
-/* The heap holding live block `base` of allocation `buffer_id`, locked, or NULL (freed since). */
-static gm_heap *lock_block(uintptr_t base, uint64_t buffer_id, gm_block **out)
-{
-    size_t n = atomic_load(&gm_mgr.nheaps);
-    for (size_t i = 0; i < n; i++) {
-        gm_heap *h = gm_mgr.heaps[i];
-        pthread_mutex_lock(&h->lock);
-        gm_record *rec = gm_live_find(h, base);
-        if (rec && rec->block && rec->block->buffer_id == buffer_id) {
-            *out = rec->block;
-            return h;
-        }
-        pthread_mutex_unlock(&h->lock);
-    }
-    return NULL;
-}
-
 static void warn_once(uintptr_t base)
 {
     if (ex.warned) return;
@@ -295,28 +278,44 @@ static void warn_once(uintptr_t base)
            (unsigned long long)base);
 }
 
-/* The gpumem handle of block `id`: the same bytes for as long as the block lives. */
+typedef struct export_job {
+    const gm_block_identity *id;
+    const unsigned char *seg; /* the driver's handle of the block's segment */
+    unsigned char *out;
+    int rc;
+} export_job;
+
+/* Under the block's heap lock: give it a slot (once) and write its gpumem handle. */
+static void export_locked(gm_heap *h, gm_block *b, void *arg)
+{
+    (void)h;
+    export_job *job = arg;
+    if (b->buffer_id != job->id->buffer_id) { /* freed and handed out again meanwhile */
+        job->rc = GPUMEM_ERROR_INVALID_VALUE;
+        return;
+    }
+    pthread_mutex_lock(&ex.lock);
+    if (!registry_ready_locked()) job->rc = GPUMEM_ERROR_OUT_OF_MEMORY;
+    uint32_t slot = b->ipc_slot ? b->ipc_slot - 1 : 0;
+    if (job->rc == GPUMEM_OK && !b->ipc_slot) {
+        job->rc = slot_new_locked(job->seg, job->id->base - job->id->seg_base, job->id->size, &slot);
+        if (job->rc == GPUMEM_OK) b->ipc_slot = slot + 1;
+    }
+    if (job->rc == GPUMEM_OK) {
+        wire_make(slot, atomic_load(&slot_at(slot)->nonce), job->out);
+        warn_once(job->id->base);
+    }
+    pthread_mutex_unlock(&ex.lock);
+}
+
+/* The gpumem handle of block `id`: the same bytes for as long as the block lives. A block freed
+ * since `id` was taken gets the driver's answer for freed memory. */
 static int export_slot(const gm_block_identity *id, const unsigned char seg[GM_IPC_HANDLE_SIZE],
                        unsigned char out[GM_IPC_HANDLE_SIZE])
 {
-    gm_block *b = NULL;
-    gm_heap *h = lock_block(id->base, id->buffer_id, &b);
-    if (!h) return GPUMEM_ERROR_INVALID_VALUE; /* freed meanwhile: what the driver says */
-    int rc = GPUMEM_OK;
-    pthread_mutex_lock(&ex.lock);
-    if (!registry_ready_locked()) rc = GPUMEM_ERROR_OUT_OF_MEMORY;
-    uint32_t slot = b->ipc_slot ? b->ipc_slot - 1 : 0;
-    if (rc == GPUMEM_OK && !b->ipc_slot) {
-        rc = slot_new_locked(seg, id->base - id->seg_base, id->size, &slot);
-        if (rc == GPUMEM_OK) b->ipc_slot = slot + 1;
-    }
-    if (rc == GPUMEM_OK) {
-        wire_make(slot, atomic_load(&slot_at(slot)->nonce), out);
-        warn_once(id->base);
-    }
-    pthread_mutex_unlock(&ex.lock);
-    pthread_mutex_unlock(&h->lock);
-    return rc;
+    export_job job = {id, seg, out, GPUMEM_OK};
+    int rc = gm_with_live_block(id->base, export_locked, &job);
+    return rc == GPUMEM_OK ? job.rc : GPUMEM_ERROR_INVALID_VALUE;
 }
 
 int gm_ipc_export(uintptr_t ptr, const gm_ipc_driver *drv, unsigned char out[GM_IPC_HANDLE_SIZE])

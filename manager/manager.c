@@ -491,9 +491,7 @@ static int live_block_in_heap_locked(gm_heap *h, uintptr_t ptr, gm_block **out)
     return GPUMEM_OK;
 }
 
-/* Runs `fn` on the live block at `ptr` with its heap locked; GM_NOT_OURS when no heap's segment
- * holds `ptr`, GPUMEM_ERROR_INVALID_VALUE for pool memory outside every live block. */
-static int with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx)
+int gm_with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx)
 {
     if (ptr < atomic_load_explicit(&gm_mgr.pool_lo, memory_order_relaxed) ||
         ptr >= atomic_load_explicit(&gm_mgr.pool_hi, memory_order_relaxed))
@@ -522,7 +520,7 @@ static void identity_of(gm_heap *h, gm_block *b, void *cx)
 
 int gm_block_identity_get(uintptr_t ptr, gm_block_identity *out)
 {
-    return with_live_block(ptr, identity_of, out);
+    return gm_with_live_block(ptr, identity_of, out);
 }
 
 static void set_sync_memops(gm_heap *h, gm_block *b, void *cx)
@@ -533,7 +531,7 @@ static void set_sync_memops(gm_heap *h, gm_block *b, void *cx)
 
 int gm_block_set_sync_memops(uintptr_t ptr, bool on)
 {
-    return with_live_block(ptr, set_sync_memops, &on);
+    return gm_with_live_block(ptr, set_sync_memops, &on);
 }
 
 int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size)

@@ -9,6 +9,7 @@ command -v ninja >/dev/null 2>&1 || need+=(ninja-build)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v addr2line >/dev/null 2>&1 || need+=(binutils)   # file:line in leak reports
+command -v gcovr >/dev/null 2>&1 || need+=(gcovr)         # scripts/coverage.sh, run by test.sh
 # gpumem-report plot (optional for users, tested in CI) and the report tests use Debian's python3.
 /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 || need+=(python3-matplotlib)
 if [ ${#need[@]} -gt 0 ]; then

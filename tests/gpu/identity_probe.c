@@ -5,40 +5,12 @@
  *
  *   identity_probe            the parent: allocations, queries, IPC export, spawns the child
  *   identity_probe child ...  (internal) opens the handles it is given in argv */
-#include <cuda.h>
+#include "probe_common.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-static const char *err(CUresult r)
-{
-    const char *s = NULL;
-    cuGetErrorName(r, &s);
-    return s ? s : "?";
-}
-
-#define CK(x) \
-    do { \
-        CUresult r_ = (x); \
-        if (r_ != CUDA_SUCCESS) { \
-            printf("FATAL %s: %s\n", #x, err(r_)); \
-            exit(1); \
-        } \
-    } while (0)
-
-static void hex(const void *p, size_t n, char *out)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) sprintf(out + 2 * i, "%02x", b[i]);
-}
-
-static void unhex(const char *s, void *p, size_t n)
-{
-    unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) sscanf(s + 2 * i, "%2hhx", &b[i]);
-}
 
 static void range(const char *tag, CUdeviceptr base, CUdeviceptr p)
 {
@@ -96,12 +68,7 @@ static unsigned long long buffer_id(CUdeviceptr p)
 
 static int child(int argc, char **argv)
 {
-    CUcontext ctx;
-    CUdevice dev;
-    CK(cuInit(0));
-    CK(cuDeviceGet(&dev, 0));
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
+    ctx_init();
     for (int i = 2; i + 1 < argc; i += 2) {
         const char *name = argv[i];
         CUipcMemHandle h;
@@ -143,12 +110,7 @@ static void flip_probe(const CUipcMemHandle *h, int argc_max, char **args, int *
 int main(int argc, char **argv)
 {
     if (argc > 1 && !strcmp(argv[1], "child")) return child(argc, argv);
-    CUcontext ctx;
-    CUdevice dev;
-    CK(cuInit(0));
-    CK(cuDeviceGet(&dev, 0));
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
+    ctx_init();
     setvbuf(stdout, NULL, _IOLBF, 0);
 
     CUdeviceptr a, b, c, d;

@@ -5,38 +5,12 @@
  *    does the importer keep the old memory, and can the exporter's next allocation see its writes;
  *  - the error codes of 2D copies and 2D memsets that run past the end of an allocation.
  * Driver API only; link with -lcuda.  semantics_probe child RD WR HANDLE is internal. */
-#include <cuda.h>
+#include "probe_common.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-static const char *err(CUresult r)
-{
-    const char *s = NULL;
-    cuGetErrorName(r, &s);
-    return s ? s : "?";
-}
-
-#define CK(x) \
-    do { \
-        CUresult r_ = (x); \
-        if (r_ != CUDA_SUCCESS) { \
-            printf("FATAL %s: %s\n", #x, err(r_)); \
-            exit(1); \
-        } \
-    } while (0)
-
-static void ctx_init(void)
-{
-    CUcontext ctx;
-    CUdevice dev;
-    CK(cuInit(0));
-    CK(cuDeviceGet(&dev, 0));
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
-}
 
 static void multi_attrs(const char *tag, CUdeviceptr p)
 {
@@ -55,17 +29,11 @@ static void multi_attrs(const char *tag, CUdeviceptr p)
            size, cx == NULL ? "null" : cx == (void *)77 ? "untouched" : "set", ord);
 }
 
-static void hex(const void *p, size_t n, char *out)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) sprintf(out + 2 * i, "%02x", b[i]);
-}
-
 static int child(char **argv)
 {
     int rd = atoi(argv[2]), wr = atoi(argv[3]);
     CUipcMemHandle h;
-    for (int i = 0; i < 64; i++) sscanf(argv[4] + 2 * i, "%2hhx", &h.reserved[i]);
+    unhex(argv[4], &h, sizeof h);
     ctx_init();
     CUdeviceptr p;
     CK(cuIpcOpenMemHandle(&p, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS));
