@@ -27,82 +27,22 @@ typedef struct copy_op {
 
 typedef CUresult (*forward_fn)(const copy_op *op);
 
-/* Where the copy goes, once both sides are known. */
-typedef struct copy_class {
-    gpumem_copy_direction dir;
-    gpumem_host_memory host; /* of the host side; H2H: pinned only if both are */
-    int device;              /* -1: not known yet (no side is ours) */
-} copy_class;
+typedef gm_copy_class copy_class;
 
 /* ------------------------------------------------------------------ classification */
 
-/* A side gpumem does not own, of a unified copy: the driver knows device, managed and pinned
- * memory; anything it does not know is pageable host memory. One query, only for unified calls. */
-static bool driver_says_device(uintptr_t p, bool *pinned)
-{
-    unsigned type = 0, managed = 0;
-    CUpointer_attribute attrs[2] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED};
-    void *data[2] = {&type, &managed};
-    CUresult r = CUDA_ERROR_NOT_SUPPORTED;
-    if (shim_real_cuPointerGetAttributes) r = shim_real_cuPointerGetAttributes(2, attrs, data, (CUdeviceptr)p);
-    else if (shim_real_cuPointerGetAttribute)
-        r = shim_real_cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (CUdeviceptr)p);
-    *pinned = false;
-    if (r != CUDA_SUCCESS || type == 0) return false;
-    if (managed || type == CU_MEMORYTYPE_DEVICE || type == CU_MEMORYTYPE_ARRAY) return true;
-    *pinned = type == CU_MEMORYTYPE_HOST;
-    return false;
-}
-
-/* Is a side of a unified copy device memory? Pool memory is; then gpumem's own knowledge of
- * pinned host memory; then the driver. */
-static bool unified_side_is_device(const gm_span *s, uintptr_t p, size_t n, bool *pinned)
-{
-    *pinned = false;
-    if (s->status != GM_SPAN_NOT_OURS) return true;
-    if (gm_host_is_pinned((const void *)p, n)) {
-        *pinned = true;
-        return false;
-    }
-    return driver_says_device(p, pinned);
-}
-
-static gpumem_host_memory host_kind(uintptr_t p, size_t n)
-{
-    return gm_host_is_pinned((const void *)p, n) ? GPUMEM_HOST_PINNED : GPUMEM_HOST_PAGEABLE;
-}
-
-/* Direction and host kind of a copy whose sides are known to be device memory or not (and, if
- * not, pinned or not). */
-static void classify_sides(copy_class *c, bool dst_dev, bool dst_pinned, bool src_dev, bool src_pinned)
-{
-    c->dir = GPUMEM_COPY_D2D;
-    c->host = GPUMEM_HOST_PAGEABLE;
-    if (dst_dev && src_dev) return;
-    c->dir = dst_dev ? GPUMEM_COPY_H2D : src_dev ? GPUMEM_COPY_D2H : GPUMEM_COPY_H2H;
-    bool pinned = c->dir == GPUMEM_COPY_H2D ? src_pinned
-                : c->dir == GPUMEM_COPY_D2H ? dst_pinned
-                                            : dst_pinned && src_pinned;
-    c->host = pinned ? GPUMEM_HOST_PINNED : GPUMEM_HOST_PAGEABLE;
-}
-
+/* What each side of a linear copy is, as the entry point names it. */
 static copy_class classify(const copy_op *op, const gm_xfer *x)
 {
-    const gm_span *d = &x->side[GM_XFER_DST], *s = &x->side[GM_XFER_SRC];
-    copy_class c = {GPUMEM_COPY_D2D, GPUMEM_HOST_PAGEABLE, -1};
-    switch (op->dir) {
-    case GM_COPY_H2D: c.dir = GPUMEM_COPY_H2D; c.host = host_kind(op->src, op->n); break;
-    case GM_COPY_D2H: c.dir = GPUMEM_COPY_D2H; c.host = host_kind(op->dst, op->n); break;
-    case GM_COPY_D2D: break;
-    default: {
-        bool dst_pinned, src_pinned;
-        bool dst_dev = unified_side_is_device(d, op->dst, op->n, &dst_pinned);
-        bool src_dev = unified_side_is_device(s, op->src, op->n, &src_pinned);
-        classify_sides(&c, dst_dev, dst_pinned, src_dev, src_pinned);
-    }
-    }
-    c.device = x->device;
-    return c;
+    static const gm_side_kind kinds[GM_COPY_DIRS][2] = {
+        [GM_COPY_H2D] = {GM_SIDE_DEVICE, GM_SIDE_HOST},
+        [GM_COPY_D2H] = {GM_SIDE_HOST, GM_SIDE_DEVICE},
+        [GM_COPY_D2D] = {GM_SIDE_DEVICE, GM_SIDE_DEVICE},
+        [GM_COPY_DEFAULT] = {GM_SIDE_UNIFIED, GM_SIDE_UNIFIED},
+    };
+    gm_xfer_side side[2] = {{kinds[op->dir][GM_XFER_DST], op->dst, op->n},
+                            {kinds[op->dir][GM_XFER_SRC], op->src, op->n}};
+    return gm_xfer_classify(x, side);
 }
 
 /* The calling thread's current device: copies of memory gpumem does not own count there. */
@@ -345,14 +285,10 @@ static bool known_type(CUmemorytype t)
 }
 
 /* Is a side device memory (an array is); if host memory, is it pinned? */
-static bool pitched_is_device(const pitched_side *s, const gm_span *span, bool *pinned)
+static gm_side_kind pitched_side_kind(const pitched_side *s)
 {
-    *pinned = false;
-    switch (s->type) {
-    case CU_MEMORYTYPE_HOST: *pinned = gm_host_is_pinned((const void *)span->ptr, span->n); return false;
-    case CU_MEMORYTYPE_UNIFIED: return unified_side_is_device(span, span->ptr, span->n, pinned);
-    default: return true;
-    }
+    return s->type == CU_MEMORYTYPE_HOST ? GM_SIDE_HOST
+         : s->type == CU_MEMORYTYPE_UNIFIED ? GM_SIDE_UNIFIED : GM_SIDE_DEVICE;
 }
 
 static size_t pitched_bytes(const pitched_op *op)
@@ -388,13 +324,9 @@ static CUresult pitched_check(const char *api, const pitched_op *op, pitched_pla
     SHIM_TRACE("%s dst=%#lx+%zu src=%#lx+%zu", api, (unsigned long)where[0].ptr, where[0].n,
                (unsigned long)where[1].ptr, where[1].n);
     if (gm_xfer_check(&x) != GPUMEM_OK) return CUDA_ERROR_INVALID_VALUE;
-    bool pinned[2], dev[2];
-    for (int i = 0; i < 2; i++) {
-        where[i].status = x.side[i].status;
-        dev[i] = pitched_is_device(&op->side[i], &where[i], &pinned[i]);
-    }
-    classify_sides(&plan->cls, dev[GM_XFER_DST], pinned[GM_XFER_DST], dev[GM_XFER_SRC], pinned[GM_XFER_SRC]);
-    plan->cls.device = x.device;
+    gm_xfer_side side[2];
+    for (int i = 0; i < 2; i++) side[i] = (gm_xfer_side){pitched_side_kind(&op->side[i]), where[i].ptr, where[i].n};
+    plan->cls = gm_xfer_classify(&x, side);
     plan->bytes = pitched_bytes(op);
     plan->counted = true;
     return CUDA_SUCCESS;

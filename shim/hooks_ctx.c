@@ -12,9 +12,8 @@
  * still exists (before the driver's call), so its resources may be handed back through it. */
 static void context_going_away(CUcontext ctx, const char *why, bool alive)
 {
-    gm_heap_drop((uintptr_t)ctx, why, alive);
-    gm_pinned_drop_ctx((uintptr_t)ctx);
-    gm_staging_drop_context((uintptr_t)ctx, alive);
+    gm_report_context((uintptr_t)ctx, why); /* a leak check point, before the heap goes */
+    gm_context_teardown((uintptr_t)ctx, alive);
 }
 
 static CUresult ctx_destroy(CUresult (*real)(CUcontext), CUcontext ctx)

@@ -26,15 +26,7 @@ gm_heap *shim_current_heap(void)
  * compute-sanitizer; capped so a loop cannot flood the log. */
 static void report_bad_free(const char *api, CUdeviceptr p, uintptr_t caller)
 {
-    static _Atomic unsigned reported;
-    unsigned n = atomic_fetch_add(&reported, 1);
-    if (n < 100)
-        gm_log(GM_ERROR,
-               "%s(%#llx): not a live allocation (double free, or a pointer inside a block); "
-               "returning CUDA_ERROR_INVALID_VALUE; called from %p",
-               api, (unsigned long long)p, (void *)caller);
-    else if (n == 100)
-        gm_log(GM_ERROR, "further invalid frees are not logged");
+    gm_note_invalid_free(api, (uintptr_t)p, "", "double free, or a pointer inside a block", caller);
 }
 
 /* ------------------------------------------------------------------ pooled */

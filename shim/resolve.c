@@ -54,7 +54,7 @@ static void init_once_fn(void)
         gm_log(GM_ERROR, "libcuda.so.1 has none of the entry points gpumem needs; memory calls pass through");
         return;
     }
-    gm_manager_init(be);
+    gm_report_start(be);
     shim_trace = gm_mgr.cfg->verbose >= GM_TRACE;
     atomic_store_explicit(&shim_ready, true, memory_order_release);
 }

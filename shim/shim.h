@@ -12,7 +12,7 @@
 #undef cuDevicePrimaryCtxReset
 #undef cuIpcOpenMemHandle
 
-#include "gm_internal.h"
+#include "gm_report.h"
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
 

@@ -40,26 +40,14 @@ typedef int gpumem_status;
 
 /* Per-device statistics. "allocated" counts bytes handed to the program (rounded block sizes),
  * "requested" the sizes the program asked for, "reserved" bytes obtained from the device
- * (pool segments plus pass-through allocations). */
+ * (pool segments plus pass-through allocations). The fields, in order, and what each means are
+ * listed in gpumem_stats.def, installed beside this header. */
 typedef struct gpumem_stats {
-    uint64_t allocations;        /* successful allocations, every kind */
-    uint64_t frees;              /* successful frees, every kind */
-    uint64_t pool_hits;          /* served from memory already reserved */
-    uint64_t pool_misses;        /* needed a new segment */
-    uint64_t segments;           /* segments currently reserved */
-    uint64_t segments_released;  /* segments handed back to the device */
-    uint64_t bytes_requested;    /* live, as asked for */
-    uint64_t bytes_allocated;    /* live, rounded */
-    uint64_t bytes_allocated_peak;
-    uint64_t bytes_reserved;     /* from the device, current */
-    uint64_t bytes_reserved_peak;
-    uint64_t bytes_cached_free;  /* free bytes inside reserved segments */
-    uint64_t largest_free_block;
-    double fragmentation;        /* 1 - largest_free / total_free; 0 when nothing is free */
-    uint64_t release_retries;    /* cached segments released, then the request retried */
-    uint64_t limit_rejections;   /* requests refused because of GPUMEM_LIMIT */
-    uint64_t backend_ooms;       /* out-of-memory answers from the device itself */
-    uint64_t limit_bytes;        /* the limit in force for this device, 0 = none */
+#define GM_STAT_HEAP(name, doc) uint64_t name;
+#define GM_STAT_POOL(name, doc) uint64_t name;
+#define GM_STAT_DEVICE(name, doc) uint64_t name;
+#define GM_STAT_DERIVED(type, name, doc) type name;
+#include "gpumem_stats.def"
 } gpumem_stats;
 
 /* Library version as "major.minor.patch". */

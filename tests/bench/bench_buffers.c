@@ -19,7 +19,7 @@
 #include <time.h>
 
 #include "bench.h"
-#include "gm_internal.h"
+#include "gm_api.h"
 
 #define KiB ((size_t)1 << 10)
 #define MiB ((size_t)1 << 20)
@@ -126,7 +126,7 @@ static void settle(void)
 {
     gm_heap *heap = current_heap();
     pthread_mutex_lock(&heap->lock);
-    gm_heap_retire_pending_locked(heap, true);
+    gm_retire_pending_locked(heap, true);
     pthread_mutex_unlock(&heap->lock);
 }
 
@@ -151,8 +151,8 @@ static metadata measure(gm_heap *heap)
     metadata m = {0};
     uint32_t seen[64];
     pthread_mutex_lock(&heap->lock);
-    for (size_t i = 0; i < heap->nsegments; i++)
-        for (gm_block *b = heap->segments[i]->first; b; b = b->next) {
+    for (size_t i = 0; i < heap->pool.segments; i++)
+        for (gm_block *b = heap->pool.by_base[i]->first; b; b = b->next) {
             m.blocks++;
             m.block_chunk_bytes += malloc_usable_size(b) + sizeof(size_t); /* glibc's chunk header */
             bool known = b->state != GM_BLOCK_LIVE || !b->rec.stack_id;
@@ -162,10 +162,10 @@ static metadata measure(gm_heap *heap)
                 m.depot_bytes += depot_bytes_of(b->rec.stack_id);
             }
         }
-    for (gm_block *b = heap->spare_blocks; b; b = b->fnext) m.blocks++;
+    for (gm_block *b = heap->pool.spare_blocks; b; b = b->fnext) m.blocks++;
     m.block_bytes = m.blocks * sizeof(gm_block);
-    m.segment_bytes = heap->nsegments * sizeof(gm_segment) + heap->segments_cap * sizeof(gm_segment *);
-    const UT_hash_table *tbl = heap->live->hh.tbl;
+    m.segment_bytes = heap->pool.segments * sizeof(gm_segment) + heap->pool.by_base_cap * sizeof(gm_segment *);
+    const UT_hash_table *tbl = heap->live.head->hh.tbl;
     m.hash_bytes = sizeof *tbl + tbl->num_buckets * sizeof(UT_hash_bucket);
     pthread_mutex_unlock(&heap->lock);
     return m;
@@ -231,7 +231,7 @@ static double grow_once(size_t size, bool *in_place)
      * leave the in-place run timing cache misses of its own. */
     bool room = false;
     pthread_mutex_lock(&current_heap()->lock);
-    gm_record *rec = gm_live_find(current_heap(), (uintptr_t)before);
+    gm_record *rec = gm_live_find(&current_heap()->live, (uintptr_t)before);
     room = rec && rec->block && rec->block->next && rec->block->next->state == GM_BLOCK_FREE;
     pthread_mutex_unlock(&current_heap()->lock);
     if (room && size > 8 * KiB) {

@@ -81,7 +81,7 @@ static figure time_case(const bench_case *c)
 static int resolve(uintptr_t p, size_t n)
 {
     gm_span s = {.ptr = p, .n = n};
-    gm_pool_find_spans(&s, 1);
+    gm_lookup_spans(&s, 1);
     return s.status;
 }
 

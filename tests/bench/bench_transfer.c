@@ -19,7 +19,7 @@
 #include <cuda.h>
 
 #include "bench.h"
-#include "gm_internal.h"
+#include "gm_api.h"
 #include "gm_staging.h"
 
 #define MiB ((size_t)1 << 20)

@@ -23,7 +23,7 @@
 #include <unistd.h>
 
 #include "bench.h"
-#include "gm_internal.h"
+#include "gm_api.h"
 
 #ifndef GPUMEM_SHIM_PATH
 #define GPUMEM_SHIM_PATH "libgpumem_shim.so"
@@ -432,7 +432,7 @@ static int bench_stacks(void)
         gm_config_reset_for_tests();
         gm_config *cfg = (gm_config *)gm_config_get();
         gm_mgr.cfg = cfg;
-        gm_stack_warm_up();
+        gm_stack_init(cfg);
         summary same = time_captures(0), distinct = time_captures(64);
         printf("%-6s one call site %8.1f / %-8.1f  64 call sites %8.1f / %-8.1f\n", unwinders[u], same.median,
                same.p99, distinct.median, distinct.p99);

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gm_internal.h"
+#include "gm_api.h"
 
 #define OPS 1000000
 #define MAX_LIVE 2048
@@ -53,7 +53,7 @@ static size_t find_slot(uintptr_t p)
 static void model_insert(uintptr_t p, size_t requested)
 {
     size_t i = find_slot(p);
-    size_t rounded = gm_round_size(requested);
+    size_t rounded = gm_pool_round_size(requested);
     if (i > 0) cr_assert_leq(live[i - 1].p + live[i - 1].rounded, p, "overlaps the block below");
     if (i < nlive) cr_assert_leq(p + rounded, live[i].p, "overlaps the block above");
     memmove(&live[i + 1], &live[i], (nlive - i) * sizeof *live);
@@ -64,7 +64,7 @@ static void model_insert(uintptr_t p, size_t requested)
 static void check_inside_segment(gm_heap *heap, const live_t *l)
 {
     pthread_mutex_lock(&heap->lock);
-    gm_block *b = gm_heap_block_containing_locked(heap, l->p);
+    gm_block *b = gm_pool_block_containing_locked(&heap->pool, l->p);
     cr_assert_not_null(b, "block %#lx not inside any segment", (unsigned long)l->p);
     cr_assert_eq(b->addr, l->p);
     cr_assert_eq(b->state, GM_BLOCK_LIVE);
@@ -110,7 +110,7 @@ Test(differential, million_ops_against_model, .timeout = 600)
             model_insert(p, size);
             m.allocs++;
             m.requested += size;
-            m.allocated += gm_round_size(size);
+            m.allocated += gm_pool_round_size(size);
         } else {
             size_t i = (size_t)(next_rand() % nlive);
             live_t victim = live[i];
@@ -135,9 +135,9 @@ Test(differential, million_ops_against_model, .timeout = 600)
     gpumem_get_stats(0, &st);
     cr_expect_eq(st.bytes_allocated, 0);
     cr_expect_leq(st.bytes_reserved, (uint64_t)256 << 20, "GPUMEM_MAX_CACHED holds at rest");
-    for (size_t i = 0; i < heap->nsegments; i++) { /* every segment coalesced back to one block */
-        gm_block *only = heap->segments[i]->first;
-        cr_expect(only->state == GM_BLOCK_FREE && !only->next && only->size == heap->segments[i]->size,
+    for (size_t i = 0; i < heap->pool.segments; i++) { /* every segment coalesced back to one block */
+        gm_block *only = heap->pool.by_base[i]->first;
+        cr_expect(only->state == GM_BLOCK_FREE && !only->next && only->size == heap->pool.by_base[i]->size,
                   "segment %zu is not one free block", i);
     }
 }

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gm_internal.h"
+#include "gm_api.h"
 
 #define THREADS 8
 static int ops_per_thread = 20000; /* the TSan program lowers it: TSan is ~20x slower */

@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "gm_internal.h"
+#include "gm_api.h"
 #include "gm_transfer.h"
 
 #define THREADS 3

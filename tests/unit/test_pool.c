@@ -5,7 +5,7 @@
 #include <criterion/criterion.h>
 #include <stdlib.h>
 
-#include "gm_internal.h"
+#include "gm_api.h"
 
 #define MiB ((size_t)1 << 20)
 
@@ -327,7 +327,8 @@ Test(pool, context_drop_forgets_and_releases)
     alloc_ok(4096);
     uintptr_t p = alloc_ok(20 * MiB);
     free_ok(p);
-    gm_heap_drop(1, "test drop", true);
+    gm_report_context(1, "test drop");
+    gm_context_teardown(1, true);
     gpumem_stats st = stats();
     cr_expect_eq(st.bytes_reserved, 0);
     cr_expect_eq(st.bytes_allocated, 0);

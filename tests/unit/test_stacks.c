@@ -10,7 +10,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "gm_internal.h"
+#include "gm_api.h"
 
 #define GARBAGE ((uintptr_t)0x3434343433323130ull) /* "01234444" read as an address */
 

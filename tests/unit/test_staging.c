@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 #include "../fakecuda/fakecuda.h"
-#include "gm_internal.h"
+#include "gm_api.h"
 #include "gm_staging.h"
 
 #define KiB ((size_t)1 << 10)

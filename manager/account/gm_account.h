@@ -1,0 +1,92 @@
+/* The account layer: what gpumem counts and limits, over plain atomics and per-heap counters.
+ * Per-device budgets and byte figures (limits.c), the statistics' counters (stats.c, fields in
+ * include/gpumem_stats.def), the timeline (trace.c) and the copy counters (copies.c). Nothing
+ * here allocates device memory or knows the pool's structure. Below: base, config, backend
+ * (copy directions) and track (records, tags). */
+#ifndef GM_ACCOUNT_H
+#define GM_ACCOUNT_H
+
+#include "gm_backend.h"
+#include "gm_track.h"
+
+/* ---------------------------------------------------------------- devices, limits (limits.c) */
+typedef struct gm_device {
+    _Atomic uint64_t reserved;      /* bytes taken from the device by this process */
+    _Atomic uint64_t reserved_peak;
+    _Atomic uint64_t allocated;     /* bytes handed out, every heap of the device (shared mode) */
+    _Atomic uint64_t allocated_peak;
+    _Atomic uint64_t limit;         /* 0 = none; resolved at first use */
+    _Atomic bool limit_resolved;
+} gm_device;
+
+gm_device *gm_device_get(int device); /* NULL when out of range */
+/* Resolves the device's limit once (percentages need the device's total). */
+void gm_limit_init_device(int device, uint64_t device_total);
+/* Take `bytes` of the device's limit; false when that would cross it. */
+bool gm_limit_reserve(int device, uint64_t bytes);
+void gm_limit_unreserve(int device, uint64_t bytes);
+uint64_t gm_limit_headroom(int device); /* bytes still below the limit; UINT64_MAX if none */
+void gm_device_note_allocated(int device, int64_t delta);
+
+/* ---------------------------------------------------------------- statistics (stats.c) */
+/* One heap's counters, kept under the heap's lock on the hot path: the HEAP rows of
+ * gpumem_stats.def, plus the peak the heap keeps while it is its device's only one. */
+typedef struct gm_counters {
+#define GM_STAT_HEAP(name, doc) uint64_t name;
+#define GM_STAT_POOL(name, doc)
+#define GM_STAT_DEVICE(name, doc)
+#define GM_STAT_DERIVED(type, name, doc)
+#include "gpumem_stats.def"
+    uint64_t bytes_allocated_peak; /* solo heaps only; shared ones count in gm_device */
+} gm_counters;
+
+/* Where an allocation or free counts: the heap's counters, and its device's atomics when the
+ * device has several heaps (`solo` false). */
+typedef struct gm_counting {
+    gm_counters *c;
+    int device;
+    bool solo;
+} gm_counting;
+void gm_stats_on_alloc(gm_counting to, const gm_record *rec, bool hit);
+void gm_stats_on_free(gm_counting to, const gm_record *rec);
+/* A live block resized in place: counted as the old size freed and the new one allocated, but
+ * neither an allocation nor a free of its own. `old` is the record before the resize. */
+void gm_stats_on_resize(gm_counting to, const gm_record *old, const gm_record *now);
+/* Adds one heap's counters into `out` (the HEAP rows). */
+void gm_stats_add_counters(gpumem_stats *out, const gm_counters *c);
+/* Fills the DEVICE rows and the derived ones, once the heaps were added. `solo_peak`: the peak
+ * a solo heap kept; `total_free`: bytes_cached_free already summed. */
+void gm_stats_finish(gpumem_stats *out, int device, uint64_t solo_peak);
+/* Frees the program passed that are no live allocation (device or pinned): refused, counted. */
+void gm_stats_note_invalid_free(void);
+uint64_t gm_stats_invalid_frees(void);
+
+/* ---------------------------------------------------------------- the timeline (trace.c) */
+extern bool gm_trace_on; /* GPUMEM_TRACE names a file that is open */
+void gm_trace_open(const gm_config *cfg);
+void gm_trace_counter(int device, uint64_t allocated, uint64_t reserved);
+void gm_trace_instant(const char *name, int device, uint64_t bytes, const char *reason);
+void gm_trace_close(void);
+
+/* ---------------------------------------------------------------- copies (copies.c) */
+const char *gm_copy_direction_name(gpumem_copy_direction dir); /* "H2D", "D2H", "D2D", "H2H" */
+const char *gm_host_memory_name(gpumem_host_memory kind);      /* "pageable", "pinned" */
+const char *gm_copy_dir_name(gm_copy_dir dir);                 /* the above, or "default" */
+/* The copy clock: the TSC where there is one (sums of differences are converted at read). */
+static inline uint64_t gm_copy_clock(void)
+{
+#if defined(__x86_64__)
+    return __builtin_ia32_rdtsc();
+#else
+    return gm_now_ns();
+#endif
+}
+uint64_t gm_copy_ticks_to_ns(uint64_t ticks);
+/* One copy the driver accepted: `timed` for synchronous ones (their ticks measured). */
+void gm_copy_count(int device, gpumem_copy_direction dir, gpumem_host_memory kind, size_t bytes,
+                   bool timed, uint64_t ticks, bool staged);
+void gm_copy_note_refused(int device, bool memset_call);
+void gm_copy_stats_collect(int device, gpumem_copy_stats *out);
+void gm_copy_totals(gm_copy_dir dir, uint64_t *calls, uint64_t *bytes); /* every device */
+
+#endif

@@ -1,0 +1,253 @@
+/* Host backend: "device" memory is host memory, for tests, demos and the pool benchmark. A
+ * configurable capacity and deterministic fault injection let tests drive every out-of-memory
+ * path. It has one device (0), whose context cookie is 1. Fences complete after a set number of
+ * queries, so tests can exercise fast-mode reuse. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "gm_backend.h"
+#include "gpumem.h"
+
+static _Atomic uint64_t capacity;      /* per backend, 0 = unlimited */
+static _Atomic uint64_t in_use;
+static _Atomic long fail_after = -1;   /* allocations left before faults begin; -1 never */
+static _Atomic uint64_t alloc_calls, sync_calls;
+static _Atomic int fence_queries_until_done;
+
+struct gm_fence {
+    int queries_left;
+};
+
+/* Sizes of live host allocations, so free can return capacity. A header in front of each
+ * block keeps this O(1) without a table. */
+#define HOST_HEADER 512
+
+void gm_host_backend_configure(uint64_t cap, long fail)
+{
+    atomic_store(&capacity, cap);
+    atomic_store(&fail_after, fail);
+}
+
+void gm_host_backend_set_fence_delay(int queries) { atomic_store(&fence_queries_until_done, queries); }
+uint64_t gm_host_backend_in_use(void) { return atomic_load(&in_use); }
+uint64_t gm_host_backend_alloc_calls(void) { return atomic_load(&alloc_calls); }
+uint64_t gm_host_backend_sync_calls(void) { return atomic_load(&sync_calls); }
+
+static int host_current(uintptr_t *ctx, int *device)
+{
+    *ctx = 1; /* one device, one "context" */
+    *device = 0;
+    return GPUMEM_OK;
+}
+
+static bool take_fault(void)
+{
+    long left = atomic_load(&fail_after);
+    while (left >= 0) {
+        if (left == 0) return true;
+        if (atomic_compare_exchange_weak(&fail_after, &left, left - 1)) return false;
+    }
+    return false;
+}
+
+static int host_alloc(uintptr_t ctx, size_t size, uintptr_t *out)
+{
+    (void)ctx;
+    atomic_fetch_add(&alloc_calls, 1);
+    if (take_fault()) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    uint64_t cap = atomic_load(&capacity);
+    uint64_t now = atomic_fetch_add(&in_use, size) + size;
+    if (cap && now > cap) {
+        atomic_fetch_sub(&in_use, size);
+        return GPUMEM_ERROR_OUT_OF_MEMORY;
+    }
+    char *p = aligned_alloc(HOST_HEADER, HOST_HEADER + ((size + HOST_HEADER - 1) & ~(size_t)(HOST_HEADER - 1)));
+    if (!p) {
+        atomic_fetch_sub(&in_use, size);
+        return GPUMEM_ERROR_OUT_OF_MEMORY;
+    }
+    *(size_t *)p = size;
+    *out = (uintptr_t)(p + HOST_HEADER);
+    return GPUMEM_OK;
+}
+
+static int host_free(uintptr_t ctx, uintptr_t ptr)
+{
+    (void)ctx;
+    char *p = (char *)ptr - HOST_HEADER;
+    atomic_fetch_sub(&in_use, *(size_t *)p);
+    free(p);
+    return GPUMEM_OK;
+}
+
+static int host_sync(uintptr_t ctx)
+{
+    (void)ctx;
+    /* A plain load+store, not a locked add: this counter is for tests, the path is hot. */
+    atomic_store_explicit(&sync_calls, atomic_load_explicit(&sync_calls, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    return GPUMEM_OK;
+}
+
+static int host_sync_current(void) { return host_sync(0); }
+
+static int host_stream_sync(uintptr_t ctx, uintptr_t stream)
+{
+    (void)stream;
+    return host_sync(ctx);
+}
+
+static int host_mem_info(uintptr_t ctx, size_t *free_bytes, size_t *total_bytes)
+{
+    (void)ctx;
+    uint64_t cap = atomic_load(&capacity);
+    uint64_t total = cap ? cap : (uint64_t)1 << 40;
+    uint64_t used = atomic_load(&in_use);
+    *total_bytes = (size_t)total;
+    *free_bytes = (size_t)(used > total ? 0 : total - used);
+    return GPUMEM_OK;
+}
+
+static int host_fence_record(uintptr_t ctx, gm_fence **out)
+{
+    (void)ctx;
+    gm_fence *f = malloc(sizeof *f);
+    if (!f) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    f->queries_left = atomic_load(&fence_queries_until_done);
+    *out = f;
+    return GPUMEM_OK;
+}
+
+static int host_fence_query(gm_fence *f)
+{
+    if (f->queries_left <= 0 || atomic_load(&fence_queries_until_done) == 0) return 0;
+    f->queries_left--;
+    return 1;
+}
+
+static int host_fence_wait(gm_fence *f)
+{
+    f->queries_left = 0;
+    return GPUMEM_OK;
+}
+
+static void host_fence_destroy(gm_fence *f) { free(f); }
+
+/* Transfers: "device" memory is host memory, so a copy is a memcpy done at once and every stream
+ * and event is complete as soon as work is enqueued. Handles are distinct non-zero numbers. */
+static _Atomic uintptr_t next_handle = 1;
+
+static int host_pinned_alloc(uintptr_t ctx, size_t size, unsigned flags, void **out)
+{
+    (void)ctx, (void)flags;
+    if (!size) return GPUMEM_ERROR_INVALID_VALUE;
+    *out = aligned_alloc(4096, (size + 4095) & ~(size_t)4095);
+    return *out ? GPUMEM_OK : GPUMEM_ERROR_OUT_OF_MEMORY;
+}
+
+static int host_pinned_free(uintptr_t ctx, void *p)
+{
+    (void)ctx;
+    free(p);
+    return GPUMEM_OK;
+}
+
+static int host_handle_new(uintptr_t ctx, uintptr_t *out)
+{
+    (void)ctx;
+    *out = atomic_fetch_add(&next_handle, 1);
+    return GPUMEM_OK;
+}
+
+static int host_handle_drop(uintptr_t ctx, uintptr_t h)
+{
+    (void)ctx;
+    return h ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}
+
+static int host_event_record(uintptr_t ctx, uintptr_t ev, uintptr_t stream)
+{
+    (void)ctx, (void)stream;
+    return ev ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}
+
+static int host_event_query(uintptr_t ev) { return ev ? 0 : GPUMEM_ERROR_INVALID_VALUE; }
+
+static int host_stream_wait_event(uintptr_t ctx, uintptr_t stream, uintptr_t ev)
+{
+    (void)ctx, (void)stream;
+    return ev ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}
+
+static int host_copy_async(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
+                           uintptr_t stream)
+{
+    (void)ctx, (void)stream;
+    if (dir == GM_COPY_DEFAULT || dir >= GM_COPY_DIRS || !dst || !src) return GPUMEM_ERROR_INVALID_VALUE;
+    memmove((void *)dst, (const void *)src, n);
+    return GPUMEM_OK;
+}
+
+static int host_range_is_pageable(const void *p, size_t n) { return p && n; }
+
+static int host_set_current(uintptr_t ctx) { return ctx == 1 ? GPUMEM_OK : GPUMEM_ERROR_INVALID_CONTEXT; }
+
+/* Host memory keeps no allocation table, captures nothing and has no context ids. */
+static int host_address_range(uintptr_t p, uintptr_t *start, size_t *size, uintptr_t *ctx)
+{
+    (void)p, (void)start, (void)size, (void)ctx;
+    return GPUMEM_ERROR_NOT_SUPPORTED;
+}
+
+static int host_stream_capturing(uintptr_t stream)
+{
+    (void)stream;
+    return 0;
+}
+
+static int host_ctx_id(uintptr_t ctx, unsigned long long *id)
+{
+    (void)ctx;
+    *id = 0;
+    return GPUMEM_OK;
+}
+
+static gm_memory_kind host_memory_kind(uintptr_t p)
+{
+    (void)p;
+    return GM_MEMKIND_UNKNOWN;
+}
+
+static const gm_backend host_backend = {
+    .name = "host",
+    .current = host_current,
+    .mem_alloc = host_alloc,
+    .mem_free = host_free,
+    .synchronize = host_sync,
+    .synchronize_current = host_sync_current,
+    .stream_synchronize = host_stream_sync,
+    .mem_info = host_mem_info,
+    .fence_record = host_fence_record,
+    .fence_query = host_fence_query,
+    .fence_wait = host_fence_wait,
+    .fence_destroy = host_fence_destroy,
+    .host_alloc = host_pinned_alloc,
+    .host_free = host_pinned_free,
+    .stream_create = host_handle_new,
+    .stream_destroy = host_handle_drop,
+    .event_create = host_handle_new,
+    .event_destroy = host_handle_drop,
+    .event_record = host_event_record,
+    .event_query = host_event_query,
+    .event_synchronize = host_event_query,
+    .stream_wait_event = host_stream_wait_event,
+    .copy_async = host_copy_async,
+    .host_range_is_pageable = host_range_is_pageable,
+    .set_current = host_set_current,
+    .address_range = host_address_range,
+    .stream_capturing = host_stream_capturing,
+    .ctx_id = host_ctx_id,
+    .memory_kind = host_memory_kind,
+};
+
+const gm_backend *gm_host_backend(void) { return &host_backend; }

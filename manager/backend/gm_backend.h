@@ -1,0 +1,102 @@
+/* The backend seam (mimalloc's "prim"): everything the engine asks of a device goes through one
+ * of these tables. The CUDA backend talks to the real libcuda.so.1, never through our hooks; the
+ * host backend serves tests, demos and benchmarks from plain host memory with fault injection.
+ *
+ * Every call names the context it acts on (`ctx`, the driver's CUcontext or the host backend's
+ * device cookie) so a pool can be served from any thread. Return values are CUresult numbers. */
+#ifndef GM_BACKEND_H
+#define GM_BACKEND_H
+
+#include "gm_base.h"
+
+typedef struct gm_fence gm_fence; /* opaque: events recorded on every known stream */
+
+typedef enum { GM_MEMKIND_UNKNOWN = 0, GM_MEMKIND_DEVICE, GM_MEMKIND_PINNED_HOST } gm_memory_kind;
+
+/* Copy directions (the unified cuMemcpy/cuMemcpyAsync are "default" until classified). */
+typedef enum { GM_COPY_H2D = 0, GM_COPY_D2H, GM_COPY_D2D, GM_COPY_DEFAULT, GM_COPY_DIRS } gm_copy_dir;
+
+typedef struct gm_backend {
+    const char *name;
+    /* The calling thread's current context and its device; INVALID_CONTEXT when none. */
+    int (*current)(uintptr_t *ctx, int *device);
+    int (*mem_alloc)(uintptr_t ctx, size_t size, uintptr_t *out);
+    int (*mem_free)(uintptr_t ctx, uintptr_t ptr);
+    /* Wait for all work in the context: the barrier that cudaFree implies. */
+    int (*synchronize)(uintptr_t ctx);
+    /* The same for the calling thread's current context (no lookup: the caller just made it). */
+    int (*synchronize_current)(void);
+    /* Wait for one stream (0 = legacy default stream). */
+    int (*stream_synchronize)(uintptr_t ctx, uintptr_t stream);
+    int (*mem_info)(uintptr_t ctx, size_t *free_bytes, size_t *total_bytes);
+    /* Fast free mode: a fence covers all work enqueued on every known stream before it. */
+    int (*fence_record)(uintptr_t ctx, gm_fence **out);
+    int (*fence_query)(gm_fence *fence); /* 0 complete, 1 pending, else a CUresult */
+    int (*fence_wait)(gm_fence *fence);
+    void (*fence_destroy)(gm_fence *fence);
+
+    /* ---- transfers: pinned staging, the pinned host pool, readback channels. Streams and
+     * events are opaque handles (CUstream/CUevent on the CUDA backend); stream 0 is the legacy
+     * default stream. Every call makes `ctx` current for its duration when it is not. */
+    /* Pinned host memory straight from the driver (flags: CU_MEMHOSTALLOC_*). */
+    int (*host_alloc)(uintptr_t ctx, size_t size, unsigned flags, void **out);
+    int (*host_free)(uintptr_t ctx, void *p);
+    /* A non-blocking stream of our own (never ordered behind the legacy stream implicitly). */
+    int (*stream_create)(uintptr_t ctx, uintptr_t *out);
+    int (*stream_destroy)(uintptr_t ctx, uintptr_t stream);
+    int (*event_create)(uintptr_t ctx, uintptr_t *out); /* timing disabled */
+    int (*event_destroy)(uintptr_t ctx, uintptr_t event);
+    int (*event_record)(uintptr_t ctx, uintptr_t event, uintptr_t stream);
+    int (*event_query)(uintptr_t event);       /* 0 complete, 1 pending, else a CUresult */
+    int (*event_synchronize)(uintptr_t event);
+    int (*stream_wait_event)(uintptr_t ctx, uintptr_t stream, uintptr_t event);
+    /* An asynchronous copy on `stream` (dir H2D, D2H or D2D; host sides must be pinned). */
+    int (*copy_async)(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
+                      uintptr_t stream);
+    /* 1 when the driver knows neither end of host range [p, p+n) (plain pageable memory: safe to
+     * read and write from the host), 0 when it does (pinned, registered, managed, device). */
+    int (*host_range_is_pageable)(const void *p, size_t n);
+    /* Makes `ctx` current on the calling thread (the staging workers). */
+    int (*set_current)(uintptr_t ctx);
+
+    /* ---- what the checked and staged copies ask of memory the pool does not own */
+    /* The allocation that holds device address `p`: its start, size and owning context (left
+     * alone where the driver names none). GPUMEM_ERROR_NOT_SUPPORTED where the backend keeps no
+     * allocation table (host: any range counts as one allocation); another error where the
+     * driver does not know `p`. */
+    int (*address_range)(uintptr_t p, uintptr_t *start, size_t *size, uintptr_t *ctx);
+    /* 0 when `stream` is not capturing, 1 when it is, else the driver's error (for instance the
+     * capture state of an implicit stream is illegal). */
+    int (*stream_capturing)(uintptr_t stream);
+    /* The driver's never-reused id of `ctx` (a reset primary context keeps its handle, not its
+     * id); 0 where the driver has no such id. */
+    int (*ctx_id)(uintptr_t ctx, unsigned long long *id);
+    /* What the driver knows of address `p`: device memory (managed and arrays included), pinned
+     * host memory, or nothing (plain pageable host memory). */
+    gm_memory_kind (*memory_kind)(uintptr_t p);
+} gm_backend;
+
+/* Host backend: capacity in bytes per device (0 = effectively unlimited) and deterministic fault
+ * injection: the (fail_after+1)-th mem_alloc from now on fails with OUT_OF_MEMORY (-1 = never). */
+const gm_backend *gm_host_backend(void);
+void gm_host_backend_configure(uint64_t capacity, long fail_after);
+uint64_t gm_host_backend_in_use(void);
+uint64_t gm_host_backend_alloc_calls(void);
+uint64_t gm_host_backend_sync_calls(void);
+void gm_host_backend_set_fence_delay(int queries); /* fences complete after this many queries */
+
+/* CUDA backend, bound to the real driver entry points the shim resolved (or, in library mode,
+ * to libcuda.so.1 opened by the backend itself). NULL when the driver cannot be loaded. */
+const gm_backend *gm_cuda_backend(void);
+
+/* The real dlsym (libc's), the driver's handle and real entry points by exported name. */
+typedef void *(*gm_dlsym_fn)(void *handle, const char *name);
+gm_dlsym_fn gm_real_dlsym(void);
+void *gm_driver_handle(void);
+void *gm_driver_sym(const char *name);
+
+/* Streams the program creates: fences of the fast free mode cover the non-blocking ones. */
+void gm_cuda_stream_created(uintptr_t ctx, uintptr_t stream, unsigned flags);
+void gm_cuda_stream_destroyed(uintptr_t stream);
+
+#endif

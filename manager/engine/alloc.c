@@ -1,0 +1,472 @@
+/* The allocation policy: what gm_alloc and gm_free do around the pool.
+ *
+ * Allocation: the pool first (a hit costs one uncontended lock); then fast-mode blocks whose
+ * fence completed, and blocks IPC no longer holds; then growth. Growth never crosses the limit:
+ * the growth-factor segment if the limit and the device allow it, else a segment sized to the
+ * request, else exactly the request; each step first takes its bytes from the limit, handing
+ * cached segments back when that is what it takes, and retries the device once after handing
+ * them back on a device out-of-memory. Backend calls run with the heap lock dropped.
+ *
+ * Free: cudaFree is a device barrier, and strict mode (GPUMEM_FREE_SYNC=1) keeps it: the
+ * context is synchronized before the block can be reused. A stream-ordered free waits for its
+ * stream only. Fast mode defers reuse to a fence instead. Cached bytes above GPUMEM_MAX_CACHED
+ * go back to the device after a free.
+ *
+ * To change the limit policy, read this file and account/limits.c; the pool (pool/pool.c) only
+ * carves what it is given. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "gm_engine.h"
+#include "gm_ipc.h"
+
+/* ------------------------------------------------------------------ growth */
+
+static void note_instant(const char *what, int device, size_t bytes)
+{
+    if (__builtin_expect(gm_trace_on, 0)) gm_trace_instant(what, device, bytes, NULL);
+}
+
+static void count_locked_event(gm_heap *heap, uint64_t *counter)
+{
+    pthread_mutex_lock(&heap->lock);
+    (*counter)++;
+    pthread_mutex_unlock(&heap->lock);
+}
+
+/* Reserve `size` against the limit, handing cached segments back first if that is what it takes. */
+static bool reserve_with_release(gm_heap *heap, size_t size)
+{
+    if (gm_limit_reserve(heap->device, size)) return true;
+    if (gm_release_cached(heap, 0) == 0) return false;
+    count_locked_event(heap, &heap->c.release_retries);
+    note_instant("oom retry", heap->device, size);
+    return gm_limit_reserve(heap->device, size);
+}
+
+/* One backend allocation of `size`, retried once after releasing cached segments on OOM. */
+static int backend_alloc_with_release(gm_heap *heap, size_t size, uintptr_t *base)
+{
+    const gm_backend *be = gm_mgr.backend;
+    int rc = be->mem_alloc(heap->ctx, size, base);
+    if (rc != GPUMEM_ERROR_OUT_OF_MEMORY) return rc;
+    count_locked_event(heap, &heap->c.backend_ooms);
+    note_instant("device oom", heap->device, size);
+    if (gm_release_cached(heap, 0) == 0) return rc;
+    count_locked_event(heap, &heap->c.release_retries);
+    note_instant("oom retry", heap->device, size);
+    return be->mem_alloc(heap->ctx, size, base);
+}
+
+/* Lowest and highest address of any segment: a pointer outside is no pool memory (lock-free). */
+static void widen_pool_range(uintptr_t base, size_t size)
+{
+    uintptr_t lo = atomic_load(&gm_mgr.pool_lo), hi = atomic_load(&gm_mgr.pool_hi);
+    /* lo 0: no segment yet (the range [0, 0) holds nothing). */
+    while ((lo == 0 || base < lo) && !atomic_compare_exchange_weak(&gm_mgr.pool_lo, &lo, base)) {}
+    while (base + size > hi && !atomic_compare_exchange_weak(&gm_mgr.pool_hi, &hi, base + size)) {}
+}
+
+/* Tries one segment size: limit, then device. */
+static int try_segment(gm_heap *heap, size_t size, size_t rounded)
+{
+    uintptr_t base = 0;
+    if (!reserve_with_release(heap, size)) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    int rc = backend_alloc_with_release(heap, size, &base);
+    if (rc != GPUMEM_OK) {
+        gm_limit_unreserve(heap->device, size);
+        return rc;
+    }
+    widen_pool_range(base, size); /* before any block of it is handed out */
+    pthread_mutex_lock(&heap->lock);
+    bool ok = gm_pool_add_segment_locked(&heap->pool, base, size, rounded);
+    pthread_mutex_unlock(&heap->lock);
+    if (!ok) {
+        gm_mgr.backend->mem_free(heap->ctx, base);
+        gm_limit_unreserve(heap->device, size);
+        return GPUMEM_ERROR_OUT_OF_MEMORY;
+    }
+    return GPUMEM_OK;
+}
+
+static size_t round_to_segment(size_t v) { return (v + GM_SEGMENT_ALIGN - 1) / GM_SEGMENT_ALIGN * GM_SEGMENT_ALIGN; }
+
+/* Adds a segment able to hold `rounded` bytes. Called unlocked. */
+static int grow(gm_heap *heap, size_t rounded)
+{
+    size_t want = gm_pool_next_segment_size(&heap->pool, rounded);
+    size_t own = round_to_segment(rounded);
+    size_t headroom = gm_limit_headroom(heap->device);
+    if (want > headroom && own <= headroom) want = own;
+    int rc = try_segment(heap, want, rounded);
+    if (rc == GPUMEM_ERROR_OUT_OF_MEMORY && want > own) rc = try_segment(heap, own, rounded);
+    if (rc == GPUMEM_ERROR_OUT_OF_MEMORY && own > rounded) /* last resort: exactly the request */
+        rc = try_segment(heap, rounded, rounded);
+    if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) {
+        pthread_mutex_lock(&heap->lock);
+        bool limited = gm_limit_headroom(heap->device) < rounded;
+        if (limited) heap->c.limit_rejections++;
+        pthread_mutex_unlock(&heap->lock);
+        if (limited) note_instant("limit rejection", heap->device, rounded);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------ release */
+
+static void release_spans(gm_heap *heap, const gm_pool_span *spans, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!atomic_load(&gm_mgr.exiting)) gm_mgr.backend->mem_free(heap->ctx, spans[i].base);
+        gm_limit_unreserve(heap->device, spans[i].size);
+    }
+}
+
+size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached)
+{
+    gm_pool_span batch[64];
+    size_t released = 0, n;
+    do {
+        pthread_mutex_lock(&heap->lock);
+        n = gm_pool_take_free_segments_locked(&heap->pool, keep_cached, batch, 64);
+        pthread_mutex_unlock(&heap->lock);
+        for (size_t i = 0; i < n; i++) released += batch[i].size;
+        release_spans(heap, batch, n);
+    } while (n == 64);
+    return released;
+}
+
+size_t gm_release_all_cached(void)
+{
+    size_t released = 0, n = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < n; i++) released += gm_release_cached(gm_mgr.heaps[i], 0);
+    return released;
+}
+
+static void release_over_cache_limit(gm_heap *heap)
+{
+    uint64_t keep = gm_mgr.cfg->max_cached;
+    if (keep != GM_UNLIMITED && !atomic_load(&gm_mgr.exiting)) gm_release_cached(heap, keep);
+}
+
+/* ------------------------------------------------------------------ fast mode: fences */
+
+static void fence_drop_locked(gm_heap *heap)
+{
+    if (heap->fence) gm_mgr.backend->fence_destroy(heap->fence);
+    heap->fence = NULL;
+}
+
+static bool retire_waiting_locked(gm_heap *heap)
+{
+    uint32_t covered = gm_pool_close_epoch_locked(&heap->pool);
+    pthread_mutex_unlock(&heap->lock);
+    int rc = gm_mgr.backend->synchronize(heap->ctx);
+    pthread_mutex_lock(&heap->lock);
+    return rc == GPUMEM_OK && gm_pool_retire_upto_locked(&heap->pool, covered);
+}
+
+bool gm_retire_pending_locked(gm_heap *heap, bool wait)
+{
+    const gm_backend *be = gm_mgr.backend;
+    if (!heap->pool.pending_head) return false;
+    if (wait) return retire_waiting_locked(heap);
+    bool any = false;
+    if (heap->fence && be->fence_query(heap->fence) == 0) {
+        any = gm_pool_retire_upto_locked(&heap->pool, heap->fence_epoch);
+        fence_drop_locked(heap);
+    }
+    if (!heap->fence && heap->pool.pending_head) {
+        gm_fence *f = NULL;
+        /* Queried at once: on an idle device the fence is usually complete by then, and a miss
+         * answered now spares a new segment (measured on the H100: dropping this query made
+         * fast-mode pairs of >= 1 MiB 2.6x slower, 0.72 -> 1.9 us). */
+        if (be->fence_record(heap->ctx, &f) == GPUMEM_OK) {
+            heap->fence = f;
+            heap->fence_epoch = gm_pool_close_epoch_locked(&heap->pool);
+            if (be->fence_query(f) == 0) {
+                any |= gm_pool_retire_upto_locked(&heap->pool, heap->fence_epoch);
+                fence_drop_locked(heap);
+            }
+        }
+    }
+    return any;
+}
+
+/* ------------------------------------------------------------------ allocation */
+
+static int alloc_direct(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site,
+                        uintptr_t *out)
+{
+    int rc = gm_track_reserve(heap, size);
+    if (rc != GPUMEM_OK) return rc;
+    uintptr_t p = 0;
+    rc = gm_mgr.backend->mem_alloc(heap->ctx, size, &p);
+    if (rc != GPUMEM_OK) {
+        gm_track_abort(heap, size);
+        if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) count_locked_event(heap, &heap->c.backend_ooms);
+        return rc;
+    }
+    gm_track_commit(heap, p, size, GM_KIND_DIRECT, stream, site);
+    *out = p;
+    return GPUMEM_OK;
+}
+
+/* A block of `rounded` bytes from the pool, growing it as needed; the heap is locked on entry
+ * and on return. `*hit`: no new segment was needed. */
+static int take_block_locked(gm_heap *heap, size_t rounded, gm_block **b, bool *hit)
+{
+    bool waited = false;
+    int rc = GPUMEM_OK;
+    *hit = true;
+    for (int attempt = 0; gm_pool_alloc_locked(&heap->pool, rounded, b) != GPUMEM_OK; attempt++) {
+        if (heap->pool.pending_head && gm_retire_pending_locked(heap, false)) continue;
+        if (heap->quarantine && gm_ipc_reclaim_locked(heap)) continue;
+        *hit = false;
+        if (attempt >= 4) return GPUMEM_ERROR_OUT_OF_MEMORY;
+        pthread_mutex_unlock(&heap->lock);
+        rc = grow(heap, rounded);
+        pthread_mutex_lock(&heap->lock);
+        if (rc == GPUMEM_OK) continue;
+        if (waited || !heap->pool.pending_head) return rc;
+        waited = true; /* fast mode: memory is waiting on fences; wait for them once */
+        gm_retire_pending_locked(heap, true);
+    }
+    return GPUMEM_OK;
+}
+
+int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site, uintptr_t *out)
+{
+    if (size == 0 || !out) return GPUMEM_ERROR_INVALID_VALUE;
+    size_t rounded = gm_pool_round_size(size);
+    if (!rounded) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    if (!gm_mgr.cfg->pool) return alloc_direct(heap, size, stream, site, out);
+    uint32_t stack_id = gm_stack_capture(site); /* before the lock: it walks memory and hashes */
+
+    gm_block *b = NULL;
+    bool hit;
+    pthread_mutex_lock(&heap->lock);
+    int rc = take_block_locked(heap, rounded, &b, &hit);
+    if (rc != GPUMEM_OK) {
+        pthread_mutex_unlock(&heap->lock);
+        return rc;
+    }
+    gm_record_fill(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, site, stack_id);
+    b->rec.block = b;
+    b->buffer_id = gm_buffer_id_next_locked(heap); /* a new allocation to the driver's eyes */
+    b->sync_memops = 0;
+    b->ipc_slot = 0;
+    gm_live_insert(&heap->live, &b->rec);
+    gm_stats_on_alloc(gm_heap_counting(heap), &b->rec, hit);
+    pthread_mutex_unlock(&heap->lock);
+    *out = b->addr;
+    return GPUMEM_OK;
+}
+
+/* ------------------------------------------------------------------ free */
+
+/* The block's last step out of the live set: another process still has it open through IPC →
+ * kept from reuse (quarantine) until it closes; else back to the bins, or (pend) to the fence. */
+static void release_block_locked(gm_heap *heap, gm_block *b, bool pend)
+{
+    gm_heap_live_changed_locked(heap);
+    if (b->ipc_slot && gm_ipc_quarantine_locked(heap, b)) return;
+    if (pend) gm_pool_pend_block_locked(&heap->pool, b);
+    else gm_pool_free_block_locked(&heap->pool, b);
+}
+
+/* A pool block whose record is already gone; the heap is locked on entry and unlocked on return. */
+static void free_pool_block(gm_heap *heap, gm_block *b, uintptr_t stream, bool synced)
+{
+    bool exiting = atomic_load(&gm_mgr.exiting);
+    if (!exiting && stream != GM_FREE_BARRIER) {
+        pthread_mutex_unlock(&heap->lock);
+        gm_mgr.backend->stream_synchronize(heap->ctx, stream);
+        pthread_mutex_lock(&heap->lock);
+        release_block_locked(heap, b, false);
+    } else if (!exiting && !gm_mgr.cfg->free_sync) {
+        release_block_locked(heap, b, true);
+    } else {
+        if (!exiting && !synced) {
+            pthread_mutex_unlock(&heap->lock);
+            gm_mgr.backend->synchronize(heap->ctx);
+            pthread_mutex_lock(&heap->lock);
+        }
+        release_block_locked(heap, b, false);
+    }
+    pthread_mutex_unlock(&heap->lock);
+    release_over_cache_limit(heap);
+}
+
+static int free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr_t stream,
+                     gm_alloc_kind *kind_out)
+{
+    if (!ptr) return GM_NOT_OURS;
+    bool barrier = stream == GM_FREE_BARRIER;
+    bool synced = false;
+    /* Synchronize before the lookup so the common case takes the heap lock once. */
+    if (barrier && gm_mgr.cfg->pool && gm_mgr.cfg->free_sync && hint &&
+        gm_pool_segment_count(&hint->pool) && !atomic_load(&gm_mgr.exiting)) {
+        if (hint_is_current) gm_mgr.backend->synchronize_current();
+        else gm_mgr.backend->synchronize(hint->ctx);
+        synced = true;
+    }
+    gm_record *rec = NULL;
+    gm_heap *heap = gm_heap_find_locked(ptr, hint, &rec);
+    if (!heap) return gm_heap_any_segment_holds(ptr) ? GPUMEM_ERROR_INVALID_VALUE : GM_NOT_OURS;
+    gm_alloc_kind kind = (gm_alloc_kind)rec->kind;
+    if (kind_out) *kind_out = kind;
+    if (kind != GM_KIND_POOL && kind != GM_KIND_DIRECT) {
+        pthread_mutex_unlock(&heap->lock);
+        return GM_PASSTHROUGH;
+    }
+    gm_heap_untrack_locked(heap, rec);
+    gm_stats_on_free(gm_heap_counting(heap), rec);
+    if (heap->quarantine) gm_ipc_reclaim_locked(heap); /* a flag test unless IPC kept blocks */
+    if (kind == GM_KIND_POOL) {
+        free_pool_block(heap, rec->block, stream, synced && heap == hint);
+        return GPUMEM_OK;
+    }
+    pthread_mutex_unlock(&heap->lock);
+    int rc = atomic_load(&gm_mgr.exiting) ? GPUMEM_OK : gm_mgr.backend->mem_free(heap->ctx, ptr);
+    gm_limit_unreserve(heap->device, rec->size);
+    gm_record_delete(rec);
+    return rc;
+}
+
+int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out)
+{
+    return free_impl(hint, false, ptr, stream, kind_out);
+}
+
+int gm_free_current(gm_heap *current, uintptr_t ptr, gm_alloc_kind *kind_out)
+{
+    return free_impl(current, true, ptr, GM_FREE_BARRIER, kind_out);
+}
+
+/* ------------------------------------------------------------------ pass-through tracking */
+
+int gm_track_reserve(gm_heap *heap, size_t size)
+{
+    if (gm_limit_reserve(heap->device, size)) return GPUMEM_OK;
+    if (gm_release_cached(heap, 0) > 0) {
+        count_locked_event(heap, &heap->c.release_retries);
+        if (gm_limit_reserve(heap->device, size)) return GPUMEM_OK;
+    }
+    count_locked_event(heap, &heap->c.limit_rejections);
+    note_instant("limit rejection", heap->device, size);
+    return GPUMEM_ERROR_OUT_OF_MEMORY;
+}
+
+void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind kind,
+                     uintptr_t stream, const gm_callsite *site)
+{
+    gm_record *rec = gm_record_new();
+    if (!rec) { /* cannot track: keep the limit honest, lose only the leak record */
+        gm_log(GM_WARN, "out of host memory: allocation %#lx not tracked", (unsigned long)ptr);
+        return;
+    }
+    gm_record_fill(rec, ptr, size, size, kind, stream, site, gm_stack_capture(site));
+    pthread_mutex_lock(&heap->lock);
+    gm_record *old = gm_live_find(&heap->live, ptr);
+    if (old) { /* the driver reused an address we still track: our record is stale */
+        gm_heap_untrack_locked(heap, old);
+        gm_stats_on_free(gm_heap_counting(heap), old);
+        if (!old->block) {
+            gm_limit_unreserve(heap->device, old->size);
+            gm_record_delete(old);
+        }
+    }
+    gm_live_insert(&heap->live, rec);
+    gm_stats_on_alloc(gm_heap_counting(heap), rec, false);
+    pthread_mutex_unlock(&heap->lock);
+}
+
+void gm_track_abort(gm_heap *heap, size_t size)
+{
+    gm_limit_unreserve(heap->device, size);
+}
+
+int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
+{
+    gm_record *rec = NULL;
+    gm_heap *heap = gm_heap_find_locked(ptr, hint, &rec);
+    if (!heap) return GM_NOT_OURS;
+    if (rec->kind != kind) {
+        pthread_mutex_unlock(&heap->lock);
+        return GM_NOT_OURS;
+    }
+    gm_heap_untrack_locked(heap, rec);
+    gm_stats_on_free(gm_heap_counting(heap), rec);
+    pthread_mutex_unlock(&heap->lock);
+    gm_limit_unreserve(heap->device, rec->size);
+    gm_record_delete(rec);
+    return (int)kind;
+}
+
+/* ------------------------------------------------------------------ resizing in place */
+
+/* The live pool block of `heap` at `ptr`, or NULL. */
+static gm_block *live_pool_block_locked(gm_heap *heap, uintptr_t ptr)
+{
+    gm_record *rec = gm_live_find(&heap->live, ptr);
+    return rec ? rec->block : NULL;
+}
+
+/* The record now reads as if the block had been allocated at its new size. */
+static void record_resized_locked(gm_heap *heap, gm_block *b, size_t requested)
+{
+    gm_record old = b->rec;
+    gm_heap_live_changed_locked(heap);
+    b->rec.size = b->size;
+    b->rec.requested = requested;
+    gm_stats_on_resize(gm_heap_counting(heap), &old, &b->rec);
+}
+
+static size_t round_512(size_t n) { return (n + GM_ALIGN - 1) & ~(size_t)(GM_ALIGN - 1); }
+
+int gm_resize_grow_in_place(gm_heap *heap, uintptr_t ptr, size_t need, size_t *cap)
+{
+    int rc = GPUMEM_ERROR_NOT_SUPPORTED;
+    pthread_mutex_lock(&heap->lock);
+    gm_block *b = live_pool_block_locked(heap, ptr);
+    if (b) {
+        size_t target = *cap, reach = b->size + gm_pool_room_after_locked(b);
+        if (round_512(target) > reach) target = reach;
+        size_t rounded = round_512(target) > b->size ? round_512(target) : b->size;
+        rc = target < need ? GPUMEM_ERROR_OUT_OF_MEMORY : gm_pool_extend_block_locked(&heap->pool, b, rounded);
+        if (rc == GPUMEM_OK) {
+            record_resized_locked(heap, b, target);
+            *cap = target;
+        }
+    }
+    pthread_mutex_unlock(&heap->lock);
+    return rc;
+}
+
+int gm_resize_shrink_in_place(gm_heap *heap, uintptr_t ptr, size_t target)
+{
+    bool exiting = atomic_load(&gm_mgr.exiting);
+    bool pend = !gm_mgr.cfg->free_sync && !exiting;
+    /* Strict mode: the tail is reusable as soon as it is back in the bins, so first wait for the
+     * work that may still use it, as cudaFree would. */
+    if (gm_mgr.cfg->pool && !pend && !exiting) gm_mgr.backend->synchronize(heap->ctx);
+    pthread_mutex_lock(&heap->lock);
+    gm_block *b = live_pool_block_locked(heap, ptr);
+    int rc = b ? gm_pool_shrink_block_locked(&heap->pool, b, round_512(target), pend)
+               : GPUMEM_ERROR_NOT_SUPPORTED;
+    if (rc == GPUMEM_OK) record_resized_locked(heap, b, target);
+    pthread_mutex_unlock(&heap->lock);
+    return rc;
+}
+
+int gm_check_owned(gm_heap *heap, uintptr_t ctx, uintptr_t ptr, size_t requested, uint16_t tag)
+{
+    pthread_mutex_lock(&heap->lock);
+    bool bound = heap->bound && heap->ctx == ctx;
+    gm_record *rec = bound && ptr ? gm_live_find(&heap->live, ptr) : NULL;
+    bool ours = !ptr || (rec && rec->requested == requested && rec->tag == tag);
+    pthread_mutex_unlock(&heap->lock);
+    if (!bound) return GPUMEM_ERROR_INVALID_CONTEXT;
+    return ours ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}

@@ -1,0 +1,219 @@
+/* The engine layer: the policy that turns the layers below into cudaMalloc/cudaFree semantics.
+ * One heap per driver context (heap.c: the heap table, its life cycle, its statistics); the
+ * allocation policy (alloc.c: the pool first, then grow within the limit, release cached
+ * segments and retry, fast-mode fences, cudaFree's barrier); where a pointer lies (lookup.c:
+ * allocation identity, checked-copy spans); a context going away (context.c). The pinned host
+ * pool (pinned.c), staged copies (staging.c), checked copies (transfer.c) and IPC of pooled
+ * blocks (ipc.c) have headers of their own. Below: every lower layer. Above: report, api, shim.
+ *
+ * Within the engine the files call in one direction too:
+ *   context.c -> alloc.c -> ipc.c -> lookup.c -> heap.c;  transfer.c -> lookup.c, pinned.c;
+ *   pinned.c and staging.c stand alone. */
+#ifndef GM_ENGINE_H
+#define GM_ENGINE_H
+
+#include "gm_account.h"
+#include "gm_pool.h"
+
+#define GM_MAX_HEAPS 256
+
+/* What engine calls return: a status (a CUresult number, >= 0) or, for a pointer the engine was
+ * asked about, one of these routes (< 0, never a CUresult) telling the caller where it goes. */
+#define GM_NOT_OURS (-1)    /* not gpumem's: the caller passes it to the driver */
+#define GM_PASSTHROUGH (-2) /* a tracked pass-through allocation (async, managed, VMM): the
+                             * caller frees it through the driver, then calls gm_untrack */
+
+/* ---------------------------------------------------------------- heaps (heap.c) */
+/* One per driver context (per device on the host backend): pool, live table and counters under
+ * one lock, so an alloc or a free takes a single uncontended lock. Never freed: a destroyed
+ * context's heap is unbound and reused. */
+typedef struct gm_heap {
+    pthread_mutex_t lock;
+    uintptr_t ctx;
+    int device;
+    bool bound;                 /* false once its context was destroyed */
+    bool solo;                  /* the device's only heap: its counters are the device's, so the
+                                 * hot path needs no device-wide atomics */
+    _Atomic uint64_t live_gen;  /* bumped (under the lock) whenever a live block stops being live
+                                 * or changes size: a checked copy may trust what it learnt about
+                                 * a live block without the lock while this is unchanged. Near
+                                 * `device`: a copy hook reads both. */
+    gm_pool pool;
+    gm_live live;
+    gm_counters c;
+    gm_fence *fence;            /* newest fence covering pending blocks with epoch <= fence_epoch */
+    uint32_t fence_epoch;
+    gm_block *quarantine;       /* freed blocks other processes still have open (ipc.c), by fnext */
+    uint64_t buffer_seq;        /* buffer ids of this heap's blocks (gm_buffer_id_next_locked) */
+    uint32_t index;             /* in gm_mgr.heaps: makes buffer ids unique across heaps */
+} gm_heap;
+
+/* What every copy hook reads, copied from the configuration into the manager's first cache line
+ * (the configuration itself spreads over kilobytes of path strings). */
+typedef struct gm_copy_settings {
+    bool check;          /* GPUMEM_CHECK_COPIES */
+    bool staging;        /* GPUMEM_STAGING */
+    uint64_t staging_min;
+} gm_copy_settings;
+
+/* The first cache line is what every hooked copy reads: keep it that way. */
+typedef struct gm_manager {
+    const gm_backend *backend;
+    const gm_config *cfg;
+    gm_copy_settings copy;
+    /* Lowest and highest address of any pool segment ever made (never narrowed): a pointer
+     * outside is not pool memory, known without a lock. */
+    _Atomic uintptr_t pool_lo, pool_hi;
+    _Atomic size_t nheaps;          /* next to heaps[0]: the hot path reads both */
+    gm_heap *heaps[GM_MAX_HEAPS];
+    pthread_mutex_t heaps_lock;
+    _Atomic bool exiting;           /* after exit began: never call the backend again */
+} gm_manager;
+
+extern gm_manager gm_mgr;
+
+/* Sets the backend once; later calls with another backend are refused (returns false). */
+bool gm_manager_init(const gm_backend *backend);
+/* Exit began: from now on no backend call. True for the first caller only. */
+bool gm_manager_begin_exit(void);
+/* The heap of a context, created on first use. NULL when the table is full. */
+gm_heap *gm_heap_get(uintptr_t ctx, int device);
+/* The bound heap of `ctx`, or NULL; never creates one. */
+gm_heap *gm_heap_of_ctx(uintptr_t ctx);
+/* Heap that tracks `ptr` exactly (locked on return), or NULL. Tries `hint` first. */
+gm_heap *gm_heap_find_locked(uintptr_t ptr, gm_heap *hint, gm_record **rec_out);
+/* True when `ptr` lies inside a pool segment of any heap (a freed or interior pool pointer). */
+bool gm_heap_any_segment_holds(uintptr_t ptr);
+/* Forgets every segment, block and record without a backend call (the context is gone, or
+ * this is a fork child); limit reservations are returned. Lifetime counters stay. */
+void gm_heap_reset_locked(gm_heap *heap);
+/* Where the heap's allocations and frees count. */
+static inline gm_counting gm_heap_counting(gm_heap *heap)
+{
+    return (gm_counting){&heap->c, heap->device, heap->solo};
+}
+static inline void gm_heap_live_changed_locked(gm_heap *heap)
+{
+    /* Only lock holders write it: a release store, no locked instruction on the hot path. */
+    uint64_t g = atomic_load_explicit(&heap->live_gen, memory_order_relaxed);
+    atomic_store_explicit(&heap->live_gen, g + 1, memory_order_release);
+}
+/* Removes a live record (a checked copy's cached view of its block is then stale). */
+static inline void gm_heap_untrack_locked(gm_heap *heap, gm_record *rec)
+{
+    gm_heap_live_changed_locked(heap);
+    gm_live_remove(&heap->live, rec);
+}
+/* Buffer ids never equal one the driver gives (small counters): the high bit is set, then the
+ * heap's index, then a per-heap counter bumped under the heap lock (no locked instruction on the
+ * allocation path). Index 0xFFFF is kept for blocks imported from other processes (ipc.c). */
+#define GM_BUFFER_ID_BIT (1ull << 63)
+static inline uint64_t gm_buffer_id_next_locked(gm_heap *heap)
+{
+    return GM_BUFFER_ID_BIT | ((uint64_t)(heap->index & 0xFFFF) << 47) |
+           (++heap->buffer_seq & ((1ull << 47) - 1));
+}
+/* The statistics of one device: every heap of it, the device's figures, the derived ones. */
+void gm_heap_stats(int device, gpumem_stats *out);
+/* Bytes this process can still obtain on `device` (limit and cached free memory considered). */
+void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
+                 size_t *total_out);
+/* A free the program passed that is no live allocation: counted once and logged (the first
+ * 100). `memory` names what it should have been ("" for device memory, "pinned "). */
+void gm_note_invalid_free(const char *api, uintptr_t p, const char *memory, const char *why,
+                          uintptr_t caller);
+
+/* ---------------------------------------------------------------- allocation (alloc.c) */
+/* Pooled allocation of `size` bytes (pooling off: a direct allocation that is still tracked). */
+int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site, uintptr_t *out);
+/* Free a pointer from any kind gm_alloc/gm_track produced. GM_NOT_OURS if not tracked.
+ * `stream` != GM_FREE_BARRIER for a stream-ordered free (cuMemFreeAsync). */
+#define GM_FREE_BARRIER ((uintptr_t)-1)
+int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out);
+/* gm_free with a barrier, where `current` is the heap of the calling thread's current context
+ * (looked up in this same call): the barrier then needs no context lookup. */
+int gm_free_current(gm_heap *current, uintptr_t ptr, gm_alloc_kind *kind_out);
+/* Pass-through allocations (async, managed, VMM, captured): reserve against the limit first,
+ * then record or abort. */
+int gm_track_reserve(gm_heap *heap, size_t size);
+void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind kind,
+                     uintptr_t stream, const gm_callsite *site);
+void gm_track_abort(gm_heap *heap, size_t size);
+/* Forget a pass-through record; returns its kind or GM_NOT_OURS. */
+int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
+/* Hands fully free cached segments back to the device until at most `keep_cached` bytes stay
+ * cached; returns the bytes released. Called unlocked. */
+size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached);
+size_t gm_release_all_cached(void); /* every heap */
+/* Fast mode: retires what a completed fence covers and records a new one; with `wait`,
+ * synchronizes the context (lock dropped). True when some block became reusable. */
+bool gm_retire_pending_locked(gm_heap *heap, bool wait);
+
+/* Resizing a live pool block in place (named buffers). The block is the live one at `ptr` in
+ * `heap`; GPUMEM_ERROR_NOT_SUPPORTED when it is no pool block (it must move instead). */
+/* Grows toward `*cap` (at least `need` bytes); on success `*cap` is the capacity reached. */
+int gm_resize_grow_in_place(gm_heap *heap, uintptr_t ptr, size_t need, size_t *cap);
+/* Shrinks to `target` bytes; the tail is freed with cudaFree's ordering (barrier or fence). */
+int gm_resize_shrink_in_place(gm_heap *heap, uintptr_t ptr, size_t target);
+/* GPUMEM_OK while `ptr` is still a live allocation of `heap`'s context `ctx` with `requested`
+ * bytes and `tag`; GPUMEM_ERROR_INVALID_CONTEXT when the context went away, else
+ * GPUMEM_ERROR_INVALID_VALUE (freed behind the owner's back). */
+int gm_check_owned(gm_heap *heap, uintptr_t ctx, uintptr_t ptr, size_t requested, uint16_t tag);
+
+/* ---------------------------------------------------------------- lookup (lookup.c) */
+/* The live block containing `ptr` (interior pointers too): its start and requested size.
+ * GPUMEM_OK, GM_NOT_OURS (not in our segments), or GPUMEM_ERROR_INVALID_VALUE (inside a segment
+ * but not within a live block's requested size: freed memory, or a block's rounding slack, which
+ * the driver does not count as part of a separate allocation either). */
+int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size);
+
+/* What the driver would tell apart for a separate allocation: gm_block_identity_get answers
+ * like gm_lookup and fills this. */
+typedef struct gm_block_identity {
+    uintptr_t base;
+    size_t size;        /* requested */
+    uint64_t buffer_id;
+    bool sync_memops;
+    uintptr_t ctx;      /* the heap's context */
+    uintptr_t seg_base; /* the driver allocation it lives in */
+    size_t seg_size;
+} gm_block_identity;
+int gm_block_identity_get(uintptr_t ptr, gm_block_identity *out);
+/* Runs `fn` on the live block at `ptr` with its heap locked (the codes of gm_lookup; `fn` runs
+ * only for GPUMEM_OK). */
+int gm_with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx);
+/* Records cuPointerSetAttribute(SYNC_MEMOPS) on the live block at `ptr` (same codes). */
+int gm_block_set_sync_memops(uintptr_t ptr, bool on);
+
+/* One side of a copy, as the checks see it. */
+typedef enum {
+    GM_SPAN_NOT_OURS = 0, /* outside every pool segment: the driver's business */
+    GM_SPAN_LIVE,         /* inside one live pool block, within its requested size */
+    GM_SPAN_PAST_END,     /* starts in a live block but runs past its requested size */
+    GM_SPAN_FREED         /* starts in pool memory no live block covers (freed, or pending reuse) */
+} gm_span_status;
+
+typedef struct gm_span {
+    uintptr_t ptr; /* in */
+    size_t n;      /* in: bytes */
+    /* out */
+    uint8_t status; /* gm_span_status */
+    int device;     /* device of the heap whose segment holds ptr (when not NOT_OURS) */
+    uintptr_t base; /* LIVE/PAST_END: the allocation; FREED: start of the free region */
+    size_t size;    /* LIVE/PAST_END: its requested size; FREED: the free region's size */
+} gm_span;
+/* Resolves up to two spans (a copy's destination and source). Lock-free for the blocks this
+ * thread checked last while they stay live (the heaps' live_gen). */
+void gm_lookup_spans(gm_span *spans, size_t count);
+/* The block of `heap` that covers `ptr` (any state), fast for the pointers copies use. `*live`
+ * tells it was found through the live table (it is live); otherwise the caller checks. */
+gm_block *gm_lookup_block_at_locked(gm_heap *heap, uintptr_t ptr, bool *live);
+
+/* ---------------------------------------------------------------- contexts (context.c) */
+/* A context going away (destroyed, or its device reset): hands its cached memory back while the
+ * context is still alive, keeps its leaks for the exit report, forgets its pool, its pinned
+ * blocks and its stager. The leak report of the context is written first, by the caller
+ * (report/report.c, gm_report_context). */
+void gm_context_teardown(uintptr_t ctx, bool ctx_alive);
+
+#endif

@@ -1,0 +1,397 @@
+/* The leak report: live allocations grouped by call stack and device, largest total first, in
+ * the words LeakSanitizer and compute-sanitizer users already grep for (text) or as JSON
+ * (docs/report-format.md), then the statistics (report_stats.c). Written at exit (an on_exit
+ * handler, so it sees the exit status for GPUMEM_LEAK_EXITCODE) and at every leak check point
+ * (context destroyed, device reset). It makes no CUDA call: it only reads gpumem's own tables,
+ * each under its owner's lock, waiting for a busy one at most 2 s. To change the report's format,
+ * this file (leaks) and report_stats.c (figures) are all there is. */
+#include <fnmatch.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gm_pinned.h"
+#include "gm_report.h"
+
+/* ------------------------------------------------------------------ grouping */
+
+static int group_order(const void *a, const void *b)
+{
+    const gm_leak_group *x = a, *y = b;
+    if (x->bytes != y->bytes) return x->bytes < y->bytes ? 1 : -1;
+    if (x->count != y->count) return x->count < y->count ? 1 : -1;
+    return (x->caller > y->caller) - (x->caller < y->caller);
+}
+
+/* Adds `g` to the group of the same device and call stack (linear: reports are rare, groups few). */
+static bool merge_group(gm_leak_group **groups, size_t *n, size_t *cap, const gm_leak_group *g)
+{
+    for (size_t i = 0; i < *n; i++) {
+        gm_leak_group *h = &(*groups)[i];
+        if (h->device == g->device && h->memory == g->memory && h->tag == g->tag &&
+            h->caller == g->caller && h->stack_id == g->stack_id) {
+            h->bytes += g->bytes;
+            h->count += g->count;
+            return true;
+        }
+    }
+    if (*n == *cap) {
+        size_t ncap = *cap ? *cap * 2 : 64;
+        gm_leak_group *grown = realloc(*groups, ncap * sizeof *grown);
+        if (!grown) return false;
+        *groups = grown;
+        *cap = ncap;
+    }
+    (*groups)[(*n)++] = *g;
+    return true;
+}
+
+/* At exit another thread may be inside a heap: wait a little, never forever. */
+static bool lock_for_report(pthread_mutex_t *m)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 2;
+    return pthread_mutex_timedlock(m, &until) == 0;
+}
+
+typedef struct group_set {
+    gm_leak_group *groups;
+    size_t n, cap;
+    int only_device;
+} group_set;
+
+static void add_record(group_set *set, int device, gm_memory memory, const gm_record *rec)
+{
+    if (set->only_device >= 0 && device != set->only_device) return;
+    gm_leak_group g = gm_leak_group_of(device, memory, rec);
+    merge_group(&set->groups, &set->n, &set->cap, &g);
+}
+
+static void add_pinned(void *cx, int device, const gm_record *rec)
+{
+    add_record(cx, device, GM_MEMORY_PINNED_HOST, rec);
+}
+
+static void add_orphan(void *cx, const gm_leak_group *g)
+{
+    group_set *set = cx;
+    if (set->only_device < 0 || g->device == set->only_device) merge_group(&set->groups, &set->n, &set->cap, g);
+}
+
+static void add_heaps(group_set *set, uintptr_t only_ctx)
+{
+    size_t nheaps = atomic_load(&gm_mgr.nheaps);
+    for (size_t i = 0; i < nheaps; i++) {
+        gm_heap *h = gm_mgr.heaps[i];
+        if ((set->only_device >= 0 && h->device != set->only_device) || (only_ctx && h->ctx != only_ctx)) continue;
+        if (!lock_for_report(&h->lock)) {
+            gm_log(GM_WARN, "report: heap of device %d busy in another thread; its leaks are not listed", h->device);
+            continue;
+        }
+        GM_FOR_EACH_LIVE(&h->live, rec) add_record(set, h->device, GM_MEMORY_DEVICE, rec);
+        pthread_mutex_unlock(&h->lock);
+    }
+}
+
+/* Every live allocation, grouped. One context's report lists its device memory only; pinned host
+ * memory and the leaks of contexts already gone belong to the process. */
+static size_t collect_groups(int only_device, uintptr_t only_ctx, gm_leak_group **out)
+{
+    group_set set = {NULL, 0, 0, only_device};
+    if (!only_ctx && !gm_orphans_for_each(add_orphan, &set))
+        gm_log(GM_WARN, "report: the list of destroyed contexts' leaks is busy; those are not listed");
+    add_heaps(&set, only_ctx);
+    if (!only_ctx) gm_pinned_for_each_live(add_pinned, &set);
+    if (set.n) qsort(set.groups, set.n, sizeof *set.groups, group_order);
+    *out = set.groups;
+    return set.n;
+}
+
+/* ------------------------------------------------------------------ frames */
+
+static size_t group_frames(const gm_leak_group *g, gm_frame *out)
+{
+    uintptr_t pc[GM_MAX_FRAMES];
+    size_t n = gm_stack_get(g->stack_id, pc, GM_MAX_FRAMES);
+    if (n == 0) {
+        pc[0] = g->caller;
+        n = 1;
+    }
+    return gm_symbols_program_frames(pc, n, out);
+}
+
+/* ------------------------------------------------------------------ suppressions */
+
+static char **patterns;
+static size_t npatterns;
+static bool patterns_loaded;
+
+static void load_suppressions(void)
+{
+    if (patterns_loaded) return;
+    patterns_loaded = true;
+    const char *path = gm_mgr.cfg ? gm_mgr.cfg->suppressions : "none";
+    if (!path[0] || strcmp(path, "none") == 0) return;
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        gm_log(GM_ERROR, "GPUMEM_SUPPRESSIONS: cannot read %s; nothing is suppressed", path);
+        return;
+    }
+    char line[1024];
+    for (int lineno = 1; fgets(line, sizeof line, f); lineno++) {
+        char *s = line + strspn(line, " \t");
+        s[strcspn(s, "\r\n")] = 0;
+        char *end = s + strlen(s);
+        while (end > s && (end[-1] == ' ' || end[-1] == '\t')) *--end = 0;
+        if (!*s || *s == '#') continue;
+        if (strncmp(s, "leak:", 5) != 0 || !s[5]) {
+            gm_log(GM_ERROR, "%s:%d: '%s' is not a suppression: expected leak:<pattern>", path, lineno, s);
+            continue;
+        }
+        char **grown = realloc(patterns, (npatterns + 1) * sizeof *grown);
+        if (!grown || !(grown[npatterns] = strdup(s + 5))) break;
+        patterns = grown;
+        npatterns++;
+    }
+    fclose(f);
+}
+
+/* LeakSanitizer's rule: a pattern without wildcards matches as a substring. */
+static bool pattern_matches(const char *pattern, const char *text)
+{
+    if (!text[0]) return false;
+    if (!strchr(pattern, '*')) return strstr(text, pattern) != NULL;
+    char wrapped[300];
+    snprintf(wrapped, sizeof wrapped, "%s%s%s", pattern[0] == '*' ? "" : "*", pattern,
+             pattern[strlen(pattern) - 1] == '*' ? "" : "*");
+    return fnmatch(wrapped, text, 0) == 0;
+}
+
+static const char *suppression_for(const gm_frame *frames, size_t n)
+{
+    for (size_t p = 0; p < npatterns; p++)
+        for (size_t i = 0; i < n; i++)
+            if (pattern_matches(patterns[p], frames[i].function) ||
+                pattern_matches(patterns[p], gm_symbols_base_name(frames[i].module)))
+                return patterns[p];
+    return NULL;
+}
+
+/* Before printing: one addr2line run per module for the frames of every group that will be
+ * printed (suppressed groups are decided on dladdr's names alone and never cost a process). */
+static void resolve_printed_frames(const gm_leak_group *groups, size_t n, bool json)
+{
+    static gm_frame frames[GM_MAX_FRAMES];
+    gm_frame *all = NULL;
+    size_t nall = 0, cap = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t nf = group_frames(&groups[i], frames);
+        if (!json && suppression_for(frames, nf)) continue;
+        if (nall + nf > cap) {
+            size_t ncap = (nall + nf) * 2;
+            gm_frame *grown = realloc(all, ncap * sizeof *grown);
+            if (!grown) break;
+            all = grown;
+            cap = ncap;
+        }
+        memcpy(&all[nall], frames, nf * sizeof *frames);
+        nall += nf;
+    }
+    gm_symbols_resolve(all, nall);
+    free(all);
+}
+
+/* ------------------------------------------------------------------ text and JSON */
+
+static void text_frames(FILE *out, const gm_frame *f, size_t n)
+{
+    char line[1024];
+    for (size_t i = 0; i < n; i++) {
+        gm_symbols_frame_line(line, sizeof line, i, &f[i]);
+        fprintf(out, "%s\n", line);
+    }
+}
+
+static void json_frames(FILE *out, const gm_frame *f, size_t n)
+{
+    fputs("\"frames\":[", out);
+    for (size_t i = 0; i < n; i++) {
+        fprintf(out, "%s{\"pc\":\"0x%lx\",\"function\":", i ? "," : "", (unsigned long)f[i].pc);
+        gm_report_json_string(out, f[i].function);
+        fputs(",\"module\":", out);
+        gm_report_json_string(out, f[i].module[0] ? gm_symbols_base_name(f[i].module) : NULL);
+        fprintf(out, ",\"offset\":\"0x%lx\",\"file\":", (unsigned long)f[i].offset);
+        gm_report_json_string(out, f[i].line ? f[i].file : NULL);
+        if (f[i].line) fprintf(out, ",\"line\":%d}", f[i].line);
+        else fputs(",\"line\":null}", out);
+    }
+    fputc(']', out);
+}
+
+typedef struct totals {
+    uint64_t bytes, count, suppressed_bytes, suppressed_count;
+} totals;
+
+/* "Leak of N byte(s) in M allocation(s) on device D [tagged "x"] allocated from:" */
+static void text_leak_heading(FILE *out, const gm_leak_group *g)
+{
+    fprintf(out, "Leak of %llu byte(s) in %llu allocation(s) ", (unsigned long long)g->bytes,
+            (unsigned long long)g->count);
+    if (g->memory == GM_MEMORY_PINNED_HOST) fputs("of pinned host memory", out);
+    else fprintf(out, "on device %d", g->device);
+    const char *tag = gm_tag_name(g->tag);
+    if (tag) fprintf(out, " tagged \"%s\"", tag);
+    fputs(" allocated from:\n", out);
+}
+
+static totals write_groups(FILE *out, bool json, const gm_leak_group *groups, size_t n)
+{
+    static gm_frame frames[GM_MAX_FRAMES];
+    totals t = {0};
+    load_suppressions();
+    resolve_printed_frames(groups, n, json);
+    if (json) fputs("\"leaks\":[", out);
+    for (size_t i = 0; i < n; i++) {
+        size_t nf = group_frames(&groups[i], frames);
+        const char *sup = suppression_for(frames, nf);
+        if (sup) {
+            t.suppressed_bytes += groups[i].bytes;
+            t.suppressed_count += groups[i].count;
+        } else {
+            t.bytes += groups[i].bytes;
+            t.count += groups[i].count;
+        }
+        if (json) {
+            fprintf(out, "%s{\"device\":%d,\"memory\":\"%s\",\"bytes\":%llu,\"allocations\":%llu,\"suppressed\":%s,\"suppression\":",
+                    i ? "," : "", groups[i].device, gm_memory_name((gm_memory)groups[i].memory),
+                    (unsigned long long)groups[i].bytes,
+                    (unsigned long long)groups[i].count, sup ? "true" : "false");
+            gm_report_json_string(out, sup);
+            fputs(",\"tag\":", out);
+            gm_report_json_string(out, gm_tag_name(groups[i].tag));
+            fputc(',', out);
+            json_frames(out, frames, nf);
+            fputc('}', out);
+        } else if (!sup) {
+            text_leak_heading(out, &groups[i]);
+            text_frames(out, frames, nf);
+        }
+    }
+    if (json) fputs("],", out);
+    return t;
+}
+
+/* Opens where GPUMEM_REPORT says; NULL for "off". `*close_it` tells the caller to fclose. */
+static FILE *open_destination(bool *close_it)
+{
+    const char *dest = gm_mgr.cfg ? gm_mgr.cfg->report : "stderr";
+    *close_it = false;
+    if (strcmp(dest, "off") == 0) return NULL;
+    if (strcmp(dest, "stderr") == 0 || !*dest) return stderr;
+    char path[4096];
+    gm_expand_pid(dest, path, sizeof path);
+    FILE *f = fopen(path, "a");
+    if (!f) {
+        gm_log(GM_ERROR, "cannot write the report to %s; writing it to stderr", path);
+        return stderr;
+    }
+    *close_it = true;
+    return f;
+}
+
+static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
+
+/* One report at a time, and never while a refused copy's stack is being symbolized. */
+static uint64_t write_report(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
+{
+    bool locked = gm_symbols_begin();
+    uint64_t n = write_report_locked(out, only_device, only_ctx, why);
+    gm_symbols_end(locked);
+    return n;
+}
+
+static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
+{
+    bool json = gm_mgr.cfg && gm_mgr.cfg->report_format == 1;
+    gm_leak_group *groups = NULL;
+    size_t n = collect_groups(only_device, only_ctx, &groups);
+    totals t;
+    if (json) {
+        fprintf(out, "{\"format\":\"gpumem-report\",\"version\":1,\"pid\":%ld,\"program\":", (long)getpid());
+        gm_report_json_string(out, gm_program_path());
+        fputs(",\"reason\":", out);
+        gm_report_json_string(out, why);
+        fputc(',', out);
+        t = write_groups(out, true, groups, n);
+        fprintf(out,
+                "\"summary\":{\"leaked_bytes\":%llu,\"leaked_allocations\":%llu,\"suppressed_bytes\":%llu,"
+                "\"suppressed_allocations\":%llu},",
+                (unsigned long long)t.bytes, (unsigned long long)t.count,
+                (unsigned long long)t.suppressed_bytes, (unsigned long long)t.suppressed_count);
+        gm_report_stats_json(out);
+        fputs("}\n", out);
+    } else {
+        fprintf(out, "==gpumem== pid %ld: leak report (%s)\n", (long)getpid(), why);
+        t = write_groups(out, false, groups, n);
+        if (t.suppressed_count)
+            fprintf(out, "Suppressed: %llu bytes in %llu allocations (GPUMEM_SUPPRESSIONS)\n",
+                    (unsigned long long)t.suppressed_bytes, (unsigned long long)t.suppressed_count);
+        fprintf(out, "LEAK SUMMARY: %llu bytes leaked in %llu allocations\n", (unsigned long long)t.bytes,
+                (unsigned long long)t.count);
+        gm_report_stats_text(out);
+    }
+    fflush(out);
+    free(groups);
+    if (gm_trace_on) gm_trace_instant("leak check point", only_device < 0 ? 0 : only_device, t.bytes, why);
+    return t.count;
+}
+
+size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
+{
+    bool close_it = false;
+    if (!out) out = open_destination(&close_it);
+    if (!out) { /* GPUMEM_REPORT=off: still count, for GPUMEM_LEAK_EXITCODE */
+        out = fopen("/dev/null", "w");
+        close_it = out != NULL;
+        if (!out) return 0;
+    }
+    uint64_t leaked = write_report(out, only_device, only_ctx, why);
+    if (close_it) fclose(out);
+    return (size_t)leaked;
+}
+
+/* ------------------------------------------------------------------ check points */
+
+size_t gm_report_context(uintptr_t ctx, const char *why)
+{
+    gm_heap *heap = gm_heap_of_ctx(ctx);
+    if (!heap || !gm_live_count(&heap->live)) return 0;
+    return gm_report_write(NULL, heap->device, ctx, why);
+}
+
+static void report_on_exit(int status, void *unused)
+{
+    (void)unused;
+    if (!gm_manager_begin_exit()) return;
+    uint64_t t0 = gm_now_ns();
+    size_t leaked = gm_report_write(NULL, -1, 0, "at exit");
+    gm_log(GM_INFO, "exit report written in %.3f ms", (double)(gm_now_ns() - t0) / 1e6);
+    gm_trace_close();
+    int code = gm_mgr.cfg ? gm_mgr.cfg->leak_exitcode : 0;
+    if (status == 0 && leaked && code) {
+        fflush(NULL); /* _exit skips stdio's own flush */
+        _exit(code);
+    }
+}
+
+static void install_exit_hook(void) { on_exit(report_on_exit, NULL); }
+
+bool gm_report_start(const gm_backend *backend)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    if (!gm_manager_init(backend)) return false;
+    pthread_once(&once, install_exit_hook);
+    return true;
+}
