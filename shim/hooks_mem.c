@@ -26,7 +26,7 @@ gm_heap *shim_current_heap(void)
  * compute-sanitizer; capped so a loop cannot flood the log. */
 static void report_bad_free(const char *api, CUdeviceptr p, uintptr_t caller)
 {
-    gm_note_invalid_free(api, (uintptr_t)p, "", "double free, or a pointer inside a block", caller);
+    gm_stats_invalid_free(api, (uintptr_t)p, "", "double free, or a pointer inside a block", caller);
 }
 
 /* ------------------------------------------------------------------ pooled */
@@ -265,7 +265,7 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes)
     CUresult res = shim_real_cuMemGetInfo_v2(free_bytes, total_bytes);
     if (res != CUDA_SUCCESS || !shim_active() || !free_bytes || !total_bytes) return res;
     gm_heap *heap = shim_current_heap();
-    if (heap) gm_mem_info(heap, *free_bytes, *total_bytes, free_bytes, total_bytes);
+    if (heap) gm_heap_mem_info(heap, *free_bytes, *total_bytes, free_bytes, total_bytes);
     return res;
 }
 

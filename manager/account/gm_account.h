@@ -57,8 +57,11 @@ void gm_stats_add_counters(gpumem_stats *out, const gm_counters *c);
 /* Fills the DEVICE rows and the derived ones, once the heaps were added. `solo_peak`: the peak
  * a solo heap kept; `total_free`: bytes_cached_free already summed. */
 void gm_stats_finish(gpumem_stats *out, int device, uint64_t solo_peak);
-/* Frees the program passed that are no live allocation (device or pinned): refused, counted. */
-void gm_stats_note_invalid_free(void);
+/* A free the program passed that is no live allocation (device or pinned memory): refused by
+ * the caller, counted here and logged (the first 100, then one line saying the rest are not).
+ * `memory` names what it should have been ("" for device memory, "pinned "). */
+void gm_stats_invalid_free(const char *api, uintptr_t p, const char *memory, const char *why,
+                           uintptr_t caller);
 uint64_t gm_stats_invalid_frees(void);
 
 /* ---------------------------------------------------------------- the timeline (trace.c) */

@@ -80,6 +80,17 @@ void gm_stats_finish(gpumem_stats *out, int device, uint64_t solo_peak)
     out->fragmentation = free_bytes ? 1.0 - (double)out->largest_free_block / (double)free_bytes : 0.0;
 }
 
-void gm_stats_note_invalid_free(void) { atomic_fetch_add(&invalid_frees, 1); }
+void gm_stats_invalid_free(const char *api, uintptr_t p, const char *memory, const char *why,
+                           uintptr_t caller)
+{
+    static _Atomic unsigned logged;
+    atomic_fetch_add(&invalid_frees, 1);
+    unsigned n = atomic_fetch_add(&logged, 1);
+    if (n < 100)
+        gm_log(GM_ERROR, "%s(%#llx): not a live %sallocation (%s); returning CUDA_ERROR_INVALID_VALUE; "
+                         "called from %p", api, (unsigned long long)p, memory, why, (void *)caller);
+    else if (n == 100)
+        gm_log(GM_ERROR, "further invalid frees are not logged");
+}
 
 uint64_t gm_stats_invalid_frees(void) { return atomic_load(&invalid_frees); }

@@ -74,7 +74,7 @@ gpumem_status gpumem_free(void *ptr)
         return GPUMEM_ERROR_INVALID_VALUE;
     }
     if (rc == GPUMEM_ERROR_INVALID_VALUE)
-        gm_note_invalid_free("gpumem_free", (uintptr_t)ptr, "",
+        gm_stats_invalid_free("gpumem_free", (uintptr_t)ptr, "",
                              "already freed, or not the start of an allocation", (uintptr_t)GM_CALLSITE()->pc);
     return rc;
 }

@@ -116,12 +116,8 @@ static inline uint64_t gm_buffer_id_next_locked(gm_heap *heap)
 /* The statistics of one device: every heap of it, the device's figures, the derived ones. */
 void gm_heap_stats(int device, gpumem_stats *out);
 /* Bytes this process can still obtain on `device` (limit and cached free memory considered). */
-void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
+void gm_heap_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
                  size_t *total_out);
-/* A free the program passed that is no live allocation: counted once and logged (the first
- * 100). `memory` names what it should have been ("" for device memory, "pinned "). */
-void gm_note_invalid_free(const char *api, uintptr_t p, const char *memory, const char *why,
-                          uintptr_t caller);
 
 /* ---------------------------------------------------------------- allocation (alloc.c) */
 /* Pooled allocation of `size` bytes (pooling off: a direct allocation that is still tracked). */

@@ -263,7 +263,7 @@ void gm_heap_stats(int device, gpumem_stats *out)
     gm_stats_finish(out, device, solo_peak);
 }
 
-void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
+void gm_heap_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
                  size_t *total_out)
 {
     gpumem_stats st;
@@ -278,19 +278,4 @@ void gm_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t 
     if (avail > total) avail = total;
     *free_out = (size_t)avail;
     *total_out = (size_t)total;
-}
-
-/* ------------------------------------------------------------------ invalid frees */
-
-void gm_note_invalid_free(const char *api, uintptr_t p, const char *memory, const char *why,
-                          uintptr_t caller)
-{
-    static _Atomic unsigned logged;
-    gm_stats_note_invalid_free();
-    unsigned n = atomic_fetch_add(&logged, 1);
-    if (n < 100)
-        gm_log(GM_ERROR, "%s(%#llx): not a live %sallocation (%s); returning CUDA_ERROR_INVALID_VALUE; "
-                         "called from %p", api, (unsigned long long)p, memory, why, (void *)caller);
-    else if (n == 100)
-        gm_log(GM_ERROR, "further invalid frees are not logged");
 }

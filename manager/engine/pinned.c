@@ -611,7 +611,7 @@ static void report_bad_free(uintptr_t p, const pinned_block *o, uintptr_t caller
     else
         snprintf(what, sizeof what, "it points %zu bytes into the %s pinned block at %p of %zu bytes",
                  (size_t)(p - o->addr), o->state == PB_CACHED ? "freed" : "live", (void *)o->addr, o->size);
-    gm_note_invalid_free("cuMemFreeHost", p, "pinned ", what, caller);
+    gm_stats_invalid_free("cuMemFreeHost", p, "pinned ", what, caller);
 }
 
 /* A pointer that is no allocation of ours: inside a pool block (refused) or not ours at all. */

@@ -100,12 +100,14 @@ static gm_block *block_new(gm_pool *pool)
     gm_block *b = pool->spare_blocks;
     if (b) pool->spare_blocks = b->fnext;
     else b = malloc(sizeof *b);
-    if (b) { /* the record is filled on allocation; clear only what the pool reads */
+    if (b) { /* the owner fills the record on allocation; clear what the pool reads, and the
+              * record's key so a recycled header never looks like a live allocation */
         b->prev = b->next = b->fprev = b->fnext = NULL;
         b->seg = NULL;
         b->state = GM_BLOCK_FREE;
         b->fence_epoch = 0;
         b->rec.ptr = 0;
+        b->rec.block = NULL;
     }
     return b;
 }
@@ -438,7 +440,7 @@ size_t gm_pool_room_after_locked(const gm_block *b)
 
 int gm_pool_extend_block_locked(gm_pool *pool, gm_block *b, size_t new_rounded)
 {
-    if (b->state != GM_BLOCK_LIVE || !b->rec.block) return GPUMEM_ERROR_INVALID_VALUE;
+    if (b->state != GM_BLOCK_LIVE) return GPUMEM_ERROR_INVALID_VALUE;
     size_t grow = new_rounded > b->size ? new_rounded - b->size : 0;
     if (grow > gm_pool_room_after_locked(b)) return GPUMEM_ERROR_OUT_OF_MEMORY;
     if (grow) {
@@ -461,7 +463,7 @@ int gm_pool_extend_block_locked(gm_pool *pool, gm_block *b, size_t new_rounded)
 
 int gm_pool_shrink_block_locked(gm_pool *pool, gm_block *b, size_t new_rounded, bool pend)
 {
-    if (b->state != GM_BLOCK_LIVE || !b->rec.block || new_rounded == 0 || new_rounded > b->size ||
+    if (b->state != GM_BLOCK_LIVE || new_rounded == 0 || new_rounded > b->size ||
         new_rounded % GM_ALIGN)
         return GPUMEM_ERROR_INVALID_VALUE;
     if (new_rounded < b->size) {

@@ -1,5 +1,5 @@
 /* The track layer: what gpumem remembers of each allocation for the leak report, the same for
- * device and pinned host memory. Records and the live table that holds them (live.c), call
+ * device and pinned host memory: records and the live table that holds them (records.c), call
  * stacks captured on the hot path (stacks.c) and symbolized when a report is written
  * (symbols.c), the tags a thread pushes (tags.c), and the leaks of destroyed contexts kept for
  * the exit report (orphans.c). Below: base and config only. */
@@ -26,7 +26,7 @@ size_t gm_stack_get(uint32_t id, uintptr_t *pc, size_t max);
 /* Reads the stack settings and loads what the unwinder needs; nothing is captured before. */
 void gm_stack_init(const gm_config *cfg);
 
-/* ---------------------------------------------------------------- records (live.c) */
+/* ---------------------------------------------------------------- records (records.c) */
 typedef enum {
     GM_KIND_POOL = 0,   /* carved from a pool segment (or the pinned pool's cache) */
     GM_KIND_DIRECT,     /* pooling off or stream capture: a driver allocation of its own */

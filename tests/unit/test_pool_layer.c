@@ -1,0 +1,137 @@
+/* The pool layer alone (pool/gm_pool.h): a plain resource with no globals and no policy, so it is
+ * tested here without a backend, a limit or a manager. It never touches the memory it manages,
+ * so the segments are plain numbers. */
+#include <criterion/criterion.h>
+
+#include "gm_pool.h"
+
+#define MiB ((size_t)1 << 20)
+#define BASE ((uintptr_t)1 << 40)
+
+static gm_pool pool;
+
+static void setup(void)
+{
+    gm_pool_sizing sizing = {.small_segment = 2 * MiB, .segment_min = 2 * MiB, .segment_max = 64 * MiB,
+                             .dedicated_min = 512 * MiB, .growth_factor = 2.0};
+    gm_pool_init(&pool, &sizing);
+}
+
+static void teardown(void) { gm_pool_reset(&pool); }
+
+TestSuite(pool_layer, .init = setup, .fini = teardown);
+
+static gm_block *take(size_t bytes)
+{
+    gm_block *b = NULL;
+    cr_assert_eq(gm_pool_alloc_locked(&pool, gm_pool_round_size(bytes), &b), GPUMEM_OK, "%zu bytes", bytes);
+    cr_assert_eq(b->state, GM_BLOCK_LIVE);
+    return b;
+}
+
+Test(pool_layer, splits_and_coalesces_back_to_one_block)
+{
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE, 4 * MiB, 2 * MiB));
+    gm_block *a = take(MiB + 1), *b = take(MiB + 1), *c = take(MiB + 1);
+    cr_expect_eq(a->addr, BASE);
+    cr_expect_eq(b->addr, a->addr + a->size, "blocks tile their segment");
+    cr_expect_eq(c->addr, b->addr + b->size);
+    cr_expect_eq(pool.bytes_cached_free, 4 * MiB - 3 * a->size);
+    gm_pool_free_block_locked(&pool, b);
+    gm_pool_free_block_locked(&pool, a);
+    gm_pool_free_block_locked(&pool, c);
+    gm_block *only = pool.by_base[0]->first;
+    cr_expect(only->state == GM_BLOCK_FREE && !only->next && only->size == 4 * MiB, "one free block again");
+    cr_expect_eq(pool.bytes_cached_free, 4 * MiB);
+    cr_expect_eq(gm_pool_largest_free_locked(&pool), 4 * MiB);
+}
+
+Test(pool_layer, no_free_block_is_out_of_memory_and_changes_nothing)
+{
+    gm_block *b = NULL;
+    cr_expect_eq(gm_pool_alloc_locked(&pool, 4096, &b), GPUMEM_ERROR_OUT_OF_MEMORY, "no segment yet");
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE, 4 * MiB, 2 * MiB));
+    take(3 * MiB);
+    cr_expect_eq(gm_pool_alloc_locked(&pool, 2 * MiB, &b), GPUMEM_ERROR_OUT_OF_MEMORY, "1 MiB is left");
+    cr_expect_eq(pool.bytes_cached_free, MiB, "the failed request took nothing");
+}
+
+Test(pool_layer, small_requests_do_not_break_up_large_segments)
+{
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE, 8 * MiB, 8 * MiB));
+    gm_block *b = NULL;
+    cr_expect_eq(gm_pool_alloc_locked(&pool, 4096, &b), GPUMEM_ERROR_OUT_OF_MEMORY,
+                 "a small request needs a small segment");
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE + 64 * MiB, 2 * MiB, 4096));
+    cr_expect_eq(take(4096)->addr, BASE + 64 * MiB);
+    cr_expect_eq(take(3 * MiB)->addr, BASE);
+}
+
+Test(pool_layer, pending_blocks_wait_for_their_epoch)
+{
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE, 2 * MiB, 2 * MiB));
+    gm_block *a = take(2 * MiB);
+    gm_pool_pend_block_locked(&pool, a);
+    cr_expect_eq(a->state, GM_BLOCK_PENDING);
+    gm_block *b = NULL;
+    cr_expect_eq(gm_pool_alloc_locked(&pool, 2 * MiB, &b), GPUMEM_ERROR_OUT_OF_MEMORY, "not before its fence");
+    uint32_t covered = gm_pool_close_epoch_locked(&pool);
+    cr_expect_not(gm_pool_retire_upto_locked(&pool, covered - 1), "an older epoch does not cover it");
+    cr_expect(gm_pool_retire_upto_locked(&pool, covered));
+    cr_expect_eq(take(2 * MiB)->addr, BASE, "reusable once its epoch completed");
+    cr_expect_null(pool.pending_head);
+}
+
+Test(pool_layer, free_segments_go_back_down_to_what_may_stay_cached)
+{
+    for (int i = 0; i < 3; i++)
+        cr_assert(gm_pool_add_segment_locked(&pool, BASE + (uintptr_t)i * 16 * MiB, 4 * MiB, 4 * MiB));
+    gm_block *held = take(4 * MiB);
+    gm_pool_span spans[4];
+    size_t n = gm_pool_take_free_segments_locked(&pool, 4 * MiB, spans, 4);
+    cr_expect_eq(n, 1, "8 MiB idle, 4 MiB may stay");
+    cr_expect_eq(spans[0].size, 4 * MiB);
+    cr_expect_neq(spans[0].base, held->addr, "a segment with a live block never goes");
+    cr_expect_eq(gm_pool_segment_count(&pool), 2);
+    cr_expect_eq(pool.segments_released, 1);
+    n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4);
+    cr_expect_eq(n, 1);
+    cr_expect_eq(gm_pool_reset(&pool), 4 * MiB, "reset hands back what the pool still held");
+    cr_expect_eq(pool.segments_released, 3, "lifetime counters survive a reset");
+}
+
+Test(pool_layer, growth_factor_sizes_the_next_segment)
+{
+    cr_expect_eq(gm_pool_next_segment_size(&pool, 4096), 2 * MiB, "small requests: a small segment");
+    cr_expect_eq(gm_pool_next_segment_size(&pool, 3 * MiB), 4 * MiB, "no sequence yet: the request's own");
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE, 8 * MiB, 3 * MiB));
+    cr_expect_eq(gm_pool_next_segment_size(&pool, 3 * MiB), 16 * MiB, "the last shared one times 2");
+    cr_expect_eq(gm_pool_next_segment_size(&pool, 600 * MiB), 600 * MiB, "dedicated: sized to itself");
+}
+
+Test(pool_layer, a_live_block_grows_and_shrinks_in_place)
+{
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE, 4 * MiB, 4 * MiB));
+    gm_block *b = take(2 * MiB);
+    cr_expect_eq(gm_pool_room_after_locked(b), 2 * MiB);
+    cr_expect_eq(gm_pool_extend_block_locked(&pool, b, 3 * MiB), GPUMEM_OK);
+    cr_expect_eq(b->size, 3 * MiB);
+    cr_expect_eq(gm_pool_extend_block_locked(&pool, b, 5 * MiB), GPUMEM_ERROR_OUT_OF_MEMORY, "past the segment");
+    cr_expect_eq(gm_pool_shrink_block_locked(&pool, b, 3 * MiB / 2, false), GPUMEM_OK);
+    cr_expect_eq(b->size, 3 * MiB / 2);
+    cr_expect_eq(pool.bytes_cached_free, 5 * MiB / 2, "the tail is free again");
+    cr_expect_eq(gm_pool_shrink_block_locked(&pool, b, 700, false), GPUMEM_ERROR_INVALID_VALUE, "not 512-B aligned");
+}
+
+Test(pool_layer, lookups_find_the_covering_block)
+{
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE, 2 * MiB, 4096));
+    gm_block *a = take(4096), *b = take(4096);
+    cr_expect_eq(gm_pool_block_containing_locked(&pool, b->addr + 100), b);
+    cr_expect_eq(gm_pool_block_containing_locked(&pool, a->addr + 4095), a);
+    cr_expect_null(gm_pool_block_containing_locked(&pool, BASE - 1));
+    cr_expect_null(gm_pool_segment_containing(&pool, BASE + 2 * MiB), "the end is outside");
+    cr_expect_eq(gm_pool_round_size(1), 512);
+    cr_expect_eq(gm_pool_round_size(0), 0);
+    cr_expect_eq(gm_pool_round_size(((size_t)1 << 46) + 1), 0, "beyond 64 TiB");
+}
