@@ -1,9 +1,9 @@
 /* Copy and memset family: checked, staged, forwarded and counted.
  *
  * Every copy goes through copy_run: the device sides are checked against the pool (a copy into
- * freed pool memory or past the end of its block is refused, see manager/transfer.c); unified
+ * freed pool memory or past the end of its block is refused, see manager/engine/transfer.c); unified
  * copies (cuMemcpy, cuMemcpyAsync) are classified side by side; a large pageable host <-> device
- * copy may be staged through pinned buffers (manager/staging.c); what the driver accepted is
+ * copy may be staged through pinned buffers (manager/engine/staging.c); what the driver accepted is
  * counted per device, direction and host-memory kind. Memsets are checked only.
  *
  * Pitched copies (2D, 3D, 3D peer) and 2D memsets are checked over the whole span their rows

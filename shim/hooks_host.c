@@ -1,5 +1,5 @@
 /* Pinned host memory: cuMemAllocHost/cuMemHostAlloc/cuMemFreeHost (cudaMallocHost, cudaHostAlloc,
- * cudaFreeHost) are served by the pinned pool (manager/pinned.c), tracked for the leak report;
+ * cudaFreeHost) are served by the pinned pool (manager/engine/pinned.c), tracked for the leak report;
  * cuMemHostRegister/Unregister go to the driver and, when it accepts them, are recorded so
  * gm_host_is_pinned knows the range. Whatever the pool cannot judge goes to the driver, which
  * answers with its own error. */

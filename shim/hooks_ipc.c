@@ -1,5 +1,5 @@
 /* IPC: cuIpcGetMemHandle / cuIpcOpenMemHandle(_v2) / cuIpcCloseMemHandle. The driver's handle names
- * a whole driver allocation, which for a pooled block is its segment, so the engine (manager/ipc.c)
+ * a whole driver allocation, which for a pooled block is its segment, so the engine (manager/engine/ipc.c)
  * decides what to export and how to open it; these hooks only hand it the driver's entry points
  * and pass through what is not gpumem's. */
 #include <string.h>

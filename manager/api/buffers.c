@@ -6,7 +6,7 @@
  * statistics name it), its configuration, the stream its copies run on, how much of it is used.
  *
  * Growth keeps the data. First in place: when the block after the buffer's pool block is free,
- * the block is extended into it (heap.c), no copy, same pointer. Otherwise a new block is
+ * the block is extended into it (gm_resize_grow_in_place), no copy, same pointer. Otherwise a new block is
  * allocated, the used bytes are copied device to device on the buffer's stream and the old block
  * is freed like cudaFree frees (strict mode: after a context barrier; fast mode: behind a fence),
  * so nothing reuses it before the copy has read it. A grow that fails changes nothing.

@@ -496,7 +496,7 @@ Test(copies, counters_are_exact_per_direction_kind_and_timing)
 }
 
 /* Explicit H2D/D2H copies do not ask the driver about the host side (that would cost a driver
- * call per copy): they rely on gpumem's own knowledge of pinned memory (manager/pinned.c's
+ * call per copy): they rely on gpumem's own knowledge of pinned memory (manager/engine/pinned.c's
  * gm_host_is_pinned: the pinned pool, cuMemHostAlloc pass-through, cuMemHostRegister). */
 Test(copies, explicit_copies_from_pinned_memory_count_as_pinned)
 {

@@ -1,6 +1,6 @@
 /* api_staging: pinned staging of pageable copies (issue 5, part 3) through the real preload path
  * on the fake driver: the hooked cuMemcpy* entry points hand large pageable host <-> device copies
- * to manager/staging.c.
+ * to manager/engine/staging.c.
  *
  * A staged copy reaches the driver as one copy per piece (GPUMEM_STAGING_CHUNK=64KiB here), an
  * unstaged one as one copy: the fake's copy counter tells them apart. Every copy's bytes are

@@ -1,6 +1,6 @@
 /* Checked copies under threads, as a plain program for the ThreadSanitizer setup. Each thread
  * allocates, checks copies into its own blocks, frees, and checks again, while the others do the
- * same in the same heap, so the lock-free memo of live blocks (manager.c) is validated against
+ * same in the same heap, so the lock-free memo of live blocks (engine/lookup.c) is validated against
  * frees and reuse happening concurrently. A check of a block its thread still holds must never be
  * refused; a copy past its end must always be; a freed block may be refused or, when another
  * thread already got the same address back, accepted: both are right. TSan reports races itself. */

@@ -1,4 +1,4 @@
-/* Unit tests of the per-device limit (manager/limits.c): resolution of GPUMEM_LIMIT and
+/* Unit tests of the per-device limit (manager/account/limits.c): resolution of GPUMEM_LIMIT and
  * GPUMEM_LIMIT_<i> (bytes, percent of the device, none), reserve/unreserve against it, headroom,
  * peaks, overflow, devices out of range, and that threads reserving at once can never pass it
  * together. Criterion runs each test in its own process with its own environment. */

@@ -1,4 +1,4 @@
-/* Unit tests of the pinned host memory pool (manager/pinned.c) on the host backend: size classes,
+/* Unit tests of the pinned host memory pool (manager/engine/pinned.c) on the host backend: size classes,
  * gm_host_is_pinned for pool blocks, pass-through and registered memory (and threads reading it
  * while the table changes), fast-mode fences, strict-mode barriers, context teardown and fork.
  * Criterion runs each test in its own process, so every test starts with a fresh manager. */

@@ -1,4 +1,4 @@
-/* Unit tests of pinned staging (manager/staging.c), calling gm_staged_copy directly.
+/* Unit tests of pinned staging (manager/engine/staging.c), calling gm_staged_copy directly.
  *
  * Two setups, one per test process (Criterion runs each test in its own):
  *  - the host backend: the pipeline itself (pieces, buffers, threads, fork, dropping a context);
