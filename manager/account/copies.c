@@ -79,7 +79,8 @@ static void init_once(void)
 {
     origin_ns = gm_now_ns();
     origin_ticks = gm_copy_clock();
-    gm_fork_register(GM_FORK_COPIES, fork_prepare, fork_parent, fork_child);
+    static const gm_fork_handlers handlers = {fork_prepare, fork_parent, fork_child};
+    gm_fork_register(GM_FORK_COPIES, &handlers);
 }
 
 static copy_block *register_thread(int device)

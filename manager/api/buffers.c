@@ -237,7 +237,11 @@ static void unlock_after_fork(void) { pthread_rwlock_unlock(&registry_lock); }
 
 /* While the registry is held for writing no call is inside a buffer, so no buffer lock is held
  * across fork. (The child inherits no context: its buffers answer INVALID_CONTEXT.) */
-static void install_atfork(void) { gm_fork_register(GM_FORK_BUFFERS, lock_for_fork, unlock_after_fork, unlock_after_fork); }
+static void install_atfork(void)
+{
+    static const gm_fork_handlers handlers = {lock_for_fork, unlock_after_fork, unlock_after_fork};
+    gm_fork_register(GM_FORK_BUFFERS, &handlers);
+}
 
 static gpumem_buffer *find_handle_locked(const gpumem_buffer *b)
 {

@@ -14,3 +14,11 @@ static uint64_t read_clock(clockid_t id)
 uint64_t gm_coarse_now_ns(void) { return read_clock(CLOCK_MONOTONIC_COARSE); }
 
 uint64_t gm_now_ns(void) { return read_clock(CLOCK_MONOTONIC); }
+
+bool gm_lock_for_report(pthread_mutex_t *m)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += GM_REPORT_WAIT_S;
+    return pthread_mutex_timedlock(m, &until) == 0;
+}

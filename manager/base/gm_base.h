@@ -49,6 +49,10 @@ int gm_log_verbosity(void);
 /* ---------------------------------------------------------------- clocks (clock.c) */
 uint64_t gm_now_ns(void);        /* CLOCK_MONOTONIC */
 uint64_t gm_coarse_now_ns(void); /* CLOCK_MONOTONIC_COARSE: a few ms resolution, 3x cheaper */
+/* Locks `m` unless another thread holds it longer than GM_REPORT_WAIT_S: what a report does
+ * with the tables it reads (at exit another thread may be inside one, or died holding it). */
+#define GM_REPORT_WAIT_S 2
+bool gm_lock_for_report(pthread_mutex_t *m);
 
 /* ---------------------------------------------------------------- the process (process.c) */
 /* `pattern` with %p replaced by the process id. */
@@ -72,7 +76,10 @@ typedef enum {
     GM_FORK_SYMBOLS,     /* track/symbols.c: child only (a report may be symbolizing) */
     GM_FORK_ORDERS
 } gm_fork_order;
-void gm_fork_register(gm_fork_order order, void (*prepare)(void), void (*parent)(void),
-                      void (*child)(void));
+typedef struct gm_fork_handlers {
+    void (*prepare)(void), (*parent)(void), (*child)(void); /* each may be NULL */
+} gm_fork_handlers;
+/* `handlers` must outlive the process (a static const). A later call for `order` replaces it. */
+void gm_fork_register(gm_fork_order order, const gm_fork_handlers *handlers);
 
 #endif

@@ -57,7 +57,8 @@ bool gm_manager_init(const gm_backend *backend)
         gm_mgr.cfg = cfg;
         gm_mgr.copy = (gm_copy_settings){cfg->check_copies, cfg->staging, cfg->staging_min};
         gm_mgr.backend = backend;
-        gm_fork_register(GM_FORK_HEAPS, lock_everything, unlock_everything, child_after_fork);
+        static const gm_fork_handlers handlers = {lock_everything, unlock_everything, child_after_fork};
+        gm_fork_register(GM_FORK_HEAPS, &handlers);
         gm_stack_init(cfg);
         gm_trace_open(cfg);
         gm_log(GM_INFO, "manager ready on the %s backend", backend->name);

@@ -147,7 +147,8 @@ static void child_after_fork(void)
 
 static void install_handlers(void)
 {
-    gm_fork_register(GM_FORK_IPC, NULL, NULL, child_after_fork);
+    static const gm_fork_handlers handlers = {NULL, NULL, child_after_fork};
+    gm_fork_register(GM_FORK_IPC, &handlers);
     atexit(registry_remove_at_exit);
 }
 

@@ -453,7 +453,8 @@ static void child_after_fork(void)
 static void init_once_fn(void)
 {
     gm_live_init(&live);
-    gm_fork_register(GM_FORK_PINNED, lock_pool, unlock_pool, child_after_fork);
+    static const gm_fork_handlers handlers = {lock_pool, unlock_pool, child_after_fork};
+    gm_fork_register(GM_FORK_PINNED, &handlers);
 }
 
 static void pinned_init(void) { pthread_once(&init_once, init_once_fn); }
@@ -761,10 +762,7 @@ void gm_pinned_stats_get(gm_pinned_stats *out)
 /* At exit another thread may be inside the pool: wait a little, never forever. */
 static bool lock_for_report(void)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += 2;
-    if (pthread_mutex_timedlock(&pool_lock, &until) == 0) return true;
+    if (gm_lock_for_report(&pool_lock)) return true;
     gm_log(GM_WARN, "report: the pinned pool is busy in another thread; its leaks are not listed");
     return false;
 }

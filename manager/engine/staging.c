@@ -451,7 +451,9 @@ static void registry_forget_in_child(void)
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 static void install_atfork(void)
 {
-    gm_fork_register(GM_FORK_STAGING, registry_lock_for_fork, registry_unlock_after_fork, registry_forget_in_child);
+    static const gm_fork_handlers handlers = {registry_lock_for_fork, registry_unlock_after_fork,
+                                              registry_forget_in_child};
+    gm_fork_register(GM_FORK_STAGING, &handlers);
 }
 
 /* Waits until no caller holds an unlinked stager, then frees it. */

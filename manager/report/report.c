@@ -47,15 +47,6 @@ static bool merge_group(gm_leak_group **groups, size_t *n, size_t *cap, const gm
     return true;
 }
 
-/* At exit another thread may be inside a heap: wait a little, never forever. */
-static bool lock_for_report(pthread_mutex_t *m)
-{
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += 2;
-    return pthread_mutex_timedlock(m, &until) == 0;
-}
-
 typedef struct group_set {
     gm_leak_group *groups;
     size_t n, cap;
@@ -86,7 +77,7 @@ static void add_heaps(group_set *set, uintptr_t only_ctx)
     for (size_t i = 0; i < nheaps; i++) {
         gm_heap *h = gm_mgr.heaps[i];
         if ((set->only_device >= 0 && h->device != set->only_device) || (only_ctx && h->ctx != only_ctx)) continue;
-        if (!lock_for_report(&h->lock)) {
+        if (!gm_lock_for_report(&h->lock)) {
             gm_log(GM_WARN, "report: heap of device %d busy in another thread; its leaks are not listed", h->device);
             continue;
         }

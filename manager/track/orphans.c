@@ -30,7 +30,8 @@ static void unlock_after_fork(void) { pthread_mutex_unlock(&orphans_lock); }
 
 static void register_fork(void)
 {
-    gm_fork_register(GM_FORK_ORPHANS, lock_for_fork, unlock_after_fork, forget_in_child);
+    static const gm_fork_handlers handlers = {lock_for_fork, unlock_after_fork, forget_in_child};
+    gm_fork_register(GM_FORK_ORPHANS, &handlers);
 }
 
 static bool same_group(const gm_leak_group *a, const gm_leak_group *b)
@@ -70,10 +71,7 @@ void gm_orphans_keep(int device, gm_memory memory, const gm_record *rec)
 
 bool gm_orphans_for_each(void (*fn)(void *cx, const gm_leak_group *g), void *cx)
 {
-    struct timespec until; /* at exit another thread may hold the lock: wait a little, never forever */
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += 2;
-    if (pthread_mutex_timedlock(&orphans_lock, &until) != 0) return false;
+    if (!gm_lock_for_report(&orphans_lock)) return false;
     for (size_t i = 0; i < ngroups; i++) fn(cx, &groups[i]);
     pthread_mutex_unlock(&orphans_lock);
     return true;

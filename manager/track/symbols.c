@@ -23,7 +23,11 @@ static pthread_mutex_t symbols_lock = PTHREAD_MUTEX_INITIALIZER;
 /* A fork child may inherit the lock held by a thread it does not have. */
 static void reset_in_child(void) { pthread_mutex_init(&symbols_lock, NULL); }
 
-static void register_fork(void) { gm_fork_register(GM_FORK_SYMBOLS, NULL, NULL, reset_in_child); }
+static void register_fork(void)
+{
+    static const gm_fork_handlers handlers = {NULL, NULL, reset_in_child};
+    gm_fork_register(GM_FORK_SYMBOLS, &handlers);
+}
 
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 
@@ -287,10 +291,7 @@ void gm_symbols_resolve(const gm_frame *frames, size_t n)
 bool gm_symbols_begin(void)
 {
     pthread_once(&fork_once, register_fork);
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += 2;
-    bool locked = pthread_mutex_timedlock(&symbols_lock, &until) == 0;
+    bool locked = gm_lock_for_report(&symbols_lock);
     holds_symbols_lock = locked;
     return locked;
 }

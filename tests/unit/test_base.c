@@ -20,9 +20,12 @@ static void child_copies(void) { mark('c'); }
 
 Test(base, fork_handlers_run_in_lock_order)
 {
-    gm_fork_register(GM_FORK_COPIES, prep_copies, NULL, child_copies);
-    gm_fork_register(GM_FORK_HEAPS, prep_heaps, NULL, child_heaps);
-    gm_fork_register(GM_FORK_BUFFERS, prep_buffers, NULL, child_buffers);
+    static const gm_fork_handlers copies = {prep_copies, NULL, child_copies};
+    static const gm_fork_handlers heaps = {prep_heaps, NULL, child_heaps};
+    static const gm_fork_handlers buffers = {prep_buffers, NULL, child_buffers};
+    gm_fork_register(GM_FORK_COPIES, &copies);
+    gm_fork_register(GM_FORK_HEAPS, &heaps);
+    gm_fork_register(GM_FORK_BUFFERS, &buffers);
     int fds[2];
     cr_assert_eq(pipe(fds), 0);
     ntrail = 0;
