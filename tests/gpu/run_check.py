@@ -575,7 +575,9 @@ def summary(paths, out, note=None):
             res = {"EXPECTEDFAIL": "FAIL", "UNEXPECTEDPASS": "FAIL"}.get(t["result"], t["result"])
             found = re.findall(r"^RESULT (?:PASS|FAIL|SKIP): (.*)$", t.get("stdout") or "", re.M)
             detail = found[-1] if found else f"rc={t.get('returncode')} (no RESULT line)"
-            name = t["name"].split(" / ", 1)[-1]  # "gpumem:gpu / alloc_static_same"
+            # meson 1.0: "gpumem:gpu / alloc_static_same"; newer: "gpu - gpumem:alloc_static_same"
+            name = t["name"]
+            name = name.split(" / ", 1)[1] if " / " in name else name.rsplit(":", 1)[-1]
             rows.append((t.get("starttime", 0), res, name, detail))
     rows.sort()
     width = max([len(r[2]) for r in rows] + [4])
