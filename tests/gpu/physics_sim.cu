@@ -1,6 +1,6 @@
 // The seed's physics simulation on the GPU, as a client of libgpumem (tests/physics/physics_sim.h
 // holds the runner: buffers that grow during the run, positions read back every frame through a
-// double-buffered channel). Built by scripts/gpu-check.sh:
+// double-buffered channel). Built by tests/gpu/meson.build (the gpu suite) with:
 //   nvcc -O2 -arch=sm_90 -I manager/include -I tests/physics tests/gpu/physics_sim.cu \
 //        -L build-gpu/manager -lgpumem -Xlinker -rpath -Xlinker build-gpu/manager
 //   physics_sim --check    small graph, compared with the CPU reference (float tolerance)
