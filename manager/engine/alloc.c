@@ -251,7 +251,7 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
         pthread_mutex_unlock(&heap->lock);
         return rc;
     }
-    gm_record_fill(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, site, stack_id);
+    gm_record_fill(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, site, stack_id, gm_tag_current());
     b->rec.block = b;
     b->buffer_id = gm_buffer_id_next_locked(heap); /* a new allocation to the driver's eyes */
     b->sync_memops = 0;
@@ -366,7 +366,7 @@ void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind ki
         gm_log(GM_WARN, "out of host memory: allocation %#lx not tracked", (unsigned long)ptr);
         return;
     }
-    gm_record_fill(rec, ptr, size, size, kind, stream, site, gm_stack_capture(site));
+    gm_record_fill(rec, ptr, size, size, kind, stream, site, gm_stack_capture(site), gm_tag_current());
     pthread_mutex_lock(&heap->lock);
     gm_record *old = gm_live_find(&heap->live, ptr);
     if (old) { /* the driver reused an address we still track: our record is stale */

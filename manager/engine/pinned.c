@@ -482,7 +482,7 @@ static void fill_record(pinned_block *b, size_t requested, const gm_callsite *si
 {
     memset(&b->rec, 0, sizeof b->rec);
     gm_record_fill(&b->rec, b->addr, requested, b->size, b->kind == PB_POOLED ? GM_KIND_POOL : GM_KIND_DIRECT,
-                   0, site, stack_id); /* the tag groups the report; tag usage counts device memory */
+                   0, site, stack_id, gm_tag_current()); /* the tag groups the report; tag usage counts device memory */
 }
 
 /* A cached block of `bin` for a new owner, preferring one whose fence completed (fast mode). If

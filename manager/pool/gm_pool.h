@@ -123,7 +123,11 @@ gm_segment *gm_pool_segment_containing(const gm_pool *pool, uintptr_t addr);
 /* The block (of any state) covering `ptr`, by walking its segment; NULL outside every segment. */
 gm_block *gm_pool_block_containing_locked(const gm_pool *pool, uintptr_t ptr);
 size_t gm_pool_largest_free_locked(const gm_pool *pool);
-size_t gm_pool_segment_count(const gm_pool *pool); /* safe without the lock (relaxed) */
+/* Safe without the lock (relaxed): a free's barrier asks it before taking the heap lock. */
+static inline size_t gm_pool_segment_count(const gm_pool *pool)
+{
+    return __atomic_load_n(&pool->segments, __ATOMIC_RELAXED);
+}
 
 /* ---- resizing a live block in place (named buffers grow and shrink without a copy) */
 size_t gm_pool_room_after_locked(const gm_block *b); /* the free block right after `b` */

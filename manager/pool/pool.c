@@ -390,11 +390,6 @@ size_t gm_pool_largest_free_locked(const gm_pool *pool)
     return a > b ? a : b;
 }
 
-size_t gm_pool_segment_count(const gm_pool *pool)
-{
-    return __atomic_load_n(&pool->segments, __ATOMIC_RELAXED);
-}
-
 /* ------------------------------------------------------------------ life cycle */
 
 void gm_pool_init(gm_pool *pool, const gm_pool_sizing *sizing)

@@ -10,20 +10,6 @@ const char *gm_memory_name(gm_memory memory)
     return memory == GM_MEMORY_PINNED_HOST ? "pinned_host" : "device";
 }
 
-void gm_record_fill(gm_record *rec, uintptr_t ptr, size_t requested, size_t size, gm_alloc_kind kind,
-                    uintptr_t stream, const gm_callsite *site, uint32_t stack_id)
-{
-    rec->ptr = ptr;
-    rec->requested = requested;
-    rec->size = size;
-    rec->kind = (uint8_t)kind;
-    rec->stream = stream;
-    rec->caller = site ? site->pc : 0;
-    rec->stack_id = stack_id;
-    rec->tag = gm_tag_current();
-    rec->time_ns = gm_coarse_now_ns();
-}
-
 gm_record *gm_record_new(void) { return calloc(1, sizeof(gm_record)); }
 
 void gm_record_delete(gm_record *rec) { free(rec); }

@@ -92,6 +92,8 @@ int main(void)
     CK(cuDevicePrimaryCtxRetain(&ctx, dev));
     CK(cuCtxSetCurrent(ctx));
     CK(cuStreamCreate(&s, CU_STREAM_NON_BLOCKING));
+    CUevent landed; /* orders the non-blocking stream after the legacy stream's copy */
+    CK(cuEventCreate(&landed, CU_EVENT_DISABLE_TIMING));
 
     const size_t sizes[] = {MiB + 3, 4 * MiB - 1, 4 * MiB, 4 * MiB + 1, 12 * MiB + 7, 33 * MiB - 5,
                             64 * MiB + 3, 256 * MiB};
@@ -150,6 +152,11 @@ int main(void)
 
         fill(src, n, seed + 4);
         CK(cuMemcpy(d, (CUdeviceptr)(uintptr_t)src, n));
+        /* A pageable H2D may return before its DMA has landed (the driver's documented return
+         * point); `s` is non-blocking, so the readback must wait for the legacy stream's copy.
+         * Without this wait the driver itself read stale bytes once (H200, 4 MiB + 1, no shim). */
+        CK(cuEventRecord(landed, NULL));
+        CK(cuStreamWaitEvent(s, landed, 0));
         memset(back, 0, n);
         CK(cuMemcpyAsync((CUdeviceptr)(uintptr_t)back, d, n, s));
         CK(cuStreamSynchronize(s));
@@ -158,6 +165,7 @@ int main(void)
         fprintf(stderr, "staging_check: %zu B: %.1f ms\n", n, now_ms() - t0);
     }
     CK(cuMemFree(d));
+    CK(cuEventDestroy(landed));
     CK(cuStreamDestroy(s));
     free(src);
     free(want);
