@@ -15,7 +15,7 @@ static void trace_device(gm_counting to)
     gm_trace_counter(to.device, allocated, atomic_load(&d->reserved));
 }
 
-static void note_allocated(gm_counting to, int64_t delta)
+static inline __attribute__((always_inline)) void note_allocated(gm_counting to, int64_t delta)
 {
     if (!to.solo) gm_device_note_allocated(to.device, delta);
     else if (to.c->bytes_allocated > to.c->bytes_allocated_peak)

@@ -269,7 +269,6 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
  * kept from reuse (quarantine) until it closes; else back to the bins, or (pend) to the fence. */
 static void release_block_locked(gm_heap *heap, gm_block *b, bool pend)
 {
-    gm_heap_live_changed_locked(heap);
     if (b->ipc_slot && gm_ipc_quarantine_locked(heap, b)) return;
     if (pend) gm_pool_pend_block_locked(&heap->pool, b);
     else gm_pool_free_block_locked(&heap->pool, b);
@@ -298,6 +297,19 @@ static void free_pool_block(gm_heap *heap, gm_block *b, uintptr_t stream, bool s
     release_over_cache_limit(heap);
 }
 
+/* gm_heap_find_locked with its first step here, where the compiler can inline it: the hint is
+ * nearly always the heap. */
+static inline gm_heap *find_record_locked(uintptr_t ptr, gm_heap *hint, gm_record **rec)
+{
+    if (hint) {
+        pthread_mutex_lock(&hint->lock);
+        *rec = gm_live_find(&hint->live, ptr);
+        if (*rec) return hint;
+        pthread_mutex_unlock(&hint->lock);
+    }
+    return gm_heap_find_other_locked(ptr, hint, rec);
+}
+
 static int free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr_t stream,
                      gm_alloc_kind *kind_out)
 {
@@ -312,7 +324,7 @@ static int free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr
         synced = true;
     }
     gm_record *rec = NULL;
-    gm_heap *heap = gm_heap_find_locked(ptr, hint, &rec);
+    gm_heap *heap = find_record_locked(ptr, hint, &rec);
     if (!heap) return gm_heap_any_segment_holds(ptr) ? GPUMEM_ERROR_INVALID_VALUE : GM_NOT_OURS;
     gm_alloc_kind kind = (gm_alloc_kind)rec->kind;
     if (kind_out) *kind_out = kind;

@@ -82,6 +82,8 @@ gm_heap *gm_heap_get(uintptr_t ctx, int device);
 gm_heap *gm_heap_of_ctx(uintptr_t ctx);
 /* Heap that tracks `ptr` exactly (locked on return), or NULL. Tries `hint` first. */
 gm_heap *gm_heap_find_locked(uintptr_t ptr, gm_heap *hint, gm_record **rec_out);
+/* The same over every heap but `skip` (a caller that already asked its hint). */
+gm_heap *gm_heap_find_other_locked(uintptr_t ptr, const gm_heap *skip, gm_record **rec_out);
 /* True when `ptr` lies inside a pool segment of any heap (a freed or interior pool pointer). */
 bool gm_heap_any_segment_holds(uintptr_t ptr);
 /* Forgets every segment, block and record without a backend call (the context is gone, or

@@ -185,10 +185,15 @@ gm_heap *gm_heap_find_locked(uintptr_t ptr, gm_heap *hint, gm_record **rec_out)
         }
         pthread_mutex_unlock(&hint->lock);
     }
+    return gm_heap_find_other_locked(ptr, hint, rec_out);
+}
+
+gm_heap *gm_heap_find_other_locked(uintptr_t ptr, const gm_heap *skip, gm_record **rec_out)
+{
     size_t n = atomic_load(&gm_mgr.nheaps);
     for (size_t i = 0; i < n; i++) {
         gm_heap *h = gm_mgr.heaps[i];
-        if (h == hint) continue;
+        if (h == skip) continue;
         pthread_mutex_lock(&h->lock);
         gm_record *rec = gm_live_find(&h->live, ptr);
         if (rec) {
