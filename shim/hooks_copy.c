@@ -76,11 +76,11 @@ static bool worth_staging(const copy_op *op, const copy_class *c)
 }
 
 /* GM_NOT_OURS when the stager did not take the copy; otherwise the copy's result. */
-static int try_staging(const copy_op *op, const copy_class *c)
+static gm_answer try_staging(const copy_op *op, const copy_class *c)
 {
     uintptr_t ctx;
     int device;
-    if (gm_mgr.backend->current(&ctx, &device) != CUDA_SUCCESS) return GM_NOT_OURS;
+    if (gm_mgr.backend->current(&ctx, &device) != CUDA_SUCCESS) return gm_not_ours();
     uintptr_t stream = op->async ? shim_stream(op->stream, op->per_thread)
                                  : (op->per_thread ? (uintptr_t)CU_STREAM_PER_THREAD : 0);
     gm_copy_dir dir = c->dir == GPUMEM_COPY_H2D ? GM_COPY_H2D : GM_COPY_D2H;
@@ -101,10 +101,10 @@ static inline __attribute__((always_inline)) CUresult copy_run(const copy_op *op
     copy_class c = classify(op, &x);
     uint64_t t0 = op->async ? 0 : gm_copy_clock();
     if (__builtin_expect(worth_staging(op, &c), 0)) {
-        int rc = try_staging(op, &c);
-        if (rc != GM_NOT_OURS) {
-            if (rc == CUDA_SUCCESS) count(op, &c, t0, true);
-            return (CUresult)rc;
+        gm_answer staged = try_staging(op, &c);
+        if (staged.owner == GM_OURS) {
+            if (staged.status == CUDA_SUCCESS) count(op, &c, t0, true);
+            return (CUresult)staged.status;
         }
     }
     CUresult rc = forward(op);

@@ -46,8 +46,8 @@ CUresult cuMemFreeHost(void *p)
     if (!p) return CUDA_SUCCESS; /* like free(NULL) */
     if (!shim_active()) return shim_real_cuMemFreeHost(p);
     SHIM_TRACE("cuMemFreeHost ptr=%p", p);
-    int rc = gm_pinned_free(p, !shim_capture_active(), (uintptr_t)__builtin_return_address(0));
-    return rc == GM_NOT_OURS ? shim_real_cuMemFreeHost(p) : (CUresult)rc;
+    gm_answer a = gm_pinned_free(p, !shim_capture_active(), (uintptr_t)__builtin_return_address(0));
+    return a.owner == GM_NOT_OURS ? shim_real_cuMemFreeHost(p) : (CUresult)a.status;
 }
 
 CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int flags)

@@ -70,10 +70,10 @@ CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr)
     if (!shim_active() || !handle) return shim_real_cuIpcGetMemHandle(handle, dptr);
     SHIM_TRACE("cuIpcGetMemHandle ptr=%#llx", (unsigned long long)dptr);
     unsigned char out[GM_IPC_HANDLE_SIZE];
-    int rc = gm_ipc_export((uintptr_t)dptr, &drv_v2, out);
-    if (rc == GM_NOT_OURS) return shim_real_cuIpcGetMemHandle(handle, dptr);
-    if (rc == CUDA_SUCCESS) memcpy(handle, out, sizeof out);
-    return (CUresult)rc;
+    gm_answer a = gm_ipc_export((uintptr_t)dptr, &drv_v2, out);
+    if (a.owner == GM_NOT_OURS) return shim_real_cuIpcGetMemHandle(handle, dptr);
+    if (a.status == CUDA_SUCCESS) memcpy(handle, out, sizeof out);
+    return (CUresult)a.status;
 }
 
 static CUresult ipc_open(const gm_ipc_driver *drv, CUresult (*real)(CUdeviceptr *, CUipcMemHandle, unsigned int),
@@ -107,7 +107,7 @@ CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
     SHIM_REQUIRE_REAL(cuIpcCloseMemHandle);
     if (!shim_active()) return shim_real_cuIpcCloseMemHandle(dptr);
     SHIM_TRACE("cuIpcCloseMemHandle ptr=%#llx", (unsigned long long)dptr);
-    int rc = gm_ipc_close((uintptr_t)dptr, &drv_v2);
-    if (rc == GM_NOT_OURS) return shim_real_cuIpcCloseMemHandle(dptr);
-    return (CUresult)rc;
+    gm_answer a = gm_ipc_close((uintptr_t)dptr, &drv_v2);
+    if (a.owner == GM_NOT_OURS) return shim_real_cuIpcCloseMemHandle(dptr);
+    return (CUresult)a.status;
 }

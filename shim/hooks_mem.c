@@ -102,16 +102,16 @@ CUresult cuMemFree_v2(CUdeviceptr dptr)
     SHIM_TRACE("cuMemFree_v2 ptr=%#llx", (unsigned long long)dptr);
     gm_heap *hint = shim_current_heap();
     gm_alloc_kind kind = GM_KIND_POOL;
-    int rc = hint ? gm_free_current(hint, (uintptr_t)dptr, &kind)
-                  : gm_free(NULL, (uintptr_t)dptr, GM_FREE_BARRIER, &kind);
-    if (rc == GM_NOT_OURS) return shim_real_cuMemFree_v2(dptr);
-    if (rc == GM_PASSTHROUGH) {
+    gm_answer a = hint ? gm_free_current(hint, (uintptr_t)dptr, &kind)
+                       : gm_free(NULL, (uintptr_t)dptr, GM_FREE_BARRIER, &kind);
+    if (a.owner == GM_NOT_OURS) return shim_real_cuMemFree_v2(dptr);
+    if (a.owner == GM_PASSTHROUGH) {
         CUresult res = shim_real_cuMemFree_v2(dptr);
         if (res == CUDA_SUCCESS) gm_untrack(hint, (uintptr_t)dptr, kind);
         return res;
     }
-    if (rc == CUDA_ERROR_INVALID_VALUE) report_bad_free("cuMemFree", dptr, CALLER);
-    return (CUresult)rc;
+    if (a.status == CUDA_ERROR_INVALID_VALUE) report_bad_free("cuMemFree", dptr, CALLER);
+    return (CUresult)a.status;
 }
 
 /* ------------------------------------------------------------------ tracked pass-through */
@@ -203,15 +203,15 @@ static CUresult free_async(CUdeviceptr dptr, CUstream stream, bool per_thread, u
     SHIM_TRACE("cuMemFreeAsync%s ptr=%#llx", per_thread ? "_ptsz" : "", (unsigned long long)dptr);
     gm_heap *hint = shim_current_heap();
     gm_alloc_kind kind = GM_KIND_POOL;
-    int rc = gm_free(hint, (uintptr_t)dptr, shim_stream(stream, per_thread), &kind);
-    if (rc == GM_NOT_OURS) return real(dptr, stream);
-    if (rc == GM_PASSTHROUGH) {
+    gm_answer a = gm_free(hint, (uintptr_t)dptr, shim_stream(stream, per_thread), &kind);
+    if (a.owner == GM_NOT_OURS) return real(dptr, stream);
+    if (a.owner == GM_PASSTHROUGH) {
         CUresult res = real(dptr, stream);
         if (res == CUDA_SUCCESS) gm_untrack(hint, (uintptr_t)dptr, kind);
         return res;
     }
-    if (rc == CUDA_ERROR_INVALID_VALUE) report_bad_free("cuMemFreeAsync", dptr, caller);
-    return (CUresult)rc;
+    if (a.status == CUDA_ERROR_INVALID_VALUE) report_bad_free("cuMemFreeAsync", dptr, caller);
+    return (CUresult)a.status;
 }
 
 CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream stream)
@@ -278,10 +278,10 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes)
  * through. */
 
 /* The block at `ptr`: pool memory first, then blocks imported from another process. */
-static int block_identity(CUdeviceptr ptr, gm_block_identity *id)
+static gm_answer block_identity(CUdeviceptr ptr, gm_block_identity *id)
 {
-    int rc = gm_block_identity_get((uintptr_t)ptr, id);
-    return rc == GM_NOT_OURS ? gm_ipc_lookup((uintptr_t)ptr, id) : rc;
+    gm_answer a = gm_block_identity_get((uintptr_t)ptr, id);
+    return a.owner == GM_NOT_OURS ? gm_ipc_lookup((uintptr_t)ptr, id) : a;
 }
 
 CUresult cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr)
@@ -289,9 +289,9 @@ CUresult cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psize, CUdeviceptr 
     SHIM_REQUIRE_REAL(cuMemGetAddressRange_v2);
     if (!shim_active()) return shim_real_cuMemGetAddressRange_v2(pbase, psize, dptr);
     gm_block_identity id;
-    int rc = block_identity(dptr, &id);
-    if (rc == GM_NOT_OURS) return shim_real_cuMemGetAddressRange_v2(pbase, psize, dptr);
-    if (rc != CUDA_SUCCESS) return CUDA_ERROR_NOT_FOUND; /* no allocation there */
+    gm_answer a = block_identity(dptr, &id);
+    if (a.owner == GM_NOT_OURS) return shim_real_cuMemGetAddressRange_v2(pbase, psize, dptr);
+    if (a.status != CUDA_SUCCESS) return CUDA_ERROR_NOT_FOUND; /* no allocation there */
     if (pbase) *pbase = (CUdeviceptr)id.base;
     if (psize) *psize = id.size;
     return CUDA_SUCCESS;
@@ -320,11 +320,11 @@ CUresult cuPointerGetAttribute(void *data, CUpointer_attribute attribute, CUdevi
     SHIM_REQUIRE_REAL(cuPointerGetAttribute);
     if (!data || !shim_active()) return shim_real_cuPointerGetAttribute(data, attribute, ptr);
     gm_block_identity id;
-    int rc = gm_block_identity_get((uintptr_t)ptr, &id);
-    bool pooled = rc != GM_NOT_OURS;
-    if (!pooled) rc = gm_ipc_lookup((uintptr_t)ptr, &id);
-    if (rc == GM_NOT_OURS) return shim_real_cuPointerGetAttribute(data, attribute, ptr);
-    if (rc != CUDA_SUCCESS) return CUDA_ERROR_INVALID_VALUE; /* every attribute, as the driver */
+    gm_answer a = gm_block_identity_get((uintptr_t)ptr, &id);
+    bool pooled = a.owner == GM_OURS;
+    if (!pooled) a = gm_ipc_lookup((uintptr_t)ptr, &id);
+    if (a.owner == GM_NOT_OURS) return shim_real_cuPointerGetAttribute(data, attribute, ptr);
+    if (a.status != CUDA_SUCCESS) return CUDA_ERROR_INVALID_VALUE; /* every attribute, as the driver */
     if (block_attribute(data, attribute, &id, pooled)) return CUDA_SUCCESS;
     return shim_real_cuPointerGetAttribute(data, attribute, ptr);
 }
@@ -352,13 +352,13 @@ CUresult cuPointerGetAttributes(unsigned int n, CUpointer_attribute *attributes,
     if (!n || !attributes || !data || !shim_active())
         return shim_real_cuPointerGetAttributes(n, attributes, data, ptr);
     gm_block_identity id;
-    int rc = gm_block_identity_get((uintptr_t)ptr, &id);
-    bool pooled = rc != GM_NOT_OURS;
-    if (!pooled) rc = gm_ipc_lookup((uintptr_t)ptr, &id);
-    if (rc == GM_NOT_OURS) return shim_real_cuPointerGetAttributes(n, attributes, data, ptr);
+    gm_answer a = gm_block_identity_get((uintptr_t)ptr, &id);
+    bool pooled = a.owner == GM_OURS;
+    if (!pooled) a = gm_ipc_lookup((uintptr_t)ptr, &id);
+    if (a.owner == GM_NOT_OURS) return shim_real_cuPointerGetAttributes(n, attributes, data, ptr);
     for (unsigned i = 0; i < n; i++)
         if (!data[i]) return CUDA_ERROR_INVALID_VALUE;
-    if (rc != CUDA_SUCCESS) { /* freed or slack: a pointer the driver would not know */
+    if (a.status != CUDA_SUCCESS) { /* freed or slack: a pointer the driver would not know */
         for (unsigned i = 0; i < n; i++) attribute_unknown(data[i], attributes[i]);
         return CUDA_SUCCESS;
     }
@@ -375,9 +375,9 @@ CUresult cuPointerSetAttribute(const void *value, CUpointer_attribute attribute,
     SHIM_REQUIRE_REAL(cuPointerSetAttribute);
     if (!value || !shim_active()) return shim_real_cuPointerSetAttribute(value, attribute, ptr);
     gm_block_identity id;
-    int rc = gm_block_identity_get((uintptr_t)ptr, &id);
-    if (rc == GM_NOT_OURS) return shim_real_cuPointerSetAttribute(value, attribute, ptr);
-    if (rc != CUDA_SUCCESS) return CUDA_ERROR_INVALID_VALUE;
+    gm_answer a = gm_block_identity_get((uintptr_t)ptr, &id);
+    if (a.owner == GM_NOT_OURS) return shim_real_cuPointerSetAttribute(value, attribute, ptr);
+    if (a.status != CUDA_SUCCESS) return CUDA_ERROR_INVALID_VALUE;
     CUresult res = shim_real_cuPointerSetAttribute(value, attribute, ptr);
     if (res == CUDA_SUCCESS && attribute == CU_POINTER_ATTRIBUTE_SYNC_MEMOPS)
         gm_block_set_sync_memops((uintptr_t)ptr, *(const unsigned *)value != 0);
@@ -391,7 +391,7 @@ CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void 
     SHIM_REQUIRE_REAL(cuMemRetainAllocationHandle);
     if (!shim_active()) return shim_real_cuMemRetainAllocationHandle(handle, addr);
     gm_block_identity id;
-    if (gm_block_identity_get((uintptr_t)addr, &id) == GM_NOT_OURS)
+    if (gm_block_identity_get((uintptr_t)addr, &id).owner == GM_NOT_OURS)
         return shim_real_cuMemRetainAllocationHandle(handle, addr);
     return CUDA_ERROR_INVALID_VALUE;
 }

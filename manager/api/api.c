@@ -68,15 +68,15 @@ gpumem_status gpumem_free(void *ptr)
     gm_heap *heap;
     int rc = gm_api_current_heap(&heap);
     if (rc != GPUMEM_OK) return rc;
-    rc = gm_free_current(heap, (uintptr_t)ptr, NULL);
-    if (rc == GM_NOT_OURS || rc == GM_PASSTHROUGH) {
+    gm_answer a = gm_free_current(heap, (uintptr_t)ptr, NULL);
+    if (a.owner != GM_OURS) {
         gm_log(GM_ERROR, "gpumem_free(%p): not allocated by gpumem_malloc, or already freed", ptr);
         return GPUMEM_ERROR_INVALID_VALUE;
     }
-    if (rc == GPUMEM_ERROR_INVALID_VALUE)
+    if (a.status == GPUMEM_ERROR_INVALID_VALUE)
         gm_stats_invalid_free("gpumem_free", (uintptr_t)ptr, "",
-                             "already freed, or not the start of an allocation", (uintptr_t)GM_CALLSITE()->pc);
-    return rc;
+                              "already freed, or not the start of an allocation", (uintptr_t)GM_CALLSITE()->pc);
+    return a.status;
 }
 
 gpumem_status gpumem_get_stats(int device, gpumem_stats *out)

@@ -98,7 +98,8 @@ static int buffer_alloc(gpumem_buffer *b, size_t size, const gm_callsite *site, 
 /* Frees with cudaFree's ordering: nothing reuses the block before work enqueued on it is done. */
 static void buffer_free(gpumem_buffer *b, uintptr_t p)
 {
-    int rc = gm_free(b->heap, p, GM_FREE_BARRIER, NULL);
+    gm_answer a = gm_free(b->heap, p, GM_FREE_BARRIER, NULL);
+    int rc = a.owner == GM_OURS ? a.status : GPUMEM_ERROR_INVALID_VALUE; /* no longer tracked */
     if (rc != GPUMEM_OK)
         gm_log(GM_WARN, "buffer \"%s\": freeing its old block %#lx failed (%s)", b->name,
                (unsigned long)p, gpumem_strerror(rc));

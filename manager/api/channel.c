@@ -152,8 +152,8 @@ static int channel_close(gpumem_channel *ch)
     if (ch->staging) {
         /* Everything that used it is done (above); the stream-ordered free then skips the
          * context-wide barrier a plain free would take. */
-        int rc = gm_free(ch->heap, ch->staging, ch->xfer ? ch->xfer : GM_FREE_BARRIER, NULL);
-        if (rc != GM_NOT_OURS) keep_first(&first, rc); /* not ours: its context is gone */
+        gm_answer a = gm_free(ch->heap, ch->staging, ch->xfer ? ch->xfer : GM_FREE_BARRIER, NULL);
+        if (a.owner == GM_OURS) keep_first(&first, a.status); /* not ours: its context is gone */
     }
     for (int i = 0; i < 2; i++) {
         if (ch->host[i]) keep_first(&first, be->host_free(ch->ctx, ch->host[i]));

@@ -310,10 +310,10 @@ static inline gm_heap *find_record_locked(uintptr_t ptr, gm_heap *hint, gm_recor
     return gm_heap_find_other_locked(ptr, hint, rec);
 }
 
-static int free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr_t stream,
-                     gm_alloc_kind *kind_out)
+static gm_answer free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr_t stream,
+                           gm_alloc_kind *kind_out)
 {
-    if (!ptr) return GM_NOT_OURS;
+    if (!ptr) return gm_not_ours();
     bool barrier = stream == GM_FREE_BARRIER;
     bool synced = false;
     /* Synchronize before the lookup so the common case takes the heap lock once. */
@@ -325,33 +325,33 @@ static int free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr
     }
     gm_record *rec = NULL;
     gm_heap *heap = find_record_locked(ptr, hint, &rec);
-    if (!heap) return gm_heap_any_segment_holds(ptr) ? GPUMEM_ERROR_INVALID_VALUE : GM_NOT_OURS;
+    if (!heap) return gm_heap_any_segment_holds(ptr) ? gm_ours(GPUMEM_ERROR_INVALID_VALUE) : gm_not_ours();
     gm_alloc_kind kind = (gm_alloc_kind)rec->kind;
     if (kind_out) *kind_out = kind;
     if (kind != GM_KIND_POOL && kind != GM_KIND_DIRECT) {
         pthread_mutex_unlock(&heap->lock);
-        return GM_PASSTHROUGH;
+        return (gm_answer){GM_PASSTHROUGH, 0};
     }
     gm_heap_untrack_locked(heap, rec);
     gm_stats_on_free(gm_heap_counting(heap), rec);
     if (heap->quarantine) gm_ipc_reclaim_locked(heap); /* a flag test unless IPC kept blocks */
     if (kind == GM_KIND_POOL) {
         free_pool_block(heap, rec->block, stream, synced && heap == hint);
-        return GPUMEM_OK;
+        return gm_ours(GPUMEM_OK);
     }
     pthread_mutex_unlock(&heap->lock);
     int rc = atomic_load(&gm_mgr.exiting) ? GPUMEM_OK : gm_mgr.backend->mem_free(heap->ctx, ptr);
     gm_limit_unreserve(heap->device, rec->size);
     gm_record_delete(rec);
-    return rc;
+    return gm_ours(rc);
 }
 
-int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out)
+gm_answer gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out)
 {
     return free_impl(hint, false, ptr, stream, kind_out);
 }
 
-int gm_free_current(gm_heap *current, uintptr_t ptr, gm_alloc_kind *kind_out)
+gm_answer gm_free_current(gm_heap *current, uintptr_t ptr, gm_alloc_kind *kind_out)
 {
     return free_impl(current, true, ptr, GM_FREE_BARRIER, kind_out);
 }
@@ -399,7 +399,7 @@ void gm_track_abort(gm_heap *heap, size_t size)
     gm_limit_unreserve(heap->device, size);
 }
 
-int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
+gm_owner gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
 {
     gm_record *rec = NULL;
     gm_heap *heap = gm_heap_find_locked(ptr, hint, &rec);
@@ -413,7 +413,7 @@ int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
     pthread_mutex_unlock(&heap->lock);
     gm_limit_unreserve(heap->device, rec->size);
     gm_record_delete(rec);
-    return (int)kind;
+    return GM_OURS;
 }
 
 /* ------------------------------------------------------------------ resizing in place */

@@ -17,11 +17,22 @@
 
 #define GM_MAX_HEAPS 256
 
-/* What engine calls return: a status (a CUresult number, >= 0) or, for a pointer the engine was
- * asked about, one of these routes (< 0, never a CUresult) telling the caller where it goes. */
-#define GM_NOT_OURS (-1)    /* not gpumem's: the caller passes it to the driver */
-#define GM_PASSTHROUGH (-2) /* a tracked pass-through allocation (async, managed, VMM): the
-                             * caller frees it through the driver, then calls gm_untrack */
+/* What an engine call handed a pointer answers: whose the pointer is and, when it is gpumem's,
+ * the status (a CUresult number). The two are kept apart: a status is never a route. */
+typedef enum gm_owner {
+    GM_OURS = 0,    /* gpumem's: `status` is the answer */
+    GM_NOT_OURS,    /* not gpumem's: the caller passes the call to the driver */
+    GM_PASSTHROUGH  /* a tracked pass-through allocation (async, managed, VMM): the caller frees
+                     * it through the driver, then calls gm_untrack */
+} gm_owner;
+typedef struct gm_answer {
+    gm_owner owner;
+    int status; /* GM_OURS: GPUMEM_OK or the error to return; otherwise 0 */
+} gm_answer;
+static inline gm_answer gm_ours(int status) { return (gm_answer){GM_OURS, status}; }
+static inline gm_answer gm_not_ours(void) { return (gm_answer){GM_NOT_OURS, 0}; }
+static inline bool gm_answer_is(gm_answer a, gm_answer b) { return a.owner == b.owner && a.status == b.status; }
+static inline bool gm_answer_ok(gm_answer a) { return a.owner == GM_OURS && a.status == GPUMEM_OK; }
 
 /* ---------------------------------------------------------------- heaps (heap.c) */
 /* One per driver context (per device on the host backend): pool, live table and counters under
@@ -124,21 +135,23 @@ void gm_heap_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, si
 /* ---------------------------------------------------------------- allocation (alloc.c) */
 /* Pooled allocation of `size` bytes (pooling off: a direct allocation that is still tracked). */
 int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site, uintptr_t *out);
-/* Free a pointer from any kind gm_alloc/gm_track produced. GM_NOT_OURS if not tracked.
+/* Free a pointer from any kind gm_alloc/gm_track produced: GM_NOT_OURS if not tracked,
+ * GM_PASSTHROUGH for a pass-through kind (`*kind_out` says which), else the free's status
+ * (GPUMEM_ERROR_INVALID_VALUE: inside a pool segment but no live block's start, refused).
  * `stream` != GM_FREE_BARRIER for a stream-ordered free (cuMemFreeAsync). */
 #define GM_FREE_BARRIER ((uintptr_t)-1)
-int gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out);
+gm_answer gm_free(gm_heap *hint, uintptr_t ptr, uintptr_t stream, gm_alloc_kind *kind_out);
 /* gm_free with a barrier, where `current` is the heap of the calling thread's current context
  * (looked up in this same call): the barrier then needs no context lookup. */
-int gm_free_current(gm_heap *current, uintptr_t ptr, gm_alloc_kind *kind_out);
+gm_answer gm_free_current(gm_heap *current, uintptr_t ptr, gm_alloc_kind *kind_out);
 /* Pass-through allocations (async, managed, VMM, captured): reserve against the limit first,
  * then record or abort. */
 int gm_track_reserve(gm_heap *heap, size_t size);
 void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind kind,
                      uintptr_t stream, const gm_callsite *site);
 void gm_track_abort(gm_heap *heap, size_t size);
-/* Forget a pass-through record; returns its kind or GM_NOT_OURS. */
-int gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
+/* Forgets the pass-through record of `kind` at `ptr` (GM_OURS), or finds none (GM_NOT_OURS). */
+gm_owner gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
 /* Hands fully free cached segments back to the device until at most `keep_cached` bytes stay
  * cached; returns the bytes released. Called unlocked. */
 size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached);
@@ -160,10 +173,10 @@ int gm_check_owned(gm_heap *heap, uintptr_t ctx, uintptr_t ptr, size_t requested
 
 /* ---------------------------------------------------------------- lookup (lookup.c) */
 /* The live block containing `ptr` (interior pointers too): its start and requested size.
- * GPUMEM_OK, GM_NOT_OURS (not in our segments), or GPUMEM_ERROR_INVALID_VALUE (inside a segment
- * but not within a live block's requested size: freed memory, or a block's rounding slack, which
- * the driver does not count as part of a separate allocation either). */
-int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size);
+ * GM_NOT_OURS outside our segments; else GPUMEM_OK, or GPUMEM_ERROR_INVALID_VALUE inside a
+ * segment but not within a live block's requested size (freed memory, or a block's rounding
+ * slack, which the driver does not count as part of a separate allocation either). */
+gm_answer gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size);
 
 /* What the driver would tell apart for a separate allocation: gm_block_identity_get answers
  * like gm_lookup and fills this. */
@@ -176,12 +189,12 @@ typedef struct gm_block_identity {
     uintptr_t seg_base; /* the driver allocation it lives in */
     size_t seg_size;
 } gm_block_identity;
-int gm_block_identity_get(uintptr_t ptr, gm_block_identity *out);
-/* Runs `fn` on the live block at `ptr` with its heap locked (the codes of gm_lookup; `fn` runs
- * only for GPUMEM_OK). */
-int gm_with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx);
-/* Records cuPointerSetAttribute(SYNC_MEMOPS) on the live block at `ptr` (same codes). */
-int gm_block_set_sync_memops(uintptr_t ptr, bool on);
+gm_answer gm_block_identity_get(uintptr_t ptr, gm_block_identity *out);
+/* Runs `fn` on the live block at `ptr` with its heap locked (the answers of gm_lookup; `fn`
+ * runs only for GPUMEM_OK). */
+gm_answer gm_with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx);
+/* Records cuPointerSetAttribute(SYNC_MEMOPS) on the live block at `ptr` (same answers). */
+gm_answer gm_block_set_sync_memops(uintptr_t ptr, bool on);
 
 /* One side of a copy, as the checks see it. */
 typedef enum {

@@ -29,21 +29,22 @@ typedef struct gm_ipc_driver {
     int (*address_range)(uintptr_t ptr, uintptr_t *base, size_t *size);
 } gm_ipc_driver;
 
-/* Export `ptr`: GM_NOT_OURS (not pool memory: ask the driver), GPUMEM_ERROR_INVALID_VALUE (pool
- * memory outside every live block), the driver's error, or GPUMEM_OK with the handle in `out`. */
-int gm_ipc_export(uintptr_t ptr, const gm_ipc_driver *drv, unsigned char out[GM_IPC_HANDLE_SIZE]);
+/* Export `ptr`: GM_NOT_OURS (not pool memory: ask the driver), else GPUMEM_ERROR_INVALID_VALUE
+ * (pool memory outside every live block), the driver's error, or GPUMEM_OK with the handle in
+ * `out`. */
+gm_answer gm_ipc_export(uintptr_t ptr, const gm_ipc_driver *drv, unsigned char out[GM_IPC_HANDLE_SIZE]);
 
 /* Open `handle` in context `ctx` (gpumem's or the driver's own): the driver's codes. */
 int gm_ipc_open(uintptr_t ctx, const unsigned char handle[GM_IPC_HANDLE_SIZE], unsigned flags,
                 const gm_ipc_driver *drv, uintptr_t *out);
 
-/* Close a pointer gm_ipc_open returned: GPUMEM_OK, GPUMEM_ERROR_INVALID_VALUE (one close too
- * many, or a pointer inside an imported segment), or GM_NOT_OURS (ask the driver). */
-int gm_ipc_close(uintptr_t ptr, const gm_ipc_driver *drv);
+/* Close a pointer gm_ipc_open returned: GM_NOT_OURS (ask the driver), else GPUMEM_OK or
+ * GPUMEM_ERROR_INVALID_VALUE (one close too many, or a pointer inside an imported segment). */
+gm_answer gm_ipc_close(uintptr_t ptr, const gm_ipc_driver *drv);
 
-/* An imported block containing `ptr`: GPUMEM_OK (base, size, buffer_id filled), GM_NOT_OURS, or
- * GPUMEM_ERROR_INVALID_VALUE (inside an imported segment, outside every block opened in it). */
-int gm_ipc_lookup(uintptr_t ptr, gm_block_identity *out);
+/* An imported block containing `ptr`: GM_NOT_OURS, else GPUMEM_OK (base, size, buffer_id filled)
+ * or GPUMEM_ERROR_INVALID_VALUE (inside an imported segment, outside every block opened in it). */
+gm_answer gm_ipc_lookup(uintptr_t ptr, gm_block_identity *out);
 
 /* Exporter side, under the heap lock: block `b` (with an IPC slot) was freed. True when another
  * process still has it open: it is then kept on heap->quarantine instead of going back to the

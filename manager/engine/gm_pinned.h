@@ -43,7 +43,7 @@ int gm_pinned_alloc(uintptr_t ctx, int device, size_t size, unsigned flags, cons
  * block (the caller passes it to the driver). GPUMEM_ERROR_INVALID_VALUE: a pool block freed
  * twice, or a pointer inside one (logged with `caller`, counted). `can_sync` is false while a
  * stream captures: the block is then synchronized when it is next handed out instead. */
-int gm_pinned_free(void *p, bool can_sync, uintptr_t caller);
+gm_answer gm_pinned_free(void *p, bool can_sync, uintptr_t caller);
 
 /* cuMemHostRegister / cuMemHostUnregister succeeded: the range is pinned / no longer. */
 void gm_pinned_registered(uintptr_t ctx, int device, const void *p, size_t n);

@@ -11,8 +11,8 @@
  * stream orders every staged copy of that memory). Returns GM_NOT_OURS when the copy is not
  * staged (staging off, smaller than GPUMEM_STAGING_MIN, the host side not pageable, a stream
  * capturing...): the caller forwards it to the driver. Otherwise the copy's CUresult. */
-int gm_staged_copy(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
-                   uintptr_t stream, bool sync);
+gm_answer gm_staged_copy(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
+                         uintptr_t stream, bool sync);
 
 /* The context is going away (destroyed, reset, or its primary context released): its staging
  * stream, events, pinned buffers and worker threads go first, through the driver while

@@ -315,24 +315,24 @@ static int export_slot(const gm_block_identity *id, const unsigned char seg[GM_I
                        unsigned char out[GM_IPC_HANDLE_SIZE])
 {
     export_job job = {id, seg, out, GPUMEM_OK};
-    int rc = gm_with_live_block(id->base, export_locked, &job);
-    return rc == GPUMEM_OK ? job.rc : GPUMEM_ERROR_INVALID_VALUE;
+    gm_answer a = gm_with_live_block(id->base, export_locked, &job);
+    return a.owner == GM_OURS && a.status == GPUMEM_OK ? job.rc : GPUMEM_ERROR_INVALID_VALUE;
 }
 
-int gm_ipc_export(uintptr_t ptr, const gm_ipc_driver *drv, unsigned char out[GM_IPC_HANDLE_SIZE])
+gm_answer gm_ipc_export(uintptr_t ptr, const gm_ipc_driver *drv, unsigned char out[GM_IPC_HANDLE_SIZE])
 {
     gm_block_identity id;
-    int rc = gm_block_identity_get(ptr, &id);
-    if (rc != GPUMEM_OK) return rc;
+    gm_answer a = gm_block_identity_get(ptr, &id);
+    if (a.owner != GM_OURS || a.status != GPUMEM_OK) return a;
     ipc_setup();
     unsigned char seg[GM_IPC_HANDLE_SIZE];
-    rc = drv->get_handle(seg, id.seg_base);
-    if (rc != GPUMEM_OK) return rc;
+    int rc = drv->get_handle(seg, id.seg_base);
+    if (rc != GPUMEM_OK) return gm_ours(rc);
     if (id.base == id.seg_base) { /* the segment starts where the block does: exact anywhere */
         memcpy(out, seg, sizeof seg);
-        return GPUMEM_OK;
+        return gm_ours(GPUMEM_OK);
     }
-    return export_slot(&id, seg, out);
+    return gm_ours(export_slot(&id, seg, out));
 }
 
 bool gm_ipc_quarantine_locked(gm_heap *heap, gm_block *b)
@@ -568,7 +568,7 @@ int gm_ipc_open(uintptr_t ctx, const unsigned char handle[GM_IPC_HANDLE_SIZE], u
     return rc;
 }
 
-static int close_locked(uintptr_t ptr, const gm_ipc_driver *drv)
+static gm_answer close_locked(uintptr_t ptr, const gm_ipc_driver *drv)
 {
     for (ipc_import **pp = &im.imports; *pp; pp = &(*pp)->next) {
         ipc_import *e = *pp;
@@ -579,44 +579,44 @@ static int close_locked(uintptr_t ptr, const gm_ipc_driver *drv)
             slot_detach(e);
             free(e);
         }
-        return GPUMEM_OK;
+        return gm_ours(GPUMEM_OK);
     }
     for (ipc_map *m = im.maps; m; m = m->next)
         if (m->base == ptr && m->plain_refs) {
             m->plain_refs--;
             map_put_locked(m, drv);
-            return GPUMEM_OK;
+            return gm_ours(GPUMEM_OK);
         }
     /* Inside a segment still open for other blocks: the driver would close the whole mapping. */
     for (ipc_map *m = im.maps; m; m = m->next)
-        if (ptr - m->base < m->size) return GPUMEM_ERROR_INVALID_VALUE;
-    return GM_NOT_OURS;
+        if (ptr - m->base < m->size) return gm_ours(GPUMEM_ERROR_INVALID_VALUE);
+    return gm_not_ours();
 }
 
-int gm_ipc_close(uintptr_t ptr, const gm_ipc_driver *drv)
+gm_answer gm_ipc_close(uintptr_t ptr, const gm_ipc_driver *drv)
 {
-    if (!atomic_load(&im_maps)) return GM_NOT_OURS;
+    if (!atomic_load(&im_maps)) return gm_not_ours();
     pthread_mutex_lock(&im.lock);
-    int rc = close_locked(ptr, drv);
+    gm_answer a = close_locked(ptr, drv);
     pthread_mutex_unlock(&im.lock);
-    return rc;
+    return a;
 }
 
-int gm_ipc_lookup(uintptr_t ptr, gm_block_identity *out)
+gm_answer gm_ipc_lookup(uintptr_t ptr, gm_block_identity *out)
 {
-    if (!atomic_load_explicit(&im_maps, memory_order_relaxed)) return GM_NOT_OURS;
-    int rc = GM_NOT_OURS;
+    if (!atomic_load_explicit(&im_maps, memory_order_relaxed)) return gm_not_ours();
+    gm_answer a = gm_not_ours();
     pthread_mutex_lock(&im.lock);
-    for (ipc_import *e = im.imports; e && rc == GM_NOT_OURS; e = e->next)
+    for (ipc_import *e = im.imports; e && a.owner == GM_NOT_OURS; e = e->next)
         if (ptr - e->ptr < e->size) {
             *out = (gm_block_identity){.base = e->ptr, .size = e->size, .buffer_id = e->buffer_id,
                                        .ctx = e->map->ctx, .seg_base = e->map->base,
                                        .seg_size = e->map->size};
-            rc = GPUMEM_OK;
+            a = gm_ours(GPUMEM_OK);
         }
     /* Elsewhere in a segment opened only for some of its blocks: no allocation the program has. */
-    for (ipc_map *m = im.maps; m && rc == GM_NOT_OURS; m = m->next)
-        if (ptr - m->base < m->size && !m->plain_refs) rc = GPUMEM_ERROR_INVALID_VALUE;
+    for (ipc_map *m = im.maps; m && a.owner == GM_NOT_OURS; m = m->next)
+        if (ptr - m->base < m->size && !m->plain_refs) a = gm_ours(GPUMEM_ERROR_INVALID_VALUE);
     pthread_mutex_unlock(&im.lock);
-    return rc;
+    return a;
 }

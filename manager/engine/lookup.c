@@ -98,34 +98,34 @@ gm_block *gm_lookup_block_at_locked(gm_heap *heap, uintptr_t ptr, bool *live)
 /* ------------------------------------------------------------------ identity */
 
 /* The block of heap `h` at `ptr` if it is live and `ptr` lies within its requested size. */
-static int live_block_in_heap_locked(gm_heap *h, uintptr_t ptr, gm_block **out)
+static gm_answer live_block_in_heap_locked(gm_heap *h, uintptr_t ptr, gm_block **out)
 {
     bool live;
     gm_block *b = gm_lookup_block_at_locked(h, ptr, &live);
-    if (!b) return GM_NOT_OURS; /* not in a segment, or a tracked allocation of the driver's */
+    if (!b) return gm_not_ours(); /* not in a segment, or a tracked allocation of the driver's */
     if (!live) live = b->state == GM_BLOCK_LIVE && gm_live_find(&h->live, b->addr) == &b->rec;
-    if (!live || ptr - b->addr >= b->rec.requested) return GPUMEM_ERROR_INVALID_VALUE;
+    if (!live || ptr - b->addr >= b->rec.requested) return gm_ours(GPUMEM_ERROR_INVALID_VALUE);
     *out = b;
-    return GPUMEM_OK;
+    return gm_ours(GPUMEM_OK);
 }
 
-int gm_with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx)
+gm_answer gm_with_live_block(uintptr_t ptr, void (*fn)(gm_heap *, gm_block *, void *), void *cx)
 {
     if (ptr < atomic_load_explicit(&gm_mgr.pool_lo, memory_order_relaxed) ||
         ptr >= atomic_load_explicit(&gm_mgr.pool_hi, memory_order_relaxed))
-        return GM_NOT_OURS; /* no segment was ever there */
+        return gm_not_ours(); /* no segment was ever there */
     size_t n = atomic_load(&gm_mgr.nheaps);
     for (size_t i = 0; i < n; i++) {
         gm_heap *h = gm_mgr.heaps[i];
         if (gm_pool_segment_count(&h->pool) == 0) continue;
         gm_block *b = NULL;
         pthread_mutex_lock(&h->lock);
-        int rc = live_block_in_heap_locked(h, ptr, &b);
-        if (rc == GPUMEM_OK) fn(h, b, cx);
+        gm_answer a = live_block_in_heap_locked(h, ptr, &b);
+        if (a.owner == GM_OURS && a.status == GPUMEM_OK) fn(h, b, cx);
         pthread_mutex_unlock(&h->lock);
-        if (rc != GM_NOT_OURS) return rc;
+        if (a.owner == GM_OURS) return a;
     }
-    return GM_NOT_OURS;
+    return gm_not_ours();
 }
 
 static void identity_of(gm_heap *h, gm_block *b, void *cx)
@@ -136,7 +136,7 @@ static void identity_of(gm_heap *h, gm_block *b, void *cx)
         .seg_size = b->seg->size};
 }
 
-int gm_block_identity_get(uintptr_t ptr, gm_block_identity *out)
+gm_answer gm_block_identity_get(uintptr_t ptr, gm_block_identity *out)
 {
     return gm_with_live_block(ptr, identity_of, out);
 }
@@ -147,20 +147,20 @@ static void set_sync_memops(gm_heap *h, gm_block *b, void *cx)
     b->sync_memops = *(bool *)cx;
 }
 
-int gm_block_set_sync_memops(uintptr_t ptr, bool on)
+gm_answer gm_block_set_sync_memops(uintptr_t ptr, bool on)
 {
     return gm_with_live_block(ptr, set_sync_memops, &on);
 }
 
-int gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size)
+gm_answer gm_lookup(uintptr_t ptr, uintptr_t *base, size_t *size)
 {
     gm_block_identity id;
-    int rc = gm_block_identity_get(ptr, &id);
-    if (rc == GPUMEM_OK) {
+    gm_answer a = gm_block_identity_get(ptr, &id);
+    if (a.owner == GM_OURS && a.status == GPUMEM_OK) {
         *base = id.base;
         *size = id.size;
     }
-    return rc;
+    return a;
 }
 
 /* ------------------------------------------------------------------ checked copies */

@@ -616,18 +616,18 @@ static void report_bad_free(uintptr_t p, const pinned_block *o, uintptr_t caller
 }
 
 /* A pointer that is no allocation of ours: inside a pool block (refused) or not ours at all. */
-static int free_unknown_locked(uintptr_t p, uintptr_t caller)
+static gm_answer free_unknown_locked(uintptr_t p, uintptr_t caller)
 {
     pinned_block *o = owner_containing_locked(p);
     if (!o || o->kind != PB_POOLED) {
         pthread_mutex_unlock(&pool_lock);
-        return GM_NOT_OURS; /* pass-through and registered memory: the driver's answer */
+        return gm_not_ours(); /* pass-through and registered memory: the driver's answer */
     }
     pinned_block copy = *o;
     st.invalid_frees++;
     pthread_mutex_unlock(&pool_lock);
     report_bad_free(p, &copy, caller);
-    return GPUMEM_ERROR_INVALID_VALUE;
+    return gm_ours(GPUMEM_ERROR_INVALID_VALUE);
 }
 
 static int free_direct_locked(pinned_block *b)
@@ -641,16 +641,16 @@ static int free_direct_locked(pinned_block *b)
     return rc;
 }
 
-int gm_pinned_free(void *ptr, bool can_sync, uintptr_t caller)
+gm_answer gm_pinned_free(void *ptr, bool can_sync, uintptr_t caller)
 {
     uintptr_t p = (uintptr_t)ptr;
-    if (!p || !atomic_load_explicit(&nranges, RELAXED)) return GM_NOT_OURS;
+    if (!p || !atomic_load_explicit(&nranges, RELAXED)) return gm_not_ours();
     pinned_init();
     pthread_mutex_lock(&pool_lock);
     pinned_block *b = live_find_locked(p);
     if (!b) return free_unknown_locked(p, caller);
     live_remove_locked(b, true);
-    if (b->kind == PB_DIRECT) return free_direct_locked(b);
+    if (b->kind == PB_DIRECT) return gm_ours(free_direct_locked(b));
     b->state = PB_FREEING; /* still in the range table: a second free meanwhile is refused */
     pthread_mutex_unlock(&pool_lock);
 
@@ -664,7 +664,7 @@ int gm_pinned_free(void *ptr, bool can_sync, uintptr_t caller)
         pthread_mutex_unlock(&pool_lock);
         if (b->fence && !exiting) gm_mgr.backend->fence_destroy(b->fence);
         free(b);
-        return GPUMEM_OK;
+        return gm_ours(GPUMEM_OK);
     }
     b->unsynced = unsynced;
     cache_insert_locked(b);
@@ -672,7 +672,7 @@ int gm_pinned_free(void *ptr, bool can_sync, uintptr_t caller)
     pinned_block *release = keep != GM_UNLIMITED && !exiting ? trim_cache_locked(keep) : NULL;
     pthread_mutex_unlock(&pool_lock);
     release_blocks(release);
-    return GPUMEM_OK;
+    return gm_ours(GPUMEM_OK);
 }
 
 size_t gm_pinned_release_cached(void)

@@ -580,16 +580,16 @@ static int stage_d2h(stager *st, stage_job *job, const caller *c)
     return rc == GPUMEM_OK ? rc : drain(st, rc);
 }
 
-int gm_staged_copy(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
-                   uintptr_t stream, bool sync)
+gm_answer gm_staged_copy(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n,
+                         uintptr_t stream, bool sync)
 {
     (void)sync; /* pageable copies: the blocking entry points have the same semantics (above) */
     uintptr_t owner = ctx;
-    if (!should_stage(dir, dst, src, n, stream, &owner)) return GM_NOT_OURS;
+    if (!should_stage(dir, dst, src, n, stream, &owner)) return gm_not_ours();
     const caller c = {ctx, stream};
     stager *st = stager_get(owner); /* the memory's context stages it (top of the file) */
-    if (!st) return GM_NOT_OURS;
-    int rc = GM_NOT_OURS;
+    if (!st) return gm_not_ours();
+    gm_answer a = gm_not_ours(); /* a broken stager leaves the copy to the driver */
     pthread_mutex_lock(&st->copy_lock);
     if (!st->broken) {
         stage_job job = {
@@ -600,9 +600,9 @@ int gm_staged_copy(uintptr_t ctx, gm_copy_dir dir, uintptr_t dst, uintptr_t src,
             .piece = piece_size(n, st->nworkers + 1, st->chunk),
         };
         job.pieces = (n + job.piece - 1) / job.piece;
-        rc = dir == GM_COPY_H2D ? stage_h2d(st, &job, &c) : stage_d2h(st, &job, &c);
+        a = gm_ours(dir == GM_COPY_H2D ? stage_h2d(st, &job, &c) : stage_d2h(st, &job, &c));
     }
     pthread_mutex_unlock(&st->copy_lock);
     stager_put(st);
-    return rc;
+    return a;
 }

@@ -58,7 +58,7 @@ static void run_once(const bench_case *c)
     case DO_LOOKUP: {
         uintptr_t base;
         size_t size;
-        sink += gm_lookup(c->dst, &base, &size);
+        sink += (uint64_t)gm_lookup(c->dst, &base, &size).status;
         break;
     }
     }

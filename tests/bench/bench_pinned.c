@@ -84,7 +84,7 @@ static bool time_pool(uintptr_t ctx, int device, size_t size, int iters, bool st
         void *p = NULL;
         uint64_t t0 = now_ns();
         ok = gm_pinned_alloc(ctx, device, size, 0, NULL, true, &p) == GPUMEM_OK &&
-             gm_pinned_free(p, true, 0) == GPUMEM_OK;
+             gm_answer_ok(gm_pinned_free(p, true, 0));
         if (i >= 0) t[i] = (double)(now_ns() - t0) / 1e3;
     }
     if (ok) *out = summarize(t, iters);

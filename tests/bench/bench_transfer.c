@@ -92,8 +92,8 @@ static CUresult gpumem_copy(gm_copy_dir dir, void *host, CUdeviceptr dev, size_t
 {
     uintptr_t dst = dir == GM_COPY_H2D ? (uintptr_t)dev : (uintptr_t)host;
     uintptr_t src = dir == GM_COPY_H2D ? (uintptr_t)host : (uintptr_t)dev;
-    int rc = gm_staged_copy(ctx, dir, dst, src, n, 0, true);
-    if (rc != GM_NOT_OURS) return (CUresult)rc;
+    gm_answer a = gm_staged_copy(ctx, dir, dst, src, n, 0, true);
+    if (a.owner == GM_OURS) return (CUresult)a.status;
     return dir == GM_COPY_H2D ? drv.htod(dev, host, n) : drv.dtoh(host, dev, n);
 }
 

@@ -28,7 +28,7 @@ static void *worker(void *arg)
             unsigned char *p = (unsigned char *)held[slot];
             for (size_t i = 0; i < held_size[slot]; i += 97)
                 if (p[i] != tag) return (void *)1; /* someone else wrote into our block */
-            if (gm_free(heap, held[slot], GM_FREE_BARRIER, NULL) != GPUMEM_OK) return (void *)2;
+            if (!gm_answer_ok(gm_free(heap, held[slot], GM_FREE_BARRIER, NULL))) return (void *)2;
             held[slot] = 0;
         } else {
             size_t size = 1 + (size_t)((seed >> 20) % (seed % 7 == 0 ? (3u << 20) : 8192u));
@@ -38,7 +38,7 @@ static void *worker(void *arg)
         }
     }
     for (int s = 0; s < SLOTS; s++)
-        if (held[s] && gm_free(heap, held[s], GM_FREE_BARRIER, NULL) != GPUMEM_OK) return (void *)2;
+        if (held[s] && !gm_answer_ok(gm_free(heap, held[s], GM_FREE_BARRIER, NULL))) return (void *)2;
     return NULL;
 }
 

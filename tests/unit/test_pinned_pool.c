@@ -32,7 +32,7 @@ static void *alloc_ok(size_t size, unsigned flags)
 
 static void free_ok(void *p)
 {
-    cr_assert_eq(gm_pinned_free(p, true, 0), GPUMEM_OK);
+    cr_assert(gm_answer_ok(gm_pinned_free(p, true, 0)));
 }
 
 static gm_pinned_stats stats(void)
@@ -91,10 +91,10 @@ Test(pinned_pool, pass_through_memory_is_pinned_and_tracked)
     cr_expect_eq(s.blocks_live, 1);
     cr_expect_eq(s.bytes_live, 10000);
     cr_expect_eq(s.driver_allocs, 1);
-    cr_expect_eq(gm_pinned_free(p + 8, true, 0), GM_NOT_OURS, "an interior pointer: the driver's answer");
+    cr_expect(gm_answer_is(gm_pinned_free(p + 8, true, 0), gm_not_ours()), "an interior pointer: the driver's answer");
     free_ok(p);
     cr_expect_not(gm_host_is_pinned(p, 1));
-    cr_expect_eq(gm_pinned_free(p, true, 0), GM_NOT_OURS, "a double free: the driver's answer");
+    cr_expect(gm_answer_is(gm_pinned_free(p, true, 0), gm_not_ours()), "a double free: the driver's answer");
     s = stats();
     cr_expect_eq(s.driver_frees, 1);
     cr_expect_eq(s.bytes_held, 0);
@@ -112,7 +112,7 @@ Test(pinned_pool, registered_ranges_are_pinned_until_unregistered)
     cr_expect_not(gm_host_is_pinned(mem, 128 * KiB + 1));
     cr_expect_not(gm_host_is_pinned(mem + 128 * KiB, 1));
     cr_expect_eq(stats().registered_ranges, 2);
-    cr_expect_eq(gm_pinned_free(mem + 64, true, 0), GM_NOT_OURS, "freeing registered memory: the driver's answer");
+    cr_expect(gm_answer_is(gm_pinned_free(mem + 64, true, 0), gm_not_ours()), "freeing registered memory: the driver's answer");
     gm_pinned_unregistered(mem);
     cr_expect_not(gm_host_is_pinned(mem, 1));
     cr_expect(gm_host_is_pinned(mem + 64 * KiB, 64 * KiB));
@@ -130,14 +130,14 @@ Test(pinned_pool, double_and_interior_frees_are_refused_and_counted)
     start(NULL);
     uint64_t before = gm_stats_invalid_frees();
     unsigned char *p = alloc_ok(8192, 0);
-    cr_expect_eq(gm_pinned_free(p + 4096, true, 0), GPUMEM_ERROR_INVALID_VALUE);
+    cr_expect(gm_answer_is(gm_pinned_free(p + 4096, true, 0), gm_ours(GPUMEM_ERROR_INVALID_VALUE)));
     free_ok(p);
-    cr_expect_eq(gm_pinned_free(p, true, 0), GPUMEM_ERROR_INVALID_VALUE);
-    cr_expect_eq(gm_pinned_free(p + 1, true, 0), GPUMEM_ERROR_INVALID_VALUE, "inside a cached block");
+    cr_expect(gm_answer_is(gm_pinned_free(p, true, 0), gm_ours(GPUMEM_ERROR_INVALID_VALUE)));
+    cr_expect(gm_answer_is(gm_pinned_free(p + 1, true, 0), gm_ours(GPUMEM_ERROR_INVALID_VALUE)), "inside a cached block");
     cr_expect_eq(stats().invalid_frees, 3);
     cr_expect_eq(gm_stats_invalid_frees() - before, 3);
     void *heap = malloc(64);
-    cr_expect_eq(gm_pinned_free(heap, true, 0), GM_NOT_OURS);
+    cr_expect(gm_answer_is(gm_pinned_free(heap, true, 0), gm_not_ours()));
     free(heap);
 }
 
@@ -177,7 +177,7 @@ Test(pinned_pool, a_block_freed_during_capture_is_synchronized_before_reuse)
     start(NULL);
     void *p = alloc_ok(4096, 0);
     uint64_t syncs = gm_host_backend_sync_calls();
-    cr_assert_eq(gm_pinned_free(p, false, 0), GPUMEM_OK);
+    cr_assert(gm_answer_ok(gm_pinned_free(p, false, 0)));
     cr_expect_eq(gm_host_backend_sync_calls(), syncs, "no synchronization while a stream captures");
     void *q = NULL;
     cr_assert_eq(gm_pinned_alloc(1, 0, 4096, 0, NULL, false, &q), GPUMEM_OK);
@@ -237,7 +237,7 @@ Test(pinned_pool, destroyed_context_forgets_blocks_and_keeps_leaks)
     gm_orphans_for_each(sum_pinned_orphans, &sum);
     cr_expect_eq(sum.count, 2, "the program still holds both: leaks at exit");
     cr_expect_eq(sum.bytes, 5700);
-    cr_expect_eq(gm_pinned_free(leaked, true, 0), GM_NOT_OURS, "the driver freed it with its context");
+    cr_expect(gm_answer_is(gm_pinned_free(leaked, true, 0), gm_not_ours()), "the driver freed it with its context");
     void *again = NULL;
     cr_assert_eq(gm_pinned_alloc(7, 3, 4096, 0, NULL, true, &again), GPUMEM_OK);
     cr_expect_eq(stats().pool_hits, 0, "nothing of the dead context is reused");
@@ -325,7 +325,7 @@ Test(pinned_pool, fork_child_forgets_the_pool)
         leak_sum sum = {0};
         gm_pinned_for_each_live(sum_leaks, &sum);
         bool ok = s.blocks_live == 0 && s.blocks_cached == 0 && sum.count == 0 &&
-                  !gm_host_is_pinned(live, 1) && gm_pinned_free(live, true, 0) == GM_NOT_OURS;
+                  !gm_host_is_pinned(live, 1) && gm_answer_is(gm_pinned_free(live, true, 0), gm_not_ours());
         void *mine = NULL;
         ok = ok && gm_pinned_alloc(1, 0, 4096, 0, NULL, true, &mine) == GPUMEM_OK && mine != cached;
         _exit(ok ? 0 : 1);

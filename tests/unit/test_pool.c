@@ -31,7 +31,7 @@ static uintptr_t alloc_ok(size_t size)
 
 static void free_ok(uintptr_t p)
 {
-    cr_assert_eq(gm_free(heap, p, GM_FREE_BARRIER, NULL), GPUMEM_OK);
+    cr_assert(gm_answer_ok(gm_free(heap, p, GM_FREE_BARRIER, NULL)));
 }
 
 static gpumem_stats stats(void)
@@ -242,12 +242,12 @@ Test(pool, lookup_interior_and_freed)
     uintptr_t a = alloc_ok(1000), b = alloc_ok(3000);
     uintptr_t base = 0;
     size_t size = 0;
-    cr_expect_eq(gm_lookup(b + 17, &base, &size), GPUMEM_OK);
+    cr_expect(gm_answer_ok(gm_lookup(b + 17, &base, &size)));
     cr_expect_eq(base, b);
     cr_expect_eq(size, 3000, "the user's size, not the block's");
     free_ok(a);
-    cr_expect_eq(gm_lookup(a + 1, &base, &size), GPUMEM_ERROR_INVALID_VALUE, "freed pool memory");
-    cr_expect_eq(gm_lookup(0x10, &base, &size), GM_NOT_OURS);
+    cr_expect(gm_answer_is(gm_lookup(a + 1, &base, &size), gm_ours(GPUMEM_ERROR_INVALID_VALUE)), "freed pool memory");
+    cr_expect(gm_answer_is(gm_lookup(0x10, &base, &size), gm_not_ours()));
 }
 
 Test(pool, double_free_and_interior_free_are_refused)
@@ -255,11 +255,11 @@ Test(pool, double_free_and_interior_free_are_refused)
     start(NULL);
     uintptr_t a = alloc_ok(4096);
     alloc_ok(4096);
-    cr_expect_eq(gm_free(heap, a + 512, GM_FREE_BARRIER, NULL), GPUMEM_ERROR_INVALID_VALUE);
+    cr_expect(gm_answer_is(gm_free(heap, a + 512, GM_FREE_BARRIER, NULL), gm_ours(GPUMEM_ERROR_INVALID_VALUE)));
     free_ok(a);
-    cr_expect_eq(gm_free(heap, a, GM_FREE_BARRIER, NULL), GPUMEM_ERROR_INVALID_VALUE,
+    cr_expect(gm_answer_is(gm_free(heap, a, GM_FREE_BARRIER, NULL), gm_ours(GPUMEM_ERROR_INVALID_VALUE)),
                  "a double free inside a segment must never reach the driver");
-    cr_expect_eq(gm_free(heap, 0x1000, GM_FREE_BARRIER, NULL), GM_NOT_OURS);
+    cr_expect(gm_answer_is(gm_free(heap, 0x1000, GM_FREE_BARRIER, NULL), gm_not_ours()));
     cr_expect_eq(stats().frees, 1);
 }
 
@@ -295,9 +295,9 @@ Test(pool, passthrough_tracking_counts_against_limit)
     gm_track_commit(heap, 0xABC000, 800 * 1024, GM_KIND_ASYNC, 7, 0);
     cr_expect_eq(gm_track_reserve(heap, 300 * 1024), GPUMEM_ERROR_OUT_OF_MEMORY);
     gm_alloc_kind kind;
-    cr_expect_eq(gm_free(heap, 0xABC000, GM_FREE_BARRIER, &kind), GM_PASSTHROUGH);
+    cr_expect_eq(gm_free(heap, 0xABC000, GM_FREE_BARRIER, &kind).owner, GM_PASSTHROUGH);
     cr_expect_eq(kind, GM_KIND_ASYNC);
-    cr_expect_eq(gm_untrack(heap, 0xABC000, GM_KIND_ASYNC), GM_KIND_ASYNC);
+    cr_expect_eq(gm_untrack(heap, 0xABC000, GM_KIND_ASYNC), GM_OURS);
     cr_expect_eq(stats().bytes_reserved, 0);
     cr_expect_eq(gm_untrack(heap, 0xABC000, GM_KIND_ASYNC), GM_NOT_OURS);
 }

@@ -93,10 +93,10 @@ static void host_round_trip(size_t n, uint32_t seed)
     cr_assert(src && dev && back);
     fill_pattern(src, n, seed);
     memset(back, 0, n);
-    cr_assert_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)src, n, 0, false), GPUMEM_OK,
+    cr_assert(gm_answer_is(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)src, n, 0, false), gm_ours(GPUMEM_OK)),
                  "H2D of %zu B", n);
     cr_assert_eq(check_pattern(dev, n, seed), n, "H2D of %zu B: wrong byte", n);
-    cr_assert_eq(gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)back, (uintptr_t)dev, n, 0, true), GPUMEM_OK,
+    cr_assert(gm_answer_is(gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)back, (uintptr_t)dev, n, 0, true), gm_ours(GPUMEM_OK)),
                  "D2H of %zu B", n);
     cr_assert_eq(check_pattern(back, n, seed), n, "D2H of %zu B: wrong byte", n);
     free(src);
@@ -134,15 +134,15 @@ Test(staging_host, what_is_not_staged)
     host_start((const char *[]){"GPUMEM_STAGING_MIN", "1MiB", NULL});
     static unsigned char a[2 * MiB], b[2 * MiB];
     /* Below the minimum, no bytes, a direction that has no pageable side, no pointer. */
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, MiB - 1, 0, false), GM_NOT_OURS);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, 0, 0, false), GM_NOT_OURS);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_D2D, (uintptr_t)a, (uintptr_t)b, MiB, 0, false), GM_NOT_OURS);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_DEFAULT, (uintptr_t)a, (uintptr_t)b, MiB, 0, false), GM_NOT_OURS);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, 0, MiB, 0, false), GM_NOT_OURS);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_D2H, 0, (uintptr_t)b, MiB, 0, false), GM_NOT_OURS);
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, MiB - 1, 0, false), gm_not_ours()));
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, 0, 0, false), gm_not_ours()));
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_D2D, (uintptr_t)a, (uintptr_t)b, MiB, 0, false), gm_not_ours()));
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_DEFAULT, (uintptr_t)a, (uintptr_t)b, MiB, 0, false), gm_not_ours()));
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, 0, MiB, 0, false), gm_not_ours()));
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_D2H, 0, (uintptr_t)b, MiB, 0, false), gm_not_ours()));
     /* At the minimum it is staged. */
     fill_pattern(b, MiB, 3);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, MiB, 0, false), GPUMEM_OK);
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, MiB, 0, false), gm_ours(GPUMEM_OK)));
     cr_expect_eq(check_pattern(a, MiB, 3), MiB);
 }
 
@@ -154,11 +154,11 @@ Test(staging_host, host_memory_that_is_not_mapped_is_left_to_the_driver)
     unsigned char *m = mmap(NULL, 3 * MiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     cr_assert_neq(m, MAP_FAILED);
     cr_assert_eq(munmap(m + MiB, MiB), 0);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)m, 3 * MiB, 0, false), GM_NOT_OURS);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)m + 512, (uintptr_t)dev, 2 * MiB, 0, true), GM_NOT_OURS);
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)m, 3 * MiB, 0, false), gm_not_ours()));
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)m + 512, (uintptr_t)dev, 2 * MiB, 0, true), gm_not_ours()));
     /* The mapped part alone is staged. */
     fill_pattern(m, MiB, 5);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)m, MiB, 0, false), GPUMEM_OK);
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)m, MiB, 0, false), gm_ours(GPUMEM_OK)));
     cr_expect_eq(check_pattern(dev, MiB, 5), MiB);
     munmap(m, MiB);
     munmap(m + 2 * MiB, MiB);
@@ -168,8 +168,8 @@ Test(staging_host, off_stages_nothing)
 {
     host_start((const char *[]){"GPUMEM_STAGING", "0", "GPUMEM_STAGING_MIN", "0", NULL});
     static unsigned char a[8 * MiB], b[8 * MiB];
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, sizeof a, 0, false), GM_NOT_OURS);
-    cr_expect_eq(gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)a, (uintptr_t)b, sizeof a, 0, true), GM_NOT_OURS);
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)a, (uintptr_t)b, sizeof a, 0, false), gm_not_ours()));
+    cr_expect(gm_answer_is(gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)a, (uintptr_t)b, sizeof a, 0, true), gm_not_ours()));
 }
 
 /* A fork child has none of the parent's worker threads: its first staged copy makes its own pool
@@ -186,8 +186,8 @@ Test(staging_host, fork_child_stages_with_threads_of_its_own)
         size_t n = 20 * CHUNK + 5;
         unsigned char *src = malloc(n), *dev = malloc(n);
         fill_pattern(src, n, 9);
-        int rc = gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)src, n, 0, false);
-        _exit(rc == GPUMEM_OK && check_pattern(dev, n, 9) == n ? 0 : 1);
+        gm_answer a = gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)src, n, 0, false);
+        _exit(gm_answer_ok(a) && check_pattern(dev, n, 9) == n ? 0 : 1);
     }
     int status = 0;
     cr_assert_eq(waitpid(pid, &status, 0), pid);
@@ -218,8 +218,8 @@ static void *host_copier(void *p)
     for (int round = 0; round < 20; round++) {
         uint32_t seed = (uint32_t)(a->id * 100 + round);
         fill_pattern(src, n, seed);
-        a->failures += gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)src, n, 0, false) != 0;
-        a->failures += gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)back, (uintptr_t)dev, n, 0, true) != 0;
+        a->failures += !gm_answer_ok(gm_staged_copy(1, GM_COPY_H2D, (uintptr_t)dev, (uintptr_t)src, n, 0, false));
+        a->failures += !gm_answer_ok(gm_staged_copy(1, GM_COPY_D2H, (uintptr_t)back, (uintptr_t)dev, n, 0, true));
         a->failures += check_pattern(back, n, seed) != n;
     }
     free(src);
@@ -366,7 +366,7 @@ static CUdeviceptr dev_alloc(size_t n)
     return d;
 }
 
-static int staged(gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n, CUstream s)
+static gm_answer staged(gm_copy_dir dir, uintptr_t dst, uintptr_t src, size_t n, CUstream s)
 {
     return gm_staged_copy(CTX, dir, dst, src, n, (uintptr_t)s, false);
 }
@@ -384,7 +384,7 @@ static void compare_with_driver(size_t n, uint32_t seed, CUstream s)
     size_t pieces = (n + CHUNK - 1) / CHUNK;
 
     uint64_t before = copy_calls();
-    cr_assert_eq(staged(GM_COPY_H2D, d_staged, (uintptr_t)src, n, s), CUDA_SUCCESS, "staged H2D of %zu B", n);
+    cr_assert(gm_answer_is(staged(GM_COPY_H2D, d_staged, (uintptr_t)src, n, s), gm_ours(GPUMEM_OK)), "staged H2D of %zu B", n);
     cr_assert_eq(copy_calls() - before, pieces, "staged H2D of %zu B: driver copies", n);
     OK(fk.htod(d_driver, src, n));
     OK(fk.stream_sync(s));
@@ -392,7 +392,7 @@ static void compare_with_driver(size_t n, uint32_t seed, CUstream s)
     cr_assert_eq(check_pattern((void *)d_staged, n, seed), n);
 
     before = copy_calls();
-    cr_assert_eq(staged(GM_COPY_D2H, (uintptr_t)back_staged, d_staged, n, s), CUDA_SUCCESS, "staged D2H of %zu B", n);
+    cr_assert(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)back_staged, d_staged, n, s), gm_ours(GPUMEM_OK)), "staged D2H of %zu B", n);
     cr_assert_eq(copy_calls() - before, pieces, "staged D2H of %zu B: driver copies", n);
     OK(fk.dtoh(back_driver, d_driver, n));
     cr_assert_eq(memcmp(back_staged, back_driver, n), 0, "D2H of %zu B differs from the driver's", n);
@@ -428,8 +428,8 @@ Test(staging_fake, off_stages_nothing)
     size_t n = 4 * MiB;
     unsigned char *h = malloc(n);
     CUdeviceptr d = dev_alloc(n);
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, NULL), GM_NOT_OURS);
-    cr_expect_eq(staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL), GM_NOT_OURS);
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, NULL), gm_not_ours()));
+    cr_expect(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL), gm_not_ours()));
     cr_expect_eq(copy_calls(), 0);
     free(h);
 }
@@ -440,9 +440,9 @@ Test(staging_fake, below_the_minimum_goes_to_the_driver)
     fake_start(env);
     unsigned char *h = malloc(MiB);
     CUdeviceptr d = dev_alloc(MiB);
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, MiB - 1, NULL), GM_NOT_OURS);
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, MiB - 1, NULL), gm_not_ours()));
     cr_expect_eq(copy_calls(), 0);
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, MiB, NULL), CUDA_SUCCESS);
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, MiB, NULL), gm_ours(GPUMEM_OK)));
     cr_expect_eq(copy_calls(), MiB / CHUNK);
     free(h);
 }
@@ -456,16 +456,16 @@ Test(staging_fake, host_memory_the_driver_knows_is_not_staged)
     CUdeviceptr d = dev_alloc(n), d2 = dev_alloc(n);
     void *pinned = NULL;
     OK(fk.alloc_host(&pinned, n));
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)pinned, n, NULL), GM_NOT_OURS);
-    cr_expect_eq(staged(GM_COPY_D2H, (uintptr_t)pinned, d, n, NULL), GM_NOT_OURS);
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)pinned, n, NULL), gm_not_ours()));
+    cr_expect(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)pinned, d, n, NULL), gm_not_ours()));
     /* A pinned range that starts inside pageable memory is refused too (its end is known). */
     void *registered = malloc(2 * n);
     OK(fk.host_register((char *)registered + n, n, 0));
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)registered + n, n, NULL), GM_NOT_OURS);
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)registered + 8, n, NULL), GM_NOT_OURS);
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)registered + n, n, NULL), gm_not_ours()));
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)registered + 8, n, NULL), gm_not_ours()));
     /* Device memory as the "host" side. */
-    cr_expect_eq(staged(GM_COPY_H2D, d, d2, n, NULL), GM_NOT_OURS);
-    cr_expect_eq(staged(GM_COPY_D2H, d2, d, n, NULL), GM_NOT_OURS);
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, d2, n, NULL), gm_not_ours()));
+    cr_expect(gm_answer_is(staged(GM_COPY_D2H, d2, d, n, NULL), gm_not_ours()));
     cr_expect_eq(copy_calls(), 0);
     OK(fk.host_unregister((char *)registered + n));
     OK(fk.free_host(pinned));
@@ -480,12 +480,12 @@ Test(staging_fake, device_range_the_driver_would_refuse_is_left_to_it)
     size_t n = 8 * CHUNK;
     unsigned char *h = malloc(n + 1);
     CUdeviceptr d = dev_alloc(n);
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n + 1, NULL), GM_NOT_OURS);
-    cr_expect_eq(staged(GM_COPY_H2D, d + 512, (uintptr_t)h, n, NULL), GM_NOT_OURS);
-    cr_expect_eq(staged(GM_COPY_D2H, (uintptr_t)h, d + n - 1, 2, NULL), GM_NOT_OURS);
-    cr_expect_eq(staged(GM_COPY_H2D, (uintptr_t)h, (uintptr_t)h, n, NULL), GM_NOT_OURS, "host memory as device");
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n + 1, NULL), gm_not_ours()));
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d + 512, (uintptr_t)h, n, NULL), gm_not_ours()));
+    cr_expect(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)h, d + n - 1, 2, NULL), gm_not_ours()));
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, (uintptr_t)h, (uintptr_t)h, n, NULL), gm_not_ours()), "host memory as device");
     OK(fk.free(d));
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, NULL), GM_NOT_OURS, "freed device memory");
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, NULL), gm_not_ours()), "freed device memory");
     cr_expect_eq(copy_calls(), 0);
     free(h);
 }
@@ -499,12 +499,12 @@ Test(staging_fake, capturing_stream_is_left_to_the_driver)
     CUstream s;
     OK(fk.stream_create(&s, 0));
     OK(fk.begin_capture(s, CU_STREAM_CAPTURE_MODE_RELAXED));
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), GM_NOT_OURS);
-    cr_expect_eq(staged(GM_COPY_D2H, (uintptr_t)h, d, n, s), GM_NOT_OURS);
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), gm_not_ours()));
+    cr_expect(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)h, d, n, s), gm_not_ours()));
     CUgraph g;
     OK(fk.end_capture(s, &g));
     cr_expect_eq(copy_calls(), 0);
-    cr_expect_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), CUDA_SUCCESS, "after the capture");
+    cr_expect(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), gm_ours(GPUMEM_OK)), "after the capture");
     free(h);
 }
 
@@ -518,8 +518,9 @@ Test(staging_fake, unknown_stream_gets_the_drivers_error)
     CUstream s;
     OK(fk.stream_create(&s, 0));
     OK(fk.stream_destroy(s));
-    int rc = staged(GM_COPY_H2D, d, (uintptr_t)h, n, s);
-    cr_expect(rc == GM_NOT_OURS || rc == CUDA_ERROR_INVALID_HANDLE, "got %d", rc);
+    gm_answer a = staged(GM_COPY_H2D, d, (uintptr_t)h, n, s);
+    cr_expect(gm_answer_is(a, gm_not_ours()) || gm_answer_is(a, gm_ours(CUDA_ERROR_INVALID_HANDLE)),
+              "got owner %d status %d", a.owner, a.status);
     cr_expect_eq(copy_calls(), 0);
     free(h);
 }
@@ -535,7 +536,7 @@ static void d2h_after_fill(CUstream s, bool sync)
     CUdeviceptr d = dev_alloc(n);
     memset((void *)d, 0x11, n);
     OK(fk.launch_fill(s, d, 0xA5, n, 50 * 1000));
-    cr_assert_eq(gm_staged_copy(CTX, GM_COPY_D2H, (uintptr_t)h, d, n, (uintptr_t)s, sync), CUDA_SUCCESS);
+    cr_assert(gm_answer_is(gm_staged_copy(CTX, GM_COPY_D2H, (uintptr_t)h, d, n, (uintptr_t)s, sync), gm_ours(GPUMEM_OK)));
     cr_expect(all_bytes(h, 0xA5, n), "the D2H did not wait for the fill before it on its stream");
     OK(fk.ctx_sync());
     OK(fk.free(d));
@@ -564,7 +565,7 @@ Test(staging_fake, h2d_comes_after_earlier_work_on_its_stream)
     CUstream s;
     OK(fk.stream_create(&s, 0));
     OK(fk.launch_fill(s, d, 0xA5, n, 50 * 1000));
-    cr_assert_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), CUDA_SUCCESS);
+    cr_assert(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), gm_ours(GPUMEM_OK)));
     OK(fk.stream_sync(s));
     cr_expect_eq(check_pattern((void *)d, n, 4), n, "a fill before the H2D ran after it");
     OK(fk.stream_destroy(s));
@@ -585,17 +586,17 @@ Test(staging_fake, later_work_on_the_stream_waits_for_the_h2d)
     CUstream s;
     OK(fk.stream_create(&s, 0));
 
-    cr_assert_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), CUDA_SUCCESS);
+    cr_assert(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), gm_ours(GPUMEM_OK)));
     OK(fk.dtod_async(reader, d, n, s));
     OK(fk.stream_sync(s));
     cr_expect_eq(check_pattern((void *)reader, n, 6), n, "a reader after the H2D did not see its data");
 
-    cr_assert_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), CUDA_SUCCESS);
+    cr_assert(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), gm_ours(GPUMEM_OK)));
     OK(fk.launch_fill(s, d, 0x5A, n, 0));
     OK(fk.stream_sync(s));
     cr_expect(all_bytes((void *)d, 0x5A, n), "a fill after the H2D was overwritten by it");
 
-    cr_assert_eq(gm_staged_copy(CTX, GM_COPY_H2D, d, (uintptr_t)h, n, 0, true), CUDA_SUCCESS);
+    cr_assert(gm_answer_is(gm_staged_copy(CTX, GM_COPY_H2D, d, (uintptr_t)h, n, 0, true), gm_ours(GPUMEM_OK)));
     OK(fk.launch_fill(NULL, d, 0x3C, n, 0));
     OK(fk.ctx_sync());
     cr_expect(all_bytes((void *)d, 0x3C, n), "legacy stream: a fill after the blocking H2D was overwritten by it");
@@ -615,14 +616,14 @@ Test(staging_fake, h2d_returns_once_the_source_is_consumed_d2h_once_the_data_is_
     CUdeviceptr d = dev_alloc(n);
     CUstream s;
     OK(fk.stream_create(&s, 0));
-    cr_assert_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), CUDA_SUCCESS);
+    cr_assert(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, s), gm_ours(GPUMEM_OK)));
     cr_expect_gt(copies_pending(), 0, "the H2D waited for its DMAs (the driver does not)");
     memset(h, 0xFF, n);
     OK(fk.stream_sync(s));
     cr_expect_eq(check_pattern((void *)d, n, 8), n, "the H2D read its source after it returned");
 
     memset(back, 0, n);
-    cr_assert_eq(staged(GM_COPY_D2H, (uintptr_t)back, d, n, s), CUDA_SUCCESS);
+    cr_assert(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)back, d, n, s), gm_ours(GPUMEM_OK)));
     cr_expect_eq(copies_pending(), 0, "the D2H returned with DMAs in flight");
     cr_expect_eq(check_pattern(back, n, 8), n);
     OK(fk.stream_destroy(s));
@@ -677,20 +678,21 @@ static void fails_midway(gm_copy_dir dir)
     memset((void *)d, 0, n);
     fk.copy_delay(1000);
     fk.fail_copies(10, 1, CUDA_ERROR_LAUNCH_FAILED);
-    int rc = dir == GM_COPY_H2D ? staged(GM_COPY_H2D, d, (uintptr_t)h, n, NULL)
-                                : staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL);
-    cr_expect_eq(rc, CUDA_ERROR_LAUNCH_FAILED, "%s: got %d", gm_copy_dir_name(dir), rc);
+    gm_answer a = dir == GM_COPY_H2D ? staged(GM_COPY_H2D, d, (uintptr_t)h, n, NULL)
+                                     : staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL);
+    cr_expect(gm_answer_is(a, gm_ours(CUDA_ERROR_LAUNCH_FAILED)), "%s: got owner %d status %d",
+              gm_copy_dir_name(dir), a.owner, a.status);
     cr_expect_eq(copies_pending(), 0, "%s returned an error with DMAs in flight", gm_copy_dir_name(dir));
 
     fk.copy_delay(0);
     fill_pattern(h, n, 13);
     if (dir == GM_COPY_H2D) {
-        cr_assert_eq(staged(GM_COPY_H2D, d, (uintptr_t)h, n, NULL), CUDA_SUCCESS);
+        cr_assert(gm_answer_is(staged(GM_COPY_H2D, d, (uintptr_t)h, n, NULL), gm_ours(GPUMEM_OK)));
         OK(fk.ctx_sync());
         cr_expect_eq(check_pattern((void *)d, n, 13), n, "the copy after the failure");
     } else {
         fill_pattern((void *)d, n, 14);
-        cr_assert_eq(staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL), CUDA_SUCCESS);
+        cr_assert(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL), gm_ours(GPUMEM_OK)));
         cr_expect_eq(check_pattern(h, n, 14), n, "the copy after the failure");
     }
     OK(fk.free(d));
@@ -717,9 +719,9 @@ Test(staging_fake, error_on_the_first_piece)
     unsigned char *h = malloc(n);
     CUdeviceptr d = dev_alloc(n);
     fk.fail_copies(0, 1, CUDA_ERROR_ILLEGAL_ADDRESS);
-    cr_expect_eq(staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL), CUDA_ERROR_ILLEGAL_ADDRESS);
+    cr_expect(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL), gm_ours(CUDA_ERROR_ILLEGAL_ADDRESS)));
     cr_expect_eq(copies_pending(), 0);
-    cr_expect_eq(staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL), CUDA_SUCCESS);
+    cr_expect(gm_answer_is(staged(GM_COPY_D2H, (uintptr_t)h, d, n, NULL), gm_ours(GPUMEM_OK)));
     free(h);
 }
 
@@ -744,8 +746,8 @@ static void *fake_copier(void *p)
     for (int round = 0; round < 10; round++) {
         uint32_t seed = (uint32_t)(a->id * 100 + round);
         fill_pattern(src, n, seed);
-        a->failures += staged(GM_COPY_H2D, d, (uintptr_t)src, n, s) != CUDA_SUCCESS;
-        a->failures += staged(GM_COPY_D2H, (uintptr_t)back, d, n, s) != CUDA_SUCCESS;
+        a->failures += !gm_answer_ok(staged(GM_COPY_H2D, d, (uintptr_t)src, n, s));
+        a->failures += !gm_answer_ok(staged(GM_COPY_D2H, (uintptr_t)back, d, n, s));
         a->failures += check_pattern(back, n, seed) != n;
     }
     a->failures += fk.free(d) != CUDA_SUCCESS;
