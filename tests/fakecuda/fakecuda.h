@@ -1,6 +1,7 @@
-/* The fake CUDA driver (tests/fakecuda/fakecuda.c, built as libcuda.so.1): declarations of its
- * per-thread-default-stream entry points, and its test-only entry points, which let a test stand
- * in for a GPU kernel, read the fake's call counters and re-read its environment knobs.
+/* The fake CUDA driver (tests/fakecuda/fake_*.c, built as libcuda.so.1; fake_internal.h says
+ * which file holds what): declarations of its per-thread-default-stream entry points, and its
+ * test-only entry points (fake_testapi.c), which let a test stand in for a GPU kernel, read the
+ * fake's call counters and re-read its environment knobs. This is the header tests include.
  *
  * Environment (read by cuInit on every call and by fakecuda_reload_env):
  *   FAKECUDA_MEM               capacity per device in bytes, K/M/G suffixes allowed (default 1G)
