@@ -6,12 +6,6 @@
 #include "shim.h"
 #include "gm_pinned.h"
 
-static inline bool shim_active(void)
-{
-    shim_init();
-    return atomic_load_explicit(&shim_ready, memory_order_relaxed);
-}
-
 /* Whether the pool takes the call. Bad arguments and a thread without a context go to the
  * driver, for its own answer. */
 static bool pool_takes(void **pp, size_t size, unsigned flags, uintptr_t *ctx, int *device)

@@ -7,12 +7,6 @@
 #include "gm_ipc.h"
 #include "shim.h"
 
-static inline bool shim_active(void)
-{
-    shim_init();
-    return atomic_load_explicit(&shim_ready, memory_order_relaxed);
-}
-
 /* ------------------------------------------------------------------ the driver, for the engine */
 
 static int drv_get_handle(unsigned char out[GM_IPC_HANDLE_SIZE], uintptr_t ptr)

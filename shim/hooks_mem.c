@@ -6,12 +6,6 @@
 #include "gm_ipc.h"
 #include "shim.h"
 
-static inline bool shim_active(void)
-{
-    shim_init();
-    return atomic_load_explicit(&shim_ready, memory_order_relaxed);
-}
-
 #define CALLER ((uintptr_t)__builtin_return_address(0))
 
 gm_heap *shim_current_heap(void)

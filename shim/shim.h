@@ -40,6 +40,12 @@ SHIM_EXPORT CUresult cuPointerGetAttributes(unsigned int n, CUpointer_attribute 
                                             void **data, CUdeviceptr ptr);
 SHIM_EXPORT CUresult cuPointerSetAttribute(const void *value, CUpointer_attribute attribute,
                                            CUdeviceptr ptr);
+SHIM_EXPORT CUresult cuArrayCreate_v2(CUarray *handle, const CUDA_ARRAY_DESCRIPTOR *desc);
+SHIM_EXPORT CUresult cuArray3DCreate_v2(CUarray *handle, const CUDA_ARRAY3D_DESCRIPTOR *desc);
+SHIM_EXPORT CUresult cuArrayDestroy(CUarray handle);
+SHIM_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *handle, const CUDA_ARRAY3D_DESCRIPTOR *desc,
+                                            unsigned int levels);
+SHIM_EXPORT CUresult cuMipmappedArrayDestroy(CUmipmappedArray handle);
 SHIM_EXPORT CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr);
 
 SHIM_EXPORT CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr);
@@ -181,6 +187,13 @@ bool shim_capture_active(void);
 
 /* ---- hooks_mem.c */
 /* The calling thread's heap, or NULL when it has no current context. */
+/* The shim started and found the driver: hooks route to the engine (else they pass through). */
+static inline bool shim_active(void)
+{
+    shim_init();
+    return atomic_load_explicit(&shim_ready, memory_order_relaxed);
+}
+
 gm_heap *shim_current_heap(void);
 /* Stream handle as the engine should see it: 0 in a _ptsz entry point is the per-thread stream. */
 static inline uintptr_t shim_stream(CUstream s, bool per_thread)

@@ -33,6 +33,7 @@ typedef enum {
     GM_KIND_ASYNC,      /* cuMemAllocAsync / FromPoolAsync: stream-ordered, passed through */
     GM_KIND_MANAGED,    /* cuMemAllocManaged */
     GM_KIND_VMM,        /* cuMemCreate handle (the value is the handle, not an address) */
+    GM_KIND_ARRAY,      /* CUDA array or mipmapped array (the value is the handle) */
     GM_KIND_COUNT
 } gm_alloc_kind;
 

@@ -82,6 +82,7 @@ static void ctx_teardown(fk_ctx *c)
     }
     c->legacy = NULL;
     mem_free_ctx(c);
+    array_free_ctx(c);
     event_free_ctx(c);
 }
 

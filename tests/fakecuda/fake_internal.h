@@ -48,6 +48,7 @@
  *   fake_copy.c     copy_    the cuMemcpy* and cuMemset* family; its entry points are the rows of
  *                            fake_copy.def
  *   fake_ipc.c      ipc_     cuIpc*MemHandle between processes
+ *   fake_array.c    array_   CUDA arrays and mipmapped arrays, their memory requirements
  *   fake_error.c    error_   cuGetErrorName, cuGetErrorString
  *   fake_proc.c     proc_    cuGetProcAddress over the entry-point tables of all the files
  *   fake_testapi.c           the fakecuda_* entry points of fakecuda.h
@@ -267,6 +268,8 @@ bool mem_range_ok(uintptr_t p, size_t n);
 bool mem_counts_as_device(fk_akind k);
 void mem_release(fk_alloc *a);
 void mem_free_ctx(fk_ctx *c);
+void array_free_ctx(fk_ctx *c);      /* fake_array.c */
+void array_forget_in_child(void);
 
 /* ================================================================ fake_copy.c */
 
@@ -276,7 +279,7 @@ CUresult copy_submit(CUstream h, bool ptds, fk_work w, bool sync);
 /* ================================================================ entry-point tables (fake_proc.c) */
 
 extern const fk_proc dev_procs[], ctx_procs[], stream_procs[], event_procs[], mem_procs[],
-    host_procs[], ptr_procs[], copy_procs[], ipc_procs[], error_procs[], proc_procs[];
+    host_procs[], ptr_procs[], copy_procs[], ipc_procs[], error_procs[], proc_procs[], array_procs[];
 
 #pragma GCC visibility pop
 
