@@ -1,12 +1,18 @@
 /* CUDA arrays (cudaMallocArray, cudaMalloc3DArray, cudaMallocMipmappedArray, textures and
  * surfaces): device memory the pool never serves, counted like every other allocation in the
  * limit, the statistics and the leak report. An array is a handle, tracked under its value
- * (like cuMemCreate's). Its size is what the driver accounts for it once it exists
- * (cuArrayGetMemoryRequirements: arrays are padded to the driver's tiles); before it exists, the
- * texel bytes of its descriptor are taken from the limit, so an array that cannot fit is refused
- * with CUDA_ERROR_OUT_OF_MEMORY without reaching the driver, and one whose padding crosses the
- * limit is destroyed again and refused the same way. A descriptor the driver would refuse is
- * passed through for the driver's own error. */
+ * (like cuMemCreate's), at the texel bytes of its descriptor, every mip level included: they are
+ * taken from the limit before the driver is asked, so an array that cannot fit is refused with
+ * CUDA_ERROR_OUT_OF_MEMORY as the driver would refuse it at the device's end.
+ *
+ * The driver says nothing more exact for a plain array: cuArrayGetMemoryRequirements answers
+ * CUDA_ERROR_INVALID_VALUE unless the array was made with CUDA_ARRAY3D_DEFERRED_MAPPING (measured
+ * on the H200, as documented), and its free memory fell by 1.2-1.45x the texel bytes for 16 MiB
+ * float arrays, varying from run to run (driver-internal reservations): texel bytes are the
+ * honest lower bound, and docs/configuration.md says to leave headroom. A deferred-mapping array
+ * has no memory of its own (the program maps cuMemCreate handles into it, counted there): it is
+ * passed through. So is a descriptor of a format whose size gpumem does not know, or one the
+ * driver refuses anyway (its own error). */
 #include "shim.h"
 
 /* Bytes of one texel of `format`; 0 for formats whose size gpumem does not know (the driver's
@@ -49,38 +55,32 @@ typedef struct array_call {
     const CUDA_ARRAY3D_DESCRIPTOR *desc;
     unsigned levels;       /* 0: a plain array */
     CUresult (*create)(const struct array_call *c, uintptr_t *handle);
-    CUresult (*destroy)(uintptr_t handle);
     const void *arg;       /* what `create` forwards */
 } array_call;
 
-/* Creates the array through the driver with its bytes taken from the limit, as the file's top
- * comment says; *handle on success. */
-static CUresult create_tracked(gm_heap *heap, const array_call *c, const gm_callsite *site, uintptr_t *handle)
+/* Creates the array through the driver with its texel bytes taken from the limit. */
+static CUresult create_tracked(gm_heap *heap, const array_call *c, size_t bytes, const gm_callsite *site,
+                               uintptr_t *handle)
 {
-    size_t estimate = descriptor_bytes(c->desc, c->levels ? c->levels : 1);
-    if (estimate && gm_track_reserve(heap, estimate) != GPUMEM_OK) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (gm_track_reserve(heap, bytes) != GPUMEM_OK) return CUDA_ERROR_OUT_OF_MEMORY;
     CUresult res = c->create(c, handle);
     if (res != CUDA_SUCCESS) {
-        gm_track_abort(heap, estimate);
+        gm_track_abort(heap, bytes);
         return res;
     }
-    size_t actual = estimate;
-    if (gm_mgr.backend->array_footprint(*handle, c->levels != 0, &actual) != GPUMEM_OK) actual = estimate;
-    if (gm_track_adjust(heap, estimate, actual) != GPUMEM_OK) {
-        c->destroy(*handle); /* its padding crosses the limit: as if it never fit */
-        gm_track_abort(heap, estimate);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    gm_track_commit(heap, *handle, actual, GM_KIND_ARRAY, 0, site);
+    gm_track_commit(heap, *handle, bytes, GM_KIND_ARRAY, 0, site);
     return CUDA_SUCCESS;
 }
 
 static CUresult array_create(const array_call *c, const gm_callsite *site, uintptr_t *handle)
 {
-    gm_heap *heap = shim_active() && c->desc ? shim_current_heap() : NULL;
+    bool deferred = c->desc->Flags & CUDA_ARRAY3D_DEFERRED_MAPPING;
+    size_t bytes = deferred ? 0 : descriptor_bytes(c->desc, c->levels ? c->levels : 1);
+    gm_heap *heap = bytes && shim_active() ? shim_current_heap() : NULL;
     if (!heap) return c->create(c, handle);
-    SHIM_TRACE("array create %zux%zux%zu levels=%u", c->desc->Width, c->desc->Height, c->desc->Depth, c->levels);
-    return create_tracked(heap, c, site, handle);
+    SHIM_TRACE("array create %zux%zux%zu levels=%u bytes=%zu", c->desc->Width, c->desc->Height,
+               c->desc->Depth, c->levels, bytes);
+    return create_tracked(heap, c, bytes, site, handle);
 }
 
 static CUresult array_destroyed(CUresult res, uintptr_t handle)
@@ -109,20 +109,13 @@ static CUresult create_mipmapped(const array_call *c, uintptr_t *handle)
     return shim_real_cuMipmappedArrayCreate((CUmipmappedArray *)handle, c->arg, c->levels);
 }
 
-static CUresult destroy_array(uintptr_t handle) { return shim_real_cuArrayDestroy((CUarray)handle); }
-
-static CUresult destroy_mipmapped(uintptr_t handle)
-{
-    return shim_real_cuMipmappedArrayDestroy((CUmipmappedArray)handle);
-}
-
 CUresult cuArrayCreate_v2(CUarray *handle, const CUDA_ARRAY_DESCRIPTOR *desc)
 {
     SHIM_REQUIRE_REAL(cuArrayCreate_v2);
     if (!handle || !desc) return shim_real_cuArrayCreate_v2(handle, desc);
     CUDA_ARRAY3D_DESCRIPTOR d3 = {.Width = desc->Width, .Height = desc->Height, .Format = desc->Format,
                                   .NumChannels = desc->NumChannels};
-    array_call c = {&d3, 0, create_2d, destroy_array, desc};
+    array_call c = {&d3, 0, create_2d, desc};
     uintptr_t h = 0;
     CUresult res = array_create(&c, GM_CALLSITE(), &h);
     if (res == CUDA_SUCCESS) *handle = (CUarray)h;
@@ -133,7 +126,7 @@ CUresult cuArray3DCreate_v2(CUarray *handle, const CUDA_ARRAY3D_DESCRIPTOR *desc
 {
     SHIM_REQUIRE_REAL(cuArray3DCreate_v2);
     if (!handle || !desc) return shim_real_cuArray3DCreate_v2(handle, desc);
-    array_call c = {desc, 0, create_3d, destroy_array, desc};
+    array_call c = {desc, 0, create_3d, desc};
     uintptr_t h = 0;
     CUresult res = array_create(&c, GM_CALLSITE(), &h);
     if (res == CUDA_SUCCESS) *handle = (CUarray)h;
@@ -145,7 +138,7 @@ CUresult cuMipmappedArrayCreate(CUmipmappedArray *handle, const CUDA_ARRAY3D_DES
 {
     SHIM_REQUIRE_REAL(cuMipmappedArrayCreate);
     if (!handle || !desc || !levels) return shim_real_cuMipmappedArrayCreate(handle, desc, levels);
-    array_call c = {desc, levels, create_mipmapped, destroy_mipmapped, desc};
+    array_call c = {desc, levels, create_mipmapped, desc};
     uintptr_t h = 0;
     CUresult res = array_create(&c, GM_CALLSITE(), &h);
     if (res == CUDA_SUCCESS) *handle = (CUmipmappedArray)h;

@@ -98,8 +98,6 @@ static struct {
     CUresult (*pointer_get_attributes)(unsigned, CUpointer_attribute *, void **, CUdeviceptr);
     CUresult (*stream_is_capturing)(CUstream, CUstreamCaptureStatus *);
     CUresult (*ctx_get_id)(CUcontext, unsigned long long *); /* CUDA 12.0 on */
-    CUresult (*array_requirements)(CUDA_ARRAY_MEMORY_REQUIREMENTS *, CUarray, CUdevice); /* 11.6 on */
-    CUresult (*mipmap_requirements)(CUDA_ARRAY_MEMORY_REQUIREMENTS *, CUmipmappedArray, CUdevice);
 } drv;
 
 static bool bind_optional(void)
@@ -107,8 +105,6 @@ static bool bind_optional(void)
     *(void **)&drv.pointer_get_attributes = gm_driver_sym("cuPointerGetAttributes");
     *(void **)&drv.stream_is_capturing = gm_driver_sym("cuStreamIsCapturing");
     *(void **)&drv.ctx_get_id = gm_driver_sym("cuCtxGetId");
-    *(void **)&drv.array_requirements = gm_driver_sym("cuArrayGetMemoryRequirements");
-    *(void **)&drv.mipmap_requirements = gm_driver_sym("cuMipmappedArrayGetMemoryRequirements");
     return true;
 }
 
@@ -506,19 +502,6 @@ static gm_memory_kind cuda_memory_kind(uintptr_t p)
     return type == CU_MEMORYTYPE_HOST ? GM_MEMKIND_PINNED_HOST : GM_MEMKIND_UNKNOWN;
 }
 
-static int cuda_array_footprint(uintptr_t array, bool mipmapped, size_t *size)
-{
-    CUdevice dev;
-    CUDA_ARRAY_MEMORY_REQUIREMENTS req = {0};
-    if (mipmapped ? !drv.mipmap_requirements : !drv.array_requirements) return CUDA_ERROR_NOT_SUPPORTED;
-    CUresult rc = drv.ctx_get_device(&dev);
-    if (rc == CUDA_SUCCESS)
-        rc = mipmapped ? drv.mipmap_requirements(&req, (CUmipmappedArray)array, dev)
-                       : drv.array_requirements(&req, (CUarray)array, dev);
-    if (rc == CUDA_SUCCESS) *size = req.size;
-    return rc;
-}
-
 static const gm_backend cuda_backend = {
     .name = "cuda",
     .current = cuda_current,
@@ -549,7 +532,6 @@ static const gm_backend cuda_backend = {
     .stream_capturing = cuda_stream_capturing,
     .ctx_id = cuda_ctx_id,
     .memory_kind = cuda_memory_kind,
-    .array_footprint = cuda_array_footprint,
 };
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;

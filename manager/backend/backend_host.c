@@ -218,12 +218,6 @@ static gm_memory_kind host_memory_kind(uintptr_t p)
     return GM_MEMKIND_UNKNOWN;
 }
 
-static int host_array_footprint(uintptr_t array, bool mipmapped, size_t *size)
-{
-    (void)array, (void)mipmapped, (void)size;
-    return GPUMEM_ERROR_NOT_SUPPORTED;
-}
-
 static const gm_backend host_backend = {
     .name = "host",
     .current = host_current,
@@ -254,7 +248,6 @@ static const gm_backend host_backend = {
     .stream_capturing = host_stream_capturing,
     .ctx_id = host_ctx_id,
     .memory_kind = host_memory_kind,
-    .array_footprint = host_array_footprint,
 };
 
 const gm_backend *gm_host_backend(void) { return &host_backend; }

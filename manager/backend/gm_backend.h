@@ -74,10 +74,6 @@ typedef struct gm_backend {
     /* What the driver knows of address `p`: device memory (managed and arrays included), pinned
      * host memory, or nothing (plain pageable host memory). */
     gm_memory_kind (*memory_kind)(uintptr_t p);
-    /* The device memory a CUDA array (or, `mipmapped`, a mipmapped array) of the current context
-     * takes, as the driver accounts it (cuArrayGetMemoryRequirements); NOT_SUPPORTED where the
-     * driver cannot say (before CUDA 11.6, the host backend). */
-    int (*array_footprint)(uintptr_t array, bool mipmapped, size_t *size);
 } gm_backend;
 
 /* Host backend: capacity in bytes per device (0 = effectively unlimited) and deterministic fault

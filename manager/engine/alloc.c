@@ -399,13 +399,6 @@ void gm_track_abort(gm_heap *heap, size_t size)
     gm_limit_unreserve(heap->device, size);
 }
 
-int gm_track_adjust(gm_heap *heap, size_t reserved, size_t actual)
-{
-    if (actual > reserved) return gm_track_reserve(heap, actual - reserved);
-    gm_limit_unreserve(heap->device, reserved - actual);
-    return GPUMEM_OK;
-}
-
 gm_owner gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
 {
     gm_record *rec = NULL;

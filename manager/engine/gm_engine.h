@@ -150,10 +150,6 @@ int gm_track_reserve(gm_heap *heap, size_t size);
 void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind kind,
                      uintptr_t stream, const gm_callsite *site);
 void gm_track_abort(gm_heap *heap, size_t size);
-/* Changes a reservation gm_track_reserve took from `reserved` to `actual` bytes (an allocation
- * whose size the driver tells only once it exists: CUDA arrays). GPUMEM_ERROR_OUT_OF_MEMORY when
- * the larger size would cross the limit: the reservation is then still `reserved`. */
-int gm_track_adjust(gm_heap *heap, size_t reserved, size_t actual);
 /* Forgets the pass-through record of `kind` at `ptr` (GM_OURS), or finds none (GM_NOT_OURS). */
 gm_owner gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
 /* Hands fully free cached segments back to the device until at most `keep_cached` bytes stay

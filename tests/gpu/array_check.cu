@@ -3,8 +3,12 @@
 // until the runtime refuses one, then a mipmapped array, and frees them all. Prints
 //   arrays_made=N          arrays made before the first refusal (40: none refused)
 //   first_error=NAME       the refusal's cudaError name, or none
-//   footprint_bytes=B      what the driver accounts for them together (cudaArrayGetMemoryRequirements)
-//   within_limit=0|1       with --limit BYTES: footprint_bytes <= BYTES
+//   texel_bytes=B          their texels together (16 MiB each)
+//   driver_bytes=B         what cudaMemGetInfo's free memory dropped by for them (the driver's
+//                          padding included; information: under the shim it reads gpumem's answer)
+//   requirements_plain=NAME  cudaArrayGetMemoryRequirements of a plain array (the driver answers it
+//                          only for arrays made with cudaArrayDeferredMapping)
+//   within_limit=0|1       with --limit BYTES: texel_bytes <= BYTES
 //   mipmapped=OK           a 4-level mipmapped array made and freed (only when nothing was refused)
 // and "array_check: OK" when every call that should succeed did. Build: nvcc -O2 -o array_check array_check.cu
 #include <cuda_runtime.h>
@@ -35,8 +39,10 @@ int main(int argc, char **argv)
     cudaArray_t arrays[MAX_ARRAYS];
     int made = 0;
     cudaError_t first = cudaSuccess;
-    unsigned long long footprint = 0;
+    unsigned long long driver_bytes = 0;
     for (; made < MAX_ARRAYS; made++) {
+        size_t free_before = 0, free_after = 0, total = 0;
+        check(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
         cudaError_t e = made % 2 ? cudaMalloc3DArray(&arrays[made], &f, make_cudaExtent(256, 256, 64))
                                  : cudaMallocArray(&arrays[made], &f, 2048, 2048);
         if (e != cudaSuccess) {
@@ -44,13 +50,17 @@ int main(int argc, char **argv)
             (void)cudaGetLastError(); /* the refusal is not sticky */
             break;
         }
-        cudaArrayMemoryRequirements req;
-        check(cudaArrayGetMemoryRequirements(&req, arrays[made], 0), "cudaArrayGetMemoryRequirements");
-        footprint += req.size;
+        check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
+        if (free_before > free_after) driver_bytes += free_before - free_after;
     }
-    printf("arrays_made=%d\nfirst_error=%s\nfootprint_bytes=%llu\n", made,
-           first == cudaSuccess ? "none" : cudaGetErrorName(first), footprint);
-    if (limit) printf("within_limit=%d\n", footprint <= limit);
+    unsigned long long texel_bytes = (unsigned long long)made << 24;
+    cudaArrayMemoryRequirements req;
+    cudaError_t plain = made ? cudaArrayGetMemoryRequirements(&req, arrays[0], 0) : cudaSuccess;
+    (void)cudaGetLastError();
+    printf("arrays_made=%d\nfirst_error=%s\ntexel_bytes=%llu\ndriver_bytes=%llu\nrequirements_plain=%s\n",
+           made, first == cudaSuccess ? "none" : cudaGetErrorName(first), texel_bytes, driver_bytes,
+           cudaGetErrorName(plain));
+    if (limit) printf("within_limit=%d\n", texel_bytes <= limit);
     for (int i = 0; i < made; i++) check(cudaFreeArray(arrays[i]), "cudaFreeArray");
     if (first == cudaSuccess) {
         cudaMipmappedArray_t m;
