@@ -263,6 +263,17 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes)
     return res;
 }
 
+/* The device's memory as the program should size itself: the limit where one is set (cudart's
+ * cudaGetDeviceProperties().totalGlobalMem and so PyTorch's total_memory come from here). The
+ * device handle is its ordinal, as the limit's device numbers are. */
+CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
+{
+    SHIM_REQUIRE_REAL(cuDeviceTotalMem_v2);
+    CUresult res = shim_real_cuDeviceTotalMem_v2(bytes, dev);
+    if (res == CUDA_SUCCESS && shim_active()) *bytes = (size_t)gm_limit_visible_total((int)dev, *bytes);
+    return res;
+}
+
 /* ------------------------------------------------------------------ allocation identity
  * A pooled block is not a driver allocation: every query that reveals allocation identity
  * answers for the block as the driver would for a separate allocation (docs/compatibility.md,

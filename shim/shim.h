@@ -34,6 +34,7 @@ SHIM_EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t si
                                  const CUmemAllocationProp *prop, unsigned long long flags);
 SHIM_EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle);
 SHIM_EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes);
+SHIM_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev);
 SHIM_EXPORT CUresult cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr);
 SHIM_EXPORT CUresult cuPointerGetAttribute(void *data, CUpointer_attribute attribute, CUdeviceptr ptr);
 SHIM_EXPORT CUresult cuPointerGetAttributes(unsigned int n, CUpointer_attribute *attributes,

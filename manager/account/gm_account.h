@@ -26,6 +26,9 @@ void gm_limit_init_device(int device, uint64_t device_total);
 bool gm_limit_reserve(int device, uint64_t bytes);
 void gm_limit_unreserve(int device, uint64_t bytes);
 uint64_t gm_limit_headroom(int device); /* bytes still below the limit; UINT64_MAX if none */
+/* What a program should see as the device's memory: the driver's total, or the limit where one
+ * is set and smaller (cuDeviceTotalMem, hence cudaGetDeviceProperties().totalGlobalMem). */
+uint64_t gm_limit_visible_total(int device, uint64_t driver_total);
 void gm_device_note_allocated(int device, int64_t delta);
 
 /* ---------------------------------------------------------------- statistics (stats.c) */

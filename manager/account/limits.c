@@ -53,6 +53,15 @@ void gm_limit_unreserve(int device, uint64_t bytes)
     if (d) atomic_fetch_sub_explicit(&d->reserved, bytes, memory_order_relaxed);
 }
 
+uint64_t gm_limit_visible_total(int device, uint64_t driver_total)
+{
+    gm_device *d = gm_device_get(device);
+    if (!d) return driver_total;
+    gm_limit_init_device(device, driver_total); /* once: a percentage needs the total */
+    uint64_t limit = atomic_load_explicit(&d->limit, memory_order_relaxed);
+    return limit && limit < driver_total ? limit : driver_total;
+}
+
 uint64_t gm_limit_headroom(int device)
 {
     gm_device *d = gm_device_get(device);

@@ -99,6 +99,10 @@ def try_oom():
         print(f"torch_check: unexpected exception: {e}", file=sys.stderr)
     free, total = torch.cuda.mem_get_info()
     print(f"mem_total_gib={round(total / 1024 ** 3)}", flush=True)
+    # cudaGetDeviceProperties().totalGlobalMem (cuDeviceTotalMem under the hood): what PyTorch and
+    # vLLM size themselves by; under a limit it must be the limit.
+    props_total = torch.cuda.get_device_properties(0).total_memory
+    print(f"props_total_gib={round(props_total / 1024 ** 3)}", flush=True)
     print(f"torch_check: mem_get_info free={free} total={total}", file=sys.stderr)
 
 
