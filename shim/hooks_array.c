@@ -7,7 +7,7 @@
  *
  * The driver says nothing more exact for a plain array: cuArrayGetMemoryRequirements answers
  * CUDA_ERROR_INVALID_VALUE unless the array was made with CUDA_ARRAY3D_DEFERRED_MAPPING (measured
- * on the H200, as documented), and its free memory fell by 1.2-1.45x the texel bytes for 16 MiB
+ * on the H200, as documented), and its free memory fell by 1.0-1.45x the texel bytes for 16 MiB
  * float arrays, varying from run to run (driver-internal reservations): texel bytes are the
  * honest lower bound, and docs/configuration.md says to leave headroom. A deferred-mapping array
  * has no memory of its own (the program maps cuMemCreate handles into it, counted there): it is

@@ -4,7 +4,7 @@
  * included, and goes with its context. Its bytes are never laid out (nothing the tests do copies
  * into an array), so a record holds the descriptor, the footprint and the owner. The footprint is
  * the texel bytes of every level rounded up to ARRAY_GRANULE: the real driver takes more than the
- * texels too (on the H200 its free memory fell by 1.2-1.45x them). As the real driver (measured on
+ * texels too (on the H200 its free memory fell by 1.0-1.45x them). As the real driver (measured on
  * the H200, and documented), the memory requirements are answered only for an array made with
  * CUDA_ARRAY3D_DEFERRED_MAPPING, which has no memory of its own until the program maps some into
  * it: such an array takes no capacity. */
