@@ -57,8 +57,8 @@ void gm_stats_on_free(gm_counting to, const gm_record *rec);
 void gm_stats_on_resize(gm_counting to, const gm_record *old, const gm_record *now);
 /* Adds one heap's counters into `out` (the HEAP rows). */
 void gm_stats_add_counters(gpumem_stats *out, const gm_counters *c);
-/* Fills the DEVICE rows and the derived ones, once the heaps were added. `solo_peak`: the peak
- * a solo heap kept; `total_free`: bytes_cached_free already summed. */
+/* Fills the DEVICE rows and the derived ones once every heap was added (bytes_cached_free and
+ * largest_free_block summed and maxed). `solo_peak`: the peak a solo heap kept. */
 void gm_stats_finish(gpumem_stats *out, int device, uint64_t solo_peak);
 /* A free the program passed that is no live allocation (device or pinned memory): refused by
  * the caller, counted here and logged (the first 100, then one line saying the rest are not).

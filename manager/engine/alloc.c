@@ -435,8 +435,6 @@ static void record_resized_locked(gm_heap *heap, gm_block *b, size_t requested)
     gm_stats_on_resize(gm_heap_counting(heap), &old, &b->rec);
 }
 
-static size_t round_512(size_t n) { return (n + GM_ALIGN - 1) & ~(size_t)(GM_ALIGN - 1); }
-
 int gm_resize_grow_in_place(gm_heap *heap, uintptr_t ptr, size_t need, size_t *cap)
 {
     int rc = GPUMEM_ERROR_NOT_SUPPORTED;
@@ -444,8 +442,9 @@ int gm_resize_grow_in_place(gm_heap *heap, uintptr_t ptr, size_t need, size_t *c
     gm_block *b = live_pool_block_locked(heap, ptr);
     if (b) {
         size_t target = *cap, reach = b->size + gm_pool_room_after_locked(b);
-        if (round_512(target) > reach) target = reach;
-        size_t rounded = round_512(target) > b->size ? round_512(target) : b->size;
+        size_t want = gm_pool_round_size(target); /* 0: beyond any device */
+        if (!want || want > reach) target = want = reach;
+        size_t rounded = want > b->size ? want : b->size;
         rc = target < need ? GPUMEM_ERROR_OUT_OF_MEMORY : gm_pool_extend_block_locked(&heap->pool, b, rounded);
         if (rc == GPUMEM_OK) {
             record_resized_locked(heap, b, target);
@@ -465,7 +464,7 @@ int gm_resize_shrink_in_place(gm_heap *heap, uintptr_t ptr, size_t target)
     if (gm_mgr.cfg->pool && !pend && !exiting) gm_mgr.backend->synchronize(heap->ctx);
     pthread_mutex_lock(&heap->lock);
     gm_block *b = live_pool_block_locked(heap, ptr);
-    int rc = b ? gm_pool_shrink_block_locked(&heap->pool, b, round_512(target), pend)
+    int rc = b ? gm_pool_shrink_block_locked(&heap->pool, b, gm_pool_round_size(target), pend)
                : GPUMEM_ERROR_NOT_SUPPORTED;
     if (rc == GPUMEM_OK) record_resized_locked(heap, b, target);
     pthread_mutex_unlock(&heap->lock);

@@ -24,32 +24,8 @@ static int group_order(const void *a, const void *b)
     return (x->caller > y->caller) - (x->caller < y->caller);
 }
 
-/* Adds `g` to the group of the same device and call stack (linear: reports are rare, groups few). */
-static bool merge_group(gm_leak_group **groups, size_t *n, size_t *cap, const gm_leak_group *g)
-{
-    for (size_t i = 0; i < *n; i++) {
-        gm_leak_group *h = &(*groups)[i];
-        if (h->device == g->device && h->memory == g->memory && h->tag == g->tag &&
-            h->caller == g->caller && h->stack_id == g->stack_id) {
-            h->bytes += g->bytes;
-            h->count += g->count;
-            return true;
-        }
-    }
-    if (*n == *cap) {
-        size_t ncap = *cap ? *cap * 2 : 64;
-        gm_leak_group *grown = realloc(*groups, ncap * sizeof *grown);
-        if (!grown) return false;
-        *groups = grown;
-        *cap = ncap;
-    }
-    (*groups)[(*n)++] = *g;
-    return true;
-}
-
 typedef struct group_set {
-    gm_leak_group *groups;
-    size_t n, cap;
+    gm_leak_groups all;
     int only_device;
 } group_set;
 
@@ -57,7 +33,7 @@ static void add_record(group_set *set, int device, gm_memory memory, const gm_re
 {
     if (set->only_device >= 0 && device != set->only_device) return;
     gm_leak_group g = gm_leak_group_of(device, memory, rec);
-    merge_group(&set->groups, &set->n, &set->cap, &g);
+    gm_leak_groups_add(&set->all, &g);
 }
 
 static void add_pinned(void *cx, int device, const gm_record *rec)
@@ -68,7 +44,7 @@ static void add_pinned(void *cx, int device, const gm_record *rec)
 static void add_orphan(void *cx, const gm_leak_group *g)
 {
     group_set *set = cx;
-    if (set->only_device < 0 || g->device == set->only_device) merge_group(&set->groups, &set->n, &set->cap, g);
+    if (set->only_device < 0 || g->device == set->only_device) gm_leak_groups_add(&set->all, g);
 }
 
 static void add_heaps(group_set *set, uintptr_t only_ctx)
@@ -90,14 +66,14 @@ static void add_heaps(group_set *set, uintptr_t only_ctx)
  * memory and the leaks of contexts already gone belong to the process. */
 static size_t collect_groups(int only_device, uintptr_t only_ctx, gm_leak_group **out)
 {
-    group_set set = {NULL, 0, 0, only_device};
+    group_set set = {{NULL, 0, 0}, only_device};
     if (!only_ctx && !gm_orphans_for_each(add_orphan, &set))
         gm_log(GM_WARN, "report: the list of destroyed contexts' leaks is busy; those are not listed");
     add_heaps(&set, only_ctx);
     if (!only_ctx) gm_pinned_for_each_live(add_pinned, &set);
-    if (set.n) qsort(set.groups, set.n, sizeof *set.groups, group_order);
-    *out = set.groups;
-    return set.n;
+    if (set.all.n) qsort(set.all.at, set.all.n, sizeof *set.all.at, group_order);
+    *out = set.all.at;
+    return set.all.n;
 }
 
 /* ------------------------------------------------------------------ frames */

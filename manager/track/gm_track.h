@@ -107,6 +107,13 @@ typedef struct gm_leak_group {
 } gm_leak_group;
 /* The group a record belongs to, holding just that record. */
 gm_leak_group gm_leak_group_of(int device, gm_memory memory, const gm_record *rec);
+/* A growing set of groups: gm_leak_groups_add merges `g` into the group of the same key, or
+ * appends it (linear: groups are few, one per distinct call stack); false when out of memory. */
+typedef struct gm_leak_groups {
+    gm_leak_group *at;
+    size_t n, cap;
+} gm_leak_groups;
+bool gm_leak_groups_add(gm_leak_groups *set, const gm_leak_group *g);
 /* Leaks of a context that went away: the driver freed their memory, the exit report still
  * lists them. Kept as groups, so a context with a million leaks of one stack costs one entry. */
 void gm_orphans_keep(int device, gm_memory memory, const gm_record *rec);

@@ -7,8 +7,7 @@
 #include "gm_track.h"
 
 static pthread_mutex_t orphans_lock = PTHREAD_MUTEX_INITIALIZER;
-static gm_leak_group *groups;
-static size_t ngroups, groups_cap;
+static gm_leak_groups orphans;
 
 gm_leak_group gm_leak_group_of(int device, gm_memory memory, const gm_record *rec)
 {
@@ -20,9 +19,8 @@ gm_leak_group gm_leak_group_of(int device, gm_memory memory, const gm_record *re
 static void forget_in_child(void)
 {
     pthread_mutex_init(&orphans_lock, NULL);
-    free(groups);
-    groups = NULL;
-    ngroups = groups_cap = 0;
+    free(orphans.at);
+    orphans = (gm_leak_groups){0};
 }
 
 static void lock_for_fork(void) { pthread_mutex_lock(&orphans_lock); }
@@ -40,23 +38,23 @@ static bool same_group(const gm_leak_group *a, const gm_leak_group *b)
            a->caller == b->caller && a->stack_id == b->stack_id;
 }
 
-/* Linear: contexts die rarely and the groups are few (one per distinct call stack). */
-static void merge_locked(const gm_leak_group *g)
+bool gm_leak_groups_add(gm_leak_groups *set, const gm_leak_group *g)
 {
-    for (size_t i = 0; i < ngroups; i++)
-        if (same_group(&groups[i], g)) {
-            groups[i].bytes += g->bytes;
-            groups[i].count += g->count;
-            return;
+    for (size_t i = 0; i < set->n; i++)
+        if (same_group(&set->at[i], g)) {
+            set->at[i].bytes += g->bytes;
+            set->at[i].count += g->count;
+            return true;
         }
-    if (ngroups == groups_cap) {
-        size_t cap = groups_cap ? groups_cap * 2 : 16;
-        gm_leak_group *grown = realloc(groups, cap * sizeof *grown);
-        if (!grown) return; /* out of host memory: the leak goes unlisted, nothing else is lost */
-        groups = grown;
-        groups_cap = cap;
+    if (set->n == set->cap) {
+        size_t cap = set->cap ? set->cap * 2 : 16;
+        gm_leak_group *grown = realloc(set->at, cap * sizeof *grown);
+        if (!grown) return false; /* out of host memory: the leak goes unlisted, nothing else is lost */
+        set->at = grown;
+        set->cap = cap;
     }
-    groups[ngroups++] = *g;
+    set->at[set->n++] = *g;
+    return true;
 }
 
 void gm_orphans_keep(int device, gm_memory memory, const gm_record *rec)
@@ -65,14 +63,14 @@ void gm_orphans_keep(int device, gm_memory memory, const gm_record *rec)
     pthread_once(&once, register_fork);
     gm_leak_group g = gm_leak_group_of(device, memory, rec);
     pthread_mutex_lock(&orphans_lock);
-    merge_locked(&g);
+    gm_leak_groups_add(&orphans, &g);
     pthread_mutex_unlock(&orphans_lock);
 }
 
 bool gm_orphans_for_each(void (*fn)(void *cx, const gm_leak_group *g), void *cx)
 {
     if (!gm_lock_for_report(&orphans_lock)) return false;
-    for (size_t i = 0; i < ngroups; i++) fn(cx, &groups[i]);
+    for (size_t i = 0; i < orphans.n; i++) fn(cx, &orphans.at[i]);
     pthread_mutex_unlock(&orphans_lock);
     return true;
 }
