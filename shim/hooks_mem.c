@@ -270,7 +270,7 @@ CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
 {
     SHIM_REQUIRE_REAL(cuDeviceTotalMem_v2);
     CUresult res = shim_real_cuDeviceTotalMem_v2(bytes, dev);
-    if (res == CUDA_SUCCESS && shim_active()) *bytes = (size_t)gm_limit_visible_total((int)dev, *bytes);
+    if (res == CUDA_SUCCESS && shim_active()) *bytes = (size_t)gm_device_visible_total((int)dev, *bytes);
     return res;
 }
 

@@ -12,6 +12,7 @@
 /* ---------------------------------------------------------------- devices, limits (limits.c) */
 typedef struct gm_device {
     _Atomic uint64_t reserved;      /* bytes taken from the device by this process */
+    int ledger;                     /* its entry in the group's ledger plus 1; 0 without a group */
     _Atomic uint64_t reserved_peak;
     _Atomic uint64_t allocated;     /* bytes handed out, every heap of the device (shared mode) */
     _Atomic uint64_t allocated_peak;
@@ -20,16 +21,50 @@ typedef struct gm_device {
 } gm_device;
 
 gm_device *gm_device_get(int device); /* NULL when out of range */
-/* Resolves the device's limit once (percentages need the device's total). */
-void gm_limit_init_device(int device, uint64_t device_total);
-/* Take `bytes` of the device's limit; false when that would cross it. */
+/* Resolves the device's limit once (percentages need the device's total) and, in a group, binds
+ * the device to the ledger's entry for `uuid` (NULL: the driver named none; the device then
+ * counts for this process alone, logged). */
+void gm_limit_init_device(int device, uint64_t device_total, const unsigned char *uuid);
+/* Take `bytes` of the device's limit (the group's, in a group); false when that would cross it. */
 bool gm_limit_reserve(int device, uint64_t bytes);
 void gm_limit_unreserve(int device, uint64_t bytes);
-uint64_t gm_limit_headroom(int device); /* bytes still below the limit; UINT64_MAX if none */
+uint64_t gm_limit_headroom(int device); /* bytes still below the limit (the group's); UINT64_MAX if none */
 /* What a program should see as the device's memory: the driver's total, or the limit where one
  * is set and smaller (cuDeviceTotalMem, hence cudaGetDeviceProperties().totalGlobalMem). */
 uint64_t gm_limit_visible_total(int device, uint64_t driver_total);
 void gm_device_note_allocated(int device, int64_t delta);
+
+/* ---------------------------------------------------------------- the shared budget (ledger.c)
+ * GPUMEM_SHARED names a file every process of a group maps (design: docs/architecture.md,
+ * "The shared budget"): per device UUID the group's limit and usage, per member what it reserved
+ * there; a member's liveness is a file lock the kernel drops when it dies. Every call but
+ * gm_ledger_open is a no-op without a group. */
+/* Opens, checks or initialises the region. A malformed path, a file that is no gpumem region,
+ * no permission or no space stops the program with one line naming GPUMEM_SHARED and the path. */
+void gm_ledger_open(const gm_config *cfg);
+bool gm_ledger_on(void);
+/* The entry for device `uuid` with `limit` (0 = none), created on first use; a group whose
+ * entry holds another limit stops the program naming both values. Returns the entry's index. */
+int gm_ledger_bind(const unsigned char uuid[16], uint64_t limit);
+/* Takes `bytes` of entry `entry` for this process: false when the group would cross its limit
+ * even after the shares of dead members were taken back, or when the ledger has no free slot. */
+bool gm_ledger_reserve(int entry, uint64_t bytes);
+void gm_ledger_unreserve(int entry, uint64_t bytes);
+uint64_t gm_ledger_headroom(int entry); /* limit minus the group's usage; UINT64_MAX if no limit */
+typedef struct gm_ledger_figures {
+    uint64_t limit, used, peak;
+    uint32_t members; /* live members holding memory of it */
+} gm_ledger_figures;
+/* False when there is no group or it has no entry for `uuid`. */
+bool gm_ledger_figures_of(const unsigned char uuid[16], gm_ledger_figures *out);
+typedef struct gm_ledger_member {
+    uint32_t pid;   /* as the member's own pid namespace numbers it */
+    uint64_t bytes; /* what it reserved on the device */
+} gm_ledger_member;
+/* Live members holding memory of device `uuid`: up to `max` written, the number returned. */
+int gm_ledger_members_of(const unsigned char uuid[16], gm_ledger_member *out, int max);
+/* The region's path, for the report; NULL without a group. */
+const char *gm_ledger_path(void);
 
 /* ---------------------------------------------------------------- statistics (stats.c) */
 /* One heap's counters, kept under the heap's lock on the hot path: the HEAP rows of

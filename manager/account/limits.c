@@ -20,20 +20,41 @@ static void raise_peak(_Atomic uint64_t *peak, uint64_t value)
     }
 }
 
-void gm_limit_init_device(int device, uint64_t device_total)
+static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void gm_limit_init_device(int device, uint64_t device_total, const unsigned char *uuid)
 {
     gm_device *d = gm_device_get(device);
     if (!d || atomic_load(&d->limit_resolved)) return;
-    uint64_t limit = gm_limit_resolve(&gm_config_get()->limit[device], device_total);
-    atomic_store(&d->limit, limit);
-    atomic_store(&d->limit_resolved, true);
-    if (limit) gm_log(GM_INFO, "device %d: limit %llu bytes", device, (unsigned long long)limit);
+    pthread_mutex_lock(&init_lock); /* once: the ledger entry is bound before anyone reserves */
+    if (!atomic_load(&d->limit_resolved)) {
+        uint64_t limit = gm_limit_resolve(&gm_config_get()->limit[device], device_total);
+        if (gm_ledger_on() && uuid) d->ledger = gm_ledger_bind(uuid, limit) + 1;
+        else if (gm_ledger_on())
+            gm_log(GM_WARN, "device %d has no UUID: its memory counts for this process alone, not in %s",
+                   device, gm_ledger_path());
+        atomic_store(&d->limit, limit);
+        atomic_store(&d->limit_resolved, true);
+        if (limit) gm_log(GM_INFO, "device %d: limit %llu bytes%s", device, (unsigned long long)limit,
+                          d->ledger ? " (the group's)" : "");
+    }
+    pthread_mutex_unlock(&init_lock);
+}
+
+/* In a group the ledger holds the limit: this process's figure only counts. */
+static bool reserve_in_group(gm_device *d, uint64_t bytes)
+{
+    if (!gm_ledger_reserve(d->ledger - 1, bytes)) return false;
+    uint64_t now = atomic_fetch_add_explicit(&d->reserved, bytes, memory_order_relaxed) + bytes;
+    raise_peak(&d->reserved_peak, now);
+    return true;
 }
 
 bool gm_limit_reserve(int device, uint64_t bytes)
 {
     gm_device *d = gm_device_get(device);
     if (!d) return false;
+    if (d->ledger) return reserve_in_group(d, bytes);
     uint64_t limit = atomic_load_explicit(&d->limit, memory_order_relaxed);
     uint64_t cur = atomic_load_explicit(&d->reserved, memory_order_relaxed);
     for (;;) {
@@ -50,14 +71,15 @@ bool gm_limit_reserve(int device, uint64_t bytes)
 void gm_limit_unreserve(int device, uint64_t bytes)
 {
     gm_device *d = gm_device_get(device);
-    if (d) atomic_fetch_sub_explicit(&d->reserved, bytes, memory_order_relaxed);
+    if (!d) return;
+    atomic_fetch_sub_explicit(&d->reserved, bytes, memory_order_relaxed);
+    if (d->ledger) gm_ledger_unreserve(d->ledger - 1, bytes);
 }
 
 uint64_t gm_limit_visible_total(int device, uint64_t driver_total)
 {
     gm_device *d = gm_device_get(device);
     if (!d) return driver_total;
-    gm_limit_init_device(device, driver_total); /* once: a percentage needs the total */
     uint64_t limit = atomic_load_explicit(&d->limit, memory_order_relaxed);
     return limit && limit < driver_total ? limit : driver_total;
 }
@@ -66,6 +88,7 @@ uint64_t gm_limit_headroom(int device)
 {
     gm_device *d = gm_device_get(device);
     if (!d) return 0;
+    if (d->ledger) return gm_ledger_headroom(d->ledger - 1);
     uint64_t limit = atomic_load_explicit(&d->limit, memory_order_relaxed);
     if (!limit) return UINT64_MAX;
     uint64_t cur = atomic_load_explicit(&d->reserved, memory_order_relaxed);

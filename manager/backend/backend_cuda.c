@@ -98,6 +98,10 @@ static struct {
     CUresult (*pointer_get_attributes)(unsigned, CUpointer_attribute *, void **, CUdeviceptr);
     CUresult (*stream_is_capturing)(CUstream, CUstreamCaptureStatus *);
     CUresult (*ctx_get_id)(CUcontext, unsigned long long *); /* CUDA 12.0 on */
+    CUresult (*init)(unsigned);
+    CUresult (*device_get_count)(int *);
+    CUresult (*device_get)(CUdevice *, int);
+    CUresult (*device_get_uuid)(CUuuid *, CUdevice);
 } drv;
 
 static bool bind_optional(void)
@@ -105,6 +109,11 @@ static bool bind_optional(void)
     *(void **)&drv.pointer_get_attributes = gm_driver_sym("cuPointerGetAttributes");
     *(void **)&drv.stream_is_capturing = gm_driver_sym("cuStreamIsCapturing");
     *(void **)&drv.ctx_get_id = gm_driver_sym("cuCtxGetId");
+    *(void **)&drv.init = gm_driver_sym("cuInit");
+    *(void **)&drv.device_get_count = gm_driver_sym("cuDeviceGetCount");
+    *(void **)&drv.device_get = gm_driver_sym("cuDeviceGet");
+    *(void **)&drv.device_get_uuid = gm_driver_sym("cuDeviceGetUuid_v2");
+    if (!drv.device_get_uuid) *(void **)&drv.device_get_uuid = gm_driver_sym("cuDeviceGetUuid");
     return true;
 }
 
@@ -502,6 +511,26 @@ static gm_memory_kind cuda_memory_kind(uintptr_t p)
     return type == CU_MEMORYTYPE_HOST ? GM_MEMKIND_PINNED_HOST : GM_MEMKIND_UNKNOWN;
 }
 
+/* cuInit is idempotent and cheap once done; NVML callers (nvidia-smi) may not have called it. */
+static int cuda_device_count(int *count)
+{
+    if (!drv.init || !drv.device_get_count) return CUDA_ERROR_NOT_FOUND;
+    CUresult rc = drv.init(0);
+    return rc != CUDA_SUCCESS ? (int)rc : (int)drv.device_get_count(count);
+}
+
+static int cuda_device_uuid(int device, unsigned char uuid[16])
+{
+    if (!drv.init || !drv.device_get || !drv.device_get_uuid) return CUDA_ERROR_NOT_FOUND;
+    CUdevice dev;
+    CUuuid id;
+    CUresult rc = drv.init(0);
+    if (rc == CUDA_SUCCESS) rc = drv.device_get(&dev, device);
+    if (rc == CUDA_SUCCESS) rc = drv.device_get_uuid(&id, dev);
+    if (rc == CUDA_SUCCESS) memcpy(uuid, id.bytes, 16);
+    return (int)rc;
+}
+
 static const gm_backend cuda_backend = {
     .name = "cuda",
     .current = cuda_current,
@@ -532,6 +561,8 @@ static const gm_backend cuda_backend = {
     .stream_capturing = cuda_stream_capturing,
     .ctx_id = cuda_ctx_id,
     .memory_kind = cuda_memory_kind,
+    .device_count = cuda_device_count,
+    .device_uuid = cuda_device_uuid,
 };
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;

@@ -218,6 +218,21 @@ static gm_memory_kind host_memory_kind(uintptr_t p)
     return GM_MEMKIND_UNKNOWN;
 }
 
+static int host_device_count(int *count)
+{
+    *count = 1;
+    return GPUMEM_OK;
+}
+
+/* A fixed UUID: the host backend's one device is the same device in every process. */
+static int host_device_uuid(int device, unsigned char uuid[16])
+{
+    if (device != 0) return GPUMEM_ERROR_INVALID_VALUE;
+    static const unsigned char id[16] = {'g', 'p', 'u', 'm', 'e', 'm', '-', 'h', 'o', 's', 't', 0, 0, 0, 0, 1};
+    memcpy(uuid, id, 16);
+    return GPUMEM_OK;
+}
+
 static const gm_backend host_backend = {
     .name = "host",
     .current = host_current,
@@ -248,6 +263,8 @@ static const gm_backend host_backend = {
     .stream_capturing = host_stream_capturing,
     .ctx_id = host_ctx_id,
     .memory_kind = host_memory_kind,
+    .device_count = host_device_count,
+    .device_uuid = host_device_uuid,
 };
 
 const gm_backend *gm_host_backend(void) { return &host_backend; }

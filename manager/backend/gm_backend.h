@@ -74,6 +74,11 @@ typedef struct gm_backend {
     /* What the driver knows of address `p`: device memory (managed and arrays included), pinned
      * host memory, or nothing (plain pageable host memory). */
     gm_memory_kind (*memory_kind)(uintptr_t p);
+
+    /* ---- which device is which: the shared budget and NVML key devices by UUID, since
+     * CUDA_VISIBLE_DEVICES renumbers ordinals per process. Both initialise the driver if needed. */
+    int (*device_count)(int *count);
+    int (*device_uuid)(int device, unsigned char uuid[16]); /* cuDeviceGetUuid's bytes */
 } gm_backend;
 
 /* Host backend: capacity in bytes per device (0 = effectively unlimited) and deterministic fault

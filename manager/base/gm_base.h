@@ -74,6 +74,7 @@ typedef enum {
     GM_FORK_COPIES,      /* account/copies.c: per-thread copy counters */
     GM_FORK_ORPHANS,     /* track/orphans.c: leaks of destroyed contexts */
     GM_FORK_SYMBOLS,     /* track/symbols.c: child only (a report may be symbolizing) */
+    GM_FORK_LEDGER,      /* account/ledger.c: child only, first: the parent's membership is not the child's */
     GM_FORK_ORDERS
 } gm_fork_order;
 typedef struct gm_fork_handlers {

@@ -132,6 +132,27 @@ void gm_heap_stats(int device, gpumem_stats *out);
 void gm_heap_mem_info(gm_heap *heap, size_t driver_free, size_t driver_total, size_t *free_out,
                  size_t *total_out);
 
+/* ---------------------------------------------------------------- what programs see (view.c)
+ * The device's memory as a program should see it under the limit: NVML keys devices by UUID
+ * (its index order is not CUDA's, and CUDA_VISIBLE_DEVICES renumbers CUDA's per process). */
+/* Resolves the device's limit once (by UUID in a group), given the driver's total. */
+void gm_device_prepare(int device, uint64_t driver_total);
+/* cuDeviceTotalMem's answer: the limit where one is set and smaller than the driver's total. */
+uint64_t gm_device_visible_total(int device, uint64_t driver_total);
+typedef struct gm_device_view {
+    uint64_t total; /* the limit (never above the driver's total) */
+    uint64_t used;  /* bytes the group reserved on it (GPUMEM_SHARED), else this process */
+} gm_device_view;
+/* True and `out` filled when a limit applies to the device with this UUID (cuDeviceGetUuid's
+ * bytes); false when none does or the device is not one this process's CUDA sees: the driver's
+ * answer stands. `driver_total`: the driver's own total (a percentage limit needs it). */
+bool gm_device_view_by_uuid(const unsigned char uuid[16], uint64_t driver_total, gm_device_view *out);
+typedef gm_ledger_member gm_group_process; /* pid, bytes */
+/* The members of this process's group (GPUMEM_SHARED) holding memory of the device with this
+ * UUID: up to `max` written to `out`, the number there are returned; -1 without a group (the
+ * driver's list stands). */
+int gm_group_processes(const unsigned char uuid[16], gm_group_process *out, int max);
+
 /* ---------------------------------------------------------------- allocation (alloc.c) */
 /* Pooled allocation of `size` bytes (pooling off: a direct allocation that is still tracked). */
 int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site, uintptr_t *out);

@@ -61,6 +61,7 @@ bool gm_manager_init(const gm_backend *backend)
         gm_fork_register(GM_FORK_HEAPS, &handlers);
         gm_stack_init(cfg);
         gm_trace_open(cfg);
+        gm_ledger_open(cfg);
         gm_log(GM_INFO, "manager ready on the %s backend", backend->name);
     }
     bool same = gm_mgr.backend == backend;
@@ -153,7 +154,7 @@ gm_heap *gm_heap_get(uintptr_t ctx, int device)
     if (!atomic_load(&d->limit_resolved)) {
         size_t free_b = 0, total_b = 0;
         gm_mgr.backend->mem_info(ctx, &free_b, &total_b);
-        gm_limit_init_device(device, total_b);
+        gm_device_prepare(device, total_b);
     }
     pthread_mutex_lock(&gm_mgr.heaps_lock);
     h = heap_lookup_or_create_locked(ctx, device);

@@ -5,6 +5,8 @@
 #include "fake_internal.h"
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 
 bool dev_ok(CUdevice d)
@@ -94,6 +96,38 @@ FK_API CUresult CUDAAPI cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
     return state_leave(CUDA_SUCCESS);
 }
 
+/* FAKECUDA_VISIBLE: the physical device behind ordinal `dev` (a malformed entry counts as its
+ * own ordinal). */
+static int dev_physical(CUdevice dev)
+{
+    const char *list = getenv("FAKECUDA_VISIBLE");
+    for (int i = 0; list && *list; i++) {
+        char *end;
+        long v = strtol(list, &end, 10);
+        if (i == dev) return end == list || v < 0 ? dev : (int)v;
+        list = strchr(end, ',');
+        if (list) list++;
+    }
+    return dev;
+}
+
+static CUresult dev_uuid(CUuuid *uuid, CUdevice dev)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    if (!uuid)
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    if (!dev_ok(dev))
+        return state_leave(CUDA_ERROR_INVALID_DEVICE);
+    fakecuda_uuid_of_physical(dev_physical(dev), (unsigned char *)uuid->bytes);
+    return state_leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev) { return dev_uuid(uuid, dev); }
+#undef cuDeviceGetUuid /* cuda.h renames it to the _v2 ABI, which is the same here */
+FK_API CUresult CUDAAPI cuDeviceGetUuid(CUuuid *uuid, CUdevice dev) { return dev_uuid(uuid, dev); }
+
 /* An H100-like device; anything not listed is 0. */
 static int dev_attribute(CUdevice_attribute a, CUdevice dev)
 {
@@ -135,6 +169,8 @@ FK_API CUresult CUDAAPI cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib,
     X("cuDeviceGet", 2000, 0, cuDeviceGet)                  \
     X("cuDeviceGetCount", 2000, 0, cuDeviceGetCount)        \
     X("cuDeviceGetName", 2000, 0, cuDeviceGetName)          \
+    X("cuDeviceGetUuid", 9020, 0, cuDeviceGetUuid)          \
+    X("cuDeviceGetUuid", 11040, 0, cuDeviceGetUuid_v2)      \
     X("cuDeviceTotalMem", 3020, 0, cuDeviceTotalMem_v2)     \
     X("cuDeviceGetAttribute", 2000, 0, cuDeviceGetAttribute)
 FK_PROC_TABLE(dev_procs, DEV_PROCS);

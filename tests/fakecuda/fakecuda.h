@@ -7,7 +7,10 @@
  *   FAKECUDA_MEM               capacity per device in bytes, K/M/G suffixes allowed (default 1G)
  *   FAKECUDA_DEVICES           device count, 0..8 (default 1; 0 makes cuInit fail NO_DEVICE)
  *   FAKECUDA_FAIL_ALLOC_AFTER  N: the first N device allocations may succeed, every later one
- *                              returns CUDA_ERROR_OUT_OF_MEMORY (unset or negative: never) */
+ *                              returns CUDA_ERROR_OUT_OF_MEMORY (unset or negative: never)
+ *   FAKECUDA_VISIBLE           comma list of physical device numbers, ordinal i being the i-th
+ *                              (as CUDA_VISIBLE_DEVICES renumbers a real host; default 0,1,...):
+ *                              only the UUIDs follow it, so tests can key devices by UUID */
 #ifndef FAKECUDA_H
 #define FAKECUDA_H
 
@@ -19,6 +22,15 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* The UUID of physical fake device `physical` (cuDeviceGetUuid; the fake NVML answers the same). */
+static inline void fakecuda_uuid_of_physical(int physical, unsigned char uuid[16])
+{
+    static const char stem[12] = {'f', 'a', 'k', 'e', 'c', 'u', 'd', 'a', '-', 'g', 'p', 'u'};
+    for (int i = 0; i < 12; i++) uuid[i] = (unsigned char)stem[i];
+    uuid[12] = uuid[13] = uuid[14] = 0;
+    uuid[15] = (unsigned char)physical;
+}
 
 /* The per-thread-default-stream entry points the fake exports. cuda.h declares them only when
  * CUDA_API_PER_THREAD_DEFAULT_STREAM is defined (and then renames the plain calls to them);

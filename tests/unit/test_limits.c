@@ -27,7 +27,7 @@ static uint64_t reserved(int device)
 Test(limits, bytes_limit_is_exact)
 {
     start("4MiB", NULL);
-    gm_limit_init_device(0, 16 * GiB);
+    gm_limit_init_device(0, 16 * GiB, NULL);
     cr_assert_eq(gm_limit_headroom(0), 4 * MiB);
     cr_assert(gm_limit_reserve(0, 3 * MiB));
     cr_assert(gm_limit_reserve(0, 1 * MiB), "up to the limit exactly");
@@ -42,17 +42,17 @@ Test(limits, bytes_limit_is_exact)
 Test(limits, percent_resolves_against_the_device_total)
 {
     start("25%", NULL);
-    gm_limit_init_device(0, 8 * GiB);
+    gm_limit_init_device(0, 8 * GiB, NULL);
     cr_assert_eq(atomic_load(&gm_device_get(0)->limit), 2 * GiB);
     /* resolved once: a later total does not move it */
-    gm_limit_init_device(0, 80 * GiB);
+    gm_limit_init_device(0, 80 * GiB, NULL);
     cr_assert_eq(atomic_load(&gm_device_get(0)->limit), 2 * GiB);
 }
 
 Test(limits, tiny_percent_never_reads_as_no_limit)
 {
     start("0.0000001%", NULL);
-    gm_limit_init_device(0, 1000);
+    gm_limit_init_device(0, 1000, NULL);
     cr_assert_eq(atomic_load(&gm_device_get(0)->limit), 1, "a limit rounding to 0 bytes stays a limit");
     cr_assert_not(gm_limit_reserve(0, 2));
 }
@@ -60,7 +60,7 @@ Test(limits, tiny_percent_never_reads_as_no_limit)
 Test(limits, no_limit_means_unlimited_headroom)
 {
     start(NULL, NULL);
-    gm_limit_init_device(0, 16 * GiB);
+    gm_limit_init_device(0, 16 * GiB, NULL);
     cr_assert_eq(gm_limit_headroom(0), UINT64_MAX);
     cr_assert(gm_limit_reserve(0, 64 * GiB), "no limit: the device decides");
     cr_assert_not(gm_limit_reserve(0, UINT64_MAX), "the counter cannot overflow");
@@ -70,8 +70,8 @@ Test(limits, no_limit_means_unlimited_headroom)
 Test(limits, per_device_setting_overrides_the_default)
 {
     start("4MiB", "8MiB");
-    gm_limit_init_device(0, 16 * GiB);
-    gm_limit_init_device(1, 16 * GiB);
+    gm_limit_init_device(0, 16 * GiB, NULL);
+    gm_limit_init_device(1, 16 * GiB, NULL);
     cr_assert_eq(gm_limit_headroom(0), 4 * MiB);
     cr_assert_eq(gm_limit_headroom(1), 8 * MiB);
     cr_assert(gm_limit_reserve(1, 6 * MiB), "devices are counted apart");
@@ -124,7 +124,7 @@ static void *hammer(void *arg)
 Test(limits, threads_never_pass_the_limit_together)
 {
     start("64MiB", NULL);
-    gm_limit_init_device(0, 16 * GiB);
+    gm_limit_init_device(0, 16 * GiB, NULL);
     pthread_t t[THREADS];
     for (int i = 0; i < THREADS; i++) pthread_create(&t[i], NULL, hammer, (void *)(intptr_t)i);
     for (int i = 0; i < THREADS; i++) pthread_join(t[i], NULL);
