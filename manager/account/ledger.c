@@ -410,11 +410,13 @@ static void check_path(const char *path)
 static void initialise(int fd, const char *why)
 {
     size_t bytes = sizeof(ledger_region);
-    if (ftruncate(fd, (off_t)bytes) != 0) ledger_fatal("cannot size the region to %zu bytes: %s", bytes, strerror(errno));
-    int rc = posix_fallocate(fd, 0, (off_t)bytes); /* a full tmpfs fails here, not with SIGBUS later */
+    /* Allocated, not sparse: a full tmpfs fails here, not with SIGBUS at a later store. */
+    int rc = posix_fallocate(fd, 0, (off_t)bytes);
     if (rc != 0)
         ledger_fatal("no space for the region's %zu bytes (%s)%s", bytes, strerror(rc),
                      rc == ENOSPC ? ": the filesystem (is /dev/shm full?) has no room" : "");
+    if (ftruncate(fd, (off_t)bytes) != 0) /* a larger file of another layout */
+        ledger_fatal("cannot size the region to %zu bytes: %s", bytes, strerror(errno));
     ledger_region *r = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (r == MAP_FAILED) ledger_fatal("cannot map the region: %s", strerror(errno));
     uint64_t generation = memcmp(r->h.magic, LEDGER_MAGIC, sizeof LEDGER_MAGIC) == 0 ? r->h.generation + 1 : 1;
@@ -478,6 +480,18 @@ static void check_or_initialise(int fd, off_t size)
     if (memcmp(boot, h.boot_id, sizeof boot) != 0) initialise(fd, "it was made before the last boot");
 }
 
+/* Mapped through an open file description of its own: a mapping keeps its file open, so a
+ * mapping of the locked description, inherited by a fork child, would keep a dead member alive. */
+static ledger_region *map_region(void)
+{
+    int fd = open(L.path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) ledger_fatal("cannot open it again to map it: %s", strerror(errno));
+    ledger_region *r = mmap(NULL, sizeof(ledger_region), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (r == MAP_FAILED) ledger_fatal("cannot map the region: %s", strerror(errno));
+    return r;
+}
+
 void gm_ledger_open(const gm_config *cfg)
 {
     if (L.on || !cfg->shared[0] || strcmp(cfg->shared, "off") == 0) return;
@@ -494,8 +508,7 @@ void gm_ledger_open(const gm_config *cfg)
     /* Attached: a shared lock on byte 0 tells a later gpumem of another layout that we are here. */
     if (ofd_lock(F_OFD_SETLK, F_RDLCK, 0, 1, NULL) != 0) ledger_fatal("cannot lock it: %s", strerror(errno));
     flock(L.fd, LOCK_UN);
-    L.r = mmap(NULL, sizeof(ledger_region), PROT_READ | PROT_WRITE, MAP_SHARED, L.fd, 0);
-    if (L.r == MAP_FAILED) ledger_fatal("cannot map the region: %s", strerror(errno));
+    L.r = map_region();
     static const gm_fork_handlers handlers = {NULL, NULL, child_after_fork};
     gm_fork_register(GM_FORK_LEDGER, &handlers);
     L.on = true;

@@ -213,12 +213,14 @@ static void text_leak_heading(FILE *out, const gm_leak_group *g)
     fputs(" allocated from:\n", out);
 }
 
-static totals write_groups(FILE *out, bool json, const gm_leak_group *groups, size_t n)
+/* `printed` false: the report is only counted (GPUMEM_REPORT=off), so file:line lookups, the
+ * costly part, are skipped. */
+static totals write_groups(FILE *out, bool json, bool printed, const gm_leak_group *groups, size_t n)
 {
     static gm_frame frames[GM_MAX_FRAMES];
     totals t = {0};
     load_suppressions();
-    resolve_printed_frames(groups, n, json);
+    if (printed) resolve_printed_frames(groups, n, json);
     if (json) fputs("\"leaks\":[", out);
     for (size_t i = 0; i < n; i++) {
         size_t nf = group_frames(&groups[i], frames);
@@ -268,18 +270,20 @@ static FILE *open_destination(bool *close_it)
     return f;
 }
 
-static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_ctx, const char *why);
+static uint64_t write_report_locked(FILE *out, bool printed, int only_device, uintptr_t only_ctx,
+                                    const char *why);
 
 /* One report at a time, and never while a refused copy's stack is being symbolized. */
-static uint64_t write_report(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
+static uint64_t write_report(FILE *out, bool printed, int only_device, uintptr_t only_ctx, const char *why)
 {
     bool locked = gm_symbols_begin();
-    uint64_t n = write_report_locked(out, only_device, only_ctx, why);
+    uint64_t n = write_report_locked(out, printed, only_device, only_ctx, why);
     gm_symbols_end(locked);
     return n;
 }
 
-static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
+static uint64_t write_report_locked(FILE *out, bool printed, int only_device, uintptr_t only_ctx,
+                                    const char *why)
 {
     bool json = gm_mgr.cfg && gm_mgr.cfg->report_format == 1;
     gm_leak_group *groups = NULL;
@@ -291,7 +295,7 @@ static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_c
         fputs(",\"reason\":", out);
         gm_report_json_string(out, why);
         fputc(',', out);
-        t = write_groups(out, true, groups, n);
+        t = write_groups(out, true, printed, groups, n);
         fprintf(out,
                 "\"summary\":{\"leaked_bytes\":%llu,\"leaked_allocations\":%llu,\"suppressed_bytes\":%llu,"
                 "\"suppressed_allocations\":%llu},",
@@ -301,7 +305,7 @@ static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_c
         fputs("}\n", out);
     } else {
         fprintf(out, "==gpumem== pid %ld: leak report (%s)\n", (long)getpid(), why);
-        t = write_groups(out, false, groups, n);
+        t = write_groups(out, false, printed, groups, n);
         if (t.suppressed_count)
             fprintf(out, "Suppressed: %llu bytes in %llu allocations (GPUMEM_SUPPRESSIONS)\n",
                     (unsigned long long)t.suppressed_bytes, (unsigned long long)t.suppressed_count);
@@ -317,14 +321,15 @@ static uint64_t write_report_locked(FILE *out, int only_device, uintptr_t only_c
 
 size_t gm_report_write(FILE *out, int only_device, uintptr_t only_ctx, const char *why)
 {
-    bool close_it = false;
+    bool close_it = false, printed = true;
     if (!out) out = open_destination(&close_it);
     if (!out) { /* GPUMEM_REPORT=off: still count, for GPUMEM_LEAK_EXITCODE */
         out = fopen("/dev/null", "w");
         close_it = out != NULL;
+        printed = false;
         if (!out) return 0;
     }
-    uint64_t leaked = write_report(out, only_device, only_ctx, why);
+    uint64_t leaked = write_report(out, printed, only_device, only_ctx, why);
     if (close_it) fclose(out);
     return (size_t)leaked;
 }

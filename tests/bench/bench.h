@@ -24,6 +24,7 @@ static inline int cmp_double(const void *a, const void *b)
 int bench_transfer(int argc, char **argv); /* pageable copies through pinned staging against the driver's own (256 MiB both ways, and small copies) */
 int bench_checks(int argc, char **argv); /* cost of the copy range check on the hook path */
 int bench_pinned(int argc, char **argv); /* pinned host alloc+free: the driver's own against the pinned pool */
+int bench_shared(int argc, char **argv); /* the shared budget: N processes attaching at once, and the pool-hit path in a group */
 int bench_buffers(int argc, char **argv); /* buffer growth: resize with data copy, in-place growth, tracking memory overhead */
 
 #endif

@@ -7,6 +7,8 @@
  *                       added cost on a forwarded 64-B pinned cudaMemcpyAsync. Each variant runs
  *                       in a child process of this one run (the shim must be preloaded or not),
  *                       side by side, and the table compares medians.
+ *   gpumem-bench shared [N]  the shared budget: N processes (256) attaching at once, and
+ *                       pool hits with and without a group (bench_shared.c).
  */
 #include <dlfcn.h>
 #include <elf.h>
@@ -506,7 +508,8 @@ static void usage(FILE *out)
             "       gpumem-bench transfer            (pageable copies: staged against the driver's own)\n"
             "       gpumem-bench checks              (cost of the copy range check)\n"
             "       gpumem-bench pinned              (pinned host alloc+free: driver against pool)\n"
-            "       gpumem-bench buffers             (buffer resize, in-place growth, tracking overhead)\n",
+            "       gpumem-bench buffers             (buffer resize, in-place growth, tracking overhead)\n"
+            "       gpumem-bench shared [N]          (GPUMEM_SHARED: N processes attach at once; pool hits in a group)\n",
             GPUMEM_SHIM_PATH);
 }
 
@@ -518,7 +521,7 @@ int main(int argc, char **argv)
     if (argc >= 2 && strcmp(argv[1], "stacks") == 0) return bench_stacks();
     static const struct { const char *name; int (*run)(int, char **); } modes[] = {
         {"transfer", bench_transfer}, {"checks", bench_checks}, {"pinned", bench_pinned},
-        {"buffers", bench_buffers},
+        {"buffers", bench_buffers}, {"shared", bench_shared},
     };
     for (size_t i = 0; argc >= 2 && i < sizeof modes / sizeof *modes; i++)
         if (strcmp(argv[1], modes[i].name) == 0) return modes[i].run(argc - 2, argv + 2);
