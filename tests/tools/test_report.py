@@ -16,7 +16,7 @@ from pathlib import Path
 
 LAUNCHER, REPORT, DEMO = (os.environ.get(v, '') for v in ('TOOLS_LAUNCHER', 'TOOLS_REPORT', 'TOOLS_DEMO'))
 DATA = Path(os.environ.get('TOOLS_DATA', Path(__file__).parent / 'data'))
-FLAGS = {'--limit': 'GPUMEM_LIMIT', '--report': 'GPUMEM_REPORT', '--format': 'GPUMEM_REPORT_FORMAT',
+FLAGS = {'--limit': 'GPUMEM_LIMIT', '--shared': 'GPUMEM_SHARED', '--report': 'GPUMEM_REPORT', '--format': 'GPUMEM_REPORT_FORMAT',
          '--trace': 'GPUMEM_TRACE', '--suppressions': 'GPUMEM_SUPPRESSIONS',
          '--leak-exitcode': 'GPUMEM_LEAK_EXITCODE', '--no-pool': 'GPUMEM_POOL=0',
          '--fast-free': 'GPUMEM_FREE_SYNC=0', '--verbose': 'GPUMEM_VERBOSE', '--shim': '',
@@ -95,13 +95,13 @@ class Launcher(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             supp = Path(d) / 'x.supp'
             supp.write_text('leak:libfoo.so\n')
-            r = gpumem('--limit=4GiB', '--report', 'r.%p.json', '--format=json', '--trace', 't.json',
+            r = gpumem('--limit=4GiB', '--shared', 'budget', '--report', 'r.%p.json', '--format=json', '--trace', 't.json',
                        '--suppressions', 'x.supp', '--no-pool', '--fast-free', '--verbose', '1', 'env',
                        env={'LD_PRELOAD': 'libc.so.6'}, cwd=d)
             self.assertEqual(r.returncode, 0, r.stderr)
             env = dict(line.split('=', 1) for line in r.stdout.splitlines() if '=' in line)
             d = os.path.realpath(d)
-            want = {'GPUMEM_LIMIT': '4GiB', 'GPUMEM_REPORT': f'{d}/r.%p.json', 'GPUMEM_REPORT_FORMAT': 'json',
+            want = {'GPUMEM_LIMIT': '4GiB', 'GPUMEM_SHARED': f'{d}/budget', 'GPUMEM_REPORT': f'{d}/r.%p.json', 'GPUMEM_REPORT_FORMAT': 'json',
                     'GPUMEM_TRACE': f'{d}/t.json', 'GPUMEM_SUPPRESSIONS': f'{d}/x.supp', 'GPUMEM_POOL': '0',
                     'GPUMEM_FREE_SYNC': '0', 'GPUMEM_VERBOSE': '1'}
             self.assertEqual({k: env.get(k) for k in want}, want)
