@@ -57,6 +57,9 @@ typedef struct gm_ledger_figures {
 } gm_ledger_figures;
 /* False when there is no group or it has no entry for `uuid`. */
 bool gm_ledger_figures_of(const unsigned char uuid[16], gm_ledger_figures *out);
+bool gm_ledger_figures_at(int entry, gm_ledger_figures *out);
+/* The group's figures for this process's device `device`: false when it is in no group. */
+bool gm_limit_group_figures(int device, gm_ledger_figures *out);
 typedef struct gm_ledger_member {
     uint32_t pid;   /* as the member's own pid namespace numbers it */
     uint64_t bytes; /* what it reserved on the device */

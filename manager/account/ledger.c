@@ -232,8 +232,6 @@ static void leave_at_exit(void);
 static bool claim_slot_locked(void)
 {
     if (L.slot >= 0 && L.slot_pid == getpid()) return true;
-    static bool exit_hook;
-    if (!exit_hook) exit_hook = atexit(leave_at_exit) == 0;
     for (int i = 0; i < LEDGER_SLOTS; i++)
         if (L.r->slots[i].state == SLOT_FREE && take_slot_locked(i)) return true;
     reclaim_dead_locked();
@@ -356,19 +354,31 @@ int gm_ledger_bind(const unsigned char uuid[16], uint64_t limit)
     return e;
 }
 
+static void figures_locked(int e, gm_ledger_figures *out)
+{
+    reclaim_dead_locked();
+    const ledger_device *d = &L.r->h.devices[e];
+    *out = (gm_ledger_figures){d->limit, d->used, d->peak, 0};
+    for (int i = 0; i < LEDGER_SLOTS; i++)
+        out->members += L.r->slots[i].state == SLOT_MEMBER && L.r->slots[i].reserved[e] > 0;
+}
+
 bool gm_ledger_figures_of(const unsigned char uuid[16], gm_ledger_figures *out)
 {
     if (!L.on || !ledger_lock()) return false;
     int e = entry_of_locked(uuid);
-    if (e >= 0) {
-        reclaim_dead_locked();
-        const ledger_device *d = &L.r->h.devices[e];
-        *out = (gm_ledger_figures){d->limit, d->used, d->peak, 0};
-        for (int i = 0; i < LEDGER_SLOTS; i++)
-            out->members += L.r->slots[i].state == SLOT_MEMBER && L.r->slots[i].reserved[e] > 0;
-    }
+    if (e >= 0) figures_locked(e, out);
     ledger_unlock();
     return e >= 0;
+}
+
+bool gm_ledger_figures_at(int entry, gm_ledger_figures *out)
+{
+    if (!L.on || entry < 0 || entry >= LEDGER_DEVICES || !ledger_lock()) return false;
+    bool known = (uint32_t)entry < L.r->h.ndevices;
+    if (known) figures_locked(entry, out);
+    ledger_unlock();
+    return known;
 }
 
 int gm_ledger_members_of(const unsigned char uuid[16], gm_ledger_member *out, int max)
@@ -511,6 +521,9 @@ void gm_ledger_open(const gm_config *cfg)
     L.r = map_region();
     static const gm_fork_handlers handlers = {NULL, NULL, child_after_fork};
     gm_fork_register(GM_FORK_LEDGER, &handlers);
+    /* Registered before the exit report's hook (the manager starts before the report installs
+     * it): exit handlers run last-in first-out, so the report still sees the group's figures. */
+    atexit(leave_at_exit);
     L.on = true;
     gm_log(GM_INFO, "shared budget %s: attached (generation %llu)", L.path, (unsigned long long)L.r->h.generation);
 }

@@ -103,3 +103,9 @@ void gm_device_note_allocated(int device, int64_t delta)
                    (uint64_t)delta;
     if (delta > 0) raise_peak(&d->allocated_peak, now);
 }
+
+bool gm_limit_group_figures(int device, gm_ledger_figures *out)
+{
+    gm_device *d = gm_device_get(device);
+    return d && d->ledger && gm_ledger_figures_at(d->ledger - 1, out);
+}

@@ -235,6 +235,25 @@ static void tags_json(FILE *out)
 /* A device that never allocated nor reserved is left out. */
 static bool device_used(const gpumem_stats *st) { return st->allocations || st->bytes_reserved_peak; }
 
+/* In a group (GPUMEM_SHARED): the group's own figures for the device, under its lines. */
+static void group_text(FILE *out, int dev)
+{
+    gm_ledger_figures g;
+    if (!gm_limit_group_figures(dev, &g)) return;
+    fprintf(out, "  group %s: limit %llu B, in use %llu B, peak %llu B, %u members holding memory\n",
+            gm_ledger_path(), ull(g.limit), ull(g.used), ull(g.peak), g.members);
+}
+
+static void group_json(FILE *out, int dev)
+{
+    gm_ledger_figures g;
+    if (!gm_limit_group_figures(dev, &g)) return;
+    fputs(",\"group\":{\"path\":", out);
+    gm_report_json_string(out, gm_ledger_path());
+    fprintf(out, ",\"limit_bytes\":%llu,\"used_bytes\":%llu,\"peak_bytes\":%llu,\"members\":%u}", ull(g.limit),
+            ull(g.used), ull(g.peak), g.members);
+}
+
 void gm_report_stats_text(FILE *out)
 {
     for (int dev = 0; dev < GM_MAX_DEVICES; dev++) {
@@ -257,6 +276,7 @@ void gm_report_stats_text(FILE *out)
                 (unsigned long long)st.segments, (unsigned long long)st.segments_released, st.fragmentation,
                 (unsigned long long)st.release_retries, (unsigned long long)st.limit_rejections,
                 (unsigned long long)st.backend_ooms);
+        group_text(out, dev);
     }
     copies_text(out);
     pinned_text(out);
@@ -277,6 +297,7 @@ static void json_device_stats(FILE *out, int dev, const gpumem_stats *s)
 #define GM_STAT_DEVICE(name, doc) GM_STAT_HEAP(name, doc)
 #define GM_STAT_DERIVED(type, name, doc) json_number(out, #name, s->name);
 #include "gpumem_stats.def"
+    group_json(out, dev);
     fputc('}', out);
 }
 

@@ -172,6 +172,25 @@ Test(shared, exit_gives_the_share_back)
     finish_ok(&b);
 }
 
+Test(shared, exit_report_shows_the_group)
+{
+    static char shared[600];
+    snprintf(shared, sizeof shared, "GPUMEM_SHARED=%s", region);
+    const char *env[] = {shared, "GPUMEM_LIMIT=64MiB", "GPUMEM_MAX_CACHED=0", "GPUMEM_REPORT=stderr", NULL};
+    member a = start((const char *[]){"alloc:40M", "wait", NULL});
+    expect_line(&a, "alloc 0");
+    expect_line(&a, "waiting");
+    member b = start_with(env, (const char *[]){"alloc:10M", NULL}, false);
+    expect_line(&b, "alloc 0");
+    char err[8192], want[800];
+    cr_assert_eq(finish(&b, err, sizeof err), 0, "%s", err);
+    snprintf(want, sizeof want, "  group %s: limit 67108864 B, in use 52428800 B, peak 52428800 B, 2 members holding memory",
+             region);
+    cr_assert_not_null(strstr(err, want), "'%s' not in: %s", want, err);
+    resume(&a);
+    finish_ok(&a);
+}
+
 /* ------------------------------------------------------------------ members that die */
 
 Test(shared, sigkill_share_is_taken_back_at_the_next_allocation)
