@@ -81,40 +81,33 @@ void shim_init_slow(void)
  * status, for GPUMEM_LEAK_EXITCODE). */
 
 /* ------------------------------------------------------------------ NVML
- * Resolved apart from the driver: a CUDA program may never load NVML, and nvidia-smi loads it
- * without ever loading CUDA itself. No pthread_once: this runs inside dlsym, where sanitizer
- * runtimes are fragile; racing resolutions store the same addresses. */
+ * Resolved apart from the driver, once, at the first NVML hook called or NVML name looked up:
+ * a CUDA program may never load NVML, and nvidia-smi loads it without ever loading CUDA. By then
+ * NVML is loaded (the program linked it, or holds the handle it asks dlsym about), so a
+ * resolution that finds no NVML means there is none. */
 
 static void *nvml_handle;
-static _Atomic bool nvml_resolved;
+static pthread_once_t nvml_once = PTHREAD_ONCE_INIT;
 
 /* The NVML the program loaded (by soname), else one of our own. */
-static void *nvml_library(void)
+static void nvml_open(void)
 {
-    void *h = __atomic_load_n(&nvml_handle, __ATOMIC_ACQUIRE);
-    if (h) return h;
-    h = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_NOLOAD);
-    if (!h) h = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (h) __atomic_store_n(&nvml_handle, h, __ATOMIC_RELEASE);
-    return h;
-}
-
-/* dlsym on NVML's own handle finds NVML's definition, never the one this library exports. */
-void *shim_nvml_sym(const char *name)
-{
-    void *h = nvml_library();
-    gm_dlsym_fn real = gm_real_dlsym();
-    return h && real ? real(h, name) : NULL;
+    nvml_handle = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!nvml_handle) nvml_handle = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+    /* dlsym on NVML's own handle finds NVML's definition, never the one this library exports. */
+    for (size_t i = 0; nvml_handle && i < NNVML; i++)
+        *nvml_entries[i].real = gm_real_dlsym()(nvml_handle, nvml_entries[i].name);
 }
 
 bool shim_nvml_resolve(void)
 {
-    if (atomic_load_explicit(&nvml_resolved, memory_order_acquire)) return true;
-    if (!nvml_library()) return false;
-    for (size_t i = 0; i < NNVML; i++)
-        __atomic_store_n(nvml_entries[i].real, shim_nvml_sym(nvml_entries[i].name), __ATOMIC_RELAXED);
-    atomic_store_explicit(&nvml_resolved, true, memory_order_release);
-    return true;
+    pthread_once(&nvml_once, nvml_open);
+    return nvml_handle != NULL;
+}
+
+void *shim_nvml_sym(const char *name)
+{
+    return shim_nvml_resolve() ? gm_real_dlsym()(nvml_handle, name) : NULL;
 }
 
 /* ------------------------------------------------------------------ lookups */

@@ -179,7 +179,7 @@ SHIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t de
 #undef SHIM_NVML_HOOK
 
 /* ---- resolve.c */
-/* Resolves the NVML reals (and opens libnvidia-ml.so.1 if nobody has); false without NVML. */
+/* Resolves the NVML reals once (opening libnvidia-ml.so.1 if nobody has); false without NVML. */
 bool shim_nvml_resolve(void);
 /* A real NVML entry point by name (libnvidia-ml.so.1's own, never ours), or NULL. */
 void *shim_nvml_sym(const char *name);
