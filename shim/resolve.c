@@ -7,6 +7,8 @@
  *    names of our hooks with our functions; cuGetProcAddress answers are compared against the
  *    real addresses of the entry points we hook, so every ABI version and per-thread-stream
  *    variant maps to the hook of exactly that variant, and anything else passes through.
+ *  - NVML clients (nvidia-smi dlopens libnvidia-ml.so.1 and dlsyms each name; others link
+ *    -lnvidia-ml) reach the hooks of hooks_nvml.def the same two ways.
  *
  * dlsym(RTLD_NEXT, ...) is resolved by glibc relative to its caller's object, so forwarding it
  * from a C wrapper would search from the shim instead. Our dlsym is a small trampoline that asks
@@ -34,6 +36,17 @@ static shim_entry entries[] = {
 #undef SHIM_HOOK
 };
 #define NENTRIES (sizeof entries / sizeof *entries)
+
+#define SHIM_NVML_HOOK(name) __typeof__(name) *shim_real_##name;
+#include "hooks_nvml.def"
+#undef SHIM_NVML_HOOK
+
+static shim_entry nvml_entries[] = {
+#define SHIM_NVML_HOOK(name) {#name, (void *)name, (void **)&shim_real_##name},
+#include "hooks_nvml.def"
+#undef SHIM_NVML_HOOK
+};
+#define NNVML (sizeof nvml_entries / sizeof *nvml_entries)
 
 _Atomic bool shim_ready;
 bool shim_trace;
@@ -67,6 +80,36 @@ void shim_init_slow(void)
 /* The exit report is an on_exit handler the manager installs at its first use (it sees the exit
  * status, for GPUMEM_LEAK_EXITCODE). */
 
+/* ------------------------------------------------------------------ NVML
+ * Resolved apart from the driver, once, at the first NVML hook called or NVML name looked up:
+ * a CUDA program may never load NVML, and nvidia-smi loads it without ever loading CUDA. By then
+ * NVML is loaded (the program linked it, or holds the handle it asks dlsym about), so a
+ * resolution that finds no NVML means there is none. */
+
+static void *nvml_handle;
+static pthread_once_t nvml_once = PTHREAD_ONCE_INIT;
+
+/* The NVML the program loaded (by soname), else one of our own. */
+static void nvml_open(void)
+{
+    nvml_handle = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!nvml_handle) nvml_handle = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+    /* dlsym on NVML's own handle finds NVML's definition, never the one this library exports. */
+    for (size_t i = 0; nvml_handle && i < NNVML; i++)
+        *nvml_entries[i].real = gm_real_dlsym()(nvml_handle, nvml_entries[i].name);
+}
+
+bool shim_nvml_resolve(void)
+{
+    pthread_once(&nvml_once, nvml_open);
+    return nvml_handle != NULL;
+}
+
+void *shim_nvml_sym(const char *name)
+{
+    return shim_nvml_resolve() ? gm_real_dlsym()(nvml_handle, name) : NULL;
+}
+
 /* ------------------------------------------------------------------ lookups */
 
 GM_NO_SANITIZE static shim_entry *entry_by_name(const char *name)
@@ -74,6 +117,14 @@ GM_NO_SANITIZE static shim_entry *entry_by_name(const char *name)
     if (!name || name[0] != 'c' || name[1] != 'u') return NULL;
     for (size_t i = 0; i < NENTRIES; i++)
         if (strcmp(entries[i].name, name) == 0) return &entries[i];
+    return NULL;
+}
+
+GM_NO_SANITIZE static shim_entry *nvml_entry_by_name(const char *name)
+{
+    if (!name || strncmp(name, "nvml", 4) != 0) return NULL;
+    for (size_t i = 0; i < NNVML; i++)
+        if (strcmp(nvml_entries[i].name, name) == 0) return &nvml_entries[i];
     return NULL;
 }
 
@@ -90,13 +141,26 @@ static shim_entry *entry_by_real(void *real)
 /* Used by the trampoline: jump target for everything we do not answer ourselves. */
 __attribute__((visibility("hidden"))) void *shim_libc_dlsym;
 
+/* nvidia-smi dlopens libnvidia-ml.so.1 and dlsyms every name: the same rule as for cu* (only a
+ * handle that has the name gets our hook). The shim is not started here: the hook starts it
+ * when it is called, so a program that only looks names up never loads the driver. */
+GM_NO_SANITIZE static void *nvml_lookup(void *handle, const char *name)
+{
+    shim_entry *e = nvml_entry_by_name(name);
+    if (!e) return NULL;
+    if (handle != RTLD_NEXT && !gm_real_dlsym()(handle, name)) return NULL;
+    if (!shim_nvml_resolve() || !*e->real) return NULL;
+    SHIM_TRACE("dlsym %s -> hooked", name);
+    return e->hook;
+}
+
 /* Returns our hook for `name`, or NULL to let libc's dlsym answer. */
 __attribute__((visibility("hidden"), used)) GM_NO_SANITIZE void *shim_dlsym_lookup(void *handle,
                                                                                 const char *name)
 {
     if (!shim_libc_dlsym) shim_libc_dlsym = (void *)gm_real_dlsym();
     shim_entry *e = entry_by_name(name);
-    if (!e) return NULL;
+    if (!e) return nvml_lookup(handle, name);
     shim_init();
     /* Answer only where the driver itself would: a handle without the symbol still gets NULL. */
     if (handle != RTLD_NEXT && !gm_real_dlsym()(handle, name)) return NULL;

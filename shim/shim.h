@@ -13,6 +13,7 @@
 #undef cuIpcOpenMemHandle
 
 #include "gm_report.h"
+#include "nvml_abi.h"
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
 
@@ -157,12 +158,31 @@ SHIM_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int cuda_v
 SHIM_EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cuda_version,
                                          cuuint64_t flags, CUdriverProcAddressQueryResult *status);
 
+/* NVML (hooks_nvml.c): the limit where nvidia-smi and other NVML clients look. */
+SHIM_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory);
+SHIM_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory);
+SHIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses(nvmlDevice_t device, unsigned int *infoCount,
+                                                              nvmlProcessInfo_v1_t *infos);
+SHIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t device, unsigned int *infoCount,
+                                                                 nvmlProcessInfo_v2_t *infos);
+SHIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
+                                                                 nvmlProcessInfo_t *infos);
+
 /* shim_real_<name>: the driver's own function, NULL when this driver lacks it. */
 #define SHIM_HOOK(name) extern __typeof__(name) *shim_real_##name;
 #include "hooks.def"
 #undef SHIM_HOOK
+/* shim_real_<nvml name>: NVML's own function, resolved by shim_nvml_resolve (NULL until then,
+ * and where libnvidia-ml.so.1 lacks it). */
+#define SHIM_NVML_HOOK(name) extern __typeof__(name) *shim_real_##name;
+#include "hooks_nvml.def"
+#undef SHIM_NVML_HOOK
 
 /* ---- resolve.c */
+/* Resolves the NVML reals once (opening libnvidia-ml.so.1 if nobody has); false without NVML. */
+bool shim_nvml_resolve(void);
+/* A real NVML entry point by name (libnvidia-ml.so.1's own, never ours), or NULL. */
+void *shim_nvml_sym(const char *name);
 extern bool shim_trace; /* GPUMEM_VERBOSE=3 */
 void shim_init_slow(void);
 extern _Atomic bool shim_ready;

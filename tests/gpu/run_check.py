@@ -21,7 +21,9 @@ CHECK is one of
 The expectations (run, same): --ok (exit 0 and last stdout line "NAME: OK"), --rc N, --report
 any|off|BYTES|BYTES/ALLOCS (the last "LEAK SUMMARY" line of stderr), --planted N (the program
 planted N leaks and printed expected_leak_bytes/allocs; the report must count exactly those),
---expect KEY=VALUE and --min KEY=NUMBER (KEY=value on stdout, last occurrence), --stdout-has and
+--expect KEY=VALUE and --min KEY=NUMBER (KEY=value on stdout, last occurrence; --csv K1,K2 names
+the fields of a first line "V1, V2" such as nvidia-smi --format=csv,noheader prints), --expect-base
+KEY (with --also-base: KEY the same as without the shim), --stdout-has and
 --stderr-has REGEX, --stderr-count REGEX N, --between START END REGEX N (stderr lines matching
 REGEX between the markers), --max-report-percent P (the exit report's time against the run's wall
 time). --show KEY, --grab REGEX, --grab-stderr REGEX and --detail TEXT only shape the detail line.
@@ -119,6 +121,7 @@ class Run:
     def __init__(self, tag, argv, env_shown, rc, out, err, secs):
         self.tag, self.argv, self.env_shown = tag, argv, env_shown
         self.rc, self.out, self.err, self.secs = rc, out, err, secs
+        self.fields = {}  # --csv: KEY -> value of the first stdout line's comma-separated fields
 
     @property
     def lines(self):
@@ -175,6 +178,8 @@ def run_prog(ctx, tag, argv, extra_env=None, shim=False):
                 rc = 128 - rc
     secs = time.monotonic() - t0
     r = Run(tag, argv, shown, rc, outf.read_text(errors="replace"), errf.read_text(errors="replace"), secs)
+    if ctx.args.csv and r.lines:  # e.g. nvidia-smi --format=csv,noheader: "4096, 0"
+        r.fields = dict(zip(ctx.args.csv.split(","), (f.strip() for f in r.lines[0].split(","))))
     print(f"\n======== {tag} (rc={rc}, {secs:.1f} s)\n$ {cmd}")
     if rc == 124:
         print(f"(killed by timeout after {ctx.timeout:g}s)")
@@ -226,7 +231,9 @@ def leak_text(r):
 
 
 def kv(r, key):
-    """The value of KEY=value on stdout (last occurrence), or None."""
+    """The value of KEY=value on stdout (last occurrence), or of the --csv field KEY, or None."""
+    if key in r.fields:
+        return r.fields[key]
     found = re.findall(r"(?:^|\s)" + re.escape(key) + r"=(\S+)", r.out)
     return found[-1] if found else None
 
@@ -448,7 +455,13 @@ def check_run(ctx, prog):
         parts.append(("report: " if parts else "") + leak_text(r))
     if not parts and not a.detail:
         parts.append(f"{len(r.lines)} stdout lines")
-    if base is not None:
+    for k in a.expect_base or []:  # KEY equal with and without the shim
+        if base is None:
+            raise SystemExit("run_check: --expect-base needs --also-base")
+        if kv(r, k) is None or kv(r, k) != kv(base, k):
+            fail(f"{k}={kv(r, k) or 'none'} under the shim, {kv(base, k) or 'none'} without it")
+        parts.append(f"{k}={kv(r, k)} as without the shim")
+    if base is not None and a.expect:
         keys = list(pairs(a.expect))
         parts.append("without the shim: " + ", ".join(f"{k}={kv(base, k) or 'none'}" for k in keys))
     if a.detail:
@@ -619,6 +632,8 @@ def parse(argv):
     ap.add_argument("--planted", type=int)
     ap.add_argument("--expect", action="append", metavar="KEY=VALUE")
     ap.add_argument("--min", action="append", metavar="KEY=NUMBER")
+    ap.add_argument("--csv", metavar="KEY,KEY...", help="name the first stdout line's comma-separated fields (as KEY=value)")
+    ap.add_argument("--expect-base", action="append", metavar="KEY", help="run --also-base: KEY equal without the shim")
     ap.add_argument("--show", action="append", metavar="KEY")
     ap.add_argument("--grab", action="append", metavar="REGEX")
     ap.add_argument("--grab-stderr", action="append", metavar="REGEX")
