@@ -102,6 +102,7 @@ static struct {
     CUresult (*device_get_count)(int *);
     CUresult (*device_get)(CUdevice *, int);
     CUresult (*device_get_uuid)(CUuuid *, CUdevice);
+    CUresult (*device_total_mem)(size_t *, CUdevice);
 } drv;
 
 static bool bind_optional(void)
@@ -114,6 +115,7 @@ static bool bind_optional(void)
     *(void **)&drv.device_get = gm_driver_sym("cuDeviceGet");
     *(void **)&drv.device_get_uuid = gm_driver_sym("cuDeviceGetUuid_v2");
     if (!drv.device_get_uuid) *(void **)&drv.device_get_uuid = gm_driver_sym("cuDeviceGetUuid");
+    *(void **)&drv.device_total_mem = gm_driver_sym("cuDeviceTotalMem_v2");
     return true;
 }
 
@@ -531,6 +533,16 @@ static int cuda_device_uuid(int device, unsigned char uuid[16])
     return (int)rc;
 }
 
+static int cuda_device_total(int device, size_t *bytes)
+{
+    if (!drv.init || !drv.device_get || !drv.device_total_mem) return CUDA_ERROR_NOT_FOUND;
+    CUdevice dev;
+    CUresult rc = drv.init(0);
+    if (rc == CUDA_SUCCESS) rc = drv.device_get(&dev, device);
+    if (rc == CUDA_SUCCESS) rc = drv.device_total_mem(bytes, dev);
+    return (int)rc;
+}
+
 static const gm_backend cuda_backend = {
     .name = "cuda",
     .current = cuda_current,
@@ -563,6 +575,7 @@ static const gm_backend cuda_backend = {
     .memory_kind = cuda_memory_kind,
     .device_count = cuda_device_count,
     .device_uuid = cuda_device_uuid,
+    .device_total = cuda_device_total,
 };
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;

@@ -233,6 +233,13 @@ static int host_device_uuid(int device, unsigned char uuid[16])
     return GPUMEM_OK;
 }
 
+static int host_device_total(int device, size_t *bytes)
+{
+    if (device != 0) return GPUMEM_ERROR_INVALID_VALUE;
+    size_t f;
+    return host_mem_info(1, &f, bytes);
+}
+
 static const gm_backend host_backend = {
     .name = "host",
     .current = host_current,
@@ -265,6 +272,7 @@ static const gm_backend host_backend = {
     .memory_kind = host_memory_kind,
     .device_count = host_device_count,
     .device_uuid = host_device_uuid,
+    .device_total = host_device_total,
 };
 
 const gm_backend *gm_host_backend(void) { return &host_backend; }

@@ -79,6 +79,9 @@ typedef struct gm_backend {
      * CUDA_VISIBLE_DEVICES renumbers ordinals per process. Both initialise the driver if needed. */
     int (*device_count)(int *count);
     int (*device_uuid)(int device, unsigned char uuid[16]); /* cuDeviceGetUuid's bytes */
+    /* cuDeviceTotalMem: the size a percentage limit is taken of, whoever asks first (NVML's
+     * total is larger: it counts memory the driver keeps for itself). */
+    int (*device_total)(int device, size_t *bytes);
 } gm_backend;
 
 /* Host backend: capacity in bytes per device (0 = effectively unlimited) and deterministic fault

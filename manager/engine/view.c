@@ -5,12 +5,17 @@
 
 #include "gm_engine.h"
 
+/* A percentage limit is of cuDeviceTotalMem's figure, whichever call comes first (cuMemGetInfo,
+ * NVML's larger total): members of a group must resolve it to the same bytes. */
 void gm_device_prepare(int device, uint64_t driver_total)
 {
     gm_device *d = gm_device_get(device);
     if (!d || atomic_load(&d->limit_resolved)) return;
+    const gm_backend *be = gm_mgr.backend;
     unsigned char uuid[16];
-    bool known = gm_mgr.backend && gm_mgr.backend->device_uuid(device, uuid) == GPUMEM_OK;
+    bool known = be && be->device_uuid(device, uuid) == GPUMEM_OK;
+    size_t total = 0;
+    if (be && be->device_total(device, &total) == GPUMEM_OK && total) driver_total = total;
     gm_limit_init_device(device, driver_total, known ? uuid : NULL);
 }
 
