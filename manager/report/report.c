@@ -343,9 +343,20 @@ size_t gm_report_context(uintptr_t ctx, const char *why)
     return gm_report_write(NULL, heap->device, ctx, why);
 }
 
+/* A process that never held device or pinned memory through gpumem (nvidia-smi under a global
+ * LD_PRELOAD, a script that imports a framework and never touches the GPU) has nothing to report,
+ * and stays silent, as LeakSanitizer does. */
+static bool used_memory(void)
+{
+    gm_pinned_stats pinned = {0};
+    gm_pinned_stats_for_report(&pinned);
+    return atomic_load(&gm_mgr.nheaps) > 0 || pinned.allocations > 0 || gm_stats_invalid_frees() > 0;
+}
+
 static void report_on_exit(int status, void *unused)
 {
     (void)unused;
+    if (!used_memory()) return;
     if (!gm_manager_begin_exit()) return;
     uint64_t t0 = gm_now_ns();
     size_t leaked = gm_report_write(NULL, -1, 0, "at exit");

@@ -10,6 +10,7 @@
 // once), b_retry_rc, d_after_kill_rc; then "shared_check: OK" when every call that must succeed
 // did. Under a 4 GiB group b_rc must be cudaErrorMemoryAllocation; without the shim it is 0.
 #include <cuda_runtime.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,7 +55,8 @@ typedef struct {
 static proc spawn(const char *self)
 {
     int in[2], out[2];
-    if (pipe(in) || pipe(out)) exit(2);
+    // close-on-exec: a later member must not inherit this one's stdin (it would never see EOF)
+    if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC)) exit(2);
     pid_t pid = fork();
     if (pid == 0) {
         dup2(in[0], 0);
