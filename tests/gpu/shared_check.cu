@@ -3,7 +3,7 @@
 // the caller set one) and drives member processes (this program, "member") line by line:
 //
 //   a: cudaMalloc 3 GiB and hold it     b: cudaMalloc 3 GiB while a holds its 3 GiB
-//   b: cudaMemGetInfo                   a frees and exits; b: cudaMalloc 3 GiB again
+//   b: cudaMemGetInfo                   a frees and exits; b frees, then cudaMalloc 3 GiB again
 //   c: cudaMalloc 3 GiB, then SIGKILL   d: cudaMalloc 3 GiB (c's share must come back)
 //
 // Printed: a_rc, b_rc (and its name), b_total_mib, b_free_mib, together_gib (what a and b held at
@@ -115,6 +115,7 @@ int main(int argc, char **argv)
     int together = (a_rc == 0 ? 3 : 0) + (b_rc == 0 ? 3 : 0);
     if (ask(&a, "free", ans, sizeof ans) < 0) ok = false;
     quit(&a);
+    ask(&b, "free", ans, sizeof ans); // what b holds (under a per-process limit: its 3 GiB)
     long b_retry = ask(&b, "alloc", ans, sizeof ans);
     ask(&b, "free", ans, sizeof ans);
     quit(&b);
