@@ -69,6 +69,52 @@ int gm_ledger_members_of(const unsigned char uuid[16], gm_ledger_member *out, in
 /* The region's path, for the report; NULL without a group. */
 const char *gm_ledger_path(void);
 
+/* What a member publishes for exporters (gpumem-exporter, gpumem-report top): its figures per
+ * device entry and its top call stacks, written by the member alone (a sequence counter makes a
+ * reader's copy consistent). Nothing is published before the member's first reservation. */
+#define GM_LEDGER_DEVICES 16
+#define GM_LEDGER_TOP 4
+typedef struct gm_ledger_published {
+    uint64_t allocated, allocated_peak, reserved_peak;
+    uint64_t allocations, frees, pool_hits, pool_misses, limit_rejections, backend_ooms;
+} gm_ledger_published;
+typedef struct gm_ledger_top {
+    uint64_t bytes;
+    uint32_t count;
+    int32_t device;    /* the member's CUDA ordinal */
+    char where[112];   /* "function module+0xoff" of the program's first frame, "tag: ..." */
+} gm_ledger_top;
+/* `figures` is indexed by entry (gm_device.ledger - 1), GM_LEDGER_DEVICES of them. */
+void gm_ledger_publish(const gm_ledger_published *figures, const gm_ledger_top *top, int ntop);
+
+/* A reader's copy of a region it is not a member of (read-only; never initialises or repairs). */
+typedef struct gm_ledger_view_member {
+    uint32_t pid;
+    bool alive;            /* its liveness lock is held */
+    uint64_t start;        /* clock ticks after boot */
+    char comm[16];
+    uint64_t published_ns; /* CLOCK_REALTIME of its last publication; 0 = none yet */
+    uint64_t reserved[GM_LEDGER_DEVICES];
+    gm_ledger_published figures[GM_LEDGER_DEVICES];
+    gm_ledger_top top[GM_LEDGER_TOP];
+    int ntop;
+} gm_ledger_view_member;
+typedef struct gm_ledger_view {
+    uint64_t generation;
+    int ndevices;
+    struct {
+        unsigned char uuid[16];
+        uint64_t limit, used, peak;
+    } devices[GM_LEDGER_DEVICES];
+    int nmembers;
+    gm_ledger_view_member *members; /* malloc'd: gm_ledger_view_free */
+} gm_ledger_view;
+/* 0, or -1 with a one-line reason in `err` (no such file, not a region, another layout). */
+int gm_ledger_view_read(const char *path, gm_ledger_view *out, char *err, size_t cap);
+void gm_ledger_view_free(gm_ledger_view *v);
+/* "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", NVML's spelling of a UUID (41 bytes with the NUL). */
+void gm_ledger_uuid_text(const unsigned char uuid[16], char out[41]);
+
 /* ---------------------------------------------------------------- statistics (stats.c) */
 /* One heap's counters, kept under the heap's lock on the hot path: the HEAP rows of
  * gpumem_stats.def, plus the peak the heap keeps while it is its device's only one. */

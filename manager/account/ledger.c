@@ -35,7 +35,7 @@
 
 #define LEDGER_MAGIC "gpumem-ledger"
 #define LEDGER_LAYOUT 1u
-#define LEDGER_DEVICES 16
+#define LEDGER_DEVICES GM_LEDGER_DEVICES
 #define LEDGER_SLOTS 1024
 #define LOCK_WAIT_S 2 /* a holder stalled this long is logged, then waited for again */
 
@@ -54,7 +54,16 @@ typedef struct ledger_slot {
     uint64_t start; /* the member's start time (clock ticks after boot), for reports */
     char comm[16];
     uint64_t reserved[LEDGER_DEVICES];
+    /* written by the member itself (gm_ledger_publish), word by word; odd `seq` while it writes */
+    uint64_t seq;
+    struct ledger_published {
+        uint64_t published_ns, ntop;
+        gm_ledger_published figures[LEDGER_DEVICES];
+        gm_ledger_top top[GM_LEDGER_TOP];
+    } pub;
 } ledger_slot;
+#define PUB_WORDS (sizeof(struct ledger_published) / sizeof(uint64_t))
+_Static_assert(sizeof(struct ledger_published) % sizeof(uint64_t) == 0, "published words");
 
 typedef struct ledger_header {
     char magic[16]; /* written last: a creator that died half-way leaves zeros */
@@ -317,7 +326,7 @@ static int entry_of_locked(const unsigned char uuid[16])
     return -1;
 }
 
-static void uuid_text(const unsigned char u[16], char out[41])
+void gm_ledger_uuid_text(const unsigned char u[16], char out[41])
 {
     snprintf(out, 41, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0], u[1],
              u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
@@ -329,7 +338,7 @@ int gm_ledger_bind(const unsigned char uuid[16], uint64_t limit)
     ledger_header *h = &L.r->h;
     int e = entry_of_locked(uuid);
     char name[41];
-    uuid_text(uuid, name);
+    gm_ledger_uuid_text(uuid, name);
     if (e >= 0 && h->devices[e].limit != limit) {
         unsigned long long theirs = h->devices[e].limit;
         ledger_unlock();
@@ -528,4 +537,112 @@ void gm_ledger_open(const gm_config *cfg)
     atexit(leave_at_exit);
     L.on = true;
     gm_log(GM_INFO, "shared budget %s: attached (generation %llu)", L.path, (unsigned long long)L.r->h.generation);
+}
+
+/* ------------------------------------------------------------------ publishing and reading */
+
+/* A sequence lock without fences (ThreadSanitizer has none): the odd count is an acquire-release
+ * read-modify-write, so no word store moves above it; the even one a release store. */
+void gm_ledger_publish(const gm_ledger_published *figures, const gm_ledger_top *top, int ntop)
+{
+    if (!L.on || L.slot < 0 || L.slot_pid != getpid()) return;
+    struct ledger_published pub;
+    memset(&pub, 0, sizeof pub);
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    pub.published_ns = (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
+    pub.ntop = (uint64_t)(ntop < 0 ? 0 : ntop > GM_LEDGER_TOP ? GM_LEDGER_TOP : ntop);
+    memcpy(pub.figures, figures, sizeof pub.figures);
+    if (pub.ntop) memcpy(pub.top, top, pub.ntop * sizeof *top);
+    ledger_slot *s = &L.r->slots[L.slot];
+    const uint64_t *from = (const uint64_t *)&pub;
+    uint64_t *to = (uint64_t *)&s->pub;
+    uint64_t seq = __atomic_fetch_add(&s->seq, 1, __ATOMIC_ACQ_REL);
+    for (size_t w = 0; w < PUB_WORDS; w++) __atomic_store_n(&to[w], from[w], __ATOMIC_RELAXED);
+    __atomic_store_n(&s->seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+/* A consistent copy of what a member published: acquire loads keep the second look at `seq`
+ * after every word. False when the member kept writing (a reader then shows no figures). */
+static bool copy_published(const ledger_slot *s, struct ledger_published *out)
+{
+    for (int tries = 0; tries < 1000; tries++) {
+        uint64_t before = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        const uint64_t *from = (const uint64_t *)&s->pub;
+        uint64_t *to = (uint64_t *)out;
+        for (size_t w = 0; w < PUB_WORDS; w++) to[w] = __atomic_load_n(&from[w], __ATOMIC_ACQUIRE);
+        if (!(before & 1) && __atomic_load_n(&s->seq, __ATOMIC_RELAXED) == before) return true;
+    }
+    memset(out, 0, sizeof *out);
+    return false;
+}
+
+static int view_fail(char *err, size_t cap, int fd, const char *fmt, const char *what)
+{
+    snprintf(err, cap, fmt, what);
+    if (fd >= 0) close(fd);
+    return -1;
+}
+
+static void view_member(const ledger_region *r, int fd, int i, gm_ledger_view_member *m)
+{
+    const ledger_slot *s = &r->slots[i];
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = slot_lock_offset(i), .l_len = 1};
+    m->alive = fcntl(fd, F_OFD_GETLK, &fl) != 0 || fl.l_type != F_UNLCK;
+    m->pid = __atomic_load_n(&s->pid, __ATOMIC_RELAXED);
+    m->start = __atomic_load_n(&s->start, __ATOMIC_RELAXED);
+    memcpy(m->comm, s->comm, sizeof m->comm);
+    m->comm[sizeof m->comm - 1] = 0;
+    for (int e = 0; e < LEDGER_DEVICES; e++) m->reserved[e] = __atomic_load_n(&s->reserved[e], __ATOMIC_RELAXED);
+    struct ledger_published pub;
+    copy_published(s, &pub);
+    m->published_ns = pub.published_ns;
+    memcpy(m->figures, pub.figures, sizeof m->figures);
+    m->ntop = (int)(pub.ntop > GM_LEDGER_TOP ? GM_LEDGER_TOP : pub.ntop);
+    memcpy(m->top, pub.top, sizeof m->top);
+    for (int t = 0; t < m->ntop; t++) m->top[t].where[sizeof m->top[t].where - 1] = 0;
+}
+
+static void view_members(const ledger_region *r, int fd, gm_ledger_view *out)
+{
+    out->members = calloc(LEDGER_SLOTS, sizeof *out->members);
+    for (int i = 0; out->members && i < LEDGER_SLOTS; i++)
+        if (__atomic_load_n(&r->slots[i].state, __ATOMIC_ACQUIRE) == SLOT_MEMBER)
+            view_member(r, fd, i, &out->members[out->nmembers++]);
+}
+
+int gm_ledger_view_read(const char *path, gm_ledger_view *out, char *err, size_t cap)
+{
+    memset(out, 0, sizeof *out);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return view_fail(err, cap, -1, "cannot open it: %s", strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return view_fail(err, cap, fd, "%s", "it is not a regular file");
+    if (st.st_size != (off_t)sizeof(ledger_region))
+        return view_fail(err, cap, fd, "%s", "it is not a gpumem shared budget of this version (its size differs)");
+    ledger_region *r = mmap(NULL, sizeof *r, PROT_READ, MAP_SHARED, fd, 0);
+    if (r == MAP_FAILED) return view_fail(err, cap, fd, "cannot map it: %s", strerror(errno));
+    if (memcmp(r->h.magic, LEDGER_MAGIC, sizeof LEDGER_MAGIC) != 0 || r->h.layout != LEDGER_LAYOUT) {
+        munmap(r, sizeof *r);
+        return view_fail(err, cap, fd, "%s", "it is not a gpumem shared budget of this version");
+    }
+    out->generation = r->h.generation;
+    out->ndevices = (int)(r->h.ndevices < LEDGER_DEVICES ? r->h.ndevices : LEDGER_DEVICES);
+    for (int e = 0; e < out->ndevices; e++) {
+        memcpy(out->devices[e].uuid, r->h.devices[e].uuid, 16);
+        out->devices[e].limit = r->h.devices[e].limit;
+        out->devices[e].used = __atomic_load_n(&r->h.devices[e].used, __ATOMIC_RELAXED);
+        out->devices[e].peak = r->h.devices[e].peak;
+    }
+    view_members(r, fd, out);
+    munmap(r, sizeof *r);
+    close(fd);
+    return 0;
+}
+
+void gm_ledger_view_free(gm_ledger_view *v)
+{
+    free(v->members);
+    v->members = NULL;
+    v->nmembers = 0;
 }

@@ -63,6 +63,7 @@ typedef struct gm_config {
     uint64_t pinned_max_cached;             /* GM_UNLIMITED for "unlimited" */
     char ipc_dir[4096];
     char shared[4096];
+    int publish_interval_ms;
 } gm_config;
 
 /* Reads an environment-like source. `get` returns the value of a variable or NULL.

@@ -23,4 +23,10 @@ void gm_report_stats_text(FILE *out);
 void gm_report_stats_json(FILE *out); /* the members after "summary", without braces */
 void gm_report_json_string(FILE *out, const char *s); /* a JSON string, or null for NULL/"" */
 
+/* The largest live device-memory groups (call stack, tag), described cheaply for the group's
+ * region (report.c); returns how many were written. */
+size_t gm_report_top_holders(gm_ledger_top *out, size_t max);
+/* publish.c: in a group, the thread that publishes this process's figures into its member slot. */
+void gm_report_publisher_start(void);
+
 #endif

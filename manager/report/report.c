@@ -376,5 +376,39 @@ bool gm_report_start(const gm_backend *backend)
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     if (!gm_manager_init(backend)) return false;
     pthread_once(&once, install_exit_hook);
+    static pthread_once_t publisher_once = PTHREAD_ONCE_INIT;
+    pthread_once(&publisher_once, gm_report_publisher_start);
     return true;
+}
+
+/* ------------------------------------------------------------------ the top holders */
+
+/* "function module+0xoff" of the group's first program frame (dladdr only: no addr2line on the
+ * publisher's round), after its tag. */
+static void describe_group(const gm_leak_group *g, char *out, size_t cap)
+{
+    static gm_frame frames[GM_MAX_FRAMES];
+    size_t nf = group_frames(g, frames);
+    const char *tag = gm_tag_name(g->tag);
+    const gm_frame *f = nf ? &frames[0] : NULL;
+    int n1 = snprintf(out, cap, "%.60s%s", tag ? tag : "", tag ? ": " : "");
+    if (n1 < 0 || (size_t)n1 >= cap) return;
+    snprintf(out + n1, cap - (size_t)n1, "%.60s %.40s+0x%lx", f && f->function[0] ? f->function : "<unknown>",
+             f ? gm_symbols_base_name(f->module) : "?", f ? (unsigned long)f->offset : 0ul);
+}
+
+size_t gm_report_top_holders(gm_ledger_top *out, size_t max)
+{
+    gm_leak_group *groups = NULL;
+    size_t n = collect_groups(-1, 0, &groups), k = 0;
+    bool locked = gm_symbols_begin();
+    for (size_t i = 0; i < n && k < max; i++) {
+        if (groups[i].memory != GM_MEMORY_DEVICE) continue;
+        out[k] = (gm_ledger_top){groups[i].bytes, (uint32_t)groups[i].count, groups[i].device, ""};
+        describe_group(&groups[i], out[k].where, sizeof out[k].where);
+        k++;
+    }
+    gm_symbols_end(locked);
+    free(groups);
+    return k;
 }
