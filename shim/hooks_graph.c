@@ -1,0 +1,251 @@
+/* Graph memory nodes: device memory a graph allocates (cuGraphAddMemAllocNode, cuGraphAddNode(_v2)
+ * of type MEM_ALLOC, what cudaGraphAddMemAllocNode reaches, and cuMemAllocAsync on a stream that
+ * is capturing: the driver then adds the allocation node itself), counted like every other
+ * allocation in the limit, the statistics and the leak report (GM_KIND_GRAPH). The pool never
+ * serves them: the address is the driver's and every query about it is answered by the driver.
+ * The model (docs/compatibility.md, "Graph memory nodes"):
+ *
+ *  - The driver assigns the address when the node is created, and the allocation exists from each
+ *    launch that reaches the node until it is freed. So the bytes are taken from the limit at the
+ *    node's creation (refused there with CUDA_ERROR_OUT_OF_MEMORY, before the driver is asked),
+ *    and a record with the creating call stack enters the live table: a leak at exit unless freed.
+ *  - It is freed by a free node for its address (cuGraphAddMemFreeNode, cuGraphAddNode MEM_FREE,
+ *    cuMemFreeAsync captured into a graph) or by cuMemFreeAsync/cuMemFree outside a graph (the
+ *    free hooks of hooks_mem.c route the address here). The record goes then: no longer live, no
+ *    leak.
+ *  - Its bytes stay reserved in the limit while the graph that owns the allocation node exists,
+ *    freed or not: every launch of that graph recreates the allocation at the same address, and
+ *    the driver keeps the node's address (and the physical memory it mapped, in its graph memory
+ *    pool) as long. They go back when the graph is destroyed and the allocation is not live, or,
+ *    for an allocation still live when its graph went, when that allocation is freed.
+ *  - When its graph is destroyed, an allocation that is still tracked is asked after: if the
+ *    driver no longer knows the address (no launch made it live), it went with its node and is
+ *    forgotten (no leak); otherwise it lives on, as the driver documents, until it is freed.
+ *
+ * The table below remembers, per graph allocation, its owning graph and whether its record is
+ * gone while its graph still holds the bytes. Lock order: graph_lock, then a heap's lock (the
+ * engine calls below take it); nothing is called with graph_lock held that could come back here. */
+#include "shim.h"
+
+typedef struct graph_alloc {
+    uintptr_t ptr;    /* the key: the driver's address */
+    CUgraph graph;    /* the graph of its allocation node; NULL once that graph is destroyed */
+    bool held;        /* freed: the record is gone, its bytes are held here until the graph goes */
+    int device;       /* held: where they are reserved */
+    size_t size;
+    UT_hash_handle hh;
+} graph_alloc;
+
+static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
+static graph_alloc *graph_allocs;
+
+static void drop_locked(graph_alloc *e)
+{
+    if (e->held) gm_limit_unreserve(e->device, e->size);
+    HASH_DEL(graph_allocs, e);
+    free(e);
+}
+
+CUresult shim_graph_alloc(gm_heap *heap, CUgraph graph, CUdeviceptr *dptr, size_t size, uintptr_t stream,
+                          const gm_callsite *site, CUresult (*call)(void *), void *arg)
+{
+    graph_alloc *e = calloc(1, sizeof *e);
+    if (!e) return call(arg); /* cannot remember it: the driver's allocation, uncounted */
+    if (gm_track_reserve(heap, size) != GPUMEM_OK) {
+        free(e);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    CUresult res = call(arg);
+    if (res != CUDA_SUCCESS) {
+        gm_track_abort(heap, size);
+        free(e);
+        return res;
+    }
+    uintptr_t p = (uintptr_t)*dptr;
+    *e = (graph_alloc){.ptr = p, .graph = graph};
+    pthread_mutex_lock(&graph_lock);
+    graph_alloc *old = NULL;
+    HASH_FIND(hh, graph_allocs, &p, sizeof p, old);
+    if (old) drop_locked(old); /* the driver reused an address of a graph that went (its record, if
+                                * any, is replaced by the commit below) */
+    gm_track_commit(heap, p, size, GM_KIND_GRAPH, stream, site);
+    HASH_ADD(hh, graph_allocs, ptr, sizeof e->ptr, e);
+    pthread_mutex_unlock(&graph_lock);
+    return CUDA_SUCCESS;
+}
+
+void shim_graph_freed(gm_heap *hint, CUdeviceptr dptr)
+{
+    uintptr_t p = (uintptr_t)dptr;
+    pthread_mutex_lock(&graph_lock);
+    graph_alloc *e = NULL;
+    HASH_FIND(hh, graph_allocs, &p, sizeof p, e);
+    if (!e) {
+        gm_untrack(hint, p, GM_KIND_GRAPH);
+    } else if (!e->held && e->graph) {
+        if (gm_untrack_keep_reserved(hint, p, GM_KIND_GRAPH, &e->device, &e->size) == GM_OURS) e->held = true;
+    } else if (!e->held) {
+        gm_untrack(hint, p, GM_KIND_GRAPH);
+        drop_locked(e);
+    }
+    pthread_mutex_unlock(&graph_lock);
+}
+
+/* Whether the driver still knows `p` as an allocation (a graph allocation that outlives its graph
+ * does; one that no launch made live went with its node). */
+static bool driver_knows(uintptr_t p)
+{
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    return !shim_real_cuMemGetAddressRange_v2 ||
+           shim_real_cuMemGetAddressRange_v2(&base, &size, (CUdeviceptr)p) == CUDA_SUCCESS;
+}
+
+static void graph_destroyed(gm_heap *hint, CUgraph graph)
+{
+    pthread_mutex_lock(&graph_lock);
+    graph_alloc *e, *next;
+    HASH_ITER(hh, graph_allocs, e, next) {
+        if (e->graph != graph) continue;
+        if (e->held) {
+            drop_locked(e);
+        } else if (!driver_knows(e->ptr)) { /* never live (not launched, or freed by the driver) */
+            gm_untrack(hint, e->ptr, GM_KIND_GRAPH);
+            drop_locked(e);
+        } else {
+            e->graph = NULL; /* live: it keeps its record (and bytes) until it is freed */
+        }
+    }
+    pthread_mutex_unlock(&graph_lock);
+}
+
+/* ------------------------------------------------------------------ stream capture */
+
+typedef CUresult (*capture_info_v3_fn)(CUstream, CUstreamCaptureStatus *, cuuint64_t *, CUgraph *,
+                                       const CUgraphNode **, const CUgraphEdgeData **, size_t *);
+typedef CUresult (*capture_info_v2_fn)(CUstream, CUstreamCaptureStatus *, cuuint64_t *, CUgraph *,
+                                       const CUgraphNode **, size_t *);
+
+bool shim_graph_capturing(CUstream stream, bool per_thread, CUgraph *graph)
+{
+    static _Atomic(void *) v3[2], v2[2];
+    static _Atomic bool looked[2];
+    int i = per_thread;
+    if (!atomic_load(&looked[i])) {
+        atomic_store(&v3[i], gm_driver_sym(per_thread ? "cuStreamGetCaptureInfo_v3_ptsz" : "cuStreamGetCaptureInfo_v3"));
+        atomic_store(&v2[i], gm_driver_sym(per_thread ? "cuStreamGetCaptureInfo_v2_ptsz" : "cuStreamGetCaptureInfo_v2"));
+        atomic_store(&looked[i], true);
+    }
+    CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+    CUgraph g = NULL;
+    CUresult rc = CUDA_ERROR_NOT_FOUND;
+    void *f3 = atomic_load(&v3[i]), *f2 = atomic_load(&v2[i]);
+    if (f3) rc = ((capture_info_v3_fn)f3)(stream, &status, NULL, &g, NULL, NULL, NULL);
+    else if (f2) rc = ((capture_info_v2_fn)f2)(stream, &status, NULL, &g, NULL, NULL);
+    if (rc != CUDA_SUCCESS || status != CU_STREAM_CAPTURE_STATUS_ACTIVE || !g) return false;
+    *graph = g;
+    return true;
+}
+
+/* ------------------------------------------------------------------ the entry points */
+
+/* The heap an allocation node on `loc` counts in: the current context's, when the node allocates
+ * device memory of that context's device (else NULL: passed through, uncounted). */
+static gm_heap *node_heap(const CUmemLocation *loc, size_t bytesize)
+{
+    if (!shim_active() || !bytesize || loc->type != CU_MEM_LOCATION_TYPE_DEVICE) return NULL;
+    gm_heap *heap = shim_current_heap();
+    return heap && heap->device == loc->id ? heap : NULL;
+}
+
+typedef struct {
+    CUgraphNode *node;
+    CUgraph graph;
+    const CUgraphNode *deps;
+    const CUgraphEdgeData *edges;
+    size_t ndeps;
+    CUDA_MEM_ALLOC_NODE_PARAMS *alloc;   /* cuGraphAddMemAllocNode */
+    CUgraphNodeParams *params;           /* cuGraphAddNode(_v2) */
+    int abi;                             /* 0: AddMemAllocNode, 1: AddNode, 2: AddNode_v2 */
+} node_args;
+
+static CUresult call_real_node(void *arg)
+{
+    node_args *a = arg;
+    switch (a->abi) {
+    case 0: return shim_real_cuGraphAddMemAllocNode(a->node, a->graph, a->deps, a->ndeps, a->alloc);
+    case 1: return shim_real_cuGraphAddNode(a->node, a->graph, a->deps, a->ndeps, a->params);
+    default: return shim_real_cuGraphAddNode_v2(a->node, a->graph, a->deps, a->edges, a->ndeps, a->params);
+    }
+}
+
+CUresult cuGraphAddMemAllocNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps, size_t ndeps,
+                                CUDA_MEM_ALLOC_NODE_PARAMS *params)
+{
+    SHIM_REQUIRE_REAL(cuGraphAddMemAllocNode);
+    gm_heap *heap = params && node && graph ? node_heap(&params->poolProps.location, params->bytesize) : NULL;
+    if (!heap) return shim_real_cuGraphAddMemAllocNode(node, graph, deps, ndeps, params);
+    SHIM_TRACE("cuGraphAddMemAllocNode graph=%p size=%zu", (void *)graph, params->bytesize);
+    node_args a = {node, graph, deps, NULL, ndeps, params, NULL, 0};
+    return shim_graph_alloc(heap, graph, &params->dptr, params->bytesize, 0, GM_CALLSITE(), call_real_node, &a);
+}
+
+CUresult cuGraphAddMemFreeNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps, size_t ndeps,
+                               CUdeviceptr dptr)
+{
+    SHIM_REQUIRE_REAL(cuGraphAddMemFreeNode);
+    CUresult res = shim_real_cuGraphAddMemFreeNode(node, graph, deps, ndeps, dptr);
+    if (res == CUDA_SUCCESS && shim_active()) {
+        SHIM_TRACE("cuGraphAddMemFreeNode graph=%p ptr=%#llx", (void *)graph, (unsigned long long)dptr);
+        shim_graph_freed(shim_current_heap(), dptr);
+    }
+    return res;
+}
+
+/* cuGraphAddNode(_v2): only allocation and free nodes concern gpumem; every other type passes. */
+static CUresult add_node(node_args *a, const gm_callsite *site)
+{
+    CUgraphNodeParams *p = a->params;
+    if (!p || !a->node || !a->graph || !shim_active() ||
+        (p->type != CU_GRAPH_NODE_TYPE_MEM_ALLOC && p->type != CU_GRAPH_NODE_TYPE_MEM_FREE))
+        return call_real_node(a);
+    if (p->type == CU_GRAPH_NODE_TYPE_MEM_FREE) {
+        CUresult res = call_real_node(a);
+        if (res == CUDA_SUCCESS) {
+            SHIM_TRACE("cuGraphAddNode MEM_FREE graph=%p ptr=%#llx", (void *)a->graph, (unsigned long long)p->free.dptr);
+            shim_graph_freed(shim_current_heap(), p->free.dptr);
+        }
+        return res;
+    }
+    gm_heap *heap = node_heap(&p->alloc.poolProps.location, p->alloc.bytesize);
+    if (!heap) return call_real_node(a);
+    SHIM_TRACE("cuGraphAddNode MEM_ALLOC graph=%p size=%zu", (void *)a->graph, p->alloc.bytesize);
+    return shim_graph_alloc(heap, a->graph, &p->alloc.dptr, p->alloc.bytesize, 0, site, call_real_node, a);
+}
+
+CUresult cuGraphAddNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps, size_t ndeps,
+                        CUgraphNodeParams *params)
+{
+    SHIM_REQUIRE_REAL(cuGraphAddNode);
+    node_args a = {node, graph, deps, NULL, ndeps, NULL, params, 1};
+    return add_node(&a, GM_CALLSITE());
+}
+
+CUresult cuGraphAddNode_v2(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                           const CUgraphEdgeData *edges, size_t ndeps, CUgraphNodeParams *params)
+{
+    SHIM_REQUIRE_REAL(cuGraphAddNode_v2);
+    node_args a = {node, graph, deps, edges, ndeps, NULL, params, 2};
+    return add_node(&a, GM_CALLSITE());
+}
+
+CUresult cuGraphDestroy(CUgraph graph)
+{
+    SHIM_REQUIRE_REAL(cuGraphDestroy);
+    CUresult res = shim_real_cuGraphDestroy(graph);
+    if (res == CUDA_SUCCESS && graph && atomic_load(&shim_ready)) {
+        SHIM_TRACE("cuGraphDestroy graph=%p", (void *)graph);
+        graph_destroyed(shim_current_heap(), graph);
+    }
+    return res;
+}
