@@ -38,6 +38,27 @@ typedef struct graph_alloc {
 
 static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
 static graph_alloc *graph_allocs;
+static pthread_once_t graph_once = PTHREAD_ONCE_INIT;
+
+static void lock_graphs(void) { pthread_mutex_lock(&graph_lock); }
+static void unlock_graphs(void) { pthread_mutex_unlock(&graph_lock); }
+
+/* A fork child has no CUDA context and no graph: it forgets the parent's, with a fresh lock. */
+static void child_after_fork(void)
+{
+    pthread_mutex_init(&graph_lock, NULL);
+    graph_alloc *e, *next;
+    HASH_ITER(hh, graph_allocs, e, next) {
+        HASH_DEL(graph_allocs, e);
+        free(e);
+    }
+}
+
+static void graph_init(void)
+{
+    static const gm_fork_handlers handlers = {lock_graphs, unlock_graphs, child_after_fork};
+    gm_fork_register(GM_FORK_GRAPHS, &handlers);
+}
 
 static void drop_locked(graph_alloc *e)
 {
@@ -49,6 +70,7 @@ static void drop_locked(graph_alloc *e)
 CUresult shim_graph_alloc(gm_heap *heap, CUgraph graph, CUdeviceptr *dptr, size_t size, uintptr_t stream,
                           const gm_callsite *site, CUresult (*call)(void *), void *arg)
 {
+    pthread_once(&graph_once, graph_init);
     graph_alloc *e = calloc(1, sizeof *e);
     if (!e) return call(arg); /* cannot remember it: the driver's allocation, uncounted */
     if (gm_track_reserve(heap, size) != GPUMEM_OK) {
