@@ -24,10 +24,11 @@ static void report_bad_free(const char *api, CUdeviceptr p, uintptr_t caller)
 }
 
 /* A pass-through allocation the driver just freed: forgotten (a graph allocation through
- * hooks_graph.c, whose graph may still hold its bytes). */
-static void untrack_freed(gm_heap *hint, CUdeviceptr dptr, gm_alloc_kind kind)
+ * hooks_graph.c, whose graph may still hold its bytes; `in_graph`: the graph a captured
+ * cuMemFreeAsync added its free node to). */
+static void untrack_freed(gm_heap *hint, CUdeviceptr dptr, gm_alloc_kind kind, CUgraph in_graph)
 {
-    if (kind == GM_KIND_GRAPH) shim_graph_freed(hint, dptr);
+    if (kind == GM_KIND_GRAPH) shim_graph_freed(hint, dptr, in_graph);
     else gm_untrack(hint, (uintptr_t)dptr, kind);
 }
 
@@ -109,7 +110,7 @@ CUresult cuMemFree_v2(CUdeviceptr dptr)
     if (a.owner == GM_NOT_OURS) return shim_real_cuMemFree_v2(dptr);
     if (a.owner == GM_PASSTHROUGH) {
         CUresult res = shim_real_cuMemFree_v2(dptr);
-        if (res == CUDA_SUCCESS) untrack_freed(hint, dptr, kind);
+        if (res == CUDA_SUCCESS) untrack_freed(hint, dptr, kind, NULL);
         return res;
     }
     if (a.status == CUDA_ERROR_INVALID_VALUE) report_bad_free("cuMemFree", dptr, CALLER);
@@ -213,8 +214,11 @@ static CUresult free_async(CUdeviceptr dptr, CUstream stream, bool per_thread, u
     gm_answer a = gm_free(hint, (uintptr_t)dptr, shim_stream(stream, per_thread), &kind);
     if (a.owner == GM_NOT_OURS) return real(dptr, stream);
     if (a.owner == GM_PASSTHROUGH) {
+        /* Captured, the driver adds a free node to the graph being built. */
+        CUgraph graph = NULL;
+        if (kind == GM_KIND_GRAPH && shim_capture_active()) shim_graph_capturing(stream, per_thread, &graph);
         CUresult res = real(dptr, stream);
-        if (res == CUDA_SUCCESS) untrack_freed(hint, dptr, kind);
+        if (res == CUDA_SUCCESS) untrack_freed(hint, dptr, kind, graph);
         return res;
     }
     if (a.status == CUDA_ERROR_INVALID_VALUE) report_bad_free("cuMemFreeAsync", dptr, caller);

@@ -59,6 +59,14 @@ SHIM_EXPORT CUresult cuGraphAddNode(CUgraphNode *node, CUgraph graph, const CUgr
 SHIM_EXPORT CUresult cuGraphAddNode_v2(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
                                        const CUgraphEdgeData *edges, size_t ndeps, CUgraphNodeParams *params);
 SHIM_EXPORT CUresult cuGraphDestroy(CUgraph graph);
+SHIM_EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags);
+SHIM_EXPORT CUresult cuGraphInstantiateWithParams(CUgraphExec *exec, CUgraph graph,
+                                                  CUDA_GRAPH_INSTANTIATE_PARAMS *params);
+SHIM_EXPORT CUresult cuGraphInstantiateWithParams_ptsz(CUgraphExec *exec, CUgraph graph,
+                                                       CUDA_GRAPH_INSTANTIATE_PARAMS *params);
+SHIM_EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec);
+SHIM_EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream);
+SHIM_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec exec, CUstream stream);
 
 SHIM_EXPORT CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr);
 /* cuIpcOpenMemHandle: the CUDA 4.1 ABI; cuIpcOpenMemHandle_v2 (11.0) is what cudart 13 asks for. */
@@ -213,9 +221,9 @@ gm_heap *shim_current_heap(void);
  * reserved in the limit first (CUDA_ERROR_OUT_OF_MEMORY over it), then tracked as GM_KIND_GRAPH. */
 CUresult shim_graph_alloc(gm_heap *heap, CUgraph graph, CUdeviceptr *dptr, size_t size, uintptr_t stream,
                           const gm_callsite *site, CUresult (*call)(void *), void *arg);
-/* The driver accepted a free of `dptr` (a free node, or cuMemFree/cuMemFreeAsync of a graph
- * allocation): its record goes; its bytes stay reserved while its graph exists. */
-void shim_graph_freed(gm_heap *hint, CUdeviceptr dptr);
+/* The driver accepted a free of `dptr`: a free node of `in_graph` (cuMemFreeAsync captured into it
+ * included), or with `in_graph` NULL cuMemFree/cuMemFreeAsync of a graph allocation. */
+void shim_graph_freed(gm_heap *hint, CUdeviceptr dptr, CUgraph in_graph);
 /* True, with the graph being built, when `stream` is capturing. */
 bool shim_graph_capturing(CUstream stream, bool per_thread, CUgraph *graph);
 /* Stream handle as the engine should see it: 0 in a _ptsz entry point is the per-thread stream. */

@@ -179,9 +179,17 @@ Test(graphs, a_free_node_in_another_graph_frees_it)
     OK(cuGraphAddMemFreeNode(&f, g2, NULL, 0, p));
     ERR(cuGraphAddMemFreeNode(&f, g1, NULL, 0, p), CUDA_ERROR_INVALID_VALUE); /* one free node in all */
     gpumem_stats st = api_stats_or_fail();
-    cr_assert_eq(st.bytes_requested, 0);
-    cr_assert_eq(st.frees, 1);
+    cr_assert_eq(st.bytes_requested, MiB, "live until g2 runs its free node");
     CUgraphExec e2 = launch(g2, s);
+    st = api_stats_or_fail();
+    cr_assert_eq(st.bytes_requested, 0, "g2's launch freed it");
+    cr_assert_eq(st.frees, 1);
+    /* g1 makes it again, g2 frees it again, each time. */
+    OK(cuGraphLaunch(e1, s));
+    cr_assert_eq(api_stats_or_fail().bytes_requested, MiB);
+    OK(cuGraphLaunch(e2, s));
+    OK(cuStreamSynchronize(s));
+    cr_assert_eq(api_stats_or_fail().bytes_requested, 0);
     OK(cuGraphExecDestroy(e2));
     OK(cuGraphExecDestroy(e1));
     OK(cuGraphDestroy(g2));
@@ -189,8 +197,53 @@ Test(graphs, a_free_node_in_another_graph_frees_it)
     OK(cuGraphDestroy(g1));
     st = api_stats_or_fail();
     cr_assert_eq(st.bytes_reserved, 0);
-    cr_assert_eq(st.frees, 1);
+    cr_assert_eq(st.frees, 2);
     cr_assert_eq(counters().bytes_in_use, 0);
+}
+
+/* A launch after the program freed the last launch's allocation makes it again, at the same
+ * address: live again, a leak again if nothing frees it. */
+Test(graphs, a_relaunch_makes_a_freed_allocation_live_again)
+{
+    api_start();
+    CUstream s;
+    OK(cuStreamCreate(&s, 0));
+    CUgraph g;
+    OK(cuGraphCreate(&g, 0));
+    CUdeviceptr p = add_alloc(g, MiB, NULL);
+    CUDA_GRAPH_INSTANTIATE_PARAMS ip;
+    memset(&ip, 0, sizeof ip);
+    CUgraphExec e;
+    OK(cuGraphInstantiateWithParams(&e, g, &ip));
+    for (int i = 0; i < 3; i++) {
+        OK(cuGraphLaunch(e, s));
+        gpumem_stats st = api_stats_or_fail();
+        cr_assert_eq(st.bytes_requested, MiB, "launch %d: live", i);
+        cr_assert_eq(st.bytes_reserved, MiB, "launch %d: the graph's bytes, taken once", i);
+        OK(cuMemsetD8(p, (unsigned char)i, MiB));
+        OK(cuMemFreeAsync(p, s));
+        OK(cuStreamSynchronize(s));
+        cr_assert_eq(api_stats_or_fail().bytes_requested, 0, "launch %d: freed", i);
+    }
+    OK(cuGraphLaunch_ptsz(e, 0));
+    OK(cuGraphExecDestroy(e));
+    OK(cuGraphDestroy(g));
+    gpumem_stats st = api_stats_or_fail();
+    cr_assert_eq(st.bytes_requested, MiB, "made by the last launch, never freed: a leak");
+    cr_assert_eq(st.allocations, 4);
+    cr_assert_eq(st.frees, 3);
+    api_report_fn report = (api_report_fn)(uintptr_t)api_shim_sym("gpumem_report");
+    cr_assert_not_null(report);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    cr_assert_not_null(f);
+    report(f);
+    fclose(f);
+    cr_assert(strstr(buf, "Leak of 1048576 byte(s) in 1 allocation(s) on device 0"), "%s", buf);
+    free(buf);
+    OK(cuMemFree(p));
+    cr_assert_eq(api_stats_or_fail().bytes_reserved, 0);
 }
 
 Test(graphs, an_allocation_node_over_the_limit_is_refused_before_the_driver)

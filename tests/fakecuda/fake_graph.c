@@ -1,7 +1,7 @@
 /* fake_graph.c: graphs, as far as graph memory nodes need them. cuGraphCreate/Destroy, allocation
  * and free nodes (cuGraphAddMemAllocNode, cuGraphAddMemFreeNode, cuGraphAddNode and _v2 for those
  * two types; any other node type is CUDA_ERROR_NOT_SUPPORTED here), their parameters,
- * cuGraphInstantiateWithFlags, cuGraphLaunch(_ptsz), cuGraphExecDestroy, and the graphs that
+ * cuGraphInstantiateWithFlags and WithParams(_ptsz), cuGraphLaunch(_ptsz), cuGraphExecDestroy, and the graphs that
  * stream capture builds (fake_stream.c asks for one per capture). A captured stream's work still
  * runs at once (fake_internal.h): such a graph has no nodes and launches as nothing.
  *
@@ -334,7 +334,7 @@ CUresult graph_mem_free(fk_alloc *a)
 
 /* ================================================================ executable graphs */
 
-FK_API CUresult CUDAAPI cuGraphInstantiateWithFlags(CUgraphExec *ph, CUgraph h, unsigned long long flags)
+static CUresult graph_instantiate(CUgraphExec *ph, CUgraph h, unsigned long long flags)
 {
     CUresult r = state_enter();
     if (r)
@@ -352,6 +352,33 @@ FK_API CUresult CUDAAPI cuGraphInstantiateWithFlags(CUgraphExec *ph, CUgraph h, 
     g->execs++;
     *ph = (CUgraphExec)e;
     return state_leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuGraphInstantiateWithFlags(CUgraphExec *ph, CUgraph h, unsigned long long flags)
+{
+    return graph_instantiate(ph, h, flags);
+}
+
+/* The upload stream is not used: there is nothing to upload. */
+static CUresult graph_instantiate_params(CUgraphExec *ph, CUgraph h, CUDA_GRAPH_INSTANTIATE_PARAMS *p)
+{
+    if (!p)
+        return CUDA_ERROR_INVALID_VALUE;
+    CUresult r = graph_instantiate(ph, h, p->flags);
+    p->hErrNode_out = NULL;
+    p->result_out = r == CUDA_SUCCESS ? CUDA_GRAPH_INSTANTIATE_SUCCESS : CUDA_GRAPH_INSTANTIATE_ERROR;
+    return r;
+}
+
+FK_API CUresult CUDAAPI cuGraphInstantiateWithParams(CUgraphExec *ph, CUgraph h, CUDA_GRAPH_INSTANTIATE_PARAMS *p)
+{
+    return graph_instantiate_params(ph, h, p);
+}
+
+FK_API CUresult CUDAAPI cuGraphInstantiateWithParams_ptsz(CUgraphExec *ph, CUgraph h,
+                                                          CUDA_GRAPH_INSTANTIATE_PARAMS *p)
+{
+    return graph_instantiate_params(ph, h, p);
 }
 
 FK_API CUresult CUDAAPI cuGraphExecDestroy(CUgraphExec h)
@@ -436,6 +463,8 @@ void graph_forget_in_child(void)
     X("cuGraphAddNode", 12020, 0, cuGraphAddNode)                                   \
     X("cuGraphAddNode", 12030, 0, cuGraphAddNode_v2)                                \
     X("cuGraphInstantiateWithFlags", 11040, 0, cuGraphInstantiateWithFlags)         \
+    X("cuGraphInstantiateWithParams", 12000, 0, cuGraphInstantiateWithParams)       \
+    X("cuGraphInstantiateWithParams", 12000, 1, cuGraphInstantiateWithParams_ptsz)  \
     X("cuGraphExecDestroy", 10000, 0, cuGraphExecDestroy)                           \
     X("cuGraphLaunch", 10000, 0, cuGraphLaunch)                                     \
     X("cuGraphLaunch", 10000, 1, cuGraphLaunch_ptsz)

@@ -64,6 +64,8 @@ CUresult CUDAAPI cuStreamGetCaptureInfo_v3_ptsz(CUstream s, CUstreamCaptureStatu
                                                 CUgraph *graph, const CUgraphNode **deps,
                                                 const CUgraphEdgeData **edges, size_t *ndeps);
 CUresult CUDAAPI cuGraphLaunch_ptsz(CUgraphExec exec, CUstream s);
+CUresult CUDAAPI cuGraphInstantiateWithParams_ptsz(CUgraphExec *exec, CUgraph graph,
+                                                   CUDA_GRAPH_INSTANTIATE_PARAMS *params);
 CUresult CUDAAPI cuStreamBeginCaptureToGraph_ptsz(CUstream s, CUgraph graph, const CUgraphNode *deps,
                                                   const CUgraphEdgeData *edges, size_t ndeps,
                                                   CUstreamCaptureMode mode);
