@@ -405,3 +405,59 @@ Test(graphs, an_unfreed_graph_allocation_is_in_the_exit_report_with_its_call_sit
     cr_assert(strstr(c.err, "limit rejections 1"), "%s", c.err);
     api_child_free(&c);
 }
+
+Test(graphs, the_per_thread_entry_points_instantiate_and_launch_alike)
+{
+    api_start();
+    CUgraph g;
+    OK(cuGraphCreate(&g, 0));
+    CUdeviceptr p = add_alloc(g, MiB, NULL);
+    CUDA_GRAPH_INSTANTIATE_PARAMS ip;
+    memset(&ip, 0, sizeof ip);
+    CUgraphExec e;
+    OK(cuGraphInstantiateWithParams_ptsz(&e, g, &ip));
+    cr_assert_eq(ip.result_out, CUDA_GRAPH_INSTANTIATE_SUCCESS);
+    OK(cuGraphLaunch_ptsz(e, 0));
+    OK(cuMemFreeAsync_ptsz(p, 0));
+    OK(cuStreamSynchronize_ptsz(0));
+    cr_assert_eq(api_stats_or_fail().bytes_requested, 0);
+    OK(cuGraphLaunch_ptsz(e, 0));
+    cr_assert_eq(api_stats_or_fail().bytes_requested, MiB, "the per-thread launch made it again");
+    OK(cuMemFreeAsync_ptsz(p, 0));
+    OK(cuStreamSynchronize_ptsz(0));
+    OK(cuGraphExecDestroy(e));
+    OK(cuGraphDestroy(g));
+    gpumem_stats st = api_stats_or_fail();
+    cr_assert_eq(st.bytes_requested, 0);
+    cr_assert_eq(st.bytes_reserved, 0);
+}
+
+Test(graphs, a_fork_child_starts_without_its_parents_graph_allocations)
+{
+    api_start();
+    CUgraph g;
+    OK(cuGraphCreate(&g, 0));
+    add_alloc(g, MiB, NULL);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        CUcontext c = NULL;
+        CUdevice d;
+        CUgraph cg;
+        CUgraphNode n;
+        CUDA_MEM_ALLOC_NODE_PARAMS p = alloc_params(4096);
+        gpumem_stats st;
+        bool ok = cuInit(0) == CUDA_SUCCESS && cuDeviceGet(&d, 0) == CUDA_SUCCESS &&
+                  cuDevicePrimaryCtxRetain(&c, d) == CUDA_SUCCESS && cuCtxSetCurrent(c) == CUDA_SUCCESS &&
+                  cuGraphCreate(&cg, 0) == CUDA_SUCCESS &&
+                  cuGraphAddMemAllocNode(&n, cg, NULL, 0, &p) == CUDA_SUCCESS &&
+                  api_stats(&st) && st.bytes_reserved == 4096 && cuGraphDestroy(cg) == CUDA_SUCCESS &&
+                  api_stats(&st) && st.bytes_reserved == 0;
+        _exit(ok ? 0 : 1);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the child's graph memory was not its own");
+    cr_assert_eq(api_stats_or_fail().bytes_reserved, MiB);
+    OK(cuGraphDestroy(g));
+}
