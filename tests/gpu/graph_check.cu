@@ -15,6 +15,9 @@
 //   captured=OK|BAD         the captured graph launched and its memory held the memset's bytes
 //   driver_oversize=NAME    what an allocation node of 1 TiB gets (information: without a limit
 //                           this is the driver's own answer; under one, the shim's)
+//   graph_reserved=B, graph_used=B  the driver's CU_GRAPH_MEM_ATTR_RESERVED/USED_MEM_CURRENT after
+//                           the first launch (information: the physical memory the driver mapped
+//                           for graph allocations, which gpumem does not see)
 // and "graph_check: OK" when every call that should succeed did. With --probe it only runs the
 // trace probe (markers "graph_check: probe begin|end <runtime call>" on stderr).
 // Build: nvcc -O2 -o graph_check graph_check.cu
@@ -168,6 +171,13 @@ int main(int argc, char **argv)
     check(cudaGraphLaunch(e, s), "cudaGraphLaunch");
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     printf("data=%s\n", holds(pa.dptr, mib64, 0x5A) ? "OK" : "BAD");
+    unsigned long long graph_reserved = 0, graph_used = 0; /* the attributes are 64-bit */
+    check(cudaDeviceGetGraphMemAttribute(0, cudaGraphMemAttrReservedMemCurrent, &graph_reserved),
+          "cudaDeviceGetGraphMemAttribute (reserved)");
+    check(cudaDeviceGetGraphMemAttribute(0, cudaGraphMemAttrUsedMemCurrent, &graph_used),
+          "cudaDeviceGetGraphMemAttribute (used)");
+    printf("graph_reserved=%llu\ngraph_used=%llu\n", (unsigned long long)graph_reserved,
+           (unsigned long long)graph_used);
     cudaPointerAttributes attr;
     check(cudaPointerGetAttributes(&attr, pa.dptr), "cudaPointerGetAttributes");
     printf("attr_device=%d\n", attr.type == cudaMemoryTypeDevice && attr.device == 0 && attr.devicePointer == pa.dptr);
