@@ -54,6 +54,7 @@ static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
 static graph_alloc *graph_allocs;
 static graph_exec *graph_execs;
 static pthread_once_t graph_once = PTHREAD_ONCE_INIT;
+static _Atomic bool graph_allocs_made;
 
 static void lock_graphs(void) { pthread_mutex_lock(&graph_lock); }
 static void unlock_graphs(void) { pthread_mutex_unlock(&graph_lock); }
@@ -118,6 +119,7 @@ CUresult shim_graph_alloc(gm_heap *heap, CUgraph graph, CUdeviceptr *dptr, size_
                                 * any, is replaced by the commit below) */
     gm_track_commit(heap, p, size, GM_KIND_GRAPH, stream, site);
     HASH_ADD(hh, graph_allocs, ptr, sizeof e->ptr, e);
+    atomic_store_explicit(&graph_allocs_made, true, memory_order_relaxed);
     pthread_mutex_unlock(&graph_lock);
     return CUDA_SUCCESS;
 }
@@ -233,13 +235,11 @@ static CUgraph exec_graph(CUgraphExec exec, bool forget)
     return g;
 }
 
-/* Whether any graph allocation is known: launches and instantiations cost nothing otherwise. */
+/* Whether any graph allocation was ever made: a launch costs one load otherwise (a program may
+ * replay graphs without memory nodes thousands of times a second). */
 static bool any_graph_allocs(void)
 {
-    pthread_mutex_lock(&graph_lock);
-    bool any = graph_allocs != NULL;
-    pthread_mutex_unlock(&graph_lock);
-    return any;
+    return atomic_load_explicit(&graph_allocs_made, memory_order_relaxed);
 }
 
 /* ------------------------------------------------------------------ stream capture */
