@@ -23,6 +23,15 @@ static void report_bad_free(const char *api, CUdeviceptr p, uintptr_t caller)
     gm_stats_invalid_free(api, (uintptr_t)p, "", "double free, or a pointer inside a block", caller);
 }
 
+/* A pass-through allocation the driver just freed: forgotten (a graph allocation through
+ * hooks_graph.c, whose graph may still hold its bytes; `in_graph`: the graph a captured
+ * cuMemFreeAsync added its free node to). */
+static void untrack_freed(gm_heap *hint, CUdeviceptr dptr, gm_alloc_kind kind, CUgraph in_graph)
+{
+    if (kind == GM_KIND_GRAPH) shim_graph_freed(hint, dptr, in_graph);
+    else gm_untrack(hint, (uintptr_t)dptr, kind);
+}
+
 /* ------------------------------------------------------------------ pooled */
 
 /* Pass-through with tracking (stream capture): the driver decides, we count. */
@@ -101,7 +110,7 @@ CUresult cuMemFree_v2(CUdeviceptr dptr)
     if (a.owner == GM_NOT_OURS) return shim_real_cuMemFree_v2(dptr);
     if (a.owner == GM_PASSTHROUGH) {
         CUresult res = shim_real_cuMemFree_v2(dptr);
-        if (res == CUDA_SUCCESS) gm_untrack(hint, (uintptr_t)dptr, kind);
+        if (res == CUDA_SUCCESS) untrack_freed(hint, dptr, kind, NULL);
         return res;
     }
     if (a.status == CUDA_ERROR_INVALID_VALUE) report_bad_free("cuMemFree", dptr, CALLER);
@@ -153,8 +162,13 @@ static CUresult alloc_async(async_args *a, const gm_callsite *site)
     if (!heap) return call_real_async(a);
     SHIM_TRACE("cuMemAlloc%sAsync%s size=%zu", a->pool ? "FromPool" : "", a->per_thread ? "_ptsz" : "",
                a->size);
-    return alloc_tracked_passthrough(heap, a->dptr, a->size, GM_KIND_ASYNC,
-                                     shim_stream(a->stream, a->per_thread), site, call_real_async, a);
+    uintptr_t stream = shim_stream(a->stream, a->per_thread);
+    /* Captured, the driver adds an allocation node to the graph being built: a graph allocation,
+     * counted as one made by cuGraphAddMemAllocNode (hooks_graph.c). */
+    CUgraph graph = NULL;
+    if (shim_capture_active() && shim_graph_capturing(a->stream, a->per_thread, &graph))
+        return shim_graph_alloc(heap, graph, a->dptr, a->size, stream, site, call_real_async, a);
+    return alloc_tracked_passthrough(heap, a->dptr, a->size, GM_KIND_ASYNC, stream, site, call_real_async, a);
 }
 
 CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream stream)
@@ -200,8 +214,11 @@ static CUresult free_async(CUdeviceptr dptr, CUstream stream, bool per_thread, u
     gm_answer a = gm_free(hint, (uintptr_t)dptr, shim_stream(stream, per_thread), &kind);
     if (a.owner == GM_NOT_OURS) return real(dptr, stream);
     if (a.owner == GM_PASSTHROUGH) {
+        /* Captured, the driver adds a free node to the graph being built. */
+        CUgraph graph = NULL;
+        if (kind == GM_KIND_GRAPH && shim_capture_active()) shim_graph_capturing(stream, per_thread, &graph);
         CUresult res = real(dptr, stream);
-        if (res == CUDA_SUCCESS) gm_untrack(hint, (uintptr_t)dptr, kind);
+        if (res == CUDA_SUCCESS) untrack_freed(hint, dptr, kind, graph);
         return res;
     }
     if (a.status == CUDA_ERROR_INVALID_VALUE) report_bad_free("cuMemFreeAsync", dptr, caller);

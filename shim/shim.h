@@ -11,6 +11,7 @@
 #undef cuDevicePrimaryCtxRelease
 #undef cuDevicePrimaryCtxReset
 #undef cuIpcOpenMemHandle
+#undef cuGraphAddNode
 
 #include "gm_report.h"
 #include "nvml_abi.h"
@@ -49,6 +50,24 @@ SHIM_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *handle, const CUDA
                                             unsigned int levels);
 SHIM_EXPORT CUresult cuMipmappedArrayDestroy(CUmipmappedArray handle);
 SHIM_EXPORT CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr);
+SHIM_EXPORT CUresult cuGraphAddMemAllocNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                                            size_t ndeps, CUDA_MEM_ALLOC_NODE_PARAMS *params);
+SHIM_EXPORT CUresult cuGraphAddMemFreeNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                                           size_t ndeps, CUdeviceptr dptr);
+/* cuGraphAddNode: the CUDA 12.2 ABI; cuGraphAddNode_v2 (12.3, edge data) is what cuda.h 13 names. */
+SHIM_EXPORT CUresult cuGraphAddNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps, size_t ndeps,
+                                    CUgraphNodeParams *params);
+SHIM_EXPORT CUresult cuGraphAddNode_v2(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                                       const CUgraphEdgeData *edges, size_t ndeps, CUgraphNodeParams *params);
+SHIM_EXPORT CUresult cuGraphDestroy(CUgraph graph);
+SHIM_EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags);
+SHIM_EXPORT CUresult cuGraphInstantiateWithParams(CUgraphExec *exec, CUgraph graph,
+                                                  CUDA_GRAPH_INSTANTIATE_PARAMS *params);
+SHIM_EXPORT CUresult cuGraphInstantiateWithParams_ptsz(CUgraphExec *exec, CUgraph graph,
+                                                       CUDA_GRAPH_INSTANTIATE_PARAMS *params);
+SHIM_EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec);
+SHIM_EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream);
+SHIM_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec exec, CUstream stream);
 
 SHIM_EXPORT CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr);
 /* cuIpcOpenMemHandle: the CUDA 4.1 ABI; cuIpcOpenMemHandle_v2 (11.0) is what cudart 13 asks for. */
@@ -216,6 +235,17 @@ static inline bool shim_active(void)
 }
 
 gm_heap *shim_current_heap(void);
+
+/* ---- hooks_graph.c */
+/* A graph allocation of `graph` made by `call(arg)`, which writes the driver's address to *dptr:
+ * reserved in the limit first (CUDA_ERROR_OUT_OF_MEMORY over it), then tracked as GM_KIND_GRAPH. */
+CUresult shim_graph_alloc(gm_heap *heap, CUgraph graph, CUdeviceptr *dptr, size_t size, uintptr_t stream,
+                          const gm_callsite *site, CUresult (*call)(void *), void *arg);
+/* The driver accepted a free of `dptr`: a free node of `in_graph` (cuMemFreeAsync captured into it
+ * included), or with `in_graph` NULL cuMemFree/cuMemFreeAsync of a graph allocation. */
+void shim_graph_freed(gm_heap *hint, CUdeviceptr dptr, CUgraph in_graph);
+/* True, with the graph being built, when `stream` is capturing. */
+bool shim_graph_capturing(CUstream stream, bool per_thread, CUgraph *graph);
 /* Stream handle as the engine should see it: 0 in a _ptsz entry point is the per-thread stream. */
 static inline uintptr_t shim_stream(CUstream s, bool per_thread)
 {

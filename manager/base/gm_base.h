@@ -69,6 +69,7 @@ typedef enum {
     GM_FORK_BUFFERS = 0, /* api/buffers.c: a buffer's lock is held across allocations */
     GM_FORK_STAGING,     /* engine/staging.c: the stagers' registry */
     GM_FORK_PINNED,      /* engine/pinned.c: the pinned pool */
+    GM_FORK_GRAPHS,      /* shim/hooks_graph.c: the graph allocations (taken before a heap's lock) */
     GM_FORK_HEAPS,       /* engine/heap.c: the heap table, then every heap */
     GM_FORK_IPC,         /* engine/ipc.c: the registry file belongs to the parent */
     GM_FORK_COPIES,      /* account/copies.c: per-thread copy counters */

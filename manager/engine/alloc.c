@@ -399,7 +399,8 @@ void gm_track_abort(gm_heap *heap, size_t size)
     gm_limit_unreserve(heap->device, size);
 }
 
-gm_owner gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
+static gm_owner untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind, bool keep_reserved,
+                        int *device_out, size_t *size_out)
 {
     gm_record *rec = NULL;
     gm_heap *heap = gm_heap_find_locked(ptr, hint, &rec);
@@ -411,9 +412,25 @@ gm_owner gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
     gm_heap_untrack_locked(heap, rec);
     gm_stats_on_free(gm_heap_counting(heap), rec);
     pthread_mutex_unlock(&heap->lock);
-    gm_limit_unreserve(heap->device, rec->size);
+    if (keep_reserved) {
+        *device_out = heap->device;
+        *size_out = rec->size;
+    } else {
+        gm_limit_unreserve(heap->device, rec->size);
+    }
     gm_record_delete(rec);
     return GM_OURS;
+}
+
+gm_owner gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind)
+{
+    return untrack(hint, ptr, kind, false, NULL, NULL);
+}
+
+gm_owner gm_untrack_keep_reserved(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind, int *device_out,
+                                  size_t *size_out)
+{
+    return untrack(hint, ptr, kind, true, device_out, size_out);
 }
 
 /* ------------------------------------------------------------------ resizing in place */

@@ -173,6 +173,11 @@ void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind ki
 void gm_track_abort(gm_heap *heap, size_t size);
 /* Forgets the pass-through record of `kind` at `ptr` (GM_OURS), or finds none (GM_NOT_OURS). */
 gm_owner gm_untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind);
+/* gm_untrack, except that the record's bytes stay reserved in the limit of its device: the caller
+ * holds them from now on and hands them back with gm_limit_unreserve(*device_out, *size_out) (a
+ * graph allocation freed while its graph can still recreate it at the next launch). */
+gm_owner gm_untrack_keep_reserved(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind, int *device_out,
+                                  size_t *size_out);
 /* Hands fully free cached segments back to the device until at most `keep_cached` bytes stay
  * cached; returns the bytes released. Called unlocked. */
 size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached);

@@ -34,6 +34,8 @@ typedef enum {
     GM_KIND_MANAGED,    /* cuMemAllocManaged */
     GM_KIND_VMM,        /* cuMemCreate handle (the value is the handle, not an address) */
     GM_KIND_ARRAY,      /* CUDA array or mipmapped array (the value is the handle) */
+    GM_KIND_GRAPH,      /* graph memory node (cuGraphAddMemAllocNode, or cuMemAllocAsync captured
+                         * into a graph): the driver's address, passed through */
     GM_KIND_COUNT
 } gm_alloc_kind;
 

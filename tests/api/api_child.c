@@ -170,6 +170,56 @@ static int capture_leak(void)
     return 0;
 }
 
+/* Graph memory nodes under GPUMEM_LIMIT=64MiB: one graph allocation of 3000 bytes is launched and
+ * never freed (the one leak: its graph is destroyed, the allocation outlives it); one is freed by a
+ * free node of its graph, one by cuMemFreeAsync after the launch, one never launched goes with its
+ * graph, and one over the limit is refused. */
+static CUDA_MEM_ALLOC_NODE_PARAMS graph_alloc_params(size_t bytes)
+{
+    CUDA_MEM_ALLOC_NODE_PARAMS p;
+    memset(&p, 0, sizeof p);
+    p.poolProps.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+    p.poolProps.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    p.bytesize = bytes;
+    return p;
+}
+
+static int graph_leak(void)
+{
+    CUstream s;
+    CUgraph g, unlaunched;
+    CUgraphNode leak_node, inner_node, outer_node, free_node, refused_node, never_node;
+    CUgraphExec e;
+    start();
+    CK(cuStreamCreate(&s, 0));
+    CK(cuGraphCreate(&g, 0));
+    CUDA_MEM_ALLOC_NODE_PARAMS leaked = graph_alloc_params(3000);
+    CK(cuGraphAddMemAllocNode(&leak_node, g, NULL, 0, &leaked));
+    CUDA_MEM_ALLOC_NODE_PARAMS inner = graph_alloc_params(5000), outer = graph_alloc_params(7000);
+    CK(cuGraphAddMemAllocNode(&inner_node, g, NULL, 0, &inner));
+    CK(cuGraphAddMemFreeNode(&free_node, g, &inner_node, 1, inner.dptr));
+    CK(cuGraphAddMemAllocNode(&outer_node, g, NULL, 0, &outer));
+    CUDA_MEM_ALLOC_NODE_PARAMS refused = graph_alloc_params((size_t)100 << 20);
+    CUresult r = cuGraphAddMemAllocNode(&refused_node, g, NULL, 0, &refused);
+    CHECK(r == CUDA_ERROR_OUT_OF_MEMORY, "an allocation node over the limit returned %d", (int)r);
+    CK(cuGraphInstantiateWithFlags(&e, g, 0));
+    CK(cuGraphLaunch(e, s));
+    CK(cuStreamSynchronize(s));
+    CK(cuMemsetD8(leaked.dptr, 1, 3000));
+    CK(cuMemFreeAsync(outer.dptr, s));
+    CK(cuStreamSynchronize(s));
+    CK(cuGraphExecDestroy(e));
+    CK(cuGraphDestroy(g));
+    CK(cuGraphCreate(&unlaunched, 0));
+    CUDA_MEM_ALLOC_NODE_PARAMS never = graph_alloc_params(11000);
+    CK(cuGraphAddMemAllocNode(&never_node, unlaunched, NULL, 0, &never));
+    CK(cuGraphDestroy(unlaunched));
+    gpumem_stats st = stats();
+    CHECK(st.bytes_requested == 3000, "bytes_requested %llu", (unsigned long long)st.bytes_requested);
+    CHECK(st.bytes_reserved == 3000, "bytes_reserved %llu", (unsigned long long)st.bytes_reserved);
+    return 0;
+}
+
 /* A created context destroyed with 1000 + 2000 bytes live; then 500 leaked in the primary. */
 static int ctx_destroy(void)
 {
@@ -465,6 +515,7 @@ int main(int argc, char **argv)
     if (!strcmp(s, "managed_async")) return managed_async(false);
     if (!strcmp(s, "managed_async_leak")) return managed_async(true);
     if (!strcmp(s, "capture_leak")) return capture_leak();
+    if (!strcmp(s, "graph_leak")) return graph_leak();
     if (!strcmp(s, "ctx_destroy")) return ctx_destroy();
     if (!strcmp(s, "primary_reset")) return primary_reset(false);
     if (!strcmp(s, "primary_reset_v1")) return primary_reset(true);

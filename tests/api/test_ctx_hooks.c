@@ -136,7 +136,9 @@ static void capture_to_graph_passes_through(bool per_thread)
     OK(cuMemAlloc(&warm, 4096));
     OK(cuMemFree(warm));
     fakecuda_reset_counters();
-    OK(begin(s, (CUgraph)(uintptr_t)0x1000, NULL, NULL, 0, CU_STREAM_CAPTURE_MODE_RELAXED));
+    CUgraph into;
+    OK(cuGraphCreate(&into, 0));
+    OK(begin(s, into, NULL, NULL, 0, CU_STREAM_CAPTURE_MODE_RELAXED));
     OK(cuMemAlloc(&q, 4096));
     cr_assert_eq(counters().alloc_calls, 1, "during capture cuMemAlloc reaches the driver");
     OK(cuMemFree(q));

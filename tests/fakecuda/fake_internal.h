@@ -22,7 +22,8 @@
  *  - Test knobs: a delay for every copy (a slow DMA) and injected copy errors (fakecuda.h).
  *  - cuMemFree_v2 waits for every stream of the allocation's context, as the real one does;
  *    cuMemFreeAsync frees when the stream reaches it.
- *  - Stream capture only flips a per-stream state; captured work still runs. While a capture in
+ *  - Stream capture flips a per-stream state and hands out a graph (fake_graph.c) that stays
+ *    empty: captured work still runs. While a capture in
  *    global (or, from the capturing thread, thread-local) mode is active, cuCtxSynchronize and
  *    cuMemFree_v2 fail with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED like the real driver, and so do
  *    cuStreamSynchronize/cuStreamQuery on the capturing stream.
@@ -49,6 +50,8 @@
  *                            fake_copy.def
  *   fake_ipc.c      ipc_     cuIpc*MemHandle between processes
  *   fake_array.c    array_   CUDA arrays and mipmapped arrays, their memory requirements
+ *   fake_graph.c    graph_   graphs: memory allocation and free nodes, instantiation, launch, the
+ *                            graphs of stream captures
  *   fake_error.c    error_   cuGetErrorName, cuGetErrorString
  *   fake_proc.c     proc_    cuGetProcAddress over the entry-point tables of all the files
  *   fake_testapi.c           the fakecuda_* entry points of fakecuda.h
@@ -87,8 +90,9 @@
 /* ================================================================ types */
 
 /* A_REGISTERED: program memory pinned by cuMemHostRegister (never freed by the fake).
- * A_IPC: another process's A_DEVICE memory mapped by cuIpcOpenMemHandle (freed by the close). */
-typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM, A_REGISTERED, A_IPC } fk_akind;
+ * A_IPC: another process's A_DEVICE memory mapped by cuIpcOpenMemHandle (freed by the close).
+ * A_GRAPH: the memory of a graph allocation node (fake_graph.c says when it is live and freed). */
+typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM, A_REGISTERED, A_IPC, A_GRAPH } fk_akind;
 
 typedef struct fk_ctx {
     struct fk_ctx *next; /* g_ctxs; never unlinked */
@@ -117,6 +121,10 @@ typedef struct fk_alloc {
     int ipc_pid;         /* A_IPC: the exporter and its allocation id (the key of a reopen) */
     uint64_t ipc_id;
     unsigned ipc_refs;   /* A_IPC: opens not yet closed */
+    void *graph_owner;   /* A_GRAPH: the graph of its allocation node; NULL once destroyed */
+    void *graph_free_node; /* A_GRAPH: the free node for it, in any graph; NULL: none */
+    bool graph_live;     /* A_GRAPH: a launch made it and nothing freed it since */
+    bool graph_freed_in_owner; /* A_GRAPH: its free node is in its own graph */
 } fk_alloc;
 
 typedef struct fk_event {
@@ -155,6 +163,8 @@ typedef struct fk_stream {
     bool worker, stop, destroyed, legacy;
     const void *owner;   /* per-thread default stream: the owning thread's token */
     bool capturing;
+    CUgraph capture_graph; /* what the capture builds (cuStreamGetCaptureInfo, EndCapture) */
+    uint64_t capture_id;
     CUstreamCaptureMode capture_mode;
     const void *capture_thread;
 } fk_stream;
@@ -270,6 +280,15 @@ void mem_release(fk_alloc *a);
 void mem_free_ctx(fk_ctx *c);
 void array_free_ctx(fk_ctx *c);      /* fake_array.c */
 void array_forget_in_child(void);
+CUresult mem_alloc_graph(int dev, fk_ctx *c, size_t size, fk_alloc **out);
+
+/* ================================================================ fake_graph.c */
+
+CUgraph graph_new_for_capture(void);
+bool graph_valid(CUgraph h);
+CUresult graph_mem_free(fk_alloc *a);      /* cuMemFree(Async) of an A_GRAPH allocation */
+void graph_mem_free_by_node(fk_alloc *a);
+void graph_forget_in_child(void);
 
 /* ================================================================ fake_copy.c */
 
@@ -279,7 +298,8 @@ CUresult copy_submit(CUstream h, bool ptds, fk_work w, bool sync);
 /* ================================================================ entry-point tables (fake_proc.c) */
 
 extern const fk_proc dev_procs[], ctx_procs[], stream_procs[], event_procs[], mem_procs[],
-    host_procs[], ptr_procs[], copy_procs[], ipc_procs[], error_procs[], proc_procs[], array_procs[];
+    host_procs[], ptr_procs[], copy_procs[], ipc_procs[], error_procs[], proc_procs[], array_procs[],
+    graph_procs[];
 
 #pragma GCC visibility pop
 

@@ -199,6 +199,12 @@ static CUresult mem_alloc_device(int dev, fk_ctx *c, size_t size, fk_akind kind,
     return CUDA_SUCCESS;
 }
 
+/* The memory of a graph allocation node (fake_graph.c), with g_mu held. */
+CUresult mem_alloc_graph(int dev, fk_ctx *c, size_t size, fk_alloc **out)
+{
+    return mem_alloc_device(dev, c, size, A_GRAPH, out);
+}
+
 /* cuMemAlloc, cuMemAllocPitch and cuMemAllocManaged: the current context's device. */
 static CUresult mem_alloc_in_ctx(CUdeviceptr *dptr, size_t size, fk_akind kind)
 {
@@ -317,6 +323,16 @@ FK_API CUresult CUDAAPI cuMemFree_v2(CUdeviceptr p)
     fk_alloc *a = mem_find_base(p);
     if (!a || a->freeing || a->kind == A_HOST || a->kind == A_IPC) /* IPC: cuIpcCloseMemHandle */
         return state_leave(CUDA_ERROR_INVALID_VALUE);
+    if (a->kind == A_GRAPH) { /* the barrier, then the graph allocation's own rules */
+        if (!a->graph_live || a->graph_freed_in_owner)
+            return state_leave(CUDA_ERROR_INVALID_VALUE);
+        uint64_t gid = a->id;
+        r = stream_wait_ctx(a->ctx);
+        a = mem_find_base(p);
+        if (r == CUDA_SUCCESS)
+            r = a && a->id == gid ? graph_mem_free(a) : CUDA_ERROR_INVALID_VALUE;
+        return state_leave(r);
+    }
     a->freeing = true; /* a racing second free now fails instead of freeing twice */
     uint64_t id = a->id;
     r = stream_wait_ctx(a->ctx);
@@ -337,6 +353,8 @@ static CUresult mem_free_async(CUdeviceptr p, CUstream h, bool ptds)
     if ((r = stream_resolve(h, ptds, &s)))
         return state_leave(r);
     fk_alloc *a = mem_find_base(p);
+    if (a && a->kind == A_GRAPH) /* no longer live at once (the fake has no work to order it after) */
+        return state_leave(graph_mem_free(a));
     if (!a || a->freeing || (a->kind != A_DEVICE && a->kind != A_ASYNC))
         return state_leave(CUDA_ERROR_INVALID_VALUE);
     fk_work w = {.kind = W_FREE, .dst = p, .alloc_id = a->id};

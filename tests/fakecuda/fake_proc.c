@@ -17,7 +17,7 @@ CUresult CUDAAPI cuGetProcAddress(const char *symbol, void **pfn, int cudaVersio
 
 static const fk_proc *const proc_tables[] = {
     dev_procs, ctx_procs,  stream_procs, event_procs, mem_procs,  host_procs,
-    ptr_procs, copy_procs, ipc_procs,    error_procs, proc_procs, array_procs,
+    ptr_procs, copy_procs, ipc_procs,    error_procs, proc_procs, array_procs, graph_procs,
 };
 
 /* The newest variant of `sym` introduced at or before `version`; *seen says the name exists. */

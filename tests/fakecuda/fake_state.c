@@ -158,6 +158,7 @@ static void state_fork_child(void)
     g_nallocs = 0;
     g_vmm = NULL;
     array_forget_in_child();
+    graph_forget_in_child();
     g_copies_pending = 0;
     tl_depth = 0; /* the forking thread's context stack: the only thread the child has */
     atomic_store(&g_inited, false);

@@ -283,12 +283,13 @@ FK_API CUresult CUDAAPI cuStreamIsCapturing_ptsz(CUstream h, CUstreamCaptureStat
     return stream_is_capturing(h, st, true);
 }
 
-static CUresult stream_begin_capture(CUstream h, CUstreamCaptureMode mode, bool ptds)
+/* `into`: the graph of cuStreamBeginCaptureToGraph, NULL for a new one. */
+static CUresult stream_begin_capture(CUstream h, CUstreamCaptureMode mode, bool ptds, CUgraph into)
 {
     CUresult r = state_enter();
     if (r)
         return r;
-    if ((unsigned)mode > CU_STREAM_CAPTURE_MODE_RELAXED)
+    if ((unsigned)mode > CU_STREAM_CAPTURE_MODE_RELAXED || (into && !graph_valid(into)))
         return state_leave(CUDA_ERROR_INVALID_VALUE);
     fk_stream *s;
     if ((r = stream_resolve(h, ptds, &s)))
@@ -297,7 +298,12 @@ static CUresult stream_begin_capture(CUstream h, CUstreamCaptureMode mode, bool 
         return state_leave(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
     if (s->capturing)
         return state_leave(CUDA_ERROR_ILLEGAL_STATE);
+    CUgraph g = into ? into : graph_new_for_capture();
+    if (!g)
+        return state_leave(CUDA_ERROR_OUT_OF_MEMORY);
     s->capturing = true;
+    s->capture_graph = g;
+    s->capture_id = g_next_id++;
     s->capture_mode = mode;
     s->capture_thread = &tl_token;
     return state_leave(CUDA_SUCCESS);
@@ -305,15 +311,15 @@ static CUresult stream_begin_capture(CUstream h, CUstreamCaptureMode mode, bool 
 
 FK_API CUresult CUDAAPI cuStreamBeginCapture_v2(CUstream h, CUstreamCaptureMode mode)
 {
-    return stream_begin_capture(h, mode, false);
+    return stream_begin_capture(h, mode, false, NULL);
 }
 
 FK_API CUresult CUDAAPI cuStreamBeginCapture_v2_ptsz(CUstream h, CUstreamCaptureMode mode)
 {
-    return stream_begin_capture(h, mode, true);
+    return stream_begin_capture(h, mode, true, NULL);
 }
 
-/* Capture into an existing graph: the fake keeps no graph, so only the stream's state changes. */
+/* Capture into an existing graph (which stays empty, as every captured graph of the fake). */
 FK_API CUresult CUDAAPI cuStreamBeginCaptureToGraph(CUstream h, CUgraph graph, const CUgraphNode *deps,
                                                     const CUgraphEdgeData *edge_data, size_t ndeps,
                                                     CUstreamCaptureMode mode)
@@ -321,7 +327,7 @@ FK_API CUresult CUDAAPI cuStreamBeginCaptureToGraph(CUstream h, CUgraph graph, c
     (void)edge_data;
     if (!graph || (ndeps && !deps))
         return CUDA_ERROR_INVALID_VALUE;
-    return stream_begin_capture(h, mode, false);
+    return stream_begin_capture(h, mode, false, graph);
 }
 
 FK_API CUresult CUDAAPI cuStreamBeginCaptureToGraph_ptsz(CUstream h, CUgraph graph,
@@ -332,10 +338,10 @@ FK_API CUresult CUDAAPI cuStreamBeginCaptureToGraph_ptsz(CUstream h, CUgraph gra
     (void)edge_data;
     if (!graph || (ndeps && !deps))
         return CUDA_ERROR_INVALID_VALUE;
-    return stream_begin_capture(h, mode, true);
+    return stream_begin_capture(h, mode, true, graph);
 }
 
-/* Ends the capture; there is no graph, so *graph is NULL. */
+/* Ends the capture and hands out its graph. */
 static CUresult stream_end_capture(CUstream h, CUgraph *graph, bool ptds)
 {
     CUresult r = state_enter();
@@ -349,7 +355,8 @@ static CUresult stream_end_capture(CUstream h, CUgraph *graph, bool ptds)
     if (!s->capturing)
         return state_leave(CUDA_ERROR_ILLEGAL_STATE);
     s->capturing = false;
-    *graph = NULL;
+    *graph = s->capture_graph;
+    s->capture_graph = NULL;
     return state_leave(CUDA_SUCCESS);
 }
 
@@ -361,6 +368,49 @@ FK_API CUresult CUDAAPI cuStreamEndCapture(CUstream h, CUgraph *graph)
 FK_API CUresult CUDAAPI cuStreamEndCapture_ptsz(CUstream h, CUgraph *graph)
 {
     return stream_end_capture(h, graph, true);
+}
+
+/* What the capture is building: no nodes to depend on in the fake's graphs. */
+static CUresult stream_capture_info(CUstream h, CUstreamCaptureStatus *st, cuuint64_t *id, CUgraph *graph,
+                                    const CUgraphNode **deps, const CUgraphEdgeData **edges, size_t *ndeps,
+                                    bool ptds)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    if (!st)
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    fk_stream *s;
+    if ((r = stream_resolve(h, ptds, &s)))
+        return state_leave(r);
+    *st = s->capturing ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
+    if (s->capturing) {
+        if (id)
+            *id = s->capture_id;
+        if (graph)
+            *graph = s->capture_graph;
+        if (deps)
+            *deps = NULL;
+        if (edges)
+            *edges = NULL;
+        if (ndeps)
+            *ndeps = 0;
+    }
+    return state_leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuStreamGetCaptureInfo_v3(CUstream h, CUstreamCaptureStatus *st, cuuint64_t *id,
+                                                  CUgraph *graph, const CUgraphNode **deps,
+                                                  const CUgraphEdgeData **edges, size_t *ndeps)
+{
+    return stream_capture_info(h, st, id, graph, deps, edges, ndeps, false);
+}
+
+FK_API CUresult CUDAAPI cuStreamGetCaptureInfo_v3_ptsz(CUstream h, CUstreamCaptureStatus *st, cuuint64_t *id,
+                                                       CUgraph *graph, const CUgraphNode **deps,
+                                                       const CUgraphEdgeData **edges, size_t *ndeps)
+{
+    return stream_capture_info(h, st, id, graph, deps, edges, ndeps, true);
 }
 
 /* ================================================================ cuGetProcAddress rows */
@@ -380,5 +430,7 @@ FK_API CUresult CUDAAPI cuStreamEndCapture_ptsz(CUstream h, CUgraph *graph)
     X("cuStreamBeginCaptureToGraph", 12030, 0, cuStreamBeginCaptureToGraph)         \
     X("cuStreamBeginCaptureToGraph", 12030, 1, cuStreamBeginCaptureToGraph_ptsz)    \
     X("cuStreamEndCapture", 10000, 0, cuStreamEndCapture)                           \
-    X("cuStreamEndCapture", 10000, 1, cuStreamEndCapture_ptsz)
+    X("cuStreamEndCapture", 10000, 1, cuStreamEndCapture_ptsz)                      \
+    X("cuStreamGetCaptureInfo", 12030, 0, cuStreamGetCaptureInfo_v3)                \
+    X("cuStreamGetCaptureInfo", 12030, 1, cuStreamGetCaptureInfo_v3_ptsz)
 FK_PROC_TABLE(stream_procs, STREAM_PROCS);

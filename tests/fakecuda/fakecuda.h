@@ -60,6 +60,15 @@ CUresult CUDAAPI cuEventRecord_ptsz(CUevent ev, CUstream s);
 CUresult CUDAAPI cuStreamIsCapturing_ptsz(CUstream s, CUstreamCaptureStatus *status);
 CUresult CUDAAPI cuStreamBeginCapture_v2_ptsz(CUstream s, CUstreamCaptureMode mode);
 CUresult CUDAAPI cuStreamEndCapture_ptsz(CUstream s, CUgraph *graph);
+CUresult CUDAAPI cuStreamGetCaptureInfo_v3_ptsz(CUstream s, CUstreamCaptureStatus *status, cuuint64_t *id,
+                                                CUgraph *graph, const CUgraphNode **deps,
+                                                const CUgraphEdgeData **edges, size_t *ndeps);
+CUresult CUDAAPI cuGraphLaunch_ptsz(CUgraphExec exec, CUstream s);
+CUresult CUDAAPI cuGraphInstantiateWithParams_ptsz(CUgraphExec *exec, CUgraph graph,
+                                                   CUDA_GRAPH_INSTANTIATE_PARAMS *params);
+CUresult CUDAAPI cuStreamBeginCaptureToGraph_ptsz(CUstream s, CUgraph graph, const CUgraphNode *deps,
+                                                  const CUgraphEdgeData *edges, size_t ndeps,
+                                                  CUstreamCaptureMode mode);
 CUresult CUDAAPI cuMemcpy2D_v2_ptds(const CUDA_MEMCPY2D *p);
 CUresult CUDAAPI cuMemcpy2DUnaligned_v2_ptds(const CUDA_MEMCPY2D *p);
 CUresult CUDAAPI cuMemcpy2DAsync_v2_ptsz(const CUDA_MEMCPY2D *p, CUstream s);

@@ -482,7 +482,9 @@ Test(fakecuda, capture_state, .init = start)
     ERR(cuMemFree(p), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
     ERR(cuStreamSynchronize(s), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
     OK(cuStreamEndCapture(s, &g));
-    cr_assert_null(g);
+    cr_assert_not_null(g, "the capture's graph (empty: captured work ran at once)");
+    OK(cuGraphDestroy(g));
+    ERR(cuGraphDestroy(g), CUDA_ERROR_INVALID_VALUE);
     ERR(cuStreamEndCapture(s, &g), CUDA_ERROR_ILLEGAL_STATE);
     OK(cuStreamIsCapturing_ptsz(s, &st));
     cr_assert_eq(st, CU_STREAM_CAPTURE_STATUS_NONE);
@@ -770,4 +772,125 @@ Test(fakecuda, fork_while_another_thread_is_inside, .init = start, .timeout = 12
     pthread_join(t, &failures);
     cr_assert_eq((intptr_t)failures, 0, "the parent's calls failed meanwhile");
     OK(cuCtxSynchronize());
+}
+
+/* Graph memory nodes, as cuda.h documents them: the address at the node's creation, live from a
+ * launch until freed (a relaunch of an unfreed one fails unless AUTO_FREE_ON_LAUNCH), one free
+ * node per address in all graphs, a graph's own free node keeps outside frees away, destruction
+ * frees only what is not live. */
+static CUDA_MEM_ALLOC_NODE_PARAMS fk_alloc_params(size_t bytes)
+{
+    CUDA_MEM_ALLOC_NODE_PARAMS p;
+    memset(&p, 0, sizeof p);
+    p.poolProps.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+    p.poolProps.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    p.bytesize = bytes;
+    return p;
+}
+
+static uint64_t fk_in_use(void)
+{
+    fakecuda_counters_t c;
+    fakecuda_counters(&c);
+    return c.bytes_in_use;
+}
+
+Test(fakecuda, graph_memory_nodes, .init = start)
+{
+    CUgraph g, g2;
+    CUgraphNode a, b, f;
+    CUgraphExec e, e2;
+    OK(cuGraphCreate(&g, 0));
+    ERR(cuGraphCreate(&g2, 1), CUDA_ERROR_INVALID_VALUE);
+    OK(cuGraphCreate(&g2, 0));
+    CUDA_MEM_ALLOC_NODE_PARAMS pa = fk_alloc_params(1 << 20), pb = fk_alloc_params(4096);
+    OK(cuGraphAddMemAllocNode(&a, g, NULL, 0, &pa));
+    OK(cuGraphAddMemAllocNode(&b, g, &a, 1, &pb));
+    cr_assert(pa.dptr && pb.dptr && pa.dptr != pb.dptr);
+    cr_assert_eq(fk_in_use(), (1 << 20) + 4096, "backed from the node's creation");
+    CUDA_MEM_ALLOC_NODE_PARAMS huge = fk_alloc_params((size_t)2 << 30);
+    ERR(cuGraphAddMemAllocNode(&f, g, NULL, 0, &huge), CUDA_ERROR_OUT_OF_MEMORY);
+    CUDA_MEM_ALLOC_NODE_PARAMS bad = fk_alloc_params(0);
+    ERR(cuGraphAddMemAllocNode(&f, g, NULL, 0, &bad), CUDA_ERROR_INVALID_VALUE);
+    OK(cuGraphAddMemFreeNode(&f, g, &b, 1, pb.dptr));
+    ERR(cuGraphAddMemFreeNode(&f, g, NULL, 0, pb.dptr), CUDA_ERROR_INVALID_VALUE); /* twice */
+    ERR(cuGraphAddMemFreeNode(&f, g2, NULL, 0, pb.dptr), CUDA_ERROR_INVALID_VALUE); /* freed in its graph */
+    ERR(cuGraphAddMemFreeNode(&f, g, NULL, 0, pa.dptr + 512), CUDA_ERROR_INVALID_VALUE); /* no node's address */
+    ERR(cuMemFree(pa.dptr), CUDA_ERROR_INVALID_VALUE); /* not live before a launch */
+    OK(cuGraphInstantiateWithFlags(&e, g, 0));
+    ERR(cuGraphInstantiateWithFlags(&e2, g, 0), CUDA_ERROR_INVALID_VALUE); /* one instantiation */
+    OK(cuGraphLaunch(e, 0));
+    ERR(cuGraphLaunch(e, 0), CUDA_ERROR_INVALID_VALUE); /* a's allocation is unfreed */
+    ERR(cuMemFree(pb.dptr), CUDA_ERROR_INVALID_VALUE); /* freed in its own graph */
+    OK(cuMemFree(pa.dptr));
+    OK(cuGraphLaunch(e, 0));
+    /* A free node in another graph frees it when that graph is launched. */
+    OK(cuGraphAddMemFreeNode(&f, g2, NULL, 0, pa.dptr));
+    OK(cuGraphInstantiateWithFlags(&e2, g2, 0));
+    OK(cuGraphLaunch(e2, 0));
+    ERR(cuMemFree(pa.dptr), CUDA_ERROR_INVALID_VALUE);
+    OK(cuGraphExecDestroy(e));
+    ERR(cuGraphExecDestroy(e), CUDA_ERROR_INVALID_VALUE);
+    OK(cuGraphDestroy(g));
+    cr_assert_eq(fk_in_use(), 0, "nothing live: every address went with its node");
+    OK(cuGraphExecDestroy(e2));
+    OK(cuGraphDestroy(g2));
+    ERR(cuGraphDestroy(g), CUDA_ERROR_INVALID_VALUE);
+}
+
+Test(fakecuda, graph_allocation_outlives_its_graph, .init = start)
+{
+    CUgraph g;
+    CUgraphNode a, n;
+    CUgraphExec e;
+    OK(cuGraphCreate(&g, 0));
+    CUDA_MEM_ALLOC_NODE_PARAMS p = fk_alloc_params(8192);
+    OK(cuGraphAddMemAllocNode(&a, g, NULL, 0, &p));
+    OK(cuGraphInstantiateWithFlags(&e, g, CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH));
+    OK(cuGraphLaunch(e, 0));
+    OK(cuGraphLaunch(e, 0)); /* auto free on launch */
+    CUDA_MEM_ALLOC_NODE_PARAMS back;
+    OK(cuGraphMemAllocNodeGetParams(a, &back));
+    cr_assert_eq(back.dptr, p.dptr);
+    CUgraphNodeParams empty;
+    memset(&empty, 0, sizeof empty);
+    empty.type = CU_GRAPH_NODE_TYPE_EMPTY;
+    ERR(cuGraphAddNode(&n, g, NULL, NULL, 0, &empty), CUDA_ERROR_NOT_SUPPORTED);
+    OK(cuGraphExecDestroy(e));
+    OK(cuGraphDestroy(g));
+    CUdeviceptr base;
+    size_t size;
+    OK(cuMemGetAddressRange(&base, &size, p.dptr + 100));
+    cr_assert_eq(size, 8192, "live: graph destruction does not free it");
+    OK(cuMemsetD8(p.dptr, 3, 8192));
+    OK(cuMemFreeAsync(p.dptr, 0));
+    ERR(cuMemGetAddressRange(&base, &size, p.dptr), CUDA_ERROR_NOT_FOUND);
+    cr_assert_eq(fk_in_use(), 0);
+}
+
+Test(fakecuda, capture_builds_a_graph_and_answers_its_info, .init = start)
+{
+    CUstream s;
+    CUstreamCaptureStatus st;
+    CUgraph g = NULL, into, got = NULL;
+    cuuint64_t id = 0;
+    OK(cuStreamCreate(&s, 0));
+    OK(cuStreamGetCaptureInfo(s, &st, NULL, NULL, NULL, NULL, NULL));
+    cr_assert_eq(st, CU_STREAM_CAPTURE_STATUS_NONE);
+    OK(cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_RELAXED));
+    OK(cuStreamGetCaptureInfo(s, &st, &id, &g, NULL, NULL, NULL));
+    cr_assert_eq(st, CU_STREAM_CAPTURE_STATUS_ACTIVE);
+    cr_assert(g && id);
+    OK(cuStreamEndCapture(s, &got));
+    cr_assert_eq(got, g);
+    OK(cuGraphCreate(&into, 0));
+    ERR(cuStreamBeginCaptureToGraph(s, (CUgraph)(uintptr_t)0x1000, NULL, NULL, 0, CU_STREAM_CAPTURE_MODE_RELAXED),
+        CUDA_ERROR_INVALID_VALUE);
+    OK(cuStreamBeginCaptureToGraph_ptsz(s, into, NULL, NULL, 0, CU_STREAM_CAPTURE_MODE_RELAXED));
+    OK(cuStreamGetCaptureInfo_v3_ptsz(s, &st, NULL, &got, NULL, NULL, NULL));
+    cr_assert_eq(got, into);
+    OK(cuStreamEndCapture(s, &got));
+    cr_assert_eq(got, into);
+    OK(cuGraphDestroy(g));
+    OK(cuGraphDestroy(into));
 }

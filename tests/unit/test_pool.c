@@ -302,6 +302,32 @@ Test(pool, passthrough_tracking_counts_against_limit)
     cr_expect_eq(gm_untrack(heap, 0xABC000, GM_KIND_ASYNC), GM_NOT_OURS);
 }
 
+/* A graph allocation freed while its graph may make it again: the record goes, the bytes stay
+ * reserved with the caller until it hands them back. */
+Test(pool, untrack_keep_reserved_leaves_the_bytes_in_the_limit)
+{
+    static const char *const env[] = {"GPUMEM_LIMIT", "1MiB", NULL};
+    start(env);
+    cr_assert_eq(gm_track_reserve(heap, 600 * 1024), GPUMEM_OK);
+    gm_track_commit(heap, 0xDEF000, 600 * 1024, GM_KIND_GRAPH, 0, 0);
+    int device = -1;
+    size_t size = 0;
+    cr_expect_eq(gm_untrack_keep_reserved(heap, 0xDEF000, GM_KIND_ASYNC, &device, &size), GM_NOT_OURS,
+                 "another kind's record is not this one");
+    cr_expect_eq(gm_untrack_keep_reserved(heap, 0xDEF000, GM_KIND_GRAPH, &device, &size), GM_OURS);
+    cr_expect_eq(device, heap->device);
+    cr_expect_eq(size, 600 * 1024);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_requested, 0, "no longer live");
+    cr_expect_eq(st.frees, 1);
+    cr_expect_eq(st.bytes_reserved, 600 * 1024, "still held");
+    cr_expect_eq(gm_track_reserve(heap, 600 * 1024), GPUMEM_ERROR_OUT_OF_MEMORY, "the held bytes count");
+    gm_limit_unreserve(device, size);
+    cr_expect_eq(stats().bytes_reserved, 0);
+    cr_expect_eq(gm_track_reserve(heap, 600 * 1024), GPUMEM_OK);
+    gm_track_abort(heap, 600 * 1024);
+}
+
 Test(pool, report_counts_live_allocations)
 {
     start(NULL);
