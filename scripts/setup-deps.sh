@@ -12,6 +12,9 @@ command -v addr2line >/dev/null 2>&1 || need+=(binutils)   # file:line in leak r
 command -v gcovr >/dev/null 2>&1 || need+=(gcovr)         # scripts/coverage.sh, run by test.sh
 # gpumem-report plot (optional for users, tested in CI) and the report tests use Debian's python3.
 /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 || need+=(python3-matplotlib)
+# gpumem-exporter serves metrics with prometheus_client; its tests parse them with its parser.
+/usr/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1 || need+=(python3-prometheus-client)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)                 # gpumem-report top's terminal test
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     SUDO=""

@@ -75,6 +75,7 @@ const char *gm_ledger_path(void);
 #define GM_LEDGER_DEVICES 16
 #define GM_LEDGER_TOP 4
 typedef struct gm_ledger_published {
+    uint64_t device; /* the member's CUDA ordinal of the entry's GPU, plus 1; 0 = not published */
     uint64_t allocated, allocated_peak, reserved_peak;
     uint64_t allocations, frees, pool_hits, pool_misses, limit_rejections, backend_ooms;
 } gm_ledger_published;

@@ -306,6 +306,16 @@ GPUMEM_API const char *gpumem_tag_current(void);
 /* Usage of one tag; GPUMEM_ERROR_NOT_FOUND for a name never pushed. */
 GPUMEM_API gpumem_status gpumem_tag_get_usage(const char *name, gpumem_tag_usage *out);
 
+/* ================================================================ a group's region */
+/* A snapshot of the shared budget at `path` (GPUMEM_SHARED; docs/deployment.md) as one JSON
+ * object, read without joining the group and without writing to it: the GPUs (UUID, the group's
+ * limit, usage and peak), and each member (pid, command, alive, what it reserved and what it last
+ * published per GPU, its top call stacks). What gpumem-exporter and `gpumem-report top` read.
+ * On failure the object is {"path": ..., "error": "<why>"}. Free the string with
+ * gpumem_string_free. NULL only when memory runs out. */
+GPUMEM_API char *gpumem_shared_snapshot_json(const char *path);
+GPUMEM_API void gpumem_string_free(char *s);
+
 #ifdef __cplusplus
 }
 #endif

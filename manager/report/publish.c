@@ -19,7 +19,7 @@ static void publish_once(bool with_top)
         if (!d || !d->ledger || d->ledger > GM_LEDGER_DEVICES) continue;
         gpumem_stats st;
         gm_heap_stats(dev, &st);
-        figures[d->ledger - 1] = (gm_ledger_published){
+        figures[d->ledger - 1] = (gm_ledger_published){(uint64_t)dev + 1,
             st.bytes_allocated, st.bytes_allocated_peak, st.bytes_reserved_peak, st.allocations, st.frees,
             st.pool_hits, st.pool_misses, st.limit_rejections, st.backend_ooms};
     }
