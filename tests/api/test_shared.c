@@ -134,9 +134,11 @@ static void finish_ok(member *m)
 
 /* ------------------------------------------------------------------ one budget */
 
-TestSuite(shared, .init = setup, .fini = teardown, .timeout = 60);
+/* Every test gets a fresh directory and region (Test options: criterion-lite, the TSan build's
+ * framework, has no TestSuite options). */
+#define SHARED_OPTS .init = setup, .fini = teardown
 
-Test(shared, two_members_share_one_limit)
+Test(shared, two_members_share_one_limit, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:40M", "wait", "free", NULL});
     expect_line(&a, "alloc 0");
@@ -155,14 +157,14 @@ Test(shared, two_members_share_one_limit)
     finish_ok(&b);
 }
 
-Test(shared, device_total_is_the_limit)
+Test(shared, device_total_is_the_limit, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"total", NULL});
     expect_line(&a, "total 67108864");
     finish_ok(&a);
 }
 
-Test(shared, exit_gives_the_share_back)
+Test(shared, exit_gives_the_share_back, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:60M", NULL}); /* never freed: the driver frees it at exit */
     expect_line(&a, "alloc 0");
@@ -172,7 +174,7 @@ Test(shared, exit_gives_the_share_back)
     finish_ok(&b);
 }
 
-Test(shared, exit_report_shows_the_group)
+Test(shared, exit_report_shows_the_group, SHARED_OPTS, .timeout = 60)
 {
     static char shared[600];
     snprintf(shared, sizeof shared, "GPUMEM_SHARED=%s", region);
@@ -193,7 +195,7 @@ Test(shared, exit_report_shows_the_group)
 
 /* ------------------------------------------------------------------ members that die */
 
-Test(shared, sigkill_share_is_taken_back_at_the_next_allocation)
+Test(shared, sigkill_share_is_taken_back_at_the_next_allocation, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:60M", "kill", NULL});
     expect_line(&a, "alloc 0");
@@ -206,7 +208,7 @@ Test(shared, sigkill_share_is_taken_back_at_the_next_allocation)
 
 /* A forked child that outlives the member does not keep the member's share alive: liveness is a
  * lock of the member's own open file, not a pid or a process tree. */
-Test(shared, surviving_fork_child_does_not_hold_a_dead_share)
+Test(shared, surviving_fork_child_does_not_hold_a_dead_share, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:60M", "fork-sleep", "kill", NULL});
     expect_line(&a, "alloc 0");
@@ -221,7 +223,7 @@ Test(shared, surviving_fork_child_does_not_hold_a_dead_share)
 }
 
 /* A dead member whose slot still names a live pid (the pid was reused) is still dead. */
-Test(shared, reused_pid_does_not_keep_a_share)
+Test(shared, reused_pid_does_not_keep_a_share, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:60M", "kill", NULL});
     expect_line(&a, "alloc 0");
@@ -249,7 +251,7 @@ Test(shared, reused_pid_does_not_keep_a_share)
 
 /* ------------------------------------------------------------------ no overcommit race */
 
-Test(shared, concurrent_growth_never_passes_the_limit)
+Test(shared, concurrent_growth_never_passes_the_limit, SHARED_OPTS, .timeout = 60)
 {
     char counter[600], steps[8][700];
     snprintf(counter, sizeof counter, "%s/held", dir);
@@ -280,7 +282,7 @@ Test(shared, concurrent_growth_never_passes_the_limit)
 
 /* ------------------------------------------------------------------ devices by UUID */
 
-Test(shared, devices_are_keyed_by_uuid_not_ordinal)
+Test(shared, devices_are_keyed_by_uuid_not_ordinal, SHARED_OPTS, .timeout = 60)
 {
     static char shared[600];
     snprintf(shared, sizeof shared, "GPUMEM_SHARED=%s", region);
@@ -305,7 +307,7 @@ Test(shared, devices_are_keyed_by_uuid_not_ordinal)
 
 /* ------------------------------------------------------------------ IPC within a group */
 
-Test(shared, memory_opened_through_ipc_counts_once)
+Test(shared, memory_opened_through_ipc_counts_once, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:40M", "export", "wait", NULL});
     expect_line(&a, "alloc 0");
@@ -326,7 +328,7 @@ Test(shared, memory_opened_through_ipc_counts_once)
 /* ------------------------------------------------------------------ many members */
 
 /* SHARED_MEMBERS: 256, fewer in sanitizer builds (each member then costs tens of MiB). */
-Test(shared, many_members_attach_at_once, .timeout = 120)
+Test(shared, many_members_attach_at_once, SHARED_OPTS, .timeout = 120)
 {
     enum { N = SHARED_MEMBERS };
     static member m[N];
@@ -362,7 +364,7 @@ static void expect_refused(const char *const *env, const char *path, const char 
     cr_assert_eq(api_line_count(err), 1, "one line: %s", err);
 }
 
-Test(shared, limit_that_differs_from_the_group_is_an_error_naming_both)
+Test(shared, limit_that_differs_from_the_group_is_an_error_naming_both, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:1M", "wait", NULL});
     expect_line(&a, "alloc 0");
@@ -376,7 +378,7 @@ Test(shared, limit_that_differs_from_the_group_is_an_error_naming_both)
     finish_ok(&a);
 }
 
-Test(shared, file_that_is_no_region_is_refused_and_left_alone)
+Test(shared, file_that_is_no_region_is_refused_and_left_alone, SHARED_OPTS, .timeout = 60)
 {
     const char text[] = "precious data, not a gpumem region\n";
     FILE *f = fopen(region, "w");
@@ -391,7 +393,7 @@ Test(shared, file_that_is_no_region_is_refused_and_left_alone)
     free(after);
 }
 
-Test(shared, malformed_paths_are_refused)
+Test(shared, malformed_paths_are_refused, SHARED_OPTS, .timeout = 60)
 {
     expect_refused((const char *[]){"GPUMEM_SHARED=relative/budget", NULL}, "relative/budget", "must be absolute", false);
     static char slash[600], missing[600], isdir[600];
@@ -409,7 +411,7 @@ Test(shared, malformed_paths_are_refused)
     unlink(fifo_path);
 }
 
-Test(shared, no_permission_is_refused)
+Test(shared, no_permission_is_refused, SHARED_OPTS, .timeout = 60)
 {
     int fd = open(region, O_RDWR | O_CREAT, 0600);
     cr_assert(fd >= 0);
@@ -423,7 +425,7 @@ Test(shared, no_permission_is_refused)
 
 /* A filesystem without room (a full /dev/shm): the file-size limit makes posix_fallocate fail the
  * same way, before anything is mapped. */
-Test(shared, no_space_is_refused)
+Test(shared, no_space_is_refused, SHARED_OPTS, .timeout = 60)
 {
     struct rlimit old, small = {4096, 4096};
     cr_assert_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
@@ -452,7 +454,7 @@ static void patch_region(off_t offset, const void *bytes, size_t n)
 #define BOOT_ID_OFFSET 32 /* magic[16], layout, header_bytes, region_bytes */
 #define LAYOUT_OFFSET 16
 
-Test(shared, region_of_a_previous_boot_is_initialised_again)
+Test(shared, region_of_a_previous_boot_is_initialised_again, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:60M", "kill", NULL});
     expect_line(&a, "alloc 0");
@@ -468,7 +470,7 @@ Test(shared, region_of_a_previous_boot_is_initialised_again)
     cr_assert_not_null(strstr(err, "made before the last boot"), "%s", err);
 }
 
-Test(shared, region_of_another_layout_in_use_is_refused_and_unused_is_replaced)
+Test(shared, region_of_another_layout_in_use_is_refused_and_unused_is_replaced, SHARED_OPTS, .timeout = 60)
 {
     member a = start((const char *[]){"alloc:1M", "wait", NULL});
     expect_line(&a, "alloc 0");
@@ -485,7 +487,7 @@ Test(shared, region_of_another_layout_in_use_is_refused_and_unused_is_replaced)
     finish_ok(&b);
 }
 
-Test(shared, unset_keeps_the_limit_per_process)
+Test(shared, unset_keeps_the_limit_per_process, SHARED_OPTS, .timeout = 60)
 {
     const char *env[] = {"GPUMEM_LIMIT=64MiB", "GPUMEM_MAX_CACHED=0", NULL};
     member a = start_with(env, (const char *[]){"alloc:40M", "wait", NULL}, false);

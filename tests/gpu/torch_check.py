@@ -4,6 +4,8 @@ gpumem shim (LD_PRELOAD) and the outputs compared. stdout is deterministic.
 
     torch_check.py [--steps N] [--oom]
 
+--signal-at N   send SIGUSR2 to itself at step N of training (meant for GPUMEM_REPORT_SIGNAL=SIGUSR2:
+        the shim reports the live allocations and training goes on with the same losses).
 --oom   after training, try torch.empty of 2 GiB (meant for GPUMEM_LIMIT=1GiB) and print
         "oom=torch.OutOfMemoryError" if that exception is raised ("oom=none" if it succeeds,
         "oom=<type>" for any other exception), then "mem_total_gib=<torch.cuda.mem_get_info()
@@ -20,7 +22,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import torch  # noqa: E402
 
 
-def train(steps):
+def train(steps, signal_at=-1):
     torch.manual_seed(1234)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
@@ -47,6 +49,12 @@ def train(steps):
 
     batch = 256
     for step in range(steps):
+        if step == signal_at:
+            import signal
+            import time
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.2)  # the reporter thread writes meanwhile; training goes on alongside
+            print(f"torch_check: signal sent at step {step}", file=sys.stderr, flush=True)
         lo = (step * batch) % n
         xb, yb = x[lo:lo + batch], y[lo:lo + batch]
         opt.zero_grad(set_to_none=True)
@@ -121,11 +129,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--oom", action="store_true")
+    ap.add_argument("--signal-at", type=int, default=-1)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("torch_check: FAIL: torch.cuda.is_available() is False")
         return 1
-    train(args.steps)
+    train(args.steps, args.signal_at)
     churn()
     if args.oom:
         try_oom()
