@@ -25,16 +25,78 @@ static int group_order(const void *a, const void *b)
     return (x->caller > y->caller) - (x->caller < y->caller);
 }
 
+/* What makes two allocations one group (device, memory kind, tag, call stack), as bytes: the key
+ * of the grouping's index and of the previous live report's table. */
+typedef struct growth_key {
+    uintptr_t caller;
+    uint32_t stack_id;
+    int32_t device;
+    uint16_t tag;
+    uint8_t memory;
+    uint8_t pad;
+} growth_key;
+static growth_key key_of(const gm_leak_group *g)
+{
+    growth_key k;
+    memset(&k, 0, sizeof k); /* hashed and compared as bytes */
+    k.caller = g->caller;
+    k.stack_id = g->stack_id;
+    k.device = g->device;
+    k.tag = g->tag;
+    k.memory = g->memory;
+    return k;
+}
+
+typedef struct group_index {
+    growth_key key;
+    size_t at; /* in the set's array */
+    UT_hash_handle hh;
+} group_index;
+
 typedef struct group_set {
     gm_leak_groups all;
     int only_device;
+    group_index *index; /* by key: a million live allocations group in linear time */
 } group_set;
+
+static void set_add(group_set *set, const gm_leak_group *g)
+{
+    growth_key k = key_of(g);
+    group_index *e = NULL;
+    HASH_FIND(hh, set->index, &k, sizeof k, e);
+    if (e) {
+        set->all.at[e->at].bytes += g->bytes;
+        set->all.at[e->at].count += g->count;
+        return;
+    }
+    if (set->all.n == set->all.cap) {
+        size_t cap = set->all.cap ? set->all.cap * 2 : 16;
+        gm_leak_group *grown = realloc(set->all.at, cap * sizeof *grown);
+        if (!grown) return; /* out of host memory: the group goes unlisted, nothing else is lost */
+        set->all.at = grown;
+        set->all.cap = cap;
+    }
+    if (!(e = malloc(sizeof *e))) return;
+    e->key = k;
+    e->at = set->all.n;
+    set->all.at[set->all.n++] = *g;
+    HASH_ADD(hh, set->index, key, sizeof e->key, e);
+}
+
+static void set_done(group_set *set)
+{
+    group_index *e, *tmp;
+    HASH_ITER(hh, set->index, e, tmp) {
+        HASH_DEL(set->index, e);
+        free(e);
+    }
+}
 
 static void add_record(group_set *set, int device, gm_memory memory, const gm_record *rec)
 {
     if (set->only_device >= 0 && device != set->only_device) return;
     gm_leak_group g = gm_leak_group_of(device, memory, rec);
-    gm_leak_groups_add(&set->all, &g);
+    set_add(set, &g);
 }
 
 static void add_pinned(void *cx, int device, const gm_record *rec)
@@ -45,12 +107,16 @@ static void add_pinned(void *cx, int device, const gm_record *rec)
 static void add_orphan(void *cx, const gm_leak_group *g)
 {
     group_set *set = cx;
-    if (set->only_device < 0 || g->device == set->only_device) gm_leak_groups_add(&set->all, g);
+    if (set->only_device < 0 || g->device == set->only_device) set_add(set, g);
 }
 
+/* Each heap's lock is held only while its records are copied out (a report of a running
+ * program must not stall its allocating threads); grouping happens after. */
 static void add_heaps(group_set *set, uintptr_t only_ctx)
 {
     size_t nheaps = atomic_load(&gm_mgr.nheaps);
+    gm_leak_group *copied = NULL;
+    size_t cap = 0;
     for (size_t i = 0; i < nheaps; i++) {
         gm_heap *h = gm_mgr.heaps[i];
         if ((set->only_device >= 0 && h->device != set->only_device) || (only_ctx && h->ctx != only_ctx)) continue;
@@ -58,20 +124,35 @@ static void add_heaps(group_set *set, uintptr_t only_ctx)
             gm_log(GM_WARN, "report: heap of device %d busy in another thread; its leaks are not listed", h->device);
             continue;
         }
-        GM_FOR_EACH_LIVE(&h->live, rec) add_record(set, h->device, GM_MEMORY_DEVICE, rec);
+        size_t n = 0, want = gm_live_count(&h->live);
+        if (want > cap) {
+            gm_leak_group *grown = realloc(copied, want * sizeof *grown);
+            if (grown) {
+                copied = grown;
+                cap = want;
+            }
+        }
+        GM_FOR_EACH_LIVE(&h->live, rec) {
+            gm_leak_group g = gm_leak_group_of(h->device, GM_MEMORY_DEVICE, rec);
+            if (n < cap) copied[n++] = g;
+            else set_add(set, &g); /* no room (out of host memory): grouped under the lock */
+        }
         pthread_mutex_unlock(&h->lock);
+        for (size_t k = 0; k < n; k++) set_add(set, &copied[k]);
     }
+    free(copied);
 }
 
 /* Every live allocation, grouped. One context's report lists its device memory only; pinned host
  * memory and the leaks of contexts already gone belong to the process. */
 static size_t collect_groups(int only_device, uintptr_t only_ctx, gm_leak_group **out)
 {
-    group_set set = {{NULL, 0, 0}, only_device};
+    group_set set = {{NULL, 0, 0}, only_device, NULL};
     if (!only_ctx && !gm_orphans_for_each(add_orphan, &set))
         gm_log(GM_WARN, "report: the list of destroyed contexts' leaks is busy; those are not listed");
     add_heaps(&set, only_ctx);
     if (!only_ctx) gm_pinned_for_each_live(add_pinned, &set);
+    set_done(&set);
     if (set.all.n) qsort(set.all.at, set.all.n, sizeof *set.all.at, group_order);
     *out = set.all.at;
     return set.all.n;
@@ -79,8 +160,9 @@ static size_t collect_groups(int only_device, uintptr_t only_ctx, gm_leak_group 
 
 size_t gm_report_device_groups(int device, gm_leak_group **out)
 {
-    group_set set = {{NULL, 0, 0}, device};
+    group_set set = {{NULL, 0, 0}, device, NULL};
     add_heaps(&set, 0);
+    set_done(&set);
     if (set.all.n) qsort(set.all.at, set.all.n, sizeof *set.all.at, group_order);
     *out = set.all.at;
     return set.all.n;
@@ -216,14 +298,6 @@ typedef struct totals {
 /* The previous live report's groups (signal or interval): device, memory kind, tag and call
  * stack, with their bytes and allocations then. Only the report that holds the live report's
  * turn (report_live.c, one at a time) and the exit report read or replace it. */
-typedef struct growth_key {
-    uintptr_t caller;
-    uint32_t stack_id;
-    int32_t device;
-    uint16_t tag;
-    uint8_t memory;
-    uint8_t pad;
-} growth_key;
 typedef struct growth_entry {
     growth_key key;
     uint64_t bytes, count;
@@ -234,18 +308,6 @@ typedef struct growth_entry {
 static growth_entry *previous;       /* the last live report's groups */
 static bool have_previous;           /* a live report was written */
 static totals previous_totals;
-
-static growth_key key_of(const gm_leak_group *g)
-{
-    growth_key k;
-    memset(&k, 0, sizeof k); /* hashed and compared as bytes */
-    k.caller = g->caller;
-    k.stack_id = g->stack_id;
-    k.device = g->device;
-    k.tag = g->tag;
-    k.memory = g->memory;
-    return k;
-}
 
 /* A group's change since the previous live report: all of it when the group is new. */
 static void growth_of(const gm_leak_group *g, int64_t *bytes, int64_t *count)
