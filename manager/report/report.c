@@ -475,8 +475,10 @@ static uint64_t write_report_locked(FILE *out, bool printed, int only_device, ui
         gm_report_json_string(out, why);
         fputc(',', out);
         t = write_groups(out, true, printed, growth, groups, n);
-        grown = (int64_t)t.bytes - (int64_t)previous_totals.bytes;
-        grown_count = (int64_t)t.count - (int64_t)previous_totals.count;
+        if (growth) {
+            grown = (int64_t)t.bytes - (int64_t)previous_totals.bytes;
+            grown_count = (int64_t)t.count - (int64_t)previous_totals.count;
+        }
         fprintf(out,
                 "\"summary\":{\"leaked_bytes\":%llu,\"leaked_allocations\":%llu,\"suppressed_bytes\":%llu,"
                 "\"suppressed_allocations\":%llu",
@@ -498,8 +500,10 @@ static uint64_t write_report_locked(FILE *out, bool printed, int only_device, ui
                     (long)getpid(), why);
         else fprintf(out, "==gpumem== pid %ld: leak report (%s)\n", (long)getpid(), why);
         t = write_groups(out, false, printed, growth, groups, n);
-        grown = (int64_t)t.bytes - (int64_t)previous_totals.bytes;
-        grown_count = (int64_t)t.count - (int64_t)previous_totals.count;
+        if (growth) {
+            grown = (int64_t)t.bytes - (int64_t)previous_totals.bytes;
+            grown_count = (int64_t)t.count - (int64_t)previous_totals.count;
+        }
         if (t.suppressed_count)
             fprintf(out, "Suppressed: %llu bytes in %llu allocations (GPUMEM_SUPPRESSIONS)\n",
                     (unsigned long long)t.suppressed_bytes, (unsigned long long)t.suppressed_count);

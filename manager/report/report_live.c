@@ -29,7 +29,10 @@
 static int pipe_fds[2] = {-1, -1};
 static _Atomic int wake_fd = -1;          /* what the handler writes to; -1: nobody listens */
 static int signo;                         /* GPUMEM_REPORT_SIGNAL's, 0 for none */
-static struct sigaction program_action;   /* what the program had installed before us */
+/* What the program had installed before us, published before ours is installed (atomics: the
+ * handler runs on any thread, with no other ordering to rely on). */
+static _Atomic(void (*)(int, siginfo_t *, void *)) program_sigaction;
+static _Atomic(void (*)(int)) program_handler;
 static pthread_mutex_t turn = PTHREAD_MUTEX_INITIALIZER; /* one live report at a time */
 static _Atomic bool stopped;              /* exit began (or this is a fork child) */
 static _Atomic uint64_t written;
@@ -45,11 +48,10 @@ static void on_signal(int sig, siginfo_t *info, void *uc)
     }
     errno = saved;
     /* The program's own handler, installed before ours, still runs. */
-    if (program_action.sa_flags & SA_SIGINFO) {
-        if (program_action.sa_sigaction) program_action.sa_sigaction(sig, info, uc);
-    } else if (program_action.sa_handler != SIG_DFL && program_action.sa_handler != SIG_IGN) {
-        program_action.sa_handler(sig);
-    }
+    void (*act)(int, siginfo_t *, void *) = atomic_load_explicit(&program_sigaction, memory_order_acquire);
+    void (*handler)(int) = atomic_load_explicit(&program_handler, memory_order_acquire);
+    if (act) act(sig, info, uc);
+    else if (handler) handler(sig);
 }
 
 static void write_one(const char *why)
@@ -128,12 +130,23 @@ static bool install_handler(void)
     sigfillset(&sa.sa_mask); /* nothing else runs on top of ours while it writes its byte */
     atomic_store(&wake_fd, pipe_fds[1]);
     /* The program's action is read before ours is installed: a signal right after finds it. */
-    if (sigaction(signo, NULL, &program_action) != 0 || sigaction(signo, &sa, NULL) != 0) {
+    struct sigaction program;
+    if (sigaction(signo, NULL, &program) != 0) {
+        atomic_store(&wake_fd, -1);
+        gm_log(GM_ERROR, "GPUMEM_REPORT_SIGNAL: cannot read the signal's action (%s)", strerror(errno));
+        return false;
+    }
+    if (program.sa_flags & SA_SIGINFO) {
+        if (program.sa_sigaction) atomic_store(&program_sigaction, program.sa_sigaction);
+    } else if (program.sa_handler != SIG_DFL && program.sa_handler != SIG_IGN) {
+        atomic_store(&program_handler, program.sa_handler);
+    }
+    if (sigaction(signo, &sa, NULL) != 0) {
         atomic_store(&wake_fd, -1);
         gm_log(GM_ERROR, "GPUMEM_REPORT_SIGNAL: cannot install the handler (%s)", strerror(errno));
         return false;
     }
-    if (program_action.sa_handler != SIG_DFL && program_action.sa_handler != SIG_IGN)
+    if (atomic_load(&program_sigaction) || atomic_load(&program_handler))
         gm_log(GM_INFO, "GPUMEM_REPORT_SIGNAL: the program's own handler of %s runs after gpumem's", strsignal(signo));
     return true;
 }
