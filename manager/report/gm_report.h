@@ -29,7 +29,7 @@ size_t gm_report_write_live(const char *why);
  * child has none. gm_reporter_stop: the exit report's turn; a live report under way ends first
  * (waiting at most GM_REPORT_WAIT_S), none starts afterwards. */
 void gm_reporter_start(void);
-void gm_reporter_stop(void);
+bool gm_reporter_stop(void); /* false: a live report is still under way (the exit report then shows no growth) */
 uint64_t gm_reporter_reports_written(void); /* live reports written so far (the benchmark) */
 
 /* report_oom.c: the out-of-memory report ("who holds the memory"), the engine's OOM hook

@@ -184,13 +184,14 @@ void gm_reporter_start(void)
     pthread_once(&once, start_once);
 }
 
-void gm_reporter_stop(void)
+bool gm_reporter_stop(void)
 {
     atomic_store(&stopped, true);
-    /* Kept: the reporter waits for it forever if it wakes now. Not got within the wait: the
-     * flag alone keeps a new report from starting. */
-    (void)gm_lock_for_report(&turn);
+    /* Kept: the reporter waits for it forever if it wakes now. Not got within the wait (a live
+     * report still running): the flag alone keeps a new one from starting. */
+    bool got = gm_lock_for_report(&turn);
     atomic_store(&wake_fd, -1);
+    return got;
 }
 
 uint64_t gm_reporter_reports_written(void) { return atomic_load(&written); }
