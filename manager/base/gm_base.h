@@ -74,6 +74,7 @@ typedef enum {
     GM_FORK_IPC,         /* engine/ipc.c: the registry file belongs to the parent */
     GM_FORK_COPIES,      /* account/copies.c: per-thread copy counters */
     GM_FORK_ORPHANS,     /* track/orphans.c: leaks of destroyed contexts */
+    GM_FORK_REPORTER,    /* report/report_live.c: child only (the reporter thread is the parent's) */
     GM_FORK_SYMBOLS,     /* track/symbols.c: child only (a report may be symbolizing) */
     GM_FORK_LEDGER,      /* account/ledger.c: child only, first: the parent's membership is not the child's */
     GM_FORK_ORDERS

@@ -9,6 +9,7 @@
 #include <locale.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -913,6 +914,15 @@ int gm_config_parse(gm_config *out, gm_env_get_fn get, void *user, char *const *
         return -1;
     *out = cfg; /* only a fully valid configuration is ever handed out */
     return 0;
+}
+
+int gm_config_report_signal(const gm_config *cfg)
+{
+    switch (cfg->report_signal) { /* the words of options.def: off|SIGUSR1|USR1|SIGUSR2|USR2 */
+    case 1: case 2: return SIGUSR1;
+    case 3: case 4: return SIGUSR2;
+    default: return 0;
+    }
 }
 
 void gm_config_defaults(gm_config *out)

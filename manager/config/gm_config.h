@@ -48,6 +48,10 @@ typedef struct gm_config {
     char report[4096];
     int verbose;
     int report_format;      /* 0 text, 1 json */
+    int report_signal;      /* 0 off, 1-2 SIGUSR1, 3-4 SIGUSR2 (gm_config_report_signal) */
+    int report_interval;    /* seconds, 0 off */
+    bool oom_report;
+    int oom_report_interval; /* seconds */
     char suppressions[4096];
     int leak_exitcode;
     int stack_depth;
@@ -65,6 +69,9 @@ typedef struct gm_config {
     char shared[4096];
     int publish_interval_ms;
 } gm_config;
+
+/* The signal number GPUMEM_REPORT_SIGNAL names, or 0 for off. */
+int gm_config_report_signal(const gm_config *cfg);
 
 /* Reads an environment-like source. `get` returns the value of a variable or NULL.
  * `names` (may be NULL) lists every variable name present, NULL-terminated, to warn about unknown

@@ -20,6 +20,24 @@
 #include "gm_engine.h"
 #include "gm_ipc.h"
 
+/* ------------------------------------------------------------------ out of memory */
+
+static _Atomic(gm_oom_hook_fn) oom_hook;
+
+void gm_set_oom_hook(gm_oom_hook_fn fn) { atomic_store(&oom_hook, fn); }
+
+/* The failure path only: one atomic load when no hook is installed. */
+static __attribute__((noinline, cold)) void notify_oom(gm_heap *heap, size_t bytes, gm_oom_cause cause)
+{
+    gm_oom_hook_fn fn = atomic_load_explicit(&oom_hook, memory_order_acquire);
+    if (fn && !atomic_load(&gm_mgr.exiting)) fn(heap, bytes, cause);
+}
+
+static gm_oom_cause oom_cause(gm_heap *heap, size_t rounded)
+{
+    return gm_limit_headroom(heap->device) < rounded ? GM_OOM_LIMIT : GM_OOM_DEVICE;
+}
+
 /* ------------------------------------------------------------------ growth */
 
 static void note_instant(const char *what, int device, size_t bytes)
@@ -204,7 +222,10 @@ static int alloc_direct(gm_heap *heap, size_t size, uintptr_t stream, const gm_c
     rc = gm_mgr.backend->mem_alloc(heap->ctx, size, &p);
     if (rc != GPUMEM_OK) {
         gm_track_abort(heap, size);
-        if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) count_locked_event(heap, &heap->c.backend_ooms);
+        if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) {
+            count_locked_event(heap, &heap->c.backend_ooms);
+            notify_oom(heap, size, GM_OOM_DEVICE);
+        }
         return rc;
     }
     gm_track_commit(heap, p, size, GM_KIND_DIRECT, stream, site);
@@ -249,6 +270,7 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     int rc = take_block_locked(heap, rounded, &b, &hit);
     if (rc != GPUMEM_OK) {
         pthread_mutex_unlock(&heap->lock);
+        if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) notify_oom(heap, size, oom_cause(heap, rounded));
         return rc;
     }
     gm_record_fill(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, site, stack_id, gm_tag_current());
@@ -367,6 +389,7 @@ int gm_track_reserve(gm_heap *heap, size_t size)
     }
     count_locked_event(heap, &heap->c.limit_rejections);
     note_instant("limit rejection", heap->device, size);
+    notify_oom(heap, size, GM_OOM_LIMIT);
     return GPUMEM_ERROR_OUT_OF_MEMORY;
 }
 

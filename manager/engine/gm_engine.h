@@ -154,6 +154,13 @@ typedef gm_ledger_member gm_group_process; /* pid, bytes */
 int gm_group_processes(const unsigned char uuid[16], gm_group_process *out, int max);
 
 /* ---------------------------------------------------------------- allocation (alloc.c) */
+/* Out of memory: an allocation refused by the limit (GM_OOM_LIMIT) or by the device after the
+ * cached segments were handed back and the request retried (GM_OOM_DEVICE). The report layer
+ * installs the hook (the engine never calls upward); it runs on the allocating thread with no
+ * heap lock held, on the failure path only, and must not allocate device memory. */
+typedef enum gm_oom_cause { GM_OOM_LIMIT = 0, GM_OOM_DEVICE } gm_oom_cause;
+typedef void (*gm_oom_hook_fn)(gm_heap *heap, size_t bytes, gm_oom_cause cause);
+void gm_set_oom_hook(gm_oom_hook_fn fn); /* NULL: none */
 /* Pooled allocation of `size` bytes (pooling off: a direct allocation that is still tracked). */
 int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site, uintptr_t *out);
 /* Free a pointer from any kind gm_alloc/gm_track produced: GM_NOT_OURS if not tracked,

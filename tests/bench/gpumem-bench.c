@@ -509,7 +509,8 @@ static void usage(FILE *out)
             "       gpumem-bench checks              (cost of the copy range check)\n"
             "       gpumem-bench pinned              (pinned host alloc+free: driver against pool)\n"
             "       gpumem-bench buffers             (buffer resize, in-place growth, tracking overhead)\n"
-            "       gpumem-bench shared [N]          (GPUMEM_SHARED: N processes attach at once; pool hits in a group)\n",
+            "       gpumem-bench shared [N]          (GPUMEM_SHARED: N processes attach at once; pool hits in a group)\n"
+            "       gpumem-bench report [N]          (GPUMEM_REPORT_SIGNAL: a report of N live allocations, in ms)\n",
             GPUMEM_SHIM_PATH);
 }
 
@@ -521,7 +522,7 @@ int main(int argc, char **argv)
     if (argc >= 2 && strcmp(argv[1], "stacks") == 0) return bench_stacks();
     static const struct { const char *name; int (*run)(int, char **); } modes[] = {
         {"transfer", bench_transfer}, {"checks", bench_checks}, {"pinned", bench_pinned},
-        {"buffers", bench_buffers}, {"shared", bench_shared},
+        {"buffers", bench_buffers}, {"shared", bench_shared}, {"report", bench_report},
     };
     for (size_t i = 0; argc >= 2 && i < sizeof modes / sizeof *modes; i++)
         if (strcmp(argv[1], modes[i].name) == 0) return modes[i].run(argc - 2, argv + 2);

@@ -108,6 +108,32 @@ class Launcher(unittest.TestCase):
             shim = gpumem('--version').stdout.split('(shim: ')[1].rstrip(')\n')
             self.assertEqual(env['LD_PRELOAD'], f'{shim}:libc.so.6')
 
+    def test_build_tree_launcher_uses_the_build_trees_shim(self):
+        # build/scripts/gpumem is configured with the install prefix's shim; run from the build
+        # tree (directly or through a symbolic link) it preloads build/shim's instead.
+        prefix_launcher, build_shim = os.environ['TOOLS_LAUNCHER_PREFIX'], os.environ['TOOLS_BUILD_SHIM']
+        want = os.path.realpath(build_shim)
+        r = run(['bash', prefix_launcher, '--version'])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.split('(shim: ')[1].rstrip(')\n'), want, r.stdout)
+        with tempfile.TemporaryDirectory() as d:
+            link = Path(d) / 'gpumem'
+            link.symlink_to(prefix_launcher)
+            r = run([str(link), '--version'])
+            self.assertEqual(r.stdout.split('(shim: ')[1].rstrip(')\n'), want, r.stdout)
+            # A copy outside the build tree (as installed) keeps the prefix's shim.
+            copy = Path(d) / 'installed-gpumem'
+            copy.write_text(Path(prefix_launcher).read_text())
+            r = run(['bash', str(copy), '--version'])
+            self.assertEqual(r.returncode, 0, r.stderr)
+            shim = r.stdout.split('(shim: ')[1].rstrip(')\n')
+            self.assertNotEqual(shim, want, r.stdout)
+            self.assertTrue(shim.endswith('/libgpumem_shim.so') and '/shim/' not in shim, shim)
+            # And the build tree's launcher runs a program under that shim.
+            r = run(['bash', prefix_launcher, '--limit', '64MiB', DEMO])
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertIn('64 MiB total', r.stdout)
+
     def test_missing_shim(self):
         r = gpumem('--shim', '/nonexistent/libgpumem_shim.so', 'true')
         self.assertEqual(r.returncode, 2)
