@@ -12,7 +12,8 @@
 /* ---------------------------------------------------------------- devices, limits (limits.c) */
 typedef struct gm_device {
     _Atomic uint64_t reserved;      /* bytes taken from the device by this process */
-    int ledger;                     /* its entry in the group's ledger plus 1; 0 without a group */
+    _Atomic int ledger;             /* its entry in the group's ledger plus 1; 0 without a group
+                                     * (set once, before limit_resolved; the publisher reads it) */
     _Atomic uint64_t reserved_peak;
     _Atomic uint64_t allocated;     /* bytes handed out, every heap of the device (shared mode) */
     _Atomic uint64_t allocated_peak;

@@ -87,9 +87,10 @@ typedef struct ledger_region {
 static struct {
     ledger_region *r;
     int fd;         /* our own open file description: its locks are our liveness */
-    int slot;       /* -1 until the first reservation */
-    pid_t slot_pid; /* getpid() when the slot was taken: a fork child sees another pid */
-    bool on;
+    _Atomic int slot;       /* -1 until the first reservation (written under the region's lock,
+                             * read without it by the publisher and early checks) */
+    _Atomic pid_t slot_pid; /* getpid() when the slot was taken: a fork child sees another pid */
+    _Atomic bool on;        /* set last at open: L.r and L.fd are ready when it reads true */
     char path[4096];
 } L = {.fd = -1, .slot = -1};
 

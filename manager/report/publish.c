@@ -16,10 +16,11 @@ static void publish_once(bool with_top)
     memset(figures, 0, sizeof figures);
     for (int dev = 0; dev < GM_MAX_DEVICES; dev++) {
         gm_device *d = gm_device_get(dev);
-        if (!d || !d->ledger || d->ledger > GM_LEDGER_DEVICES) continue;
+        int entry = d ? atomic_load_explicit(&d->ledger, memory_order_relaxed) : 0;
+        if (entry <= 0 || entry > GM_LEDGER_DEVICES) continue;
         gpumem_stats st;
         gm_heap_stats(dev, &st);
-        figures[d->ledger - 1] = (gm_ledger_published){(uint64_t)dev + 1,
+        figures[entry - 1] = (gm_ledger_published){(uint64_t)dev + 1,
             st.bytes_allocated, st.bytes_allocated_peak, st.bytes_reserved_peak, st.allocations, st.frees,
             st.pool_hits, st.pool_misses, st.limit_rejections, st.backend_ooms};
     }
