@@ -542,8 +542,10 @@ void gm_ledger_open(const gm_config *cfg)
 
 /* ------------------------------------------------------------------ publishing and reading */
 
-/* A sequence lock without fences (ThreadSanitizer has none): the odd count is an acquire-release
- * read-modify-write, so no word store moves above it; the even one a release store. */
+/* Written under the region's lock (once a second), so the slot cannot be given up meanwhile (an
+ * exit, a fork child). For readers, who never lock, a sequence count without fences
+ * (ThreadSanitizer has none): the odd count is an acquire-release read-modify-write, so no word
+ * store moves above it; the even one a release store. */
 void gm_ledger_publish(const gm_ledger_published *figures, const gm_ledger_top *top, int ntop)
 {
     if (!L.on || L.slot < 0 || L.slot_pid != getpid()) return;
@@ -555,12 +557,17 @@ void gm_ledger_publish(const gm_ledger_published *figures, const gm_ledger_top *
     pub.ntop = (uint64_t)(ntop < 0 ? 0 : ntop > GM_LEDGER_TOP ? GM_LEDGER_TOP : ntop);
     memcpy(pub.figures, figures, sizeof pub.figures);
     if (pub.ntop) memcpy(pub.top, top, pub.ntop * sizeof *top);
-    ledger_slot *s = &L.r->slots[L.slot];
-    const uint64_t *from = (const uint64_t *)&pub;
-    uint64_t *to = (uint64_t *)&s->pub;
-    uint64_t seq = __atomic_fetch_add(&s->seq, 1, __ATOMIC_ACQ_REL);
-    for (size_t w = 0; w < PUB_WORDS; w++) __atomic_store_n(&to[w], from[w], __ATOMIC_RELAXED);
-    __atomic_store_n(&s->seq, seq + 2, __ATOMIC_RELEASE);
+    if (!ledger_lock()) return;
+    int slot = L.slot;
+    if (slot >= 0 && L.slot_pid == getpid()) {
+        ledger_slot *s = &L.r->slots[slot];
+        const uint64_t *from = (const uint64_t *)&pub;
+        uint64_t *to = (uint64_t *)&s->pub;
+        uint64_t seq = __atomic_fetch_add(&s->seq, 1, __ATOMIC_ACQ_REL);
+        for (size_t w = 0; w < PUB_WORDS; w++) __atomic_store_n(&to[w], from[w], __ATOMIC_RELAXED);
+        __atomic_store_n(&s->seq, seq + 2, __ATOMIC_RELEASE);
+    }
+    ledger_unlock();
 }
 
 /* A consistent copy of what a member published: acquire loads keep the second look at `seq`
