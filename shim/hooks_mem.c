@@ -8,14 +8,6 @@
 
 #define CALLER ((uintptr_t)__builtin_return_address(0))
 
-gm_heap *shim_current_heap(void)
-{
-    uintptr_t ctx;
-    int device;
-    if (gm_mgr.backend->current(&ctx, &device) != CUDA_SUCCESS) return NULL;
-    return gm_heap_get(ctx, device);
-}
-
 /* One line per refused free, with the caller, so a double free is found like under
  * compute-sanitizer; capped so a loop cannot flood the log. */
 static void report_bad_free(const char *api, CUdeviceptr p, uintptr_t caller)

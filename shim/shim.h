@@ -234,7 +234,14 @@ static inline bool shim_active(void)
     return atomic_load_explicit(&shim_ready, memory_order_relaxed);
 }
 
-gm_heap *shim_current_heap(void);
+/* The heap of the calling thread's current context (created on first use); NULL without one. */
+static inline gm_heap *shim_current_heap(void)
+{
+    uintptr_t ctx;
+    int device;
+    if (gm_mgr.backend->current(&ctx, &device) != CUDA_SUCCESS) return NULL;
+    return gm_heap_get(ctx, device);
+}
 
 /* ---- hooks_graph.c */
 /* A graph allocation of `graph` made by `call(arg)`, which writes the driver's address to *dptr:

@@ -23,6 +23,8 @@ size_t gm_report_context(uintptr_t ctx, const char *why);
  * group's growth since the previous one, and so does the exit report after one. Called by the
  * reporter thread only (report_live.c), which keeps them one at a time. */
 size_t gm_report_write_live(const char *why);
+/* The exit report (report_start.c's exit hook); `with_growth`: it got the live report's turn. */
+size_t gm_report_write_exit(bool with_growth);
 
 /* report_live.c: the reporter thread of GPUMEM_REPORT_SIGNAL and GPUMEM_REPORT_INTERVAL.
  * Started by gm_report_start when either is on (signal handler, wake-up pipe, thread); a fork
