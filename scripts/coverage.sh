@@ -18,8 +18,10 @@ meson test -C "$DIR" --print-errorlogs >"$DIR.test.log" 2>&1 || { tail -60 "$DIR
 
 # One summary per tree (the percentage of gcovr's summary line for the files under it).
 summary() { # tree
+    # The report goes to a file of the build tree: gcovr replaces its output file, and as root an
+    # output of /dev/null would replace the device itself.
     gcovr -r "$ROOT" --object-directory "$DIR" --filter "$1/" --gcov-ignore-parse-errors \
-        --print-summary -o /dev/null 2>/dev/null | sed -n 's/^lines: \([0-9.]*\)%.*/\1/p'
+        --print-summary -o "$DIR/coverage-$1.txt" 2>/dev/null | sed -n 's/^lines: \([0-9.]*\)%.*/\1/p'
 }
 per_file() { # tree
     gcovr -r "$ROOT" --object-directory "$DIR" --filter "$1/" --gcov-ignore-parse-errors 2>/dev/null |
