@@ -1,0 +1,235 @@
+/* Expandable segments (GPUMEM_EXPANDABLE=1) on the host backend, whose VMM emulation reserves
+ * with mmap(PROT_NONE) and maps with mprotect: growth at a range's end, data across growth, the
+ * limit in mapped bytes, trims (OOM retry, GPUMEM_MAX_CACHED, the limit), teardown, and every
+ * fallback: no VMM, a map failing half way, an exhausted range. Each test is its own process. */
+#include <criterion/criterion.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gm_api.h"
+
+#define MiB ((size_t)1 << 20)
+
+static gm_heap *heap;
+
+static void start(const char *const *env)
+{
+    setenv("GPUMEM_EXPANDABLE", "1", 1);
+    for (; env && env[0]; env += 2) setenv(env[0], env[1], 1);
+    gm_config_reset_for_tests();
+    cr_assert(gm_manager_init(gm_host_backend()));
+    heap = gm_heap_get(1, 0);
+    cr_assert_not_null(heap);
+}
+
+static int try_alloc(size_t size, uintptr_t *p) { return gm_alloc(heap, size, 0, 0, p); }
+
+static uintptr_t alloc_ok(size_t size)
+{
+    uintptr_t p = 0;
+    int rc = try_alloc(size, &p);
+    cr_assert_eq(rc, GPUMEM_OK, "alloc(%zu) failed with %d", size, rc);
+    return p;
+}
+
+static void free_ok(uintptr_t p) { cr_assert(gm_answer_ok(gm_free(heap, p, GM_FREE_BARRIER, NULL))); }
+
+static gpumem_stats stats(void)
+{
+    gpumem_stats st;
+    cr_assert_eq(gpumem_get_stats(0, &st), GPUMEM_OK);
+    return st;
+}
+
+Test(expandable, a_larger_block_reuses_the_freed_space_and_maps_only_what_it_misses)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(3 * MiB), b = alloc_ok(3 * MiB);
+    cr_expect_eq(b, a + 3 * MiB, "one range: blocks are contiguous");
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 8 * MiB, "one step of GPUMEM_SEGMENT_MIN mapped");
+    cr_expect_eq(gm_host_backend_alloc_calls(), 0, "no classic segment");
+    free_ok(a);
+    free_ok(b);
+    uintptr_t c = alloc_ok(20 * MiB);
+    cr_expect_eq(c, a, "carved from the start of the range, merged with the new chunks");
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 20 * MiB, "only the 12 MiB it missed were mapped");
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_reserved, 20 * MiB, "reserved = mapped");
+    cr_expect_eq(st.segments, 1);
+    free_ok(c);
+}
+
+Test(expandable, data_stays_intact_across_growth)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(5 * MiB);
+    memset((void *)a, 0xa5, 5 * MiB);
+    uintptr_t b = alloc_ok(40 * MiB);
+    memset((void *)b, 0x5a, 40 * MiB);
+    const unsigned char *pa = (const unsigned char *)a;
+    for (size_t i = 0; i < 5 * MiB; i += 4093) cr_assert_eq(pa[i], 0xa5, "byte %zu", i);
+    cr_expect_eq(b, a + 5 * MiB);
+    free_ok(a);
+    free_ok(b);
+}
+
+Test(expandable, small_requests_have_a_range_of_their_own)
+{
+    start(NULL);
+    uintptr_t s = alloc_ok(4096), l = alloc_ok(4 * MiB);
+    gm_segment *ss = gm_pool_segment_containing(&heap->pool, s), *ls = gm_pool_segment_containing(&heap->pool, l);
+    cr_assert(ss && ls && ss != ls);
+    cr_expect(ss->small && ss->expandable && ls->expandable && !ls->small);
+    cr_expect_eq(ss->size, 2 * MiB, "GPUMEM_SMALL_SEGMENT mapped at once");
+}
+
+Test(expandable, the_limit_counts_mapped_bytes)
+{
+    start((const char *const[]){"GPUMEM_LIMIT", "20MiB", NULL});
+    uintptr_t a = alloc_ok(7 * MiB);
+    cr_expect_eq(stats().bytes_reserved, 8 * MiB);
+    uintptr_t b = alloc_ok(11 * MiB); /* misses 10 MiB: 18 MiB mapped */
+    cr_expect_eq(stats().bytes_reserved, 18 * MiB);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 18 * MiB);
+    uintptr_t c = 0;
+    cr_expect_eq(try_alloc(4 * MiB, &c), GPUMEM_ERROR_OUT_OF_MEMORY, "22 MiB would pass the limit");
+    cr_expect_eq(stats().limit_rejections, 1);
+    cr_expect_eq(stats().bytes_reserved, 18 * MiB, "nothing stayed reserved");
+    free_ok(b); /* the tail from 8 MiB on is free: trimmed by the retry */
+    c = alloc_ok(4 * MiB);
+    cr_expect_eq(c, a + 7 * MiB, "reused the freed space");
+    cr_expect_leq(stats().bytes_reserved, 20 * MiB);
+    cr_expect_eq(stats().bytes_reserved, gm_host_backend_vmm_mapped());
+    free_ok(a);
+    free_ok(c);
+}
+
+Test(expandable, at_the_limit_the_end_of_the_range_is_trimmed_and_the_grow_retried)
+{
+    start((const char *const[]){"GPUMEM_LIMIT", "16MiB", NULL});
+    uintptr_t s = alloc_ok(4096); /* small range: 2 MiB */
+    uintptr_t a = alloc_ok(12 * MiB);
+    free_ok(s);
+    free_ok(a);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 14 * MiB);
+    uintptr_t b = alloc_ok(15 * MiB); /* the small range's chunk must go */
+    cr_expect_eq(b, a);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 16 * MiB);
+    cr_expect_geq(stats().release_retries, 1);
+    free_ok(b);
+}
+
+Test(expandable, device_oom_trims_and_retries)
+{
+    gm_host_backend_configure(16 * MiB, -1);
+    start(NULL);
+    uintptr_t s = alloc_ok(4096);
+    uintptr_t a = alloc_ok(10 * MiB);
+    free_ok(s);
+    free_ok(a);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 12 * MiB);
+    uintptr_t b = alloc_ok(16 * MiB); /* needs 6 more: only 4 left until the small chunk goes */
+    cr_expect_eq(b, a);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 16 * MiB);
+    cr_expect_geq(stats().backend_ooms, 1);
+    free_ok(b);
+}
+
+Test(expandable, above_max_cached_the_free_tail_is_unmapped)
+{
+    start((const char *const[]){"GPUMEM_MAX_CACHED", "0", NULL});
+    uintptr_t a = alloc_ok(3 * MiB), b = alloc_ok(3 * MiB);
+    free_ok(b);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 4 * MiB, "the whole chunks after a went");
+    free_ok(a);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 0);
+    cr_expect_eq(stats().bytes_reserved, 0);
+    cr_expect_eq(stats().segments, 0);
+    uintptr_t c = alloc_ok(3 * MiB);
+    cr_expect_eq(c, a, "the range is kept: mapped again from its start");
+    free_ok(c);
+}
+
+Test(expandable, without_vmm_classic_segments_serve)
+{
+    gm_host_backend_configure_vmm(false, -1);
+    start(NULL);
+    uintptr_t a = alloc_ok(3 * MiB);
+    memset((void *)a, 1, 3 * MiB);
+    cr_expect_eq(gm_host_backend_vmm_maps(), 0);
+    cr_expect_eq(gm_host_backend_alloc_calls(), 1);
+    gm_segment *seg = gm_pool_segment_containing(&heap->pool, a);
+    cr_expect(seg && !seg->expandable);
+    free_ok(a);
+}
+
+Test(expandable, a_map_failing_half_way_loses_nothing)
+{
+    start((const char *const[]){"GPUMEM_LIMIT", "64MiB", NULL});
+    uintptr_t a = alloc_ok(3 * MiB); /* 4 chunks mapped */
+    gm_host_backend_configure_vmm(true, 2); /* 2 more maps, then every one fails */
+    uintptr_t b = 0;
+    cr_expect_eq(try_alloc(20 * MiB, &b), GPUMEM_ERROR_OUT_OF_MEMORY, "the device's error");
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_reserved, gm_host_backend_vmm_mapped(), "the limit holds what is mapped");
+    cr_expect_eq(heap->vr[0].mapped, gm_host_backend_vmm_mapped());
+    memset((void *)a, 7, 3 * MiB); /* still mapped and usable */
+    gm_host_backend_configure_vmm(true, -1);
+    b = alloc_ok(20 * MiB);
+    cr_expect_eq(b, a + 3 * MiB);
+    memset((void *)b, 8, 20 * MiB);
+    cr_expect_eq(stats().bytes_reserved, gm_host_backend_vmm_mapped());
+    free_ok(a);
+    free_ok(b);
+}
+
+Test(expandable, an_exhausted_range_falls_back_to_classic_segments)
+{
+    gm_vmm_set_range_size(8 * MiB);
+    start(NULL);
+    uintptr_t a = alloc_ok(6 * MiB), b = alloc_ok(6 * MiB);
+    cr_expect_eq(gm_host_backend_alloc_calls(), 1, "the second came from a classic segment");
+    gm_segment *sa = gm_pool_segment_containing(&heap->pool, a), *sb = gm_pool_segment_containing(&heap->pool, b);
+    cr_assert(sa && sb);
+    cr_expect(sa->expandable && !sb->expandable);
+    memset((void *)a, 1, 6 * MiB);
+    memset((void *)b, 2, 6 * MiB);
+    free_ok(a);
+    free_ok(b);
+    cr_expect_eq(gm_release_cached(heap, 0), 8 * MiB + 8 * MiB);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 0);
+    cr_expect_eq(gm_host_backend_in_use(), 0);
+}
+
+Test(expandable, teardown_unmaps_every_chunk_and_frees_the_ranges)
+{
+    start(NULL);
+    alloc_ok(4096);            /* leaked */
+    uintptr_t a = alloc_ok(9 * MiB); /* leaked */
+    (void)a;
+    cr_expect_gt(gm_host_backend_vmm_mapped(), 0);
+    gm_context_teardown(1, true);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 0, "live blocks' chunks too: VMM memory outlives a context");
+    cr_expect_eq(gm_host_backend_in_use(), 0);
+    cr_expect_eq(heap->vr[0].base, 0);
+    cr_expect_eq(heap->vr[1].base, 0);
+}
+
+Test(expandable, lookups_answer_each_block_as_its_own_allocation)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(3 * MiB), b = alloc_ok(5000);
+    (void)b;
+    uintptr_t c = alloc_ok(2 * MiB);
+    uintptr_t base = 0;
+    size_t size = 0;
+    gm_answer ans = gm_lookup(c + 100, &base, &size);
+    cr_expect(ans.owner == GM_OURS && ans.status == GPUMEM_OK);
+    cr_expect_eq(base, c);
+    cr_expect_eq(size, 2 * MiB);
+    free_ok(a);
+    ans = gm_lookup(a + 10, &base, &size);
+    cr_expect(ans.owner == GM_OURS && ans.status == GPUMEM_ERROR_INVALID_VALUE, "freed memory");
+    ans = gm_lookup(heap->vr[0].base + heap->vr[0].mapped + 4096, &base, &size);
+    cr_expect_eq(ans.owner, GM_NOT_OURS, "unmapped virtual range is no pool memory");
+}
