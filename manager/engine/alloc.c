@@ -217,9 +217,8 @@ static size_t vrange_map_locked(gm_heap *heap, gm_vrange *r, bool small, size_t 
 
 /* One attempt to make room for `rounded` bytes in the class's range. GPUMEM_OK, a failure, or
  * GROW_FALLBACK (no VMM, no range, the range exhausted). Called unlocked. */
-static int grow_expandable_once(gm_heap *heap, size_t rounded)
+static int grow_expandable_once(gm_heap *heap, size_t rounded, bool small)
 {
-    bool small = rounded <= GM_SMALL_MAX;
     gm_vrange *r = &heap->vr[small];
     size_t chunk = heap->vmm_chunk;
     pthread_mutex_lock(&heap->grow_lock);
@@ -255,18 +254,24 @@ static int grow_expandable_once(gm_heap *heap, size_t rounded)
     return rc == GPUMEM_OK ? GPUMEM_ERROR_OUT_OF_MEMORY : rc;
 }
 
-/* Grows the class's range, retrying once after handing cached memory back on a device OOM. */
-static int grow_expandable(gm_heap *heap, size_t rounded)
+/* Grows the range of the class (`small`) until `rounded` bytes are free at its end, retrying
+ * once after handing cached memory back on a device OOM. */
+static int grow_expandable_class(gm_heap *heap, size_t rounded, bool small)
 {
     if (!vmm_ready(heap)) return GROW_FALLBACK;
-    int rc = grow_expandable_once(heap, rounded);
+    int rc = grow_expandable_once(heap, rounded, small);
     if (rc != GPUMEM_ERROR_OUT_OF_MEMORY || gm_limit_headroom(heap->device) < rounded) return rc;
     count_locked_event(heap, &heap->c.backend_ooms);
     note_instant("device oom", heap->device, rounded);
     if (gm_release_cached(heap, 0) == 0) return rc;
     count_locked_event(heap, &heap->c.release_retries);
     note_instant("oom retry", heap->device, rounded);
-    return grow_expandable_once(heap, rounded);
+    return grow_expandable_once(heap, rounded, small);
+}
+
+static int grow_expandable(gm_heap *heap, size_t rounded)
+{
+    return grow_expandable_class(heap, rounded, rounded <= GM_SMALL_MAX);
 }
 
 /* Unmaps `size` bytes at `addr` chunk by chunk (each chunk was one map). */
@@ -688,11 +693,33 @@ static void record_resized_locked(gm_heap *heap, gm_block *b, size_t requested)
     gm_stats_on_resize(gm_heap_counting(heap), &old, &b->rec);
 }
 
+/* Expandable segments: a block that ends its range (nothing after it but free space) can grow
+ * by mapping behind it. The bytes the range must have free at its end for `want`, else 0. */
+static size_t room_to_map_locked(const gm_block *b, size_t want)
+{
+    if (!gm_mgr.cfg->expandable || !b->seg->expandable) return 0;
+    const gm_block *next = b->next;
+    if (next && (next->state != GM_BLOCK_FREE || next->next)) return 0;
+    size_t rounded = gm_pool_round_size(want);
+    return rounded > b->size ? rounded - b->size : 0;
+}
+
 int gm_resize_grow_in_place(gm_heap *heap, uintptr_t ptr, size_t need, size_t *cap)
 {
     int rc = GPUMEM_ERROR_NOT_SUPPORTED;
     pthread_mutex_lock(&heap->lock);
     gm_block *b = live_pool_block_locked(heap, ptr);
+    size_t behind = b && b->size + gm_pool_room_after_locked(b) < gm_pool_round_size(need)
+                        ? room_to_map_locked(b, *cap) : 0;
+    if (behind) { /* map behind the block first (unlocked), then extend it as below */
+        bool small = b->seg->small;
+        size_t at_least = room_to_map_locked(b, need);
+        pthread_mutex_unlock(&heap->lock);
+        if (grow_expandable_class(heap, behind, small) != GPUMEM_OK && at_least && at_least < behind)
+            grow_expandable_class(heap, at_least, small);
+        pthread_mutex_lock(&heap->lock);
+        b = live_pool_block_locked(heap, ptr);
+    }
     if (b) {
         size_t target = *cap, reach = b->size + gm_pool_room_after_locked(b);
         size_t want = gm_pool_round_size(target); /* 0: beyond any device */

@@ -12,7 +12,10 @@
  *   pair    a pool hit: alloc+free of 64 KiB and of 4 MiB, host backend, rounds alternating
  *           between the modes; median of the rounds' medians, with their range.
  *   grow    what one mapped chunk costs: a 64 MiB block in a fresh range (32 chunks of 2 MiB),
- *           released and grown again; against one classic 64 MiB segment. */
+ *           released and grown again; against one classic 64 MiB segment.
+ *   buffer  a named buffer of 256 MiB, full, reserved to 512 MiB: classic segments move it (a new
+ *           block and a 256 MiB copy); expandable ones map behind it (same pointer, no copy).
+ *           Median of 5 (each from a fresh buffer, the cached memory handed back first). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,6 +141,35 @@ static int worker_grow(gm_heap *heap)
     return 0;
 }
 
+static int worker_buffer(gm_heap *heap)
+{
+    enum { REPS = 5 };
+    double us[REPS];
+    int in_place = 0;
+    for (int r = 0; r < REPS; r++) {
+        gm_release_cached(heap, 0);
+        gpumem_buffer *b = NULL;
+        gpumem_buffer_config cfg;
+        gpumem_buffer_config_init(&cfg);
+        cfg.initial_capacity = 256 * MiB;
+        if (gpumem_buffer_create(&b, "bench", &cfg, NULL) != GPUMEM_OK ||
+            gpumem_buffer_resize(b, 256 * MiB) != GPUMEM_OK)
+            return 1;
+        uint64_t t0 = now_ns();
+        if (gpumem_buffer_reserve(b, 512 * MiB) != GPUMEM_OK) return 1;
+        gm_mgr.backend->synchronize(heap->ctx); /* until a copy, if any, has completed */
+        us[r] = (double)(now_ns() - t0) / 1e3;
+        gpumem_buffer_info info;
+        gpumem_buffer_get_info(b, &info);
+        in_place += info.grows_in_place == 1 && info.copies == 0;
+        gpumem_buffer_destroy(b);
+    }
+    qsort(us, REPS, sizeof *us, cmp_double);
+    printf("backend=%s buffer_us=%.1f buffer_us_min=%.1f buffer_us_max=%.1f in_place=%d/%d\n", backend_name,
+           us[REPS / 2], us[0], us[REPS - 1], in_place, REPS);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ the parent */
 
 /* Runs this program as a worker with GPUMEM_EXPANDABLE=`mode`; its stdout into `out`. */
@@ -194,6 +226,7 @@ int bench_expandable(int argc, char **argv)
         if (strcmp(worker, "churn") == 0) return worker_churn(heap);
         if (strcmp(worker, "pair") == 0) return worker_pair(heap);
         if (strcmp(worker, "grow") == 0) return worker_grow(heap);
+        if (strcmp(worker, "buffer") == 0) return worker_buffer(heap);
         return 2;
     }
     char out[512];
@@ -225,6 +258,13 @@ int bench_expandable(int argc, char **argv)
                strstr(out, "backend=cuda") ? "cuda" : "host");
         if (mode) printf(": %.2f us per 2 MiB chunk", us / 32);
         printf("\n");
+    }
+    for (int mode = 0; mode <= 1; mode++) {
+        if (!run_worker("buffer", mode, host, out, sizeof out)) return 1;
+        const char *ip = strstr(out, "in_place=");
+        printf("buffer %-10s 256 MiB -> 512 MiB in %.1f us (median of 5, [%.1f, %.1f]), %.*s\n",
+               mode ? "expandable" : "classic", field(out, "buffer_us="), field(out, "buffer_us_min="),
+               field(out, "buffer_us_max="), ip ? (int)strcspn(ip, "\n") : 0, ip ? ip : "");
     }
     return 0;
 }

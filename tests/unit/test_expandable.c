@@ -233,3 +233,54 @@ Test(expandable, lookups_answer_each_block_as_its_own_allocation)
     ans = gm_lookup(heap->vr[0].base + heap->vr[0].mapped + 4096, &base, &size);
     cr_expect_eq(ans.owner, GM_NOT_OURS, "unmapped virtual range is no pool memory");
 }
+
+Test(expandable, a_buffer_at_the_end_of_its_range_grows_in_place_by_mapping_behind_it)
+{
+    start(NULL);
+    gpumem_buffer *buf = NULL;
+    gpumem_buffer_config cfg;
+    gpumem_buffer_config_init(&cfg);
+    cfg.initial_capacity = 256 * MiB;
+    cr_assert_eq(gpumem_buffer_create(&buf, "grows", &cfg, NULL), GPUMEM_OK);
+    void *before = NULL, *after = NULL;
+    cr_assert_eq(gpumem_buffer_resize(buf, 256 * MiB), GPUMEM_OK);
+    cr_assert_eq(gpumem_buffer_ptr(buf, &before), GPUMEM_OK);
+    memset(before, 0x3c, 256 * MiB);
+    uint64_t mapped = gm_host_backend_vmm_mapped();
+    cr_assert_eq(gpumem_buffer_reserve(buf, 512 * MiB), GPUMEM_OK);
+    cr_assert_eq(gpumem_buffer_ptr(buf, &after), GPUMEM_OK);
+    gpumem_buffer_info info;
+    cr_assert_eq(gpumem_buffer_get_info(buf, &info), GPUMEM_OK);
+    cr_expect_eq(after, before, "same pointer");
+    cr_expect_eq(info.copies, 0, "no copy");
+    cr_expect_eq(info.grows_in_place, 1);
+    cr_expect_geq(info.capacity, 512 * MiB);
+    cr_expect_eq(gm_host_backend_vmm_mapped() - mapped, info.capacity - 256 * MiB, "mapped what it grew by");
+    const unsigned char *p = after;
+    for (size_t i = 0; i < 256 * MiB; i += 65521) cr_assert_eq(p[i], 0x3c, "byte %zu", i);
+    memset((char *)after + 256 * MiB, 1, info.capacity - 256 * MiB); /* the new part is mapped */
+    cr_expect_eq(gpumem_buffer_destroy(buf), GPUMEM_OK);
+}
+
+Test(expandable, a_buffer_with_a_block_after_it_still_moves)
+{
+    start(NULL);
+    gpumem_buffer *buf = NULL;
+    gpumem_buffer_config cfg;
+    gpumem_buffer_config_init(&cfg);
+    cfg.initial_capacity = 4 * MiB;
+    cr_assert_eq(gpumem_buffer_create(&buf, "blocked", &cfg, NULL), GPUMEM_OK);
+    cr_assert_eq(gpumem_buffer_resize(buf, 4 * MiB), GPUMEM_OK);
+    uintptr_t after = alloc_ok(4 * MiB + 4 * MiB); /* right behind the buffer */
+    void *before = NULL, *moved = NULL;
+    cr_assert_eq(gpumem_buffer_ptr(buf, &before), GPUMEM_OK);
+    cr_expect_eq((uintptr_t)before + 4 * MiB, after);
+    cr_assert_eq(gpumem_buffer_reserve(buf, 16 * MiB), GPUMEM_OK);
+    cr_assert_eq(gpumem_buffer_ptr(buf, &moved), GPUMEM_OK);
+    gpumem_buffer_info info;
+    cr_assert_eq(gpumem_buffer_get_info(buf, &info), GPUMEM_OK);
+    cr_expect_neq(moved, before);
+    cr_expect_eq(info.copies, 1);
+    cr_expect_eq(gpumem_buffer_destroy(buf), GPUMEM_OK);
+    free_ok(after);
+}
