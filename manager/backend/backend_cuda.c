@@ -618,7 +618,17 @@ static int cuda_va_free(uintptr_t ctx, uintptr_t base, size_t size)
     return vmm.ok ? vmm.va_free((CUdeviceptr)base, size) : CUDA_ERROR_NOT_SUPPORTED;
 }
 
-static int cuda_vmm_map(uintptr_t ctx, uintptr_t addr, size_t size)
+static CUmemAccessDesc access_for(int device)
+{
+    CUmemAccessDesc access;
+    memset(&access, 0, sizeof access);
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = device;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    return access;
+}
+
+static int cuda_vmm_map(uintptr_t ctx, uintptr_t addr, size_t size, uint64_t peers)
 {
     bool pushed;
     CUdevice dev;
@@ -630,18 +640,27 @@ static int cuda_vmm_map(uintptr_t ctx, uintptr_t addr, size_t size)
     if (rc == CUDA_SUCCESS) {
         rc = vmm.map((CUdeviceptr)addr, size, 0, h, 0);
         if (rc == CUDA_SUCCESS) {
-            CUmemAccessDesc access;
-            memset(&access, 0, sizeof access);
-            access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-            access.location.id = dev;
-            access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-            rc = vmm.set_access((CUdeviceptr)addr, size, &access, 1);
+            CUmemAccessDesc access[65];
+            size_t n = 0;
+            access[n++] = access_for(dev);
+            for (int d = 0; d < 64; d++)
+                if ((peers >> d & 1) && d != dev) access[n++] = access_for(d);
+            rc = vmm.set_access((CUdeviceptr)addr, size, access, n);
             if (rc != CUDA_SUCCESS) vmm.unmap((CUdeviceptr)addr, size);
         }
         vmm.release(h); /* the mapping holds the memory from now on */
     }
     leave_ctx(pushed);
     return rc;
+}
+
+static int cuda_vmm_grant(uintptr_t ctx, uintptr_t addr, size_t size, int device)
+{
+    (void)ctx;
+    pthread_once(&vmm.once, vmm_bind);
+    if (!vmm.ok) return CUDA_ERROR_NOT_SUPPORTED;
+    CUmemAccessDesc access = access_for(device);
+    return vmm.set_access((CUdeviceptr)addr, size, &access, 1);
 }
 
 static int cuda_vmm_unmap(uintptr_t ctx, uintptr_t addr, size_t size)
@@ -699,6 +718,7 @@ static const gm_backend cuda_backend = {
     .va_free = cuda_va_free,
     .vmm_map = cuda_vmm_map,
     .vmm_unmap = cuda_vmm_unmap,
+    .vmm_grant = cuda_vmm_grant,
 };
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;

@@ -289,9 +289,10 @@ static bool take_map_fault(void)
     return false;
 }
 
-static int host_vmm_map(uintptr_t ctx, uintptr_t addr, size_t size)
+static int host_vmm_map(uintptr_t ctx, uintptr_t addr, size_t size, uint64_t peers)
 {
     (void)ctx;
+    (void)peers; /* one device */
     atomic_fetch_add(&vmm_maps, 1);
     if (take_map_fault()) return GPUMEM_ERROR_OUT_OF_MEMORY;
     uint64_t cap = atomic_load(&capacity);
@@ -314,6 +315,14 @@ static int host_vmm_unmap(uintptr_t ctx, uintptr_t addr, size_t size)
     atomic_fetch_sub(&in_use, size);
     atomic_fetch_sub(&vmm_mapped, size);
     return GPUMEM_OK;
+}
+
+static int host_vmm_grant(uintptr_t ctx, uintptr_t addr, size_t size, int device)
+{
+    (void)ctx;
+    (void)addr;
+    (void)size;
+    return device == 0 ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
 }
 
 static int host_device_total(int device, size_t *bytes)
@@ -361,6 +370,7 @@ static const gm_backend host_backend = {
     .va_free = host_va_free,
     .vmm_map = host_vmm_map,
     .vmm_unmap = host_vmm_unmap,
+    .vmm_grant = host_vmm_grant,
 };
 
 const gm_backend *gm_host_backend(void) { return &host_backend; }

@@ -94,10 +94,13 @@ typedef struct gm_backend {
     int (*va_reserve)(uintptr_t ctx, size_t size, size_t align, uintptr_t *base);
     int (*va_free)(uintptr_t ctx, uintptr_t base, size_t size);
     /* Physical memory of `size` bytes (a multiple of the granularity) created on `ctx`'s device,
-     * mapped at `addr` and made readable and writable by that device (and the peers given by
-     * vmm_set_peers); the handle is released at once, so the mapping alone holds the memory. On
-     * failure nothing stays mapped. */
-    int (*vmm_map)(uintptr_t ctx, uintptr_t addr, size_t size);
+     * mapped at `addr` and made readable and writable by that device and by every device of the
+     * bit mask `peers`; the handle is released at once, so the mapping alone holds the memory.
+     * On failure nothing stays mapped. */
+    int (*vmm_map)(uintptr_t ctx, uintptr_t addr, size_t size, uint64_t peers);
+    /* Makes the mapped range [addr, addr+size) readable and writable by `device` too (peer
+     * access), keeping the access of the others. */
+    int (*vmm_grant)(uintptr_t ctx, uintptr_t addr, size_t size, int device);
     /* Unmaps exactly one earlier vmm_map: the memory goes back to the device. */
     int (*vmm_unmap)(uintptr_t ctx, uintptr_t addr, size_t size);
 } gm_backend;

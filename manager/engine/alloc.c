@@ -193,7 +193,7 @@ static size_t vrange_map_locked(gm_heap *heap, gm_vrange *r, bool small, size_t 
     uintptr_t at = r->base + r->mapped;
     *rc = GPUMEM_OK;
     for (; done < want; done += chunk) {
-        *rc = be->vmm_map(heap->ctx, at + done, chunk);
+        *rc = be->vmm_map(heap->ctx, at + done, chunk, heap->vmm_peers);
         if (*rc != GPUMEM_OK) break;
     }
     if (!done) return 0;
@@ -293,6 +293,23 @@ void gm_vmm_release_ranges(gm_heap *heap, const gm_vrange vr[2])
         vrange_unmap(heap, vr[i].base, vr[i].mapped);
         gm_mgr.backend->va_free(heap->ctx, vr[i].base, vr[i].size);
     }
+}
+
+int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor)
+{
+    if (!gm_mgr.cfg->expandable || accessor < 0 || accessor >= 64 || accessor == device) return GPUMEM_OK;
+    gm_heap *heap = gm_heap_get(ctx, device); /* chunks mapped from now on need the bit too */
+    if (!heap) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    int rc = GPUMEM_OK;
+    pthread_mutex_lock(&heap->grow_lock);
+    heap->vmm_peers |= 1ull << accessor;
+    for (int i = 0; i < 2; i++) {
+        const gm_vrange *r = &heap->vr[i];
+        for (size_t u = 0; u < r->mapped && rc == GPUMEM_OK; u += heap->vmm_chunk)
+            rc = gm_mgr.backend->vmm_grant(heap->ctx, r->base + u, heap->vmm_chunk, accessor);
+    }
+    pthread_mutex_unlock(&heap->grow_lock);
+    return rc;
 }
 
 /* Adds a segment able to hold `rounded` bytes. Called unlocked. */

@@ -72,6 +72,7 @@ typedef struct gm_heap {
     int vmm;
     size_t vmm_chunk;
     gm_vrange vr[2];
+    uint64_t vmm_peers;         /* devices given access to every chunk (peer access), by bit */
 } gm_heap;
 
 /* What every copy hook reads, copied from the configuration into the manager's first cache line
@@ -208,6 +209,10 @@ size_t gm_release_all_cached(void); /* every heap */
  * (VMM memory is not freed with a context). Called unlocked, after gm_heap_reset_locked forgot
  * the segments (it hands the ranges over in `vr`). */
 void gm_vmm_release_ranges(gm_heap *heap, const gm_vrange vr[2]);
+/* Peer access was enabled from a context of `accessor` to context `ctx` (of `device`): the
+ * chunks of its expandable segments, mapped now and later, become accessible to `accessor`.
+ * Called unlocked; GPUMEM_OK or the driver's error for the chunks mapped now. */
+int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor);
 /* Testing: the virtual range reserved per heap and class (0: the device's total memory). */
 void gm_vmm_set_range_size(size_t bytes);
 /* Fast mode: retires what a completed fence covers and records a new one; with `wait`,

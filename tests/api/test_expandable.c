@@ -199,3 +199,28 @@ Test(expandable, a_fork_child_starts_clean_and_the_parent_keeps_its_blocks)
     cr_expect_eq(pattern_errors(a, 3 * MiB, 7), 0);
     OK(cuMemFree(a));
 }
+
+Test(expandable, peer_access_reaches_the_chunks_mapped_before_and_after)
+{
+    expandable_env();
+    setenv("FAKECUDA_DEVICES", "2", 1);
+    CUcontext ctx0 = api_start(), ctx1;
+    CUdevice dev1;
+    CUdeviceptr a, b;
+    OK(cuMemAlloc(&a, 3 * MiB));
+    cr_expect_eq(fakecuda_vmm_access(a), 1u, "device 0 only");
+    OK(cuDeviceGet(&dev1, 1));
+    OK(cuDevicePrimaryCtxRetain(&ctx1, dev1));
+    OK(cuCtxSetCurrent(ctx1));
+    OK(cuCtxEnablePeerAccess(ctx0, 0)); /* device 1 may access context 0's memory */
+    cr_expect_eq(fakecuda_vmm_access(a), 3u, "a chunk mapped before");
+    cr_expect_eq(fakecuda_vmm_access(a + 6 * MiB), 3u, "the whole mapped step");
+    OK(cuCtxSetCurrent(ctx0));
+    OK(cuMemAlloc(&b, 30 * MiB));
+    cr_expect_eq(fakecuda_vmm_access(b + 29 * MiB), 3u, "a chunk mapped after");
+    OK(cuCtxSetCurrent(ctx1));
+    ERR(cuCtxEnablePeerAccess(ctx0, 0), CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED);
+    OK(cuCtxSetCurrent(ctx0));
+    OK(cuMemFree(a));
+    OK(cuMemFree(b));
+}

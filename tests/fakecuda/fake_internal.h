@@ -105,6 +105,7 @@ typedef struct fk_ctx {
     unsigned flags;
     struct fk_stream *legacy;
     uint64_t id;         /* cuCtxGetId: new at every activation, so a reset primary gets a new one */
+    unsigned peers;      /* contexts' devices this context enabled peer access to (bit per device) */
 } fk_ctx;
 
 typedef struct fk_alloc {
@@ -130,6 +131,7 @@ typedef struct fk_alloc {
     unsigned maps;       /* A_VMM: live cuMemMap mappings of the handle */
     bool released;       /* A_VMM: cuMemRelease called; freed when the last mapping goes */
     struct fk_alloc *handle; /* A_MAPPED: the A_VMM handle mapped */
+    unsigned access;     /* A_MAPPED: devices given access by cuMemSetAccess (bit per device) */
 } fk_alloc;
 
 typedef struct fk_event {

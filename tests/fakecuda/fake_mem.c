@@ -606,9 +606,12 @@ FK_API CUresult CUDAAPI cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmem
     if (!desc || count == 0 || size == 0 || !mapped_exactly(ptr, size))
         return state_leave(CUDA_ERROR_INVALID_VALUE);
     int prot = PROT_NONE;
+    unsigned devices = 0;
     for (size_t i = 0; i < count; i++) {
         if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE || !dev_ok(desc[i].location.id))
             return state_leave(CUDA_ERROR_INVALID_DEVICE);
+        if (desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_NONE)
+            devices |= 1u << desc[i].location.id;
         if (desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
             prot = PROT_READ | PROT_WRITE;
         else if (desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READ && prot == PROT_NONE)
@@ -616,7 +619,22 @@ FK_API CUresult CUDAAPI cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmem
     }
     if (mprotect((void *)ptr, size, prot) != 0)
         return state_leave(CUDA_ERROR_INVALID_VALUE);
+    for (uintptr_t p = ptr; p < ptr + size;) { /* this fake's one access setting: the union */
+        fk_alloc *a = mem_find(p);
+        a->access |= devices;
+        p += a->size;
+    }
     return state_leave(CUDA_SUCCESS);
+}
+
+/* fakecuda_vmm_access: the devices that may access the mapping at p (0: no mapping). */
+FK_API unsigned fakecuda_vmm_access(CUdeviceptr p)
+{
+    pthread_mutex_lock(&g_mu);
+    fk_alloc *a = mem_find(p);
+    unsigned m = a && a->kind == A_MAPPED ? a->access : 0;
+    pthread_mutex_unlock(&g_mu);
+    return m;
 }
 
 /* ================================================================ cuGetProcAddress rows */
