@@ -224,3 +224,28 @@ Test(expandable, peer_access_reaches_the_chunks_mapped_before_and_after)
     OK(cuMemFree(a));
     OK(cuMemFree(b));
 }
+
+Test(expandable, a_groups_shared_budget_counts_mapped_bytes)
+{
+    char dir[64], region[128], shared[160];
+    cr_assert(api_tmpdir(dir, sizeof dir, "vmm-shared"));
+    snprintf(region, sizeof region, "%s/budget", dir);
+    snprintf(shared, sizeof shared, "GPUMEM_SHARED=%s", region);
+    setenv("GPUMEM_SHARED", region, 1);
+    setenv("GPUMEM_LIMIT", "32MiB", 1);
+    expandable_env();
+    api_start();
+    CUdeviceptr a;
+    OK(cuMemAlloc(&a, 20 * MiB)); /* 20 MiB mapped, in the group's ledger */
+    /* another member: its first 8 MiB step fits (28 MiB), the second would pass 32 MiB */
+    const char *args[] = {"dev:0", "alloc:8M", "alloc:8M", NULL};
+    const char *env[] = {shared, "GPUMEM_LIMIT=32MiB", "GPUMEM_EXPANDABLE=1", NULL};
+    api_child c;
+    cr_assert(api_run(SHARED_CHILD_PATH, args, env, 20.0, &c));
+    cr_expect(api_exited_ok(&c), "status %#x, stderr:\n%s", c.status, c.err);
+    cr_expect(strstr(c.out, "alloc 0\nalloc 2\n") != NULL, "expected one fit and one OOM: %s", c.out);
+    api_child_free(&c);
+    OK(cuMemFree(a));
+    unlink(region);
+    rmdir(dir);
+}
