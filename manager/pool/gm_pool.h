@@ -49,6 +49,7 @@ typedef struct gm_segment {
      * the release trims free chunks off its end. */
     bool expandable;
     gm_block *first;     /* address-ordered block list */
+    gm_block *last;      /* its last block (an expandable segment grows and trims there) */
 } gm_segment;
 
 /* Two-level segregated bins: first level = power of two, second = 16 linear steps. */

@@ -172,6 +172,7 @@ static bool add_segment_locked(gm_pool *pool, uintptr_t base, size_t size, bool 
         seg->size = size;
         seg->small = small;
         seg->first = b;
+        seg->last = b;
     }
     if (!seg || !b || !segments_insert(pool, seg)) {
         free(seg);
@@ -232,12 +233,7 @@ bool gm_pool_add_expandable_locked(gm_pool *pool, uintptr_t base, size_t size, b
     return true;
 }
 
-static gm_block *last_block(const gm_segment *seg)
-{
-    gm_block *b = seg->first;
-    while (b && b->next) b = b->next;
-    return b;
-}
+static gm_block *last_block(const gm_segment *seg) { return seg->last; }
 
 size_t gm_pool_tail_free_locked(const gm_segment *seg)
 {
@@ -264,6 +260,7 @@ bool gm_pool_extend_segment_locked(gm_pool *pool, gm_segment *seg, size_t bytes)
         b->prev = last;
         if (last) last->next = b;
         else seg->first = b;
+        seg->last = b;
         bins_insert(bins, b);
     }
     seg->size += bytes;
@@ -286,6 +283,7 @@ static gm_block *cut_tail_locked(gm_pool *pool, gm_block *b, size_t at, uint8_t 
     tail->prev = b;
     tail->next = b->next;
     if (b->next) b->next->prev = tail;
+    else b->seg->last = tail;
     b->next = tail;
     b->size = at;
     return tail;
@@ -319,6 +317,7 @@ static void merge_into_prev_locked(gm_pool *pool, gm_block *prev, gm_block *b)
     prev->size += b->size;
     prev->next = b->next;
     if (b->next) b->next->prev = prev;
+    else prev->seg->last = prev;
     block_recycle(pool, b);
 }
 
@@ -410,6 +409,7 @@ static bool trim_expandable_locked(gm_pool *pool, gm_segment *seg, gm_pool_span 
     if (cut == last->size) { /* the whole block goes */
         if (last->prev) last->prev->next = NULL;
         else seg->first = NULL;
+        seg->last = last->prev;
         block_recycle(pool, last);
     } else {
         last->size -= cut;

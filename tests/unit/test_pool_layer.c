@@ -138,9 +138,24 @@ Test(pool_layer, lookups_find_the_covering_block)
 
 /* ---------------------------------------------------------------- expandable segments */
 
+/* The segment's block list tiles it, and `last` is its last block. */
+static void check_segment(const gm_segment *seg)
+{
+    const gm_block *b = seg->first, *prev = NULL;
+    uintptr_t at = seg->base;
+    for (; b; prev = b, b = b->next) {
+        cr_assert_eq(b->addr, at, "blocks tile the segment");
+        cr_assert_eq(b->prev, prev);
+        at += b->size;
+    }
+    cr_assert_eq(at, seg->base + seg->size);
+    cr_assert_eq(seg->last, prev, "last is the last block");
+}
+
 static gm_segment *only_segment(void)
 {
     cr_assert_eq(pool.segments, 1);
+    check_segment(pool.by_base[0]);
     return pool.by_base[0];
 }
 
@@ -164,9 +179,11 @@ Test(pool_layer, an_expandable_segment_extends_into_its_trailing_free_block)
     cr_expect_eq(gm_pool_tail_free_locked(seg), 2 * MiB, "a new free block after a live one");
     cr_expect_eq(b->next->addr, BASE + 8 * MiB);
     cr_expect_eq(b->next->prev, b);
+    check_segment(seg);
     gm_pool_free_block_locked(&pool, a);
     gm_pool_free_block_locked(&pool, b);
     cr_expect(!seg->first->next && seg->first->size == 10 * MiB, "everything merges again");
+    check_segment(seg);
     cr_expect_eq(gm_pool_largest_free_locked(&pool), 10 * MiB);
 }
 
@@ -195,6 +212,7 @@ Test(pool_layer, a_trim_takes_whole_chunks_off_the_end_only)
     cr_expect_eq(seg->size, 10 * MiB);
     cr_expect_eq(gm_pool_tail_free_locked(seg), 0);
     cr_expect_eq(pool.bytes_cached_free, 4 * MiB, "the interior hole is still cached");
+    check_segment(seg);
     gm_pool_free_block_locked(&pool, c); /* merges with b: free from 3 MiB on */
     n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4);
     cr_assert_eq(n, 1);
@@ -202,6 +220,7 @@ Test(pool_layer, a_trim_takes_whole_chunks_off_the_end_only)
     cr_expect_eq(spans[0].size, 6 * MiB);
     cr_expect_eq(seg->size, 4 * MiB);
     cr_expect_eq(gm_pool_tail_free_locked(seg), MiB, "a's last chunk keeps its free part");
+    check_segment(seg);
     cr_expect_eq(pool.bytes_cached_free, MiB);
     gm_pool_free_block_locked(&pool, a);
     n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4);
