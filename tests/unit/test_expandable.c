@@ -3,6 +3,7 @@
  * limit in mapped bytes, trims (OOM retry, GPUMEM_MAX_CACHED, the limit), teardown, and every
  * fallback: no VMM, a map failing half way, an exhausted range. Each test is its own process. */
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -283,4 +284,54 @@ Test(expandable, a_buffer_with_a_block_after_it_still_moves)
     cr_expect_eq(info.copies, 1);
     cr_expect_eq(gpumem_buffer_destroy(buf), GPUMEM_OK);
     free_ok(after);
+}
+
+/* Threads growing and trimming the same ranges at once (GPUMEM_MAX_CACHED=0: every free trims):
+ * every block keeps its bytes, nothing is lost, and the limit still equals what is mapped. */
+static void *churn_thread(void *arg)
+{
+    uint64_t rng = (uintptr_t)arg * 0x9E3779B97F4A7C15ull + 1;
+    uintptr_t mine[16] = {0};
+    size_t sizes[16] = {0};
+    for (int op = 0; op < 4000; op++) {
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        int i = (int)(rng % 16);
+        if (mine[i]) {
+            unsigned char *p = (unsigned char *)mine[i];
+            unsigned char want = (unsigned char)(i + (uintptr_t)arg * 16);
+            if (p[0] != want || p[sizes[i] - 1] != want) return (void *)1;
+            if (!gm_answer_ok(gm_free(heap, mine[i], GM_FREE_BARRIER, NULL))) return (void *)2;
+            mine[i] = 0;
+        } else {
+            size_t size = rng >> 40 & 1 ? 4096 + (rng >> 20) % MiB : MiB + (rng >> 20) % (12 * MiB);
+            if (gm_alloc(heap, size, 0, 0, &mine[i]) != GPUMEM_OK) return (void *)3;
+            sizes[i] = size;
+            unsigned char v = (unsigned char)(i + (uintptr_t)arg * 16);
+            ((unsigned char *)mine[i])[0] = v;
+            ((unsigned char *)mine[i])[size - 1] = v;
+        }
+    }
+    for (int i = 0; i < 16; i++)
+        if (mine[i]) gm_free(heap, mine[i], GM_FREE_BARRIER, NULL);
+    return NULL;
+}
+
+Test(expandable, threads_grow_and_trim_the_ranges_at_once)
+{
+    start((const char *const[]){"GPUMEM_MAX_CACHED", "0", NULL});
+    pthread_t t[4];
+    for (uintptr_t i = 0; i < 4; i++) cr_assert_eq(pthread_create(&t[i], NULL, churn_thread, (void *)i), 0);
+    for (int i = 0; i < 4; i++) {
+        void *rc;
+        pthread_join(t[i], &rc);
+        cr_expect_null(rc, "thread %d failed (%p)", i, rc);
+    }
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(st.bytes_reserved, gm_host_backend_vmm_mapped());
+    cr_expect_eq(gm_host_backend_vmm_mapped(), gm_host_backend_in_use());
+    cr_expect_eq(gm_host_backend_alloc_calls(), 0, "never fell back");
+    gm_release_cached(heap, 0);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 0);
+    cr_expect_eq(heap->vr[0].mapped + heap->vr[1].mapped, 0);
 }
