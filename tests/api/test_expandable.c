@@ -182,15 +182,18 @@ Test(expandable, a_fork_child_starts_clean_and_the_parent_keeps_its_blocks)
     cr_assert_geq(pid, 0);
     if (pid == 0) {
         alarm(10);
+        gpumem_stats st;
+        int ok = api_stats(&st) && st.bytes_allocated == 0 && st.bytes_reserved == 0; /* forgotten */
+#ifndef __SANITIZE_THREAD__ /* TSan refuses new threads after a multi-threaded fork (the fake's) */
         CUcontext ctx;
         CUdevice dev;
         CUdeviceptr p;
-        int ok = cuInit(0) == CUDA_SUCCESS && cuDeviceGet(&dev, 0) == CUDA_SUCCESS &&
-                 cuDevicePrimaryCtxRetain(&ctx, dev) == CUDA_SUCCESS &&
-                 cuCtxSetCurrent(ctx) == CUDA_SUCCESS && cuMemAlloc(&p, 5 * MiB) == CUDA_SUCCESS &&
-                 cuMemsetD8(p, 9, 5 * MiB) == CUDA_SUCCESS && cuMemFree(p) == CUDA_SUCCESS;
-        gpumem_stats st;
+        ok = ok && cuInit(0) == CUDA_SUCCESS && cuDeviceGet(&dev, 0) == CUDA_SUCCESS &&
+             cuDevicePrimaryCtxRetain(&ctx, dev) == CUDA_SUCCESS &&
+             cuCtxSetCurrent(ctx) == CUDA_SUCCESS && cuMemAlloc(&p, 5 * MiB) == CUDA_SUCCESS &&
+             cuMemsetD8(p, 9, 5 * MiB) == CUDA_SUCCESS && cuMemFree(p) == CUDA_SUCCESS;
         ok = ok && api_stats(&st) && st.bytes_allocated == 0 && st.bytes_reserved == fake_in_use();
+#endif
         _exit(ok ? 0 : 1);
     }
     int status = 0;
