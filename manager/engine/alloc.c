@@ -138,8 +138,10 @@ static bool vmm_ready(gm_heap *heap)
     size_t g = 0;
     int rc = be->vmm_granularity ? be->vmm_granularity(heap->ctx, &g) : GPUMEM_ERROR_NOT_SUPPORTED;
     pthread_mutex_lock(&heap->lock);
-    if (rc == GPUMEM_OK && g) {
-        heap->vmm_chunk = g > GM_SEGMENT_ALIGN ? round_up_to(g, GM_SEGMENT_ALIGN) : GM_SEGMENT_ALIGN;
+    if (rc == GPUMEM_OK && g) { /* GPUMEM_EXPANDABLE_CHUNK in whole granules and whole 2 MiB */
+        size_t chunk = round_up_to((size_t)gm_mgr.cfg->expandable_chunk, g);
+        while (chunk % GM_SEGMENT_ALIGN) chunk += g; /* granularities are powers of two: rare */
+        heap->vmm_chunk = chunk;
         heap->pool.sizing.chunk = heap->vmm_chunk;
     }
     __atomic_store_n(&heap->vmm, rc == GPUMEM_OK && g ? 1 : -1, __ATOMIC_RELEASE);

@@ -335,3 +335,18 @@ Test(expandable, threads_grow_and_trim_the_ranges_at_once)
     cr_expect_eq(gm_host_backend_vmm_mapped(), 0);
     cr_expect_eq(heap->vr[0].mapped + heap->vr[1].mapped, 0);
 }
+
+Test(expandable, the_chunk_size_is_a_setting)
+{
+    start((const char *const[]){"GPUMEM_EXPANDABLE_CHUNK", "8MiB", "GPUMEM_MAX_CACHED", "0", NULL});
+    uintptr_t a = alloc_ok(3 * MiB);
+    cr_expect_eq(heap->vmm_chunk, 8 * MiB);
+    cr_expect_eq(gm_host_backend_vmm_maps(), 1, "one 8 MiB map");
+    uintptr_t b = alloc_ok(10 * MiB); /* misses 5 MiB: one more chunk */
+    cr_expect_eq(gm_host_backend_vmm_maps(), 2);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 16 * MiB);
+    free_ok(b); /* free from 3 MiB on: the whole chunk [8, 16) is trimmed, a keeps [0, 8) */
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 8 * MiB, "the chunk [8, 16) went");
+    free_ok(a);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 0);
+}
