@@ -15,7 +15,10 @@
  *           released and grown again; against one classic 64 MiB segment.
  *   buffer  a named buffer of 256 MiB, full, reserved to 512 MiB: classic segments move it (a new
  *           block and a 256 MiB copy); expandable ones map behind it (same pointer, no copy).
- *           Median of 5 (each from a fresh buffer, the cached memory handed back first). */
+ *           Median of 5 (each from a fresh buffer, the cached memory handed back first).
+ *   lookup  the lookup's last resort (a checked copy into freed memory far from any live block):
+ *           8192 live 64 KiB blocks, 128 in the middle freed, gm_lookup of a pointer in the middle
+ *           of that hole; a classic 2 MiB small segment holds 32 blocks, a range all of them. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -170,6 +173,43 @@ static int worker_buffer(gm_heap *heap)
     return 0;
 }
 
+static int worker_lookup(gm_heap *heap)
+{
+    enum { N = 8192, HOLE = 128, Q = 2000, REPS = 9 };
+    uintptr_t *p = calloc(N, sizeof *p);
+    for (int i = 0; i < N; i++) p[i] = must_alloc(heap, 64 * KiB);
+    for (int i = N / 2; i < N / 2 + HOLE; i++) must_free(heap, p[i]);
+    uintptr_t probe = p[N / 2 + HOLE / 2] + 4096, base;
+    size_t size;
+    double ns[REPS];
+    for (int r = 0; r < REPS; r++) {
+        uint64_t t0 = now_ns();
+        for (int q = 0; q < Q; q++)
+            if (gm_lookup(probe, &base, &size).status != GPUMEM_ERROR_INVALID_VALUE) return 1;
+        ns[r] = (double)(now_ns() - t0) / Q;
+    }
+    qsort(ns, REPS, sizeof *ns, cmp_double);
+    printf("backend=%s lookup_ns=%.1f lookup_ns_min=%.1f lookup_ns_max=%.1f\n", backend_name, ns[REPS / 2],
+           ns[0], ns[REPS - 1]);
+    for (int i = 0; i < N; i++)
+        if (i < N / 2 || i >= N / 2 + HOLE) must_free(heap, p[i]);
+    /* The middle of live 1.5 MiB blocks (large class), 16 of them in turn so the per-thread cache
+     * of recent blocks (4) never answers: 2048 such blocks in one range, or 2-3 per classic segment. */
+    enum { L = 2048 };
+    for (int i = 0; i < L; i++) p[i] = must_alloc(heap, 3 * MiB / 2);
+    for (int r = 0; r < REPS; r++) {
+        uint64_t t0 = now_ns();
+        for (int q = 0; q < Q; q++)
+            if (gm_lookup(p[L / 2 + q % 16] + 700 * KiB, &base, &size).status != GPUMEM_OK) return 1;
+        ns[r] = (double)(now_ns() - t0) / Q;
+    }
+    qsort(ns, REPS, sizeof *ns, cmp_double);
+    printf("interior_ns=%.1f interior_ns_min=%.1f interior_ns_max=%.1f\n", ns[REPS / 2], ns[0], ns[REPS - 1]);
+    for (int i = 0; i < L; i++) must_free(heap, p[i]);
+    free(p);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ the parent */
 
 /* Runs this program as a worker with GPUMEM_EXPANDABLE=`mode`; its stdout into `out`. */
@@ -227,6 +267,7 @@ int bench_expandable(int argc, char **argv)
         if (strcmp(worker, "pair") == 0) return worker_pair(heap);
         if (strcmp(worker, "grow") == 0) return worker_grow(heap);
         if (strcmp(worker, "buffer") == 0) return worker_buffer(heap);
+        if (strcmp(worker, "lookup") == 0) return worker_lookup(heap);
         return 2;
     }
     char out[512];
@@ -265,6 +306,15 @@ int bench_expandable(int argc, char **argv)
         printf("buffer %-10s 256 MiB -> 512 MiB in %.1f us (median of 5, [%.1f, %.1f]), %.*s\n",
                mode ? "expandable" : "classic", field(out, "buffer_us="), field(out, "buffer_us_min="),
                field(out, "buffer_us_max="), ip ? (int)strcspn(ip, "\n") : 0, ip ? ip : "");
+    }
+    for (int mode = 0; mode <= 1; mode++) {
+        if (!run_worker("lookup", mode, true, out, sizeof out)) return 1;
+        printf("lookup %-10s freed memory far from a live block: %.1f ns (median of 9, [%.1f, %.1f], host backend)\n",
+               mode ? "expandable" : "classic", field(out, "lookup_ns="), field(out, "lookup_ns_min="),
+               field(out, "lookup_ns_max="));
+        printf("lookup %-10s the middle of a live 1.5 MiB block: %.1f ns (median of 9, [%.1f, %.1f], host backend)\n",
+               mode ? "expandable" : "classic", field(out, "interior_ns="), field(out, "interior_ns_min="),
+               field(out, "interior_ns_max="));
     }
     return 0;
 }
