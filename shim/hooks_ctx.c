@@ -37,6 +37,39 @@ CUresult cuCtxDestroy(CUcontext ctx)
     return ctx_destroy(shim_real_cuCtxDestroy, ctx);
 }
 
+/* Peer access from the current context to `peer`: under GPUMEM_EXPANDABLE=1 the chunks of the
+ * peer's expandable segments (mapped now and later) get cuMemSetAccess for the current device,
+ * which cuCtxEnablePeerAccess itself does not give VMM memory. */
+CUresult cuCtxEnablePeerAccess(CUcontext peer, unsigned int flags)
+{
+    SHIM_REQUIRE_REAL(cuCtxEnablePeerAccess);
+    CUresult rc = shim_real_cuCtxEnablePeerAccess(peer, flags);
+    if (rc != CUDA_SUCCESS || !shim_active() || !gm_mgr.cfg->expandable) return rc;
+    static CUresult (*push)(CUcontext), (*pop)(CUcontext *), (*get_device)(CUdevice *);
+    if (!push) {
+        *(void **)&get_device = gm_driver_sym("cuCtxGetDevice");
+        *(void **)&pop = gm_driver_sym("cuCtxPopCurrent_v2");
+        *(void **)&push = gm_driver_sym("cuCtxPushCurrent_v2");
+    }
+    uintptr_t ctx;
+    int accessor;
+    CUdevice peer_dev = -1;
+    CUcontext ignored;
+    if (!push || !pop || !get_device || gm_mgr.backend->current(&ctx, &accessor) != CUDA_SUCCESS ||
+        push(peer) != CUDA_SUCCESS)
+        return rc;
+    CUresult got = get_device(&peer_dev);
+    pop(&ignored);
+    SHIM_TRACE("cuCtxEnablePeerAccess peer=%p device %d -> %d", (void *)peer, accessor, (int)peer_dev);
+    if (got == CUDA_SUCCESS) {
+        int granted = gm_vmm_grant_peer((uintptr_t)peer, peer_dev, accessor);
+        if (granted != GPUMEM_OK)
+            gm_log(GM_WARN, "cuCtxEnablePeerAccess: access of device %d to device %d's expandable "
+                   "segments failed (%d)", accessor, (int)peer_dev, granted);
+    }
+    return rc;
+}
+
 /* The primary context of `dev` if it is active, without changing its reference count. */
 static CUcontext active_primary(CUdevice dev)
 {

@@ -5,7 +5,9 @@
  * process, and the tag every allocation it makes carries, so the leak report and the tag
  * statistics name it), its configuration, the stream its copies run on, how much of it is used.
  *
- * Growth keeps the data. First in place: when the block after the buffer's pool block is free,
+ * Growth keeps the data. First in place: when the block after the buffer's pool block is free
+ * (or, under GPUMEM_EXPANDABLE=1, when the block ends its expandable segment: chunks are mapped
+ * behind it),
  * the block is extended into it (gm_resize_grow_in_place), no copy, same pointer. Otherwise a new block is
  * allocated, the used bytes are copied device to device on the buffer's stream and the old block
  * is freed like cudaFree frees (strict mode: after a context barrier; fast mode: behind a fence),

@@ -533,6 +533,143 @@ static int cuda_device_uuid(int device, unsigned char uuid[16])
     return (int)rc;
 }
 
+/* ------------------------------------------------------------------ VMM (expandable segments) */
+
+static struct {
+    pthread_once_t once;
+    bool ok;
+    CUresult (*device_get_attribute)(int *, CUdevice_attribute, CUdevice);
+    CUresult (*granularity)(size_t *, const CUmemAllocationProp *, CUmemAllocationGranularity_flags);
+    CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+    CUresult (*va_free)(CUdeviceptr, size_t);
+    CUresult (*create)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
+                       unsigned long long);
+    CUresult (*release)(CUmemGenericAllocationHandle);
+    CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+    CUresult (*unmap)(CUdeviceptr, size_t);
+    CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+} vmm = {.once = PTHREAD_ONCE_INIT};
+
+static void vmm_bind(void)
+{
+#define VBIND(field, name) (*(void **)&vmm.field = gm_driver_sym(name)) != NULL
+    vmm.ok = VBIND(device_get_attribute, "cuDeviceGetAttribute") &&
+             VBIND(granularity, "cuMemGetAllocationGranularity") &&
+             VBIND(reserve, "cuMemAddressReserve") && VBIND(va_free, "cuMemAddressFree") &&
+             VBIND(create, "cuMemCreate") && VBIND(release, "cuMemRelease") &&
+             VBIND(map, "cuMemMap") && VBIND(unmap, "cuMemUnmap") &&
+             VBIND(set_access, "cuMemSetAccess");
+#undef VBIND
+}
+
+static CUmemAllocationProp vmm_prop(CUdevice dev)
+{
+    CUmemAllocationProp prop;
+    memset(&prop, 0, sizeof prop);
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = dev;
+    return prop;
+}
+
+/* The device of `ctx`, which is made current for the call (leave_ctx afterwards). */
+static CUresult vmm_enter(uintptr_t ctx, bool *pushed, CUdevice *dev)
+{
+    pthread_once(&vmm.once, vmm_bind);
+    if (!vmm.ok) return CUDA_ERROR_NOT_SUPPORTED;
+    if (!enter_ctx(ctx, pushed)) return CUDA_ERROR_INVALID_CONTEXT;
+    CUresult rc = drv.ctx_get_device(dev);
+    if (rc != CUDA_SUCCESS) leave_ctx(*pushed);
+    return rc;
+}
+
+static int cuda_vmm_granularity(uintptr_t ctx, size_t *g)
+{
+    bool pushed;
+    CUdevice dev;
+    CUresult rc = vmm_enter(ctx, &pushed, &dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    int supported = 0;
+    rc = vmm.device_get_attribute(&supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev);
+    if (rc == CUDA_SUCCESS && !supported) rc = CUDA_ERROR_NOT_SUPPORTED;
+    CUmemAllocationProp prop = vmm_prop(dev);
+    if (rc == CUDA_SUCCESS) rc = vmm.granularity(g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+    leave_ctx(pushed);
+    return rc;
+}
+
+static int cuda_va_reserve(uintptr_t ctx, size_t size, size_t align, uintptr_t *base)
+{
+    bool pushed;
+    CUdevice dev;
+    CUresult rc = vmm_enter(ctx, &pushed, &dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    CUdeviceptr p = 0;
+    rc = vmm.reserve(&p, size, align, 0, 0);
+    leave_ctx(pushed);
+    if (rc == CUDA_SUCCESS) *base = (uintptr_t)p;
+    return rc;
+}
+
+static int cuda_va_free(uintptr_t ctx, uintptr_t base, size_t size)
+{
+    (void)ctx; /* a virtual range is the process's, not the context's */
+    pthread_once(&vmm.once, vmm_bind);
+    return vmm.ok ? vmm.va_free((CUdeviceptr)base, size) : CUDA_ERROR_NOT_SUPPORTED;
+}
+
+static CUmemAccessDesc access_for(int device)
+{
+    CUmemAccessDesc access;
+    memset(&access, 0, sizeof access);
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = device;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    return access;
+}
+
+static int cuda_vmm_map(uintptr_t ctx, uintptr_t addr, size_t size, uint64_t peers)
+{
+    bool pushed;
+    CUdevice dev;
+    CUresult rc = vmm_enter(ctx, &pushed, &dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    CUmemAllocationProp prop = vmm_prop(dev);
+    CUmemGenericAllocationHandle h = 0;
+    rc = vmm.create(&h, size, &prop, 0);
+    if (rc == CUDA_SUCCESS) {
+        rc = vmm.map((CUdeviceptr)addr, size, 0, h, 0);
+        if (rc == CUDA_SUCCESS) {
+            CUmemAccessDesc access[65];
+            size_t n = 0;
+            access[n++] = access_for(dev);
+            for (int d = 0; d < 64; d++)
+                if ((peers >> d & 1) && d != dev) access[n++] = access_for(d);
+            rc = vmm.set_access((CUdeviceptr)addr, size, access, n);
+            if (rc != CUDA_SUCCESS) vmm.unmap((CUdeviceptr)addr, size);
+        }
+        vmm.release(h); /* the mapping holds the memory from now on */
+    }
+    leave_ctx(pushed);
+    return rc;
+}
+
+static int cuda_vmm_grant(uintptr_t ctx, uintptr_t addr, size_t size, int device)
+{
+    (void)ctx;
+    pthread_once(&vmm.once, vmm_bind);
+    if (!vmm.ok) return CUDA_ERROR_NOT_SUPPORTED;
+    CUmemAccessDesc access = access_for(device);
+    return vmm.set_access((CUdeviceptr)addr, size, &access, 1);
+}
+
+static int cuda_vmm_unmap(uintptr_t ctx, uintptr_t addr, size_t size)
+{
+    (void)ctx;
+    pthread_once(&vmm.once, vmm_bind);
+    return vmm.ok ? vmm.unmap((CUdeviceptr)addr, size) : CUDA_ERROR_NOT_SUPPORTED;
+}
+
 static int cuda_device_total(int device, size_t *bytes)
 {
     if (!drv.init || !drv.device_get || !drv.device_total_mem) return CUDA_ERROR_NOT_FOUND;
@@ -576,6 +713,12 @@ static const gm_backend cuda_backend = {
     .device_count = cuda_device_count,
     .device_uuid = cuda_device_uuid,
     .device_total = cuda_device_total,
+    .vmm_granularity = cuda_vmm_granularity,
+    .va_reserve = cuda_va_reserve,
+    .va_free = cuda_va_free,
+    .vmm_map = cuda_vmm_map,
+    .vmm_unmap = cuda_vmm_unmap,
+    .vmm_grant = cuda_vmm_grant,
 };
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;

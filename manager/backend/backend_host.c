@@ -4,6 +4,7 @@
  * queries, so tests can exercise fast-mode reuse. */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "gm_backend.h"
 #include "gpumem.h"
@@ -233,6 +234,97 @@ static int host_device_uuid(int device, unsigned char uuid[16])
     return GPUMEM_OK;
 }
 
+/* ------------------------------------------------------------------ VMM emulation */
+
+static _Atomic bool vmm_off;
+static _Atomic long map_fail_after = -1;
+static _Atomic uint64_t vmm_maps, vmm_mapped;
+
+void gm_host_backend_configure_vmm(bool supported, long fail)
+{
+    atomic_store(&vmm_off, !supported);
+    atomic_store(&map_fail_after, fail);
+}
+
+uint64_t gm_host_backend_vmm_maps(void) { return atomic_load(&vmm_maps); }
+uint64_t gm_host_backend_vmm_mapped(void) { return atomic_load(&vmm_mapped); }
+
+#define HOST_GRANULARITY ((size_t)2 << 20)
+
+static int host_vmm_granularity(uintptr_t ctx, size_t *g)
+{
+    (void)ctx;
+    if (atomic_load(&vmm_off)) return GPUMEM_ERROR_NOT_SUPPORTED;
+    *g = HOST_GRANULARITY;
+    return GPUMEM_OK;
+}
+
+static int host_va_reserve(uintptr_t ctx, size_t size, size_t align, uintptr_t *base)
+{
+    (void)ctx;
+    if (align < HOST_GRANULARITY) align = HOST_GRANULARITY;
+    char *r = mmap(NULL, size + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r == MAP_FAILED) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    uintptr_t at = ((uintptr_t)r + align - 1) & ~(uintptr_t)(align - 1);
+    if (at > (uintptr_t)r) munmap(r, at - (uintptr_t)r);
+    if ((uintptr_t)r + size + align > at + size)
+        munmap((void *)(at + size), (uintptr_t)r + size + align - (at + size));
+    *base = at;
+    return GPUMEM_OK;
+}
+
+static int host_va_free(uintptr_t ctx, uintptr_t base, size_t size)
+{
+    (void)ctx;
+    return munmap((void *)base, size) == 0 ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}
+
+static bool take_map_fault(void)
+{
+    long left = atomic_load(&map_fail_after);
+    while (left >= 0) {
+        if (left == 0) return true;
+        if (atomic_compare_exchange_weak(&map_fail_after, &left, left - 1)) return false;
+    }
+    return false;
+}
+
+static int host_vmm_map(uintptr_t ctx, uintptr_t addr, size_t size, uint64_t peers)
+{
+    (void)ctx;
+    (void)peers; /* one device */
+    atomic_fetch_add(&vmm_maps, 1);
+    if (take_map_fault()) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    uint64_t cap = atomic_load(&capacity);
+    uint64_t now = atomic_fetch_add(&in_use, size) + size;
+    if ((cap && now > cap) || mprotect((void *)addr, size, PROT_READ | PROT_WRITE) != 0) {
+        atomic_fetch_sub(&in_use, size);
+        return GPUMEM_ERROR_OUT_OF_MEMORY;
+    }
+    atomic_fetch_add(&vmm_mapped, size);
+    return GPUMEM_OK;
+}
+
+static int host_vmm_unmap(uintptr_t ctx, uintptr_t addr, size_t size)
+{
+    (void)ctx;
+    /* Fresh zero pages next time, and the memory back to the system, as an unmap would. */
+    if (mmap((void *)addr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+             -1, 0) == MAP_FAILED)
+        return GPUMEM_ERROR_INVALID_VALUE;
+    atomic_fetch_sub(&in_use, size);
+    atomic_fetch_sub(&vmm_mapped, size);
+    return GPUMEM_OK;
+}
+
+static int host_vmm_grant(uintptr_t ctx, uintptr_t addr, size_t size, int device)
+{
+    (void)ctx;
+    (void)addr;
+    (void)size;
+    return device == 0 ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+}
+
 static int host_device_total(int device, size_t *bytes)
 {
     if (device != 0) return GPUMEM_ERROR_INVALID_VALUE;
@@ -273,6 +365,12 @@ static const gm_backend host_backend = {
     .device_count = host_device_count,
     .device_uuid = host_device_uuid,
     .device_total = host_device_total,
+    .vmm_granularity = host_vmm_granularity,
+    .va_reserve = host_va_reserve,
+    .va_free = host_va_free,
+    .vmm_map = host_vmm_map,
+    .vmm_unmap = host_vmm_unmap,
+    .vmm_grant = host_vmm_grant,
 };
 
 const gm_backend *gm_host_backend(void) { return &host_backend; }

@@ -82,6 +82,27 @@ typedef struct gm_backend {
     /* cuDeviceTotalMem: the size a percentage limit is taken of, whoever asks first (NVML's
      * total is larger: it counts memory the driver keeps for itself). */
     int (*device_total)(int device, size_t *bytes);
+
+    /* ---- virtual memory management: expandable segments (GPUMEM_EXPANDABLE). The CUDA
+     * backend calls the driver's own entry points (cuMemAddressReserve, cuMemCreate, cuMemMap,
+     * cuMemSetAccess, cuMemUnmap, cuMemRelease, cuMemAddressFree), never our hooks. */
+    /* GPUMEM_OK and the minimum mapping granularity of `ctx`'s device where the device supports
+     * VMM (CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED) and every entry point is
+     * there; GPUMEM_ERROR_NOT_SUPPORTED otherwise. */
+    int (*vmm_granularity)(uintptr_t ctx, size_t *granularity);
+    /* A virtual range of `size` bytes aligned to `align`, nothing mapped. */
+    int (*va_reserve)(uintptr_t ctx, size_t size, size_t align, uintptr_t *base);
+    int (*va_free)(uintptr_t ctx, uintptr_t base, size_t size);
+    /* Physical memory of `size` bytes (a multiple of the granularity) created on `ctx`'s device,
+     * mapped at `addr` and made readable and writable by that device and by every device of the
+     * bit mask `peers`; the handle is released at once, so the mapping alone holds the memory.
+     * On failure nothing stays mapped. */
+    int (*vmm_map)(uintptr_t ctx, uintptr_t addr, size_t size, uint64_t peers);
+    /* Makes the mapped range [addr, addr+size) readable and writable by `device` too (peer
+     * access), keeping the access of the others. */
+    int (*vmm_grant)(uintptr_t ctx, uintptr_t addr, size_t size, int device);
+    /* Unmaps exactly one earlier vmm_map: the memory goes back to the device. */
+    int (*vmm_unmap)(uintptr_t ctx, uintptr_t addr, size_t size);
 } gm_backend;
 
 /* Host backend: capacity in bytes per device (0 = effectively unlimited) and deterministic fault
@@ -89,6 +110,12 @@ typedef struct gm_backend {
 const gm_backend *gm_host_backend(void);
 void gm_host_backend_configure(uint64_t capacity, long fail_after);
 uint64_t gm_host_backend_in_use(void);
+/* The host backend's VMM emulation (reserve: mmap PROT_NONE; map: mprotect): `supported` false
+ * answers NOT_SUPPORTED; the (map_fail_after+1)-th vmm_map from now on fails with
+ * OUT_OF_MEMORY (-1 = never). Counts vmm_map calls and bytes mapped now. */
+void gm_host_backend_configure_vmm(bool supported, long map_fail_after);
+uint64_t gm_host_backend_vmm_maps(void);
+uint64_t gm_host_backend_vmm_mapped(void);
 uint64_t gm_host_backend_alloc_calls(void);
 uint64_t gm_host_backend_sync_calls(void);
 void gm_host_backend_set_fence_delay(int queries); /* fences complete after this many queries */

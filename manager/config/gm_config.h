@@ -45,6 +45,8 @@ typedef struct gm_config {
     uint64_t small_segment;
     uint64_t dedicated_min;
     uint64_t max_cached;                    /* GM_UNLIMITED for "unlimited" */
+    bool expandable;
+    uint64_t expandable_chunk;
     char report[4096];
     int verbose;
     int report_format;      /* 0 text, 1 json */

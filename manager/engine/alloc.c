@@ -109,9 +109,224 @@ static int try_segment(gm_heap *heap, size_t size, size_t rounded)
 
 static size_t round_to_segment(size_t v) { return (v + GM_SEGMENT_ALIGN - 1) / GM_SEGMENT_ALIGN * GM_SEGMENT_ALIGN; }
 
+/* ------------------------------------------------------------------ expandable segments
+ *
+ * GPUMEM_EXPANDABLE=1: each heap reserves one virtual range per size class (large, small) the
+ * first time it grows, as large as the device, and maps physical chunks of the driver's
+ * granularity at the range's mapped end as the pool grows; the pool sees one segment per range,
+ * [base, base+mapped), extended at its end (merged with a trailing free block), so the space
+ * freed by smaller blocks serves a larger one. The limit counts mapped bytes: a grow reserves
+ * its bytes before it maps them and hands back what it did not map. The release trims the
+ * whole free chunks at a range's end (interior free chunks stay mapped). `grow_lock`
+ * serializes mapping and unmapping; no backend call runs under the heap lock. Where the driver
+ * has no VMM, or a range is exhausted, growth falls back to classic segments. */
+
+#define GROW_FALLBACK 1 /* not a CUresult: take a classic segment instead */
+
+static size_t vmm_range_override;
+
+void gm_vmm_set_range_size(size_t bytes) { vmm_range_override = bytes; }
+
+static size_t round_up_to(size_t v, size_t to) { return (v + to - 1) / to * to; }
+
+/* Whether the heap's device can have expandable segments; asks the backend once. */
+static bool vmm_ready(gm_heap *heap)
+{
+    int state = __atomic_load_n(&heap->vmm, __ATOMIC_ACQUIRE);
+    if (state) return state > 0;
+    const gm_backend *be = gm_mgr.backend;
+    size_t g = 0;
+    int rc = be->vmm_granularity ? be->vmm_granularity(heap->ctx, &g) : GPUMEM_ERROR_NOT_SUPPORTED;
+    pthread_mutex_lock(&heap->lock);
+    if (rc == GPUMEM_OK && g) { /* GPUMEM_EXPANDABLE_CHUNK in whole granules and whole 2 MiB */
+        size_t chunk = round_up_to((size_t)gm_mgr.cfg->expandable_chunk, g);
+        while (chunk % GM_SEGMENT_ALIGN) chunk += g; /* granularities are powers of two: rare */
+        heap->vmm_chunk = chunk;
+        heap->pool.sizing.chunk = heap->vmm_chunk;
+    }
+    __atomic_store_n(&heap->vmm, rc == GPUMEM_OK && g ? 1 : -1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&heap->lock);
+    if (rc != GPUMEM_OK)
+        gm_log(GM_WARN, "GPUMEM_EXPANDABLE=1: device %d has no virtual memory management (%d); "
+               "using classic segments", heap->device, rc);
+    return rc == GPUMEM_OK && g;
+}
+
+/* Reserves the class's range (grow_lock held). False: none can be had (fall back). */
+static bool vrange_ready(gm_heap *heap, gm_vrange *r)
+{
+    if (r->base) return true;
+    const gm_backend *be = gm_mgr.backend;
+    size_t size = vmm_range_override, total = 0;
+    if (!size) size = be->device_total(heap->device, &total) == GPUMEM_OK && total ? total : (size_t)64 << 30;
+    if (size > ((size_t)1 << 40)) size = (size_t)1 << 40;
+    size = round_up_to(size, heap->vmm_chunk);
+    uintptr_t base = 0;
+    int rc = be->va_reserve(heap->ctx, size, heap->vmm_chunk, &base);
+    if (rc != GPUMEM_OK) {
+        gm_log(GM_WARN, "GPUMEM_EXPANDABLE=1: reserving %zu bytes of virtual range on device %d "
+               "failed (%d); using classic segments", size, heap->device, rc);
+        return false;
+    }
+    widen_pool_range(base, size);
+    pthread_mutex_lock(&heap->lock);
+    r->base = base;
+    r->size = size;
+    r->mapped = 0;
+    pthread_mutex_unlock(&heap->lock);
+    return true;
+}
+
+/* Free bytes at the end of the class's segment (heap lock held). */
+static size_t vrange_tail_free_locked(gm_heap *heap, const gm_vrange *r)
+{
+    if (!r->mapped) return 0;
+    gm_segment *seg = gm_pool_segment_containing(&heap->pool, r->base);
+    return seg ? gm_pool_tail_free_locked(seg) : 0;
+}
+
+/* Maps `want` bytes (whole chunks) at the mapped end of `r` and hands them to the pool; grow_lock
+ * held, the bytes already reserved in the limit. Returns the bytes mapped (a map failing half
+ * way keeps the chunks mapped before it) and the first failure in `*rc`. */
+static size_t vrange_map_locked(gm_heap *heap, gm_vrange *r, bool small, size_t want, int *rc)
+{
+    const gm_backend *be = gm_mgr.backend;
+    size_t chunk = heap->vmm_chunk, done = 0;
+    uintptr_t at = r->base + r->mapped;
+    *rc = GPUMEM_OK;
+    for (; done < want; done += chunk) {
+        *rc = be->vmm_map(heap->ctx, at + done, chunk, heap->vmm_peers);
+        if (*rc != GPUMEM_OK) break;
+    }
+    if (!done) return 0;
+    pthread_mutex_lock(&heap->lock);
+    bool ok;
+    if (r->mapped) {
+        gm_segment *seg = gm_pool_segment_containing(&heap->pool, r->base);
+        ok = seg && gm_pool_extend_segment_locked(&heap->pool, seg, done);
+    } else {
+        ok = gm_pool_add_expandable_locked(&heap->pool, r->base, done, small);
+    }
+    if (ok) r->mapped += done;
+    pthread_mutex_unlock(&heap->lock);
+    if (!ok) { /* no host memory for the bookkeeping: give the chunks back */
+        for (size_t u = 0; u < done; u += chunk) be->vmm_unmap(heap->ctx, at + u, chunk);
+        *rc = GPUMEM_ERROR_OUT_OF_MEMORY;
+        return 0;
+    }
+    return done;
+}
+
+/* One attempt to make room for `rounded` bytes in the class's range. GPUMEM_OK, a failure, or
+ * GROW_FALLBACK (no VMM, no range, the range exhausted). Called unlocked. */
+static int grow_expandable_once(gm_heap *heap, size_t rounded, bool small)
+{
+    gm_vrange *r = &heap->vr[small];
+    size_t chunk = heap->vmm_chunk;
+    pthread_mutex_lock(&heap->grow_lock);
+    if (!vrange_ready(heap, r)) {
+        pthread_mutex_unlock(&heap->grow_lock);
+        return GROW_FALLBACK;
+    }
+    pthread_mutex_lock(&heap->lock);
+    size_t tail = vrange_tail_free_locked(heap, r), mapped = r->mapped, size = r->size;
+    pthread_mutex_unlock(&heap->lock);
+    pthread_mutex_unlock(&heap->grow_lock);
+    /* What the request misses, in whole chunks; a grow maps at least one step (GPUMEM_SMALL_SEGMENT
+     * or GPUMEM_SEGMENT_MIN) where the limit and the range allow. */
+    size_t missing = round_up_to(rounded > tail ? rounded - tail : chunk, chunk);
+    size_t step = round_up_to(small ? heap->pool.sizing.small_segment : heap->pool.sizing.segment_min, chunk);
+    size_t want = missing > step ? missing : step;
+    if (want > gm_limit_headroom(heap->device) || mapped + want > size) want = missing;
+    if (mapped + missing > size) return GROW_FALLBACK;
+    /* The limit first, unlocked: handing cached memory back takes grow_lock. */
+    if (!reserve_with_release(heap, want)) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    pthread_mutex_lock(&heap->grow_lock);
+    pthread_mutex_lock(&heap->lock);
+    tail = vrange_tail_free_locked(heap, r); /* another grow or a trim may have come between */
+    pthread_mutex_unlock(&heap->lock);
+    int rc = GPUMEM_OK;
+    size_t need = round_up_to(rounded > tail ? rounded - tail : chunk, chunk), done = 0;
+    if (need > want) need = want; /* what was reserved; the caller's loop grows again */
+    if (r->mapped + need > r->size) rc = GROW_FALLBACK;
+    else if (need) done = vrange_map_locked(heap, r, small, r->mapped + want <= r->size ? want : need, &rc);
+    pthread_mutex_unlock(&heap->grow_lock);
+    if (done < want) gm_limit_unreserve(heap->device, want - done);
+    if (done >= need) return GPUMEM_OK; /* enough even where a later chunk failed */
+    return rc == GPUMEM_OK ? GPUMEM_ERROR_OUT_OF_MEMORY : rc;
+}
+
+/* Grows the range of the class (`small`) until `rounded` bytes are free at its end, retrying
+ * once after handing cached memory back on a device OOM. */
+static int grow_expandable_class(gm_heap *heap, size_t rounded, bool small)
+{
+    if (!vmm_ready(heap)) return GROW_FALLBACK;
+    int rc = grow_expandable_once(heap, rounded, small);
+    if (rc != GPUMEM_ERROR_OUT_OF_MEMORY || gm_limit_headroom(heap->device) < rounded) return rc;
+    count_locked_event(heap, &heap->c.backend_ooms);
+    note_instant("device oom", heap->device, rounded);
+    if (gm_release_cached(heap, 0) == 0) return rc;
+    count_locked_event(heap, &heap->c.release_retries);
+    note_instant("oom retry", heap->device, rounded);
+    return grow_expandable_once(heap, rounded, small);
+}
+
+static int grow_expandable(gm_heap *heap, size_t rounded)
+{
+    return grow_expandable_class(heap, rounded, rounded <= GM_SMALL_MAX);
+}
+
+/* Unmaps `size` bytes at `addr` chunk by chunk (each chunk was one map). */
+static void vrange_unmap(gm_heap *heap, uintptr_t addr, size_t size)
+{
+    size_t chunk = heap->vmm_chunk;
+    for (size_t u = 0; u < size; u += chunk) {
+        int rc = gm_mgr.backend->vmm_unmap(heap->ctx, addr + u, chunk);
+        if (rc != GPUMEM_OK)
+            gm_log(GM_WARN, "unmapping %#lx (%zu bytes) of an expandable segment failed (%d)",
+                   (unsigned long)(addr + u), chunk, rc);
+    }
+}
+
+void gm_vmm_release_ranges(gm_heap *heap, const gm_vrange vr[2])
+{
+    for (int i = 0; i < 2; i++) {
+        if (!vr[i].base) continue;
+        vrange_unmap(heap, vr[i].base, vr[i].mapped);
+        gm_mgr.backend->va_free(heap->ctx, vr[i].base, vr[i].size);
+    }
+}
+
+int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor)
+{
+    if (!gm_mgr.cfg->expandable || accessor < 0 || accessor >= 64 || accessor == device) return GPUMEM_OK;
+    gm_heap *heap = gm_heap_get(ctx, device); /* chunks mapped from now on need the bit too */
+    if (!heap) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    int rc = GPUMEM_OK;
+    pthread_mutex_lock(&heap->grow_lock);
+    heap->vmm_peers |= 1ull << accessor;
+    for (int i = 0; i < 2; i++) {
+        const gm_vrange *r = &heap->vr[i];
+        for (size_t u = 0; u < r->mapped && rc == GPUMEM_OK; u += heap->vmm_chunk)
+            rc = gm_mgr.backend->vmm_grant(heap->ctx, r->base + u, heap->vmm_chunk, accessor);
+    }
+    pthread_mutex_unlock(&heap->grow_lock);
+    return rc;
+}
+
 /* Adds a segment able to hold `rounded` bytes. Called unlocked. */
 static int grow(gm_heap *heap, size_t rounded)
 {
+    if (gm_mgr.cfg->expandable) {
+        int rc = grow_expandable(heap, rounded);
+        if (rc != GROW_FALLBACK) {
+            if (rc == GPUMEM_ERROR_OUT_OF_MEMORY && gm_limit_headroom(heap->device) < rounded) {
+                count_locked_event(heap, &heap->c.limit_rejections);
+                note_instant("limit rejection", heap->device, rounded);
+            }
+            return rc;
+        }
+    }
     size_t want = gm_pool_next_segment_size(&heap->pool, rounded);
     size_t own = round_to_segment(rounded);
     size_t headroom = gm_limit_headroom(heap->device);
@@ -134,9 +349,25 @@ static int grow(gm_heap *heap, size_t rounded)
 
 static void release_spans(gm_heap *heap, const gm_pool_span *spans, size_t n)
 {
+    bool exiting = atomic_load(&gm_mgr.exiting);
     for (size_t i = 0; i < n; i++) {
-        if (!atomic_load(&gm_mgr.exiting)) gm_mgr.backend->mem_free(heap->ctx, spans[i].base);
+        if (exiting) {
+        } else if (spans[i].expandable) {
+            vrange_unmap(heap, spans[i].base, spans[i].size);
+        } else {
+            gm_mgr.backend->mem_free(heap->ctx, spans[i].base);
+        }
         gm_limit_unreserve(heap->device, spans[i].size);
+    }
+}
+
+/* The range an expandable span was trimmed from loses it (heap lock held). */
+static void vrange_trimmed_locked(gm_heap *heap, const gm_pool_span *span)
+{
+    for (int i = 0; i < 2; i++) {
+        gm_vrange *r = &heap->vr[i];
+        if (r->base && span->base >= r->base && span->base + span->size == r->base + r->mapped)
+            r->mapped -= span->size;
     }
 }
 
@@ -144,13 +375,19 @@ size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached)
 {
     gm_pool_span batch[64];
     size_t released = 0, n;
+    /* Expandable ranges: no grow maps while their ends are trimmed and unmapped. */
+    bool ranges = __atomic_load_n(&heap->vmm, __ATOMIC_ACQUIRE) > 0;
+    if (ranges) pthread_mutex_lock(&heap->grow_lock);
     do {
         pthread_mutex_lock(&heap->lock);
         n = gm_pool_take_free_segments_locked(&heap->pool, keep_cached, batch, 64);
+        for (size_t i = 0; i < n; i++)
+            if (batch[i].expandable) vrange_trimmed_locked(heap, &batch[i]);
         pthread_mutex_unlock(&heap->lock);
         for (size_t i = 0; i < n; i++) released += batch[i].size;
         release_spans(heap, batch, n);
     } while (n == 64);
+    if (ranges) pthread_mutex_unlock(&heap->grow_lock);
     return released;
 }
 
@@ -475,11 +712,33 @@ static void record_resized_locked(gm_heap *heap, gm_block *b, size_t requested)
     gm_stats_on_resize(gm_heap_counting(heap), &old, &b->rec);
 }
 
+/* Expandable segments: a block that ends its range (nothing after it but free space) can grow
+ * by mapping behind it. The bytes the range must have free at its end for `want`, else 0. */
+static size_t room_to_map_locked(const gm_block *b, size_t want)
+{
+    if (!gm_mgr.cfg->expandable || !b->seg->expandable) return 0;
+    const gm_block *next = b->next;
+    if (next && (next->state != GM_BLOCK_FREE || next->next)) return 0;
+    size_t rounded = gm_pool_round_size(want);
+    return rounded > b->size ? rounded - b->size : 0;
+}
+
 int gm_resize_grow_in_place(gm_heap *heap, uintptr_t ptr, size_t need, size_t *cap)
 {
     int rc = GPUMEM_ERROR_NOT_SUPPORTED;
     pthread_mutex_lock(&heap->lock);
     gm_block *b = live_pool_block_locked(heap, ptr);
+    size_t behind = b && b->size + gm_pool_room_after_locked(b) < gm_pool_round_size(need)
+                        ? room_to_map_locked(b, *cap) : 0;
+    if (behind) { /* map behind the block first (unlocked), then extend it as below */
+        bool small = b->seg->small;
+        size_t at_least = room_to_map_locked(b, need);
+        pthread_mutex_unlock(&heap->lock);
+        if (grow_expandable_class(heap, behind, small) != GPUMEM_OK && at_least && at_least < behind)
+            grow_expandable_class(heap, at_least, small);
+        pthread_mutex_lock(&heap->lock);
+        b = live_pool_block_locked(heap, ptr);
+    }
     if (b) {
         size_t target = *cap, reach = b->size + gm_pool_room_after_locked(b);
         size_t want = gm_pool_round_size(target); /* 0: beyond any device */

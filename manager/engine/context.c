@@ -3,6 +3,8 @@
  * while the context is still alive, keeps its leaks for the exit report (the driver frees their
  * memory with the context) and forgets its pool; the pinned blocks the driver frees with the
  * context are forgotten; the context's stager is released. */
+#include <string.h>
+
 #include "gm_engine.h"
 #include "gm_pinned.h"
 #include "gm_staging.h"
@@ -15,12 +17,18 @@ static void keep_leaks_locked(gm_heap *heap)
 static void heap_teardown(gm_heap *heap, bool ctx_alive)
 {
     if (ctx_alive && !atomic_load(&gm_mgr.exiting)) gm_release_cached(heap, 0);
+    pthread_mutex_lock(&heap->grow_lock);
     pthread_mutex_lock(&heap->lock);
     keep_leaks_locked(heap);
-    /* Blocks still live die with the context: the driver frees their segments itself. */
+    /* Blocks still live die with the context: the driver frees their classic segments itself;
+     * the expandable ranges are the process's, unmapped and freed here. */
+    gm_vrange vr[2];
+    memcpy(vr, heap->vr, sizeof vr);
     gm_heap_reset_locked(heap);
     heap->bound = false;
     pthread_mutex_unlock(&heap->lock);
+    if (!atomic_load(&gm_mgr.exiting)) gm_vmm_release_ranges(heap, vr);
+    pthread_mutex_unlock(&heap->grow_lock);
 }
 
 void gm_context_teardown(uintptr_t ctx, bool ctx_alive)

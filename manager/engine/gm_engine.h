@@ -38,6 +38,14 @@ static inline bool gm_answer_ok(gm_answer a) { return a.owner == GM_OURS && a.st
 /* One per driver context (per device on the host backend): pool, live table and counters under
  * one lock, so an alloc or a free takes a single uncontended lock. Never freed: a destroyed
  * context's heap is unbound and reused. */
+/* GPUMEM_EXPANDABLE (alloc.c): a virtual range reserved once per heap and size class, mapped
+ * from its start: [base, base+mapped) is the pool's expandable segment of that class. */
+typedef struct gm_vrange {
+    uintptr_t base;
+    size_t size;   /* reserved */
+    size_t mapped; /* from base on, in whole chunks */
+} gm_vrange;
+
 typedef struct gm_heap {
     pthread_mutex_t lock;
     uintptr_t ctx;
@@ -57,6 +65,14 @@ typedef struct gm_heap {
     gm_block *quarantine;       /* freed blocks other processes still have open (ipc.c), by fnext */
     uint64_t buffer_seq;        /* buffer ids of this heap's blocks (gm_buffer_id_next_locked) */
     uint32_t index;             /* in gm_mgr.heaps: makes buffer ids unique across heaps */
+    /* Expandable segments: `grow_lock` (taken before `lock`, never under it) serializes what
+     * maps and unmaps the ranges; `vmm` 0 not asked yet, 1 usable, -1 not (classic segments);
+     * `vr[0]` the large class, `vr[1]` the small one; their fields change under both locks. */
+    pthread_mutex_t grow_lock;
+    int vmm;
+    size_t vmm_chunk;
+    gm_vrange vr[2];
+    uint64_t vmm_peers;         /* devices given access to every chunk (peer access), by bit */
 } gm_heap;
 
 /* What every copy hook reads, copied from the configuration into the manager's first cache line
@@ -189,6 +205,16 @@ gm_owner gm_untrack_keep_reserved(gm_heap *hint, uintptr_t ptr, gm_alloc_kind ki
  * cached; returns the bytes released. Called unlocked. */
 size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached);
 size_t gm_release_all_cached(void); /* every heap */
+/* A context going away: unmaps every chunk of the heap's expandable ranges and frees the ranges
+ * (VMM memory is not freed with a context). Called unlocked, after gm_heap_reset_locked forgot
+ * the segments (it hands the ranges over in `vr`). */
+void gm_vmm_release_ranges(gm_heap *heap, const gm_vrange vr[2]);
+/* Peer access was enabled from a context of `accessor` to context `ctx` (of `device`): the
+ * chunks of its expandable segments, mapped now and later, become accessible to `accessor`.
+ * Called unlocked; GPUMEM_OK or the driver's error for the chunks mapped now. */
+int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor);
+/* Testing: the virtual range reserved per heap and class (0: the device's total memory). */
+void gm_vmm_set_range_size(size_t bytes);
 /* Fast mode: retires what a completed fence covers and records a new one; with `wait`,
  * synchronizes the context (lock dropped). True when some block became reusable. */
 bool gm_retire_pending_locked(gm_heap *heap, bool wait);

@@ -38,6 +38,7 @@ static void child_after_fork(void)
     for (size_t i = 0; i < n; i++) {
         gm_heap *heap = gm_mgr.heaps[i];
         pthread_mutex_init(&heap->lock, NULL);
+        pthread_mutex_init(&heap->grow_lock, NULL);
         heap->fence = NULL; /* events belong to the parent's context */
         gm_heap_reset_locked(heap);
         heap->bound = false;
@@ -80,9 +81,10 @@ static void heap_init(gm_heap *heap, uintptr_t ctx, int device)
 {
     const gm_config *cfg = gm_mgr.cfg;
     gm_pool_sizing sizing = {cfg->small_segment, cfg->segment_min, cfg->segment_max,
-                             cfg->dedicated_min, cfg->growth_factor};
+                             cfg->dedicated_min, cfg->growth_factor, 0};
     memset(heap, 0, sizeof *heap);
     pthread_mutex_init(&heap->lock, NULL);
+    pthread_mutex_init(&heap->grow_lock, NULL);
     heap->ctx = ctx;
     heap->device = device;
     heap->bound = true;
@@ -235,7 +237,9 @@ void gm_heap_reset_locked(gm_heap *heap)
     if (heap->fence && !atomic_load(&gm_mgr.exiting)) gm_mgr.backend->fence_destroy(heap->fence);
     heap->fence = NULL;
     heap->quarantine = NULL; /* its blocks are in the segments the pool forgets now */
-    gm_limit_unreserve(heap->device, gm_pool_reset(&heap->pool));
+    gm_limit_unreserve(heap->device, gm_pool_reset(&heap->pool)); /* mapped bytes included */
+    memset(heap->vr, 0, sizeof heap->vr); /* a fork child's are the parent's; a dying context's
+                                           * were handed to gm_vmm_release_ranges */
     gm_live_init(&heap->live);
     heap->c.bytes_requested = heap->c.bytes_allocated = 0; /* the rest are lifetime counters */
 }

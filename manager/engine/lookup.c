@@ -69,7 +69,7 @@ static gm_block *live_block_near(gm_heap *heap, const gm_segment *seg, uintptr_t
  * segments; a pointer inside a block this thread used lately, one more; a pointer near either end of a live
  * block, a few; otherwise the segment's block list is walked from the nearest live block found
  * (blocks tile their segment: forward from one below, backward from one above), else from the
- * segment's first block. `*live` tells that the block was found through the live table (it is
+ * segment's first or last block, whichever end is nearer. `*live` tells that the block was found through the live table (it is
  * live); otherwise the caller checks. */
 gm_block *gm_lookup_block_at_locked(gm_heap *heap, uintptr_t ptr, bool *live)
 {
@@ -86,6 +86,7 @@ gm_block *gm_lookup_block_at_locked(gm_heap *heap, uintptr_t ptr, bool *live)
         return b;
     }
     *live = false;
+    if (!b && ptr - seg->base >= seg->size / 2) b = seg->last; /* from the nearer end */
     if (b && b->addr > ptr) {
         while (b && b->addr > ptr) b = b->prev;
     } else {

@@ -44,7 +44,12 @@ typedef struct gm_segment {
     size_t size;
     size_t used;         /* bytes in LIVE or PENDING blocks */
     bool small;
+    /* Mapped in chunks at the start of a reserved virtual range (GPUMEM_EXPANDABLE): `size` is
+     * the bytes mapped now; the engine extends it at its end (gm_pool_extend_segment_locked) and
+     * the release trims free chunks off its end. */
+    bool expandable;
     gm_block *first;     /* address-ordered block list */
+    gm_block *last;      /* its last block (an expandable segment grows and trims there) */
 } gm_segment;
 
 /* Two-level segregated bins: first level = power of two, second = 16 linear steps. */
@@ -62,6 +67,7 @@ typedef struct gm_bins {
 typedef struct gm_pool_sizing {
     size_t small_segment, segment_min, segment_max, dedicated_min;
     double growth_factor;
+    size_t chunk; /* expandable segments: the mapping granularity trims are aligned to (0: none) */
 } gm_pool_sizing;
 
 typedef struct gm_pool {
@@ -83,6 +89,7 @@ typedef struct gm_pool {
 typedef struct gm_pool_span {
     uintptr_t base;
     size_t size;
+    bool expandable; /* the mapped tail of an expandable segment: unmap it chunk by chunk */
 } gm_pool_span;
 
 void gm_pool_init(gm_pool *pool, const gm_pool_sizing *sizing);
@@ -100,6 +107,14 @@ size_t gm_pool_next_segment_size(const gm_pool *pool, size_t rounded);
  * advances the growth sequence). False when no host memory is left for the bookkeeping. */
 bool gm_pool_add_segment_locked(gm_pool *pool, uintptr_t base, size_t size, size_t rounded);
 
+/* An expandable segment: [base, base+size) mapped now, as one free block. */
+bool gm_pool_add_expandable_locked(gm_pool *pool, uintptr_t base, size_t size, bool small);
+/* Maps `bytes` more at the end of expandable `seg` into the pool: merged with a trailing free
+ * block, else a new free block. False when no host memory is left for a block header. */
+bool gm_pool_extend_segment_locked(gm_pool *pool, gm_segment *seg, size_t bytes);
+/* Free bytes at the end of `seg` (its last block when free), 0 otherwise. */
+size_t gm_pool_tail_free_locked(const gm_segment *seg);
+
 /* ---- allocation and free */
 /* Best fit to within one bin; GPUMEM_ERROR_OUT_OF_MEMORY when no free block fits. */
 int gm_pool_alloc_locked(gm_pool *pool, size_t rounded, gm_block **out);
@@ -114,7 +129,9 @@ bool gm_pool_retire_upto_locked(gm_pool *pool, uint32_t epoch);
 
 /* ---- release */
 /* Detaches fully free segments until the cached free bytes in them are at most `keep_cached`;
- * at most `max`, into `out`. The caller returns them to the device. */
+ * at most `max`, into `out`. The caller returns them to the device. Expandable segments give
+ * the whole chunks of their trailing free block (span.expandable; the segment is gone when
+ * nothing stays mapped); interior free chunks stay mapped. */
 size_t gm_pool_take_free_segments_locked(gm_pool *pool, uint64_t keep_cached, gm_pool_span *out,
                                          size_t max);
 

@@ -172,6 +172,7 @@ static bool add_segment_locked(gm_pool *pool, uintptr_t base, size_t size, bool 
         seg->size = size;
         seg->small = small;
         seg->first = b;
+        seg->last = b;
     }
     if (!seg || !b || !segments_insert(pool, seg)) {
         free(seg);
@@ -224,6 +225,49 @@ bool gm_pool_add_segment_locked(gm_pool *pool, uintptr_t base, size_t size, size
     return true;
 }
 
+bool gm_pool_add_expandable_locked(gm_pool *pool, uintptr_t base, size_t size, bool small)
+{
+    if (!add_segment_locked(pool, base, size, small)) return false;
+    gm_segment *seg = gm_pool_segment_containing(pool, base);
+    seg->expandable = true;
+    return true;
+}
+
+static gm_block *last_block(const gm_segment *seg) { return seg->last; }
+
+size_t gm_pool_tail_free_locked(const gm_segment *seg)
+{
+    const gm_block *b = last_block(seg);
+    return b && b->state == GM_BLOCK_FREE ? b->size : 0;
+}
+
+bool gm_pool_extend_segment_locked(gm_pool *pool, gm_segment *seg, size_t bytes)
+{
+    if (!seg->expandable || !bytes) return false;
+    gm_bins *bins = bins_for(pool, seg);
+    gm_block *last = last_block(seg);
+    if (last && last->state == GM_BLOCK_FREE) {
+        bins_remove(bins, last);
+        last->size += bytes;
+        bins_insert(bins, last);
+    } else {
+        gm_block *b = block_new(pool);
+        if (!b) return false;
+        b->addr = seg->base + seg->size;
+        b->size = bytes;
+        b->seg = seg;
+        b->state = GM_BLOCK_FREE;
+        b->prev = last;
+        if (last) last->next = b;
+        else seg->first = b;
+        seg->last = b;
+        bins_insert(bins, b);
+    }
+    seg->size += bytes;
+    pool->bytes_cached_free += bytes;
+    return true;
+}
+
 /* ------------------------------------------------------------------ allocation */
 
 /* Cuts `b` after its first `at` bytes: the rest becomes a block of its own right after it, in
@@ -239,6 +283,7 @@ static gm_block *cut_tail_locked(gm_pool *pool, gm_block *b, size_t at, uint8_t 
     tail->prev = b;
     tail->next = b->next;
     if (b->next) b->next->prev = tail;
+    else b->seg->last = tail;
     b->next = tail;
     b->size = at;
     return tail;
@@ -272,6 +317,7 @@ static void merge_into_prev_locked(gm_pool *pool, gm_block *prev, gm_block *b)
     prev->size += b->size;
     prev->next = b->next;
     if (b->next) b->next->prev = prev;
+    else prev->seg->last = prev;
     block_recycle(pool, b);
 }
 
@@ -338,16 +384,64 @@ uint32_t gm_pool_close_epoch_locked(gm_pool *pool) { return ++pool->epoch; }
 
 /* Detaches fully free segments (largest first would need sorting; address order is fine since
  * every one of them goes) until the cached free bytes in them are at most `keep_cached`. */
+/* The bytes a trim of expandable `seg` could unmap: the whole chunks of its trailing free block. */
+static size_t trimmable_tail(const gm_pool *pool, const gm_segment *seg, gm_block **last_out)
+{
+    gm_block *last = last_block(seg);
+    *last_out = last;
+    if (!last || last->state != GM_BLOCK_FREE) return 0;
+    size_t chunk = pool->sizing.chunk ? pool->sizing.chunk : GM_SEGMENT_ALIGN;
+    uintptr_t from = seg->base + round_up(last->addr - seg->base, chunk);
+    uintptr_t end = seg->base + seg->size;
+    return from < end ? end - from : 0;
+}
+
+/* Unmaps (from the pool's view) the trimmable tail of expandable `seg` into `*out`; true when
+ * the segment went with it (nothing stays mapped). */
+static bool trim_expandable_locked(gm_pool *pool, gm_segment *seg, gm_pool_span *out)
+{
+    gm_block *last;
+    size_t cut = trimmable_tail(pool, seg, &last);
+    uintptr_t end = seg->base + seg->size;
+    *out = (gm_pool_span){end - cut, cut, true};
+    bins_remove(bins_for(pool, seg), last);
+    pool->bytes_cached_free -= cut;
+    if (cut == last->size) { /* the whole block goes */
+        if (last->prev) last->prev->next = NULL;
+        else seg->first = NULL;
+        seg->last = last->prev;
+        block_recycle(pool, last);
+    } else {
+        last->size -= cut;
+        bins_insert(bins_for(pool, seg), last);
+    }
+    seg->size -= cut;
+    if (seg->size) return false;
+    segments_remove(pool, seg);
+    pool->segments_released++;
+    free(seg);
+    return true;
+}
+
 size_t gm_pool_take_free_segments_locked(gm_pool *pool, uint64_t keep_cached, gm_pool_span *out,
                                          size_t max)
 {
     uint64_t idle = 0;
-    for (size_t i = 0; i < pool->segments; i++)
-        if (pool->by_base[i]->used == 0 && pool->by_base[i]->first->state == GM_BLOCK_FREE)
-            idle += pool->by_base[i]->size;
+    gm_block *last;
+    for (size_t i = 0; i < pool->segments; i++) {
+        gm_segment *seg = pool->by_base[i];
+        if (seg->expandable) idle += trimmable_tail(pool, seg, &last);
+        else if (seg->used == 0 && seg->first->state == GM_BLOCK_FREE) idle += seg->size;
+    }
     size_t n = 0;
     for (size_t i = pool->segments; i-- > 0 && idle > keep_cached && n < max;) {
         gm_segment *seg = pool->by_base[i];
+        if (seg->expandable) {
+            if (!trimmable_tail(pool, seg, &last)) continue;
+            trim_expandable_locked(pool, seg, &out[n]);
+            idle -= out[n++].size;
+            continue;
+        }
         gm_block *only = seg->first;
         if (seg->used != 0 || only->state != GM_BLOCK_FREE || only->next) continue;
         bins_remove(bins_for(pool, seg), only);
@@ -356,7 +450,7 @@ size_t gm_pool_take_free_segments_locked(gm_pool *pool, uint64_t keep_cached, gm
         pool->segments_released++;
         pool->bytes_cached_free -= seg->size;
         idle -= seg->size;
-        out[n++] = (gm_pool_span){seg->base, seg->size};
+        out[n++] = (gm_pool_span){seg->base, seg->size, false};
         free(seg);
     }
     return n;

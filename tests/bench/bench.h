@@ -26,6 +26,7 @@ int bench_checks(int argc, char **argv); /* cost of the copy range check on the 
 int bench_pinned(int argc, char **argv); /* pinned host alloc+free: the driver's own against the pinned pool */
 int bench_shared(int argc, char **argv); /* the shared budget: N processes attaching at once, and the pool-hit path in a group */
 int bench_report(int argc, char **argv); /* a report of many live allocations on GPUMEM_REPORT_SIGNAL: time to write it, pool hits meanwhile */
+int bench_expandable(int argc, char **argv); /* classic against expandable segments: churn peak ratio, pool-hit pair, grow cost per chunk */
 int bench_buffers(int argc, char **argv); /* buffer growth: resize with data copy, in-place growth, tracking memory overhead */
 
 #endif

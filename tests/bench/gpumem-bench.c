@@ -510,7 +510,8 @@ static void usage(FILE *out)
             "       gpumem-bench pinned              (pinned host alloc+free: driver against pool)\n"
             "       gpumem-bench buffers             (buffer resize, in-place growth, tracking overhead)\n"
             "       gpumem-bench shared [N]          (GPUMEM_SHARED: N processes attach at once; pool hits in a group)\n"
-            "       gpumem-bench report [N]          (GPUMEM_REPORT_SIGNAL: a report of N live allocations, in ms)\n",
+            "       gpumem-bench report [N]          (GPUMEM_REPORT_SIGNAL: a report of N live allocations, in ms)\n"
+            "       gpumem-bench expandable [--host] (classic against expandable segments: churn, pool hits, grow cost)\n",
             GPUMEM_SHIM_PATH);
 }
 
@@ -523,6 +524,7 @@ int main(int argc, char **argv)
     static const struct { const char *name; int (*run)(int, char **); } modes[] = {
         {"transfer", bench_transfer}, {"checks", bench_checks}, {"pinned", bench_pinned},
         {"buffers", bench_buffers}, {"shared", bench_shared}, {"report", bench_report},
+        {"expandable", bench_expandable},
     };
     for (size_t i = 0; argc >= 2 && i < sizeof modes / sizeof *modes; i++)
         if (strcmp(argv[1], modes[i].name) == 0) return modes[i].run(argc - 2, argv + 2);

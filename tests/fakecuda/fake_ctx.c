@@ -242,6 +242,28 @@ FK_API CUresult CUDAAPI cuCtxDestroy_v2(CUcontext h)
     return state_leave(CUDA_SUCCESS);
 }
 
+/* ================================================================ peer access */
+
+FK_API CUresult CUDAAPI cuCtxEnablePeerAccess(CUcontext peer, unsigned int flags)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    fk_ctx *c, *p = (fk_ctx *)peer;
+    if ((r = ctx_current(&c)))
+        return state_leave(r);
+    if (flags)
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    if (!p || !ctx_known(p) || !p->alive)
+        return state_leave(CUDA_ERROR_INVALID_CONTEXT);
+    if (p->dev == c->dev)
+        return state_leave(CUDA_ERROR_INVALID_DEVICE);
+    if (c->peers & (1u << p->dev))
+        return state_leave(CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED);
+    c->peers |= 1u << p->dev;
+    return state_leave(CUDA_SUCCESS);
+}
+
 /* ================================================================ the context stack */
 
 FK_API CUresult CUDAAPI cuCtxSetCurrent(CUcontext h)
@@ -398,6 +420,7 @@ FK_API CUresult CUDAAPI cuCtxDestroy(CUcontext ctx) { return ctx_destroy(ctx); }
     X("cuCtxCreate", 12050, 0, cuCtxCreate_v4)                                    \
     X("cuCtxDestroy", 2000, 0, cuCtxDestroy)                                      \
     X("cuCtxDestroy", 4000, 0, cuCtxDestroy_v2)                                   \
+    X("cuCtxEnablePeerAccess", 4000, 0, cuCtxEnablePeerAccess)                    \
     X("cuCtxSetCurrent", 4000, 0, cuCtxSetCurrent)                                \
     X("cuCtxGetCurrent", 4000, 0, cuCtxGetCurrent)                                \
     X("cuCtxPushCurrent", 4000, 0, cuCtxPushCurrent_v2)                           \

@@ -92,7 +92,9 @@
 /* A_REGISTERED: program memory pinned by cuMemHostRegister (never freed by the fake).
  * A_IPC: another process's A_DEVICE memory mapped by cuIpcOpenMemHandle (freed by the close).
  * A_GRAPH: the memory of a graph allocation node (fake_graph.c says when it is live and freed). */
-typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM, A_REGISTERED, A_IPC, A_GRAPH } fk_akind;
+/* A_VMM: a cuMemCreate handle (memfd-backed, in g_vmm, not in g_allocs). A_MAPPED: one cuMemMap
+ * of a handle into a cuMemAddressReserve range (in g_allocs; its memory is the handle's). */
+typedef enum { A_DEVICE, A_MANAGED, A_ASYNC, A_HOST, A_VMM, A_REGISTERED, A_IPC, A_GRAPH, A_MAPPED } fk_akind;
 
 typedef struct fk_ctx {
     struct fk_ctx *next; /* g_ctxs; never unlinked */
@@ -103,6 +105,7 @@ typedef struct fk_ctx {
     unsigned flags;
     struct fk_stream *legacy;
     uint64_t id;         /* cuCtxGetId: new at every activation, so a reset primary gets a new one */
+    unsigned peers;      /* contexts' devices this context enabled peer access to (bit per device) */
 } fk_ctx;
 
 typedef struct fk_alloc {
@@ -125,6 +128,10 @@ typedef struct fk_alloc {
     void *graph_free_node; /* A_GRAPH: the free node for it, in any graph; NULL: none */
     bool graph_live;     /* A_GRAPH: a launch made it and nothing freed it since */
     bool graph_freed_in_owner; /* A_GRAPH: its free node is in its own graph */
+    unsigned maps;       /* A_VMM: live cuMemMap mappings of the handle */
+    bool released;       /* A_VMM: cuMemRelease called; freed when the last mapping goes */
+    struct fk_alloc *handle; /* A_MAPPED: the A_VMM handle mapped */
+    unsigned access;     /* A_MAPPED: devices given access by cuMemSetAccess (bit per device) */
 } fk_alloc;
 
 typedef struct fk_event {
@@ -213,6 +220,9 @@ extern atomic_bool g_inited;           /* cuInit succeeded (and no fork since) *
 extern int g_ndev;                     /* FAKECUDA_DEVICES */
 extern uint64_t g_capacity;            /* FAKECUDA_MEM, per device */
 extern long g_fail_after;              /* FAKECUDA_FAIL_ALLOC_AFTER, -1 = never */
+extern long g_fail_map_after;          /* FAKECUDA_FAIL_MAP_AFTER: cuMemMap calls before faults, -1 never */
+extern uint64_t g_map_attempts;
+extern bool g_no_vmm;                  /* FAKECUDA_NO_VMM: VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0 */
 extern uint64_t g_alloc_attempts;      /* device allocations tried since the count restarted */
 extern fk_device g_dev[FK_MAX_DEVICES];
 extern fk_ctx *g_ctxs;                 /* every context ever made (fake_ctx.c) */

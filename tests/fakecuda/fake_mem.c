@@ -77,13 +77,25 @@ static void mem_remove(fk_alloc *a)
 bool mem_range_ok(uintptr_t p, size_t n)
 {
     fk_alloc *a = mem_find(p);
-    return a && n <= a->size - (p - a->base);
+    if (!a)
+        return false;
+    /* Mappings side by side in a reserved range are one contiguous range to a device. */
+    while (a->kind == A_MAPPED && n > a->size - (p - a->base)) {
+        uintptr_t end = a->base + a->size;
+        fk_alloc *next = mem_find(end);
+        if (!next || next->kind != A_MAPPED || next->base != end)
+            return false;
+        n -= end - p;
+        p = end;
+        a = next;
+    }
+    return n <= a->size - (p - a->base);
 }
 
 /* Whether the kind counts against a device's capacity (host and imported memory do not). */
 bool mem_counts_as_device(fk_akind k)
 {
-    return k != A_HOST && k != A_REGISTERED && k != A_IPC;
+    return k != A_HOST && k != A_REGISTERED && k != A_IPC && k != A_MAPPED;
 }
 
 /* ================================================================ memfd backing */
@@ -127,7 +139,7 @@ static void *mem_memfd_map(size_t size, size_t align, uint64_t id, int *fd_out, 
 static void mem_memfd_unmap(fk_alloc *a)
 {
     munmap((void *)a->base, a->map_len);
-    if (a->kind == A_DEVICE)
+    if (a->kind == A_DEVICE || a->kind == A_VMM)
         close(a->memfd);
 }
 
@@ -147,6 +159,14 @@ void mem_release(fk_alloc *a)
     }
     if (mem_counts_as_device(a->kind))
         g_dev[a->dev].in_use -= a->size;
+    if (a->kind == A_MAPPED) { /* the range stays reserved; the handle may go with its last map */
+        mmap((void *)a->base, a->size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+        fk_alloc *h = a->handle;
+        free(a);
+        if (--h->maps == 0 && h->released)
+            mem_release(h);
+        return;
+    }
     if (a->map_len)
         mem_memfd_unmap(a);
     else if (a->kind != A_REGISTERED)
@@ -179,7 +199,7 @@ static CUresult mem_alloc_device(int dev, fk_ctx *c, size_t size, fk_akind kind,
     uint64_t id = g_next_id++;
     int fd = -1;
     size_t map_len = 0;
-    void *mem = kind == A_DEVICE ? mem_memfd_map(size, align, id, &fd, &map_len)
+    void *mem = kind == A_DEVICE || kind == A_VMM ? mem_memfd_map(size, align, id, &fd, &map_len)
                                  : aligned_alloc(align, fk_round_up(size, align));
     if (a && mem)
         *a = (fk_alloc){.base = (uintptr_t)mem, .size = size, .kind = kind, .dev = dev,
@@ -435,12 +455,186 @@ FK_API CUresult CUDAAPI cuMemRelease(CUmemGenericAllocationHandle handle)
         return r;
     g_cnt.free_calls++;
     for (fk_alloc *a = g_vmm; a; a = a->vnext) {
-        if (a->id == handle) {
-            mem_release(a);
+        if (a->id == handle && !a->released) {
+            if (a->maps) /* the mappings keep the memory until they go */
+                a->released = true;
+            else
+                mem_release(a);
             return state_leave(CUDA_SUCCESS);
         }
     }
     return state_leave(CUDA_ERROR_INVALID_VALUE);
+}
+
+/* ================================================================ virtual address ranges */
+
+/* cuMemAddressReserve ranges: an mmap(PROT_NONE) each; cuMemMap maps a handle's memfd into one
+ * (MAP_FIXED, still PROT_NONE) and cuMemSetAccess makes it readable and writable, so memory used
+ * before its access was set faults as it would on a device. */
+typedef struct fk_vrange {
+    uintptr_t base;
+    size_t size;
+    struct fk_vrange *next;
+} fk_vrange;
+static fk_vrange *g_vranges;
+
+static fk_vrange *vrange_of(uintptr_t p, size_t n)
+{
+    for (fk_vrange *v = g_vranges; v; v = v->next)
+        if (p >= v->base && n <= v->size && p - v->base <= v->size - n)
+            return v;
+    return NULL;
+}
+
+FK_API CUresult CUDAAPI cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment,
+                                            CUdeviceptr addr, unsigned long long flags)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    (void)addr; /* a hint */
+    if (!ptr || size == 0 || size % FK_VMM_GRANULARITY || flags ||
+        (alignment && (alignment & (alignment - 1))))
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    size_t align = alignment > FK_VMM_GRANULARITY ? alignment : FK_VMM_GRANULARITY;
+    char *m = mmap(NULL, size + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    fk_vrange *v = malloc(sizeof *v);
+    if (m == MAP_FAILED || !v) {
+        if (m != MAP_FAILED)
+            munmap(m, size + align);
+        free(v);
+        return state_leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    uintptr_t at = fk_round_up((uintptr_t)m, align);
+    if (at > (uintptr_t)m)
+        munmap(m, at - (uintptr_t)m);
+    if ((uintptr_t)m + size + align > at + size)
+        munmap((void *)(at + size), (uintptr_t)m + size + align - (at + size));
+    *v = (fk_vrange){at, size, g_vranges};
+    g_vranges = v;
+    *ptr = at;
+    return state_leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuMemAddressFree(CUdeviceptr ptr, size_t size)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    for (fk_vrange **pv = &g_vranges; *pv; pv = &(*pv)->next) {
+        fk_vrange *v = *pv;
+        if (v->base != ptr || v->size != size)
+            continue;
+        for (size_t i = 0; i < g_nallocs; i++) /* the driver wants every mapping gone first */
+            if (g_allocs[i]->kind == A_MAPPED && g_allocs[i]->base - v->base < v->size)
+                return state_leave(CUDA_ERROR_INVALID_VALUE);
+        munmap((void *)v->base, v->size);
+        *pv = v->next;
+        free(v);
+        return state_leave(CUDA_SUCCESS);
+    }
+    return state_leave(CUDA_ERROR_INVALID_VALUE);
+}
+
+FK_API CUresult CUDAAPI cuMemMap(CUdeviceptr ptr, size_t size, size_t offset,
+                                 CUmemGenericAllocationHandle handle, unsigned long long flags)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    fk_alloc *h = NULL;
+    for (fk_alloc *a = g_vmm; a; a = a->vnext)
+        if (a->id == handle && !a->released)
+            h = a;
+    if (!h || flags || size == 0 || size % FK_VMM_GRANULARITY || offset % FK_VMM_GRANULARITY ||
+        offset > h->size || size > h->size - offset || !vrange_of(ptr, size))
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    if (mem_find(ptr) || mem_find(ptr + size - 1))
+        return state_leave(CUDA_ERROR_ALREADY_MAPPED);
+    g_map_attempts++;
+    if (g_fail_map_after >= 0 && g_map_attempts > (uint64_t)g_fail_map_after)
+        return state_leave(CUDA_ERROR_OUT_OF_MEMORY);
+    fk_alloc *m = malloc(sizeof *m);
+    if (!m)
+        return state_leave(CUDA_ERROR_OUT_OF_MEMORY);
+    *m = (fk_alloc){.base = ptr, .size = size, .kind = A_MAPPED, .dev = h->dev, .id = g_next_id++,
+                    .memfd = -1, .handle = h};
+    if (mmap((void *)ptr, size, PROT_NONE, MAP_SHARED | MAP_FIXED, h->memfd, (off_t)offset) == MAP_FAILED ||
+        !mem_insert(m)) {
+        mmap((void *)ptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+        free(m);
+        return state_leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    h->maps++;
+    return state_leave(CUDA_SUCCESS);
+}
+
+/* Every byte of [ptr, ptr+size) in mappings that start and end within it. */
+static bool mapped_exactly(uintptr_t ptr, size_t size)
+{
+    for (uintptr_t p = ptr; p < ptr + size;) {
+        fk_alloc *a = mem_find(p);
+        if (!a || a->kind != A_MAPPED || a->base != p || a->size > ptr + size - p)
+            return false;
+        p += a->size;
+    }
+    return true;
+}
+
+FK_API CUresult CUDAAPI cuMemUnmap(CUdeviceptr ptr, size_t size)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    if (size == 0 || !mapped_exactly(ptr, size))
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    for (uintptr_t p = ptr; p < ptr + size;) {
+        fk_alloc *a = mem_find(p);
+        p += a->size;
+        g_cnt.free_calls++;
+        mem_release(a);
+    }
+    return state_leave(CUDA_SUCCESS);
+}
+
+FK_API CUresult CUDAAPI cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc,
+                                       size_t count)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    if (!desc || count == 0 || size == 0 || !mapped_exactly(ptr, size))
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    int prot = PROT_NONE;
+    unsigned devices = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE || !dev_ok(desc[i].location.id))
+            return state_leave(CUDA_ERROR_INVALID_DEVICE);
+        if (desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_NONE)
+            devices |= 1u << desc[i].location.id;
+        if (desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+            prot = PROT_READ | PROT_WRITE;
+        else if (desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READ && prot == PROT_NONE)
+            prot = PROT_READ;
+    }
+    if (mprotect((void *)ptr, size, prot) != 0)
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    for (uintptr_t p = ptr; p < ptr + size;) { /* this fake's one access setting: the union */
+        fk_alloc *a = mem_find(p);
+        a->access |= devices;
+        p += a->size;
+    }
+    return state_leave(CUDA_SUCCESS);
+}
+
+/* fakecuda_vmm_access: the devices that may access the mapping at p (0: no mapping). */
+FK_API unsigned fakecuda_vmm_access(CUdeviceptr p)
+{
+    pthread_mutex_lock(&g_mu);
+    fk_alloc *a = mem_find(p);
+    unsigned m = a && a->kind == A_MAPPED ? a->access : 0;
+    pthread_mutex_unlock(&g_mu);
+    return m;
 }
 
 /* ================================================================ cuGetProcAddress rows */
@@ -459,5 +653,10 @@ FK_API CUresult CUDAAPI cuMemRelease(CUmemGenericAllocationHandle handle)
     X("cuMemFreeAsync", 11020, 1, cuMemFreeAsync_ptsz)                              \
     X("cuMemCreate", 10020, 0, cuMemCreate)                                         \
     X("cuMemRelease", 10020, 0, cuMemRelease)                                       \
-    X("cuMemGetAllocationGranularity", 10020, 0, cuMemGetAllocationGranularity)
+    X("cuMemGetAllocationGranularity", 10020, 0, cuMemGetAllocationGranularity)   \
+    X("cuMemAddressReserve", 10020, 0, cuMemAddressReserve)                         \
+    X("cuMemAddressFree", 10020, 0, cuMemAddressFree)                               \
+    X("cuMemMap", 10020, 0, cuMemMap)                                               \
+    X("cuMemUnmap", 10020, 0, cuMemUnmap)                                           \
+    X("cuMemSetAccess", 10020, 0, cuMemSetAccess)
 FK_PROC_TABLE(mem_procs, MEM_PROCS);

@@ -16,6 +16,9 @@ atomic_bool g_inited;
 int g_ndev = 1;
 uint64_t g_capacity = (uint64_t)1 << 30;
 long g_fail_after = -1;
+long g_fail_map_after = -1;
+uint64_t g_map_attempts;
+bool g_no_vmm;
 uint64_t g_alloc_attempts;
 fk_device g_dev[FK_MAX_DEVICES];
 fk_ctx *g_ctxs;
@@ -93,6 +96,13 @@ void state_env_load(bool force)
     if (force || fail != g_fail_after)
         g_alloc_attempts = 0;
     g_fail_after = fail;
+    long map_fail = state_env_long("FAKECUDA_FAIL_MAP_AFTER", -1);
+    if (map_fail < 0)
+        map_fail = -1;
+    if (force || map_fail != g_fail_map_after)
+        g_map_attempts = 0;
+    g_fail_map_after = map_fail;
+    g_no_vmm = state_env_long("FAKECUDA_NO_VMM", 0) != 0;
 }
 
 /* ================================================================ fault injection */

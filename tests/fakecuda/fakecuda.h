@@ -8,6 +8,9 @@
  *   FAKECUDA_DEVICES           device count, 0..8 (default 1; 0 makes cuInit fail NO_DEVICE)
  *   FAKECUDA_FAIL_ALLOC_AFTER  N: the first N device allocations may succeed, every later one
  *                              returns CUDA_ERROR_OUT_OF_MEMORY (unset or negative: never)
+ *   FAKECUDA_FAIL_MAP_AFTER    N: the first N cuMemMap calls may succeed, every later one returns
+ *                              CUDA_ERROR_OUT_OF_MEMORY (unset or negative: never)
+ *   FAKECUDA_NO_VMM            1: CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0
  *   FAKECUDA_VISIBLE           comma list of physical device numbers, ordinal i being the i-th
  *                              (as CUDA_VISIBLE_DEVICES renumbers a real host; default 0,1,...):
  *                              only the UUIDs follow it, so tests can key devices by UUID */
@@ -120,6 +123,9 @@ void fakecuda_set_copy_delay(unsigned delay_us);
  * with `code` (checked after argument validation, before anything is queued). count 0 = off. */
 void fakecuda_fail_copies(unsigned after, unsigned count, CUresult code);
 
+/* VMM: the devices (bit per device) cuMemSetAccess gave access to the cuMemMap mapping at p;
+ * 0 when p is in no mapping. */
+unsigned fakecuda_vmm_access(CUdeviceptr p);
 /* Re-read the environment now and restart the FAKECUDA_FAIL_ALLOC_AFTER count. */
 void fakecuda_reload_env(void);
 

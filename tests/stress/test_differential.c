@@ -61,10 +61,18 @@ static void model_insert(uintptr_t p, size_t requested)
     nlive++;
 }
 
+static bool expandable_run;
+
 static void check_inside_segment(gm_heap *heap, const live_t *l)
 {
     pthread_mutex_lock(&heap->lock);
-    gm_block *b = gm_pool_block_containing_locked(&heap->pool, l->p);
+    /* One expandable segment holds every block of its class: walking it from its start for each
+     * of 2048 live blocks every 1000 operations would be quadratic, so take the lookup's way
+     * there (the live table, then the block's own segment is checked below). */
+    bool live;
+    gm_block *b = expandable_run ? gm_lookup_block_at_locked(heap, l->p, &live)
+                                 : gm_pool_block_containing_locked(&heap->pool, l->p);
+    cr_assert(!b || gm_pool_segment_containing(&heap->pool, l->p) == b->seg);
     cr_assert_not_null(b, "block %#lx not inside any segment", (unsigned long)l->p);
     cr_assert_eq(b->addr, l->p);
     cr_assert_eq(b->state, GM_BLOCK_LIVE);
@@ -93,8 +101,10 @@ static void check_everything(gm_heap *heap, const model_counters *m)
     cr_assert_geq(st.bytes_reserved, st.bytes_allocated);
 }
 
-Test(differential, million_ops_against_model, .timeout = 600)
+static void run_differential(bool expandable)
 {
+    expandable_run = expandable;
+    setenv("GPUMEM_EXPANDABLE", expandable ? "1" : "0", 1);
     setenv("GPUMEM_MAX_CACHED", "256MiB", 1); /* exercise segment release too */
     setenv("GPUMEM_REPORT", "off", 1);
     gm_config_reset_for_tests();
@@ -139,5 +149,20 @@ Test(differential, million_ops_against_model, .timeout = 600)
         gm_block *only = heap->pool.by_base[i]->first;
         cr_expect(only->state == GM_BLOCK_FREE && !only->next && only->size == heap->pool.by_base[i]->size,
                   "segment %zu is not one free block", i);
+        cr_expect_eq(heap->pool.by_base[i]->expandable, expandable);
+    }
+    if (expandable) {
+        cr_expect_gt(gm_host_backend_vmm_maps(), 0, "the ranges were used");
+        cr_expect_eq(gm_host_backend_alloc_calls(), 0, "no classic segment");
+        cr_expect_eq(gm_host_backend_vmm_mapped(), gm_host_backend_in_use());
+        for (int i = 0; i < 2; i++) {
+            gm_segment *seg = heap->vr[i].mapped ? gm_pool_segment_containing(&heap->pool, heap->vr[i].base) : NULL;
+            cr_expect_eq(seg ? seg->size : 0, heap->vr[i].mapped, "range %d: its segment is what is mapped", i);
+        }
     }
 }
+
+Test(differential, million_ops_against_model, .timeout = 600) { run_differential(false); }
+
+/* The same operations on expandable segments (GPUMEM_EXPANDABLE=1, the host backend's VMM). */
+Test(differential, million_ops_against_model_expandable, .timeout = 600) { run_differential(true); }

@@ -94,7 +94,7 @@ static gm_config parse_ok(const char *const *pairs)
 
 Test(config_table, has_every_option_once)
 {
-    cr_assert_eq(gm_option_count, 33);
+    cr_assert_eq(gm_option_count, 35);
     for (size_t i = 0; i < gm_option_count; i++) {
         cr_assert(strncmp(gm_options[i].name, "GPUMEM_", 7) == 0);
         cr_assert_not_null(gm_options[i].default_value);

@@ -227,9 +227,9 @@ Test(config_docs, missing_row_is_noticed)
 {
     char *md = read_docs();
     char *pool = row_of(md, "| `GPUMEM_POOL` |");
-    char *verbose = row_of(md, "| `GPUMEM_IPC_DIR` |");
+    char *verbose = row_of(md, "| `GPUMEM_EXPANDABLE_CHUNK` |");
     expect_rejected(replaced(md, pool, ""), "row 1 is `GPUMEM_FREE_SYNC`");
-    expect_rejected(replaced(md, verbose, ""), "first missing: GPUMEM_IPC_DIR");
+    expect_rejected(replaced(md, verbose, ""), "first missing: GPUMEM_EXPANDABLE_CHUNK");
     free(pool);
     free(verbose);
     free(md);
@@ -238,13 +238,13 @@ Test(config_docs, missing_row_is_noticed)
 Test(config_docs, extra_row_is_noticed)
 {
     char *md = read_docs();
-    char *verbose = row_of(md, "| `GPUMEM_IPC_DIR` |");
+    char *verbose = row_of(md, "| `GPUMEM_EXPANDABLE_CHUNK` |");
     char extended[2048];
     snprintf(extended, sizeof extended, "%s| `GPUMEM_EXTRA` | bool | `0` | Not an option. |\n",
              verbose);
-    expect_rejected(replaced(md, verbose, extended), "extra row 34");
+    expect_rejected(replaced(md, verbose, extended), "extra row 36");
     snprintf(extended, sizeof extended, "%s%s", verbose, verbose);
-    expect_rejected(replaced(md, verbose, extended), "extra row 34");
+    expect_rejected(replaced(md, verbose, extended), "extra row 36");
     free(verbose);
     free(md);
 }

@@ -135,3 +135,111 @@ Test(pool_layer, lookups_find_the_covering_block)
     cr_expect_eq(gm_pool_round_size(0), 0);
     cr_expect_eq(gm_pool_round_size(((size_t)1 << 46) + 1), 0, "beyond 64 TiB");
 }
+
+/* ---------------------------------------------------------------- expandable segments */
+
+/* The segment's block list tiles it, and `last` is its last block. */
+static void check_segment(const gm_segment *seg)
+{
+    const gm_block *b = seg->first, *prev = NULL;
+    uintptr_t at = seg->base;
+    for (; b; prev = b, b = b->next) {
+        cr_assert_eq(b->addr, at, "blocks tile the segment");
+        cr_assert_eq(b->prev, prev);
+        at += b->size;
+    }
+    cr_assert_eq(at, seg->base + seg->size);
+    cr_assert_eq(seg->last, prev, "last is the last block");
+}
+
+static gm_segment *only_segment(void)
+{
+    cr_assert_eq(pool.segments, 1);
+    check_segment(pool.by_base[0]);
+    return pool.by_base[0];
+}
+
+Test(pool_layer, an_expandable_segment_extends_into_its_trailing_free_block)
+{
+    cr_assert(gm_pool_add_expandable_locked(&pool, BASE, 4 * MiB, false));
+    gm_segment *seg = only_segment();
+    cr_expect(seg->expandable);
+    gm_block *a = take(3 * MiB);
+    cr_expect_eq(gm_pool_tail_free_locked(seg), MiB);
+    gm_block *b = NULL;
+    cr_expect_eq(gm_pool_alloc_locked(&pool, 4 * MiB, &b), GPUMEM_ERROR_OUT_OF_MEMORY, "1 MiB is free");
+    cr_assert(gm_pool_extend_segment_locked(&pool, seg, 4 * MiB));
+    cr_expect_eq(seg->size, 8 * MiB);
+    cr_expect_eq(gm_pool_tail_free_locked(seg), 5 * MiB, "merged with the free tail");
+    cr_expect_eq(pool.bytes_cached_free, 5 * MiB);
+    b = take(5 * MiB);
+    cr_expect_eq(b->addr, a->addr + 3 * MiB, "the larger block is contiguous with the earlier one");
+    cr_expect_eq(gm_pool_tail_free_locked(seg), 0);
+    cr_assert(gm_pool_extend_segment_locked(&pool, seg, 2 * MiB));
+    cr_expect_eq(gm_pool_tail_free_locked(seg), 2 * MiB, "a new free block after a live one");
+    cr_expect_eq(b->next->addr, BASE + 8 * MiB);
+    cr_expect_eq(b->next->prev, b);
+    check_segment(seg);
+    gm_pool_free_block_locked(&pool, a);
+    gm_pool_free_block_locked(&pool, b);
+    cr_expect(!seg->first->next && seg->first->size == 10 * MiB, "everything merges again");
+    check_segment(seg);
+    cr_expect_eq(gm_pool_largest_free_locked(&pool), 10 * MiB);
+}
+
+Test(pool_layer, classic_segments_never_extend)
+{
+    cr_assert(gm_pool_add_segment_locked(&pool, BASE, 4 * MiB, 4 * MiB));
+    cr_expect_not(gm_pool_extend_segment_locked(&pool, only_segment(), 2 * MiB));
+    cr_expect_eq(only_segment()->size, 4 * MiB);
+}
+
+Test(pool_layer, a_trim_takes_whole_chunks_off_the_end_only)
+{
+    pool.sizing.chunk = 2 * MiB;
+    cr_assert(gm_pool_add_expandable_locked(&pool, BASE, 16 * MiB, false));
+    gm_segment *seg = only_segment();
+    gm_block *a = take(3 * MiB), *b = take(4 * MiB), *c = take(3 * MiB);
+    (void)c;
+    gm_pool_free_block_locked(&pool, b); /* interior: stays mapped */
+    gm_pool_span spans[4];
+    size_t n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4);
+    cr_assert_eq(n, 1);
+    /* c ends at 10 MiB: the tail [10, 16) is free, its whole chunks [10, 16) go */
+    cr_expect_eq(spans[0].base, BASE + 10 * MiB);
+    cr_expect_eq(spans[0].size, 6 * MiB);
+    cr_expect(spans[0].expandable);
+    cr_expect_eq(seg->size, 10 * MiB);
+    cr_expect_eq(gm_pool_tail_free_locked(seg), 0);
+    cr_expect_eq(pool.bytes_cached_free, 4 * MiB, "the interior hole is still cached");
+    check_segment(seg);
+    gm_pool_free_block_locked(&pool, c); /* merges with b: free from 3 MiB on */
+    n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4);
+    cr_assert_eq(n, 1);
+    cr_expect_eq(spans[0].base, BASE + 4 * MiB, "from the first chunk boundary after a's end");
+    cr_expect_eq(spans[0].size, 6 * MiB);
+    cr_expect_eq(seg->size, 4 * MiB);
+    cr_expect_eq(gm_pool_tail_free_locked(seg), MiB, "a's last chunk keeps its free part");
+    check_segment(seg);
+    cr_expect_eq(pool.bytes_cached_free, MiB);
+    gm_pool_free_block_locked(&pool, a);
+    n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4);
+    cr_assert_eq(n, 1);
+    cr_expect_eq(spans[0].base, BASE);
+    cr_expect_eq(spans[0].size, 4 * MiB);
+    cr_expect_eq(pool.segments, 0, "nothing mapped: the segment is gone");
+    cr_expect_eq(pool.bytes_cached_free, 0);
+    cr_expect_eq(pool.segments_released, 1);
+}
+
+Test(pool_layer, a_trim_keeps_what_max_cached_allows)
+{
+    pool.sizing.chunk = 2 * MiB;
+    cr_assert(gm_pool_add_expandable_locked(&pool, BASE, 8 * MiB, true));
+    take(4096);
+    gm_pool_span spans[4];
+    cr_expect_eq(gm_pool_take_free_segments_locked(&pool, 8 * MiB, spans, 4), 0, "under the cache limit");
+    cr_expect_eq(gm_pool_take_free_segments_locked(&pool, MiB, spans, 4), 1);
+    cr_expect_eq(spans[0].base, BASE + 2 * MiB);
+    cr_expect_eq(only_segment()->size, 2 * MiB);
+}
