@@ -162,7 +162,10 @@ static bool vrange_ready(gm_heap *heap, gm_vrange *r)
     if (size > ((size_t)1 << 40)) size = (size_t)1 << 40;
     size = round_up_to(size, heap->vmm_chunk);
     uintptr_t base = 0;
-    int rc = be->va_reserve(heap->ctx, size, heap->vmm_chunk, &base);
+    /* Aligned to the chunk's largest power-of-two factor (a multiple of the granularity): the
+     * driver refuses an alignment that is no power of two, such as a 20 MiB chunk's. */
+    size_t align = heap->vmm_chunk & (~heap->vmm_chunk + 1);
+    int rc = be->va_reserve(heap->ctx, size, align, &base);
     if (rc != GPUMEM_OK) {
         gm_log(GM_WARN, "GPUMEM_EXPANDABLE=1: reserving %zu bytes of virtual range on device %d "
                "failed (%d); using classic segments", size, heap->device, rc);

@@ -252,3 +252,22 @@ Test(expandable, a_groups_shared_budget_counts_mapped_bytes)
     unlink(region);
     rmdir(dir);
 }
+
+/* A chunk that is no power of two (GPUMEM_EXPANDABLE_CHUNK=20MiB, as PyTorch maps large blocks):
+ * the range is still reserved (aligned to the chunk's power-of-two factor; the driver refuses any
+ * other alignment) and blocks grow contiguously in it, mapped 20 MiB at a time. */
+Test(expandable, a_chunk_of_20_mib_still_gets_a_range)
+{
+    expandable_env();
+    setenv("GPUMEM_EXPANDABLE_CHUNK", "20MiB", 1);
+    api_start();
+    CUdeviceptr a, b;
+    OK(cuMemAlloc(&a, 3 * MiB));
+    OK(cuMemAlloc(&b, 30 * MiB));
+    cr_expect_eq(b, a + 3 * MiB, "one virtual range");
+    put_pattern(b, 30 * MiB, 3);
+    cr_expect_eq(pattern_errors(b, 30 * MiB, 3), 0);
+    cr_expect_eq(api_stats_or_fail().bytes_reserved % (20 * MiB), 0, "whole 20 MiB chunks mapped");
+    OK(cuMemFree(a));
+    OK(cuMemFree(b));
+}
