@@ -353,6 +353,23 @@ Test(shared, many_members_attach_at_once, SHARED_OPTS, .timeout = 120)
     for (int i = 0; i < N; i++) finish_ok(&m[i]);
 }
 
+/* No root needed: a member running as an ordinary user (nobody, when the test runs as root)
+ * makes and joins a region in a directory it may write. */
+Test(shared, an_ordinary_user_makes_and_joins_a_region, SHARED_OPTS, .timeout = 60)
+{
+    cr_assert_eq(chmod(dir, 0777), 0);
+    static char shared[600];
+    snprintf(shared, sizeof shared, "GPUMEM_SHARED=%s", region);
+    const char *env[] = {shared, "GPUMEM_LIMIT=64MiB", NULL};
+    member m = start_with(env, (const char *[]){"alloc:40M", "info", NULL}, true);
+    expect_line(&m, "alloc 0");
+    expect_line(&m, "info 25165824 67108864"); /* the region counts it: 64 - 40 */
+    finish_ok(&m);
+    struct stat st;
+    cr_assert_eq(stat(region, &st), 0, "the member made the region");
+    if (geteuid() == 0) cr_expect_eq(st.st_uid, 65534u, "made by the ordinary user");
+}
+
 /* ------------------------------------------------------------------ regions */
 
 /* Runs one member with `env` and expects it to stop with status 2 and one line naming
