@@ -1,6 +1,7 @@
 /* What a program sees of a device under the limit, asked by device ordinal (cuMemGetInfo,
  * cuDeviceTotalMem) or by UUID (NVML, whose index order is not CUDA's). The figures come from
  * account/limits.c and, with GPUMEM_SHARED, from the group's ledger (account/ledger.c). */
+#include <pthread.h>
 #include <string.h>
 
 #include "gm_engine.h"
@@ -25,17 +26,39 @@ uint64_t gm_device_visible_total(int device, uint64_t driver_total)
     return gm_limit_visible_total(device, driver_total);
 }
 
-/* The CUDA ordinal this process sees the device with `uuid` as, or -1. */
-static int ordinal_of_uuid(const unsigned char uuid[16])
+/* The UUID of every ordinal this process sees, learned once: CUDA_VISIBLE_DEVICES is read at
+ * cuInit, so the numbering holds for the process's life, and NVML pollers (nvidia-smi -l, DCGM)
+ * ask again and again. */
+static struct {
+    pthread_mutex_t lock;
+    bool known;
+    int count;
+    unsigned char uuid[GM_MAX_DEVICES][16];
+    bool has_uuid[GM_MAX_DEVICES];
+} ordinals = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static bool learn_ordinals_locked(void)
 {
     const gm_backend *be = gm_mgr.backend;
     int count = 0;
-    if (!be || be->device_count(&count) != GPUMEM_OK) return -1;
-    for (int i = 0; i < count && i < GM_MAX_DEVICES; i++) {
-        unsigned char id[16];
-        if (be->device_uuid(i, id) == GPUMEM_OK && memcmp(id, uuid, 16) == 0) return i;
-    }
-    return -1;
+    if (!be || be->device_count(&count) != GPUMEM_OK) return false; /* asked again next time */
+    ordinals.count = count < GM_MAX_DEVICES ? count : GM_MAX_DEVICES;
+    for (int i = 0; i < ordinals.count; i++)
+        ordinals.has_uuid[i] = be->device_uuid(i, ordinals.uuid[i]) == GPUMEM_OK;
+    ordinals.known = true;
+    return true;
+}
+
+/* The CUDA ordinal this process sees the device with `uuid` as, or -1. */
+static int ordinal_of_uuid(const unsigned char uuid[16])
+{
+    int found = -1;
+    pthread_mutex_lock(&ordinals.lock);
+    if (ordinals.known || learn_ordinals_locked())
+        for (int i = 0; i < ordinals.count && found < 0; i++)
+            if (ordinals.has_uuid[i] && memcmp(ordinals.uuid[i], uuid, 16) == 0) found = i;
+    pthread_mutex_unlock(&ordinals.lock);
+    return found;
 }
 
 bool gm_device_view_by_uuid(const unsigned char uuid[16], uint64_t driver_total, gm_device_view *out)
