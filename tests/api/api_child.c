@@ -5,24 +5,11 @@
  * allocations its test expects in the exit report. */
 #include <pthread.h>
 
+#define API_CHILD_NAME "api_child"
 #include "api_common.h"
 #include "api_threads_work.h"
 #include "fakecuda.h"
 
-#define CHECK(cond, ...) \
-    do { \
-        if (!(cond)) { \
-            fprintf(stderr, "api_child: CHECK FAILED at line %d: %s: ", __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__); \
-            fputc('\n', stderr); \
-            exit(90); \
-        } \
-    } while (0)
-#define CK(call) \
-    do { \
-        CUresult r_ = (call); \
-        CHECK(r_ == CUDA_SUCCESS, "%s returned %d", #call, (int)r_); \
-    } while (0)
 
 static CUcontext g_primary;
 static CUdevice g_dev;

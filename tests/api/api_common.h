@@ -32,6 +32,26 @@
 
 extern char **environ;
 
+/* ---------------------------------------------------------------- helper programs' checks */
+/* A helper program (api_child, live_child) defines API_CHILD_NAME before including this: a
+ * failed CHECK or CK ends it with status 90 and one line naming the program and the check. */
+#ifdef API_CHILD_NAME
+#define CHECK(cond, ...) \
+    do { \
+        if (!(cond)) { \
+            fprintf(stderr, API_CHILD_NAME ": CHECK FAILED at line %d: %s: ", __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__); \
+            fputc('\n', stderr); \
+            exit(90); \
+        } \
+    } while (0)
+#define CK(call) \
+    do { \
+        CUresult r_ = (call); \
+        CHECK(r_ == CUDA_SUCCESS, "%s returned %d", #call, (int)r_); \
+    } while (0)
+#endif
+
 /* ---------------------------------------------------------------- the shim's public API */
 
 /* gpumem_get_stats is exported by the preloaded shim; the test programs do not link libgpumem,

@@ -9,23 +9,10 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+#define API_CHILD_NAME "live_child"
 #include "api_common.h"
 #include "api_threads_work.h"
 
-#define CHECK(cond, ...) \
-    do { \
-        if (!(cond)) { \
-            fprintf(stderr, "live_child: CHECK FAILED at line %d: %s: ", __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__); \
-            fputc('\n', stderr); \
-            exit(90); \
-        } \
-    } while (0)
-#define CK(call) \
-    do { \
-        CUresult r_ = (call); \
-        CHECK(r_ == CUDA_SUCCESS, "%s returned %d", #call, (int)r_); \
-    } while (0)
 
 static CUcontext g_primary;
 static const char *g_report; /* the report file (GPUMEM_REPORT), to wait for a live report */
