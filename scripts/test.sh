@@ -31,7 +31,7 @@ echo "== ThreadSanitizer (stress, fake driver, unwinder, the preload path)"
 run_setup build-tsan -Db_sanitize=thread -Db_lundef=false
 TSAN_OPTIONS=halt_on_error=1 meson test -C build-tsan --no-rebuild --print-errorlogs \
     stress_threads_plain_free_sync_1 stress_threads_plain_free_sync_0 stress_copies_plain \
-    stress_ctx_switch_copies unit_fakecuda unit_stacks unit_expandable
+    stress_ctx_switch_copies unit_fakecuda unit_stacks unit_expandable unit_tcache
 TSAN_OPTIONS=halt_on_error=1 meson test -C build-tsan --no-rebuild --print-errorlogs \
     --suite api --suite misuse
 

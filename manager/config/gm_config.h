@@ -45,6 +45,7 @@ typedef struct gm_config {
     uint64_t small_segment;
     uint64_t dedicated_min;
     uint64_t max_cached;                    /* GM_UNLIMITED for "unlimited" */
+    uint64_t thread_cache;                  /* bytes per thread and context; 0 off */
     bool expandable;
     uint64_t expandable_chunk;
     char report[4096];

@@ -381,8 +381,10 @@ size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached)
     /* Expandable ranges: no grow maps while their ends are trimmed and unmapped. */
     bool ranges = __atomic_load_n(&heap->vmm, __ATOMIC_ACQUIRE) > 0;
     if (ranges) pthread_mutex_lock(&heap->grow_lock);
+    bool flushed = false;
     do {
         pthread_mutex_lock(&heap->lock);
+        if (!flushed) flushed = true, gm_tcache_flush_all_locked(heap); /* their blocks first */
         n = gm_pool_take_free_segments_locked(&heap->pool, keep_cached, batch, 64);
         for (size_t i = 0; i < n; i++)
             if (batch[i].expandable) vrange_trimmed_locked(heap, &batch[i]);
@@ -473,6 +475,49 @@ static int alloc_direct(gm_heap *heap, size_t size, uintptr_t stream, const gm_c
     return GPUMEM_OK;
 }
 
+/* What an allocation hands out with its block. */
+typedef struct gm_handout {
+    size_t size;
+    uintptr_t stream;
+    const gm_callsite *site;
+    uint32_t stack_id;
+} gm_handout;
+
+/* The block becomes a new live allocation, held and counted by thread cache `tc` (its lock held)
+ * or, without one, by the heap (its lock held). */
+static void hand_out_locked(gm_heap *heap, gm_tcache *tc, gm_block *b, const gm_handout *h, bool hit)
+{
+    gm_record_fill(&b->rec, b->addr, h->size, b->size, GM_KIND_POOL, h->stream, h->site, h->stack_id,
+                   gm_tag_current());
+    b->rec.block = b;
+    b->sync_memops = 0;
+    b->ipc_slot = 0;
+    if (tc) {
+        b->rec.owner = tc->index;
+        b->buffer_id = gm_buffer_id_make(heap, tc->index, ++tc->buffer_seq);
+        gm_live_insert(&tc->live, &b->rec);
+        gm_stats_on_alloc((gm_counting){&tc->c, heap->device, heap->solo}, &b->rec, hit);
+    } else {
+        b->rec.owner = 0;
+        b->buffer_id = gm_buffer_id_next_locked(heap); /* a new allocation to the driver's eyes */
+        gm_live_insert(&heap->live, &b->rec);
+        gm_stats_on_alloc(gm_heap_counting(heap), &b->rec, hit);
+    }
+}
+
+/* The hot path of a thread's allocation: a block it freed itself, of this very size, taken under
+ * its own cache's lock alone. */
+static bool alloc_from_thread_cache(gm_heap *heap, gm_tcache *tc, size_t rounded, const gm_handout *h,
+                                    uintptr_t *out)
+{
+    pthread_mutex_lock(&tc->lock);
+    gm_block *b = gm_tcache_take_locked(tc, rounded);
+    if (b) hand_out_locked(heap, tc, b, h, true);
+    pthread_mutex_unlock(&tc->lock);
+    if (b) *out = b->addr;
+    return b != NULL;
+}
+
 /* A block of `rounded` bytes from the pool, growing it as needed; the heap is locked on entry
  * and on return. `*hit`: no new segment was needed. */
 static int take_block_locked(gm_heap *heap, size_t rounded, gm_block **b, bool *hit)
@@ -483,6 +528,7 @@ static int take_block_locked(gm_heap *heap, size_t rounded, gm_block **b, bool *
     for (int attempt = 0; gm_pool_alloc_locked(&heap->pool, rounded, b) != GPUMEM_OK; attempt++) {
         if (heap->pool.pending_head && gm_retire_pending_locked(heap, false)) continue;
         if (heap->quarantine && gm_ipc_reclaim_locked(heap)) continue;
+        if (attempt == 0 && gm_tcache_flush_all_locked(heap)) continue; /* never grow for them */
         *hit = false;
         if (attempt >= 4) return GPUMEM_ERROR_OUT_OF_MEMORY;
         pthread_mutex_unlock(&heap->lock);
@@ -503,6 +549,9 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     if (!rounded) return GPUMEM_ERROR_OUT_OF_MEMORY;
     if (!gm_mgr.cfg->pool) return alloc_direct(heap, size, stream, site, out);
     uint32_t stack_id = gm_stack_capture(site); /* before the lock: it walks memory and hashes */
+    gm_handout h = {size, stream, site, stack_id};
+    gm_tcache *tc = gm_tcache_get(heap);
+    if (tc && alloc_from_thread_cache(heap, tc, rounded, &h, out)) return GPUMEM_OK;
 
     gm_block *b = NULL;
     bool hit;
@@ -513,13 +562,14 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
         if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) notify_oom(heap, size, oom_cause(heap, rounded));
         return rc;
     }
-    gm_record_fill(&b->rec, b->addr, size, b->size, GM_KIND_POOL, stream, site, stack_id, gm_tag_current());
-    b->rec.block = b;
-    b->buffer_id = gm_buffer_id_next_locked(heap); /* a new allocation to the driver's eyes */
-    b->sync_memops = 0;
-    b->ipc_slot = 0;
-    gm_live_insert(&heap->live, &b->rec);
-    gm_stats_on_alloc(gm_heap_counting(heap), &b->rec, hit);
+    if (tc) { /* the thread's own: its free goes back to its cache */
+        pthread_mutex_lock(&tc->lock);
+        b->tc = tc;
+        hand_out_locked(heap, tc, b, &h, hit);
+        pthread_mutex_unlock(&tc->lock);
+    } else {
+        hand_out_locked(heap, NULL, b, &h, hit);
+    }
     pthread_mutex_unlock(&heap->lock);
     *out = b->addr;
     return GPUMEM_OK;
@@ -565,11 +615,38 @@ static inline gm_heap *find_record_locked(uintptr_t ptr, gm_heap *hint, gm_recor
 {
     if (hint) {
         pthread_mutex_lock(&hint->lock);
-        *rec = gm_live_find(&hint->live, ptr);
+        *rec = gm_heap_live_find_locked(hint, ptr);
         if (*rec) return hint;
         pthread_mutex_unlock(&hint->lock);
     }
     return gm_heap_find_other_locked(ptr, hint, rec);
+}
+
+/* The hot path of a thread's free: a block it allocated itself and nothing looked up since, in
+ * strict mode after the barrier (or at exit). Kept in its cache when it fits, else handed to the
+ * pool like any other. False when the thread's cache does not hold `ptr`. */
+static bool free_to_thread_cache(gm_heap *heap, gm_tcache *tc, uintptr_t ptr, bool synced,
+                                 gm_alloc_kind *kind_out)
+{
+    pthread_mutex_lock(&tc->lock);
+    gm_record *rec = gm_live_find(&tc->live, ptr);
+    if (!rec) {
+        pthread_mutex_unlock(&tc->lock);
+        return false;
+    }
+    if (kind_out) *kind_out = GM_KIND_POOL;
+    gm_block *b = rec->block;
+    gm_live_remove(&tc->live, rec);
+    gm_stats_on_free((gm_counting){&tc->c, heap->device, heap->solo}, rec);
+    bool kept = synced && !b->ipc_slot && gm_tcache_keep_locked(tc, b);
+    pthread_mutex_unlock(&tc->lock);
+    if (kept) return true;
+    pthread_mutex_lock(&heap->lock);
+    pthread_mutex_lock(&tc->lock);
+    b->tc = NULL;
+    pthread_mutex_unlock(&tc->lock);
+    free_pool_block(heap, b, GM_FREE_BARRIER, synced); /* unlocks */
+    return true;
 }
 
 static gm_answer free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, uintptr_t stream,
@@ -585,6 +662,11 @@ static gm_answer free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, u
         else gm_mgr.backend->synchronize(hint->ctx);
         synced = true;
     }
+    /* Strict mode only: a fast-mode free waits for a fence in the heap's pending list. */
+    gm_tcache *tc = hint && barrier && gm_mgr.cfg->pool && (gm_mgr.cfg->free_sync || atomic_load(&gm_mgr.exiting))
+                        ? gm_tcache_peek(hint) : NULL;
+    if (tc && free_to_thread_cache(hint, tc, ptr, synced || atomic_load(&gm_mgr.exiting), kind_out))
+        return gm_ours(GPUMEM_OK);
     gm_record *rec = NULL;
     gm_heap *heap = find_record_locked(ptr, hint, &rec);
     if (!heap) return gm_heap_any_segment_holds(ptr) ? gm_ours(GPUMEM_ERROR_INVALID_VALUE) : gm_not_ours();
@@ -595,7 +677,7 @@ static gm_answer free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, u
         return (gm_answer){GM_PASSTHROUGH, 0};
     }
     gm_heap_untrack_locked(heap, rec);
-    gm_stats_on_free(gm_heap_counting(heap), rec);
+    gm_heap_count_free_locked(heap, rec);
     if (heap->quarantine) gm_ipc_reclaim_locked(heap); /* a flag test unless IPC kept blocks */
     if (kind == GM_KIND_POOL) {
         free_pool_block(heap, rec->block, stream, synced && heap == hint);
@@ -646,14 +728,16 @@ void gm_track_commit(gm_heap *heap, uintptr_t ptr, size_t size, gm_alloc_kind ki
     gm_record *old = gm_live_find(&heap->live, ptr);
     if (old) { /* the driver reused an address we still track: our record is stale */
         gm_heap_untrack_locked(heap, old);
-        gm_stats_on_free(gm_heap_counting(heap), old);
+        gm_heap_count_free_locked(heap, old);
         if (!old->block) {
             gm_limit_unreserve(heap->device, old->size);
             gm_record_delete(old);
         }
     }
+    gm_tcache *tc = gm_tcache_peek(heap); /* one thread's allocations all count in one place */
+    rec->owner = tc ? tc->index : 0;
     gm_live_insert(&heap->live, rec);
-    gm_stats_on_alloc(gm_heap_counting(heap), rec, false);
+    gm_heap_count_alloc_locked(heap, rec, false);
     pthread_mutex_unlock(&heap->lock);
 }
 
@@ -673,7 +757,7 @@ static gm_owner untrack(gm_heap *hint, uintptr_t ptr, gm_alloc_kind kind, bool k
         return GM_NOT_OURS;
     }
     gm_heap_untrack_locked(heap, rec);
-    gm_stats_on_free(gm_heap_counting(heap), rec);
+    gm_heap_count_free_locked(heap, rec);
     pthread_mutex_unlock(&heap->lock);
     if (keep_reserved) {
         *device_out = heap->device;
@@ -701,7 +785,7 @@ gm_owner gm_untrack_keep_reserved(gm_heap *hint, uintptr_t ptr, gm_alloc_kind ki
 /* The live pool block of `heap` at `ptr`, or NULL. */
 static gm_block *live_pool_block_locked(gm_heap *heap, uintptr_t ptr)
 {
-    gm_record *rec = gm_live_find(&heap->live, ptr);
+    gm_record *rec = gm_heap_live_find_locked(heap, ptr);
     return rec ? rec->block : NULL;
 }
 
@@ -712,7 +796,7 @@ static void record_resized_locked(gm_heap *heap, gm_block *b, size_t requested)
     gm_heap_live_changed_locked(heap);
     b->rec.size = b->size;
     b->rec.requested = requested;
-    gm_stats_on_resize(gm_heap_counting(heap), &old, &b->rec);
+    gm_heap_count_resize_locked(heap, &old, &b->rec);
 }
 
 /* Expandable segments: a block that ends its range (nothing after it but free space) can grow
@@ -777,7 +861,7 @@ int gm_check_owned(gm_heap *heap, uintptr_t ctx, uintptr_t ptr, size_t requested
 {
     pthread_mutex_lock(&heap->lock);
     bool bound = heap->bound && heap->ctx == ctx;
-    gm_record *rec = bound && ptr ? gm_live_find(&heap->live, ptr) : NULL;
+    gm_record *rec = bound && ptr ? gm_heap_live_find_locked(heap, ptr) : NULL;
     bool ours = !ptr || (rec && rec->requested == requested && rec->tag == tag);
     pthread_mutex_unlock(&heap->lock);
     if (!bound) return GPUMEM_ERROR_INVALID_CONTEXT;

@@ -9,9 +9,14 @@
 #include "gm_pinned.h"
 #include "gm_staging.h"
 
+static void keep_leak(void *cx, const gm_record *rec)
+{
+    gm_orphans_keep(((gm_heap *)cx)->device, GM_MEMORY_DEVICE, rec);
+}
+
 static void keep_leaks_locked(gm_heap *heap)
 {
-    GM_FOR_EACH_LIVE(&heap->live, rec) gm_orphans_keep(heap->device, GM_MEMORY_DEVICE, rec);
+    gm_heap_each_live_locked(heap, keep_leak, heap);
 }
 
 static void heap_teardown(gm_heap *heap, bool ctx_alive)

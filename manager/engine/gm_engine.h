@@ -4,11 +4,12 @@
  * segments and retry, fast-mode fences, cudaFree's barrier); where a pointer lies (lookup.c:
  * allocation identity, checked-copy spans); a context going away (context.c). The pinned host
  * pool (pinned.c), staged copies (staging.c), checked copies (transfer.c) and IPC of pooled
- * blocks (ipc.c) have headers of their own. Below: every lower layer. Above: report, api, shim.
+ * blocks (ipc.c) have headers of their own; each thread's cache of freed blocks is tcache.c.
+ * Below: every lower layer. Above: report, api, shim.
  *
  * Within the engine the files call in one direction too:
- *   context.c -> alloc.c -> ipc.c -> lookup.c -> heap.c;  transfer.c -> lookup.c, pinned.c;
- *   pinned.c and staging.c stand alone. */
+ *   context.c -> alloc.c -> ipc.c -> lookup.c -> heap.c -> tcache.c;
+ *   transfer.c -> lookup.c, pinned.c;  pinned.c and staging.c stand alone. */
 #ifndef GM_ENGINE_H
 #define GM_ENGINE_H
 
@@ -46,6 +47,29 @@ typedef struct gm_vrange {
     size_t mapped; /* from base on, in whole chunks */
 } gm_vrange;
 
+/* A thread's cache on one heap (tcache.c): the pool blocks it allocated (their records in its own
+ * live table, under its own lock) and the blocks it freed for its own next allocations, so a
+ * thread's alloc+free pair that hits its cache touches no line another thread writes. */
+#define GM_TC_BINS 16     /* sizes a thread keeps at once, direct-mapped by rounded size */
+#define GM_TC_BIN_MAX 8   /* blocks of one size */
+#define GM_MAX_TCACHES 255 /* per heap; threads beyond it use the heap itself */
+typedef struct gm_tc_bin {
+    size_t size;     /* rounded; 0: empty */
+    gm_block *head;  /* by fnext */
+    uint32_t count;
+} gm_tc_bin;
+typedef struct gm_tcache {
+    pthread_mutex_t lock;
+    gm_live live;           /* live blocks it allocated that nothing else has looked up since */
+    gm_counters c;          /* every allocation it made, wherever the record lives now */
+    uint64_t cached_bytes;  /* in its bins */
+    uint64_t buffer_seq;
+    gm_tc_bin bins[GM_TC_BINS];
+    uint16_t index;         /* 1-based: gm_record.owner */
+    bool attached;          /* a running thread uses it (heap lock); a detached one is reused */
+    struct gm_heap *heap;
+} gm_tcache;
+
 typedef struct gm_heap {
     pthread_mutex_t lock;
     uintptr_t ctx;
@@ -73,6 +97,9 @@ typedef struct gm_heap {
     size_t vmm_chunk;
     gm_vrange vr[2];
     uint64_t vmm_peers;         /* devices given access to every chunk (peer access), by bit */
+    /* Thread caches: written under the lock, `ntcs` published after the entry (read unlocked). */
+    gm_tcache *tcs[GM_MAX_TCACHES];
+    _Atomic uint32_t ntcs;
 } gm_heap;
 
 /* What every copy hook reads, copied from the configuration into the manager's first cache line
@@ -134,14 +161,61 @@ static inline void gm_heap_untrack_locked(gm_heap *heap, gm_record *rec)
     gm_live_remove(&heap->live, rec);
 }
 /* Buffer ids never equal one the driver gives (small counters): the high bit is set, then the
- * heap's index, then a per-heap counter bumped under the heap lock (no locked instruction on the
- * allocation path). Index 0xFFFF is kept for blocks imported from other processes (ipc.c). */
+ * heap's index, then the thread cache's (0: the heap's own), then a counter of the heap or the
+ * thread cache bumped under its lock (no locked instruction on the allocation path). Heap index
+ * 0xFFFF is kept for blocks imported from other processes (ipc.c). */
 #define GM_BUFFER_ID_BIT (1ull << 63)
-static inline uint64_t gm_buffer_id_next_locked(gm_heap *heap)
+static inline uint64_t gm_buffer_id_make(const gm_heap *heap, unsigned tc_index, uint64_t seq)
 {
     return GM_BUFFER_ID_BIT | ((uint64_t)(heap->index & 0xFFFF) << 47) |
-           (++heap->buffer_seq & ((1ull << 47) - 1));
+           ((uint64_t)(tc_index & 0xFFF) << 35) | (seq & ((1ull << 35) - 1));
 }
+static inline uint64_t gm_buffer_id_next_locked(gm_heap *heap)
+{
+    return gm_buffer_id_make(heap, 0, ++heap->buffer_seq);
+}
+/* ---------------------------------------------------------------- thread caches (tcache.c)
+ * Lock order: a heap's lock, then a thread cache's (a thread on its hot path takes its own
+ * alone). A block's `tc` changes only with both held. A record in a thread cache's live table is
+ * moved to the heap's ("adopted") the first time anything but its thread's own free looks it up,
+ * so every other path (lookups, checked copies, IPC, resizing, cross-thread frees, reports) sees
+ * heap-held records only. GPUMEM_THREAD_CACHE bounds the bytes each thread keeps freed. */
+/* The calling thread's cache on `heap`, attached on first use; NULL when thread caches are off
+ * or the heap has no slot left. */
+gm_tcache *gm_tcache_get(gm_heap *heap);
+/* The calling thread's cache on `heap` if it has one; never attaches. */
+gm_tcache *gm_tcache_peek(const gm_heap *heap);
+/* A cached block of exactly `rounded` bytes, or NULL (the cache's lock held). */
+gm_block *gm_tcache_take_locked(gm_tcache *tc, size_t rounded);
+/* Keeps freed block `b` (held by `tc`) for the thread's next allocation; false when it does not
+ * fit (its size's bin is another size's or full, or GPUMEM_THREAD_CACHE would be crossed). */
+bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b);
+/* Hands every thread cache's freed blocks back to the pool; true when any went back (heap lock). */
+bool gm_tcache_flush_all_locked(gm_heap *heap);
+/* The live record at `ptr` in the heap's table, or adopted from a thread cache (heap lock). */
+gm_record *gm_heap_live_find_locked(gm_heap *heap, uintptr_t ptr);
+/* Whether pool block `b` is live (adopting it from its thread cache when it is one's). */
+bool gm_heap_block_live_locked(gm_heap *heap, gm_block *b);
+/* Every thread cache's records moved to the heap's table and its freed blocks to the pool. */
+void gm_tcache_adopt_all_locked(gm_heap *heap);
+/* Live records of the heap and of its thread caches, and a walk over them (heap lock held). */
+size_t gm_heap_live_count_locked(gm_heap *heap);
+void gm_heap_each_live_locked(gm_heap *heap, void (*fn)(void *cx, const gm_record *rec), void *cx);
+/* Counting an allocation or free where its record says (the heap's counters or a thread
+ * cache's, whose lock this takes); heap lock held. */
+void gm_heap_count_alloc_locked(gm_heap *heap, const gm_record *rec, bool hit);
+void gm_heap_count_free_locked(gm_heap *heap, const gm_record *rec);
+void gm_heap_count_resize_locked(gm_heap *heap, const gm_record *old, const gm_record *now);
+/* The thread caches' part of a heap's statistics (heap lock held): counters added into `out`,
+ * their cached bytes into bytes_cached_free, the highest peak one kept into `*peak`. */
+void gm_tcache_add_stats_locked(gm_heap *heap, gpumem_stats *out, uint64_t *peak);
+/* Bytes allocated through the heap's thread caches (heap lock held). */
+uint64_t gm_tcache_allocated_locked(gm_heap *heap);
+/* A heap reset (after gm_tcache_adopt_all_locked): the caches' current byte counts are zero. */
+void gm_tcache_reset_counts_locked(gm_heap *heap);
+/* A fork child: fresh locks, and every cache but the calling thread's detached. */
+void gm_tcache_after_fork(gm_heap *heap);
+
 /* The statistics of one device: every heap of it, the device's figures, the derived ones. */
 void gm_heap_stats(int device, gpumem_stats *out);
 /* Bytes this process can still obtain on `device` (limit and cached free memory considered). */

@@ -39,6 +39,7 @@ static void child_after_fork(void)
         gm_heap *heap = gm_mgr.heaps[i];
         pthread_mutex_init(&heap->lock, NULL);
         pthread_mutex_init(&heap->grow_lock, NULL);
+        gm_tcache_after_fork(heap);
         heap->fence = NULL; /* events belong to the parent's context */
         gm_heap_reset_locked(heap);
         heap->bound = false;
@@ -103,7 +104,7 @@ static void share_device_locked(int device)
         gm_heap *h = gm_mgr.heaps[i];
         if (h->device != device || !h->solo) continue;
         pthread_mutex_lock(&h->lock);
-        atomic_fetch_add(&d->allocated, h->c.bytes_allocated);
+        atomic_fetch_add(&d->allocated, h->c.bytes_allocated + gm_tcache_allocated_locked(h));
         uint64_t peak = atomic_load(&d->allocated_peak);
         if (h->c.bytes_allocated_peak > peak) atomic_store(&d->allocated_peak, h->c.bytes_allocated_peak);
         h->solo = false;
@@ -181,7 +182,7 @@ gm_heap *gm_heap_find_locked(uintptr_t ptr, gm_heap *hint, gm_record **rec_out)
 {
     if (hint) {
         pthread_mutex_lock(&hint->lock);
-        gm_record *rec = gm_live_find(&hint->live, ptr);
+        gm_record *rec = gm_heap_live_find_locked(hint, ptr);
         if (rec) {
             *rec_out = rec;
             return hint;
@@ -198,7 +199,7 @@ gm_heap *gm_heap_find_other_locked(uintptr_t ptr, const gm_heap *skip, gm_record
         gm_heap *h = gm_mgr.heaps[i];
         if (h == skip) continue;
         pthread_mutex_lock(&h->lock);
-        gm_record *rec = gm_live_find(&h->live, ptr);
+        gm_record *rec = gm_heap_live_find_locked(h, ptr);
         if (rec) {
             *rec_out = rec;
             return h;
@@ -223,6 +224,7 @@ bool gm_heap_any_segment_holds(uintptr_t ptr)
 
 void gm_heap_reset_locked(gm_heap *heap)
 {
+    gm_tcache_adopt_all_locked(heap); /* every record in the heap's table, every block in the pool */
     gm_heap_live_changed_locked(heap);
     gm_record *rec, *tmp;
     HASH_ITER(hh, heap->live.head, rec, tmp) {
@@ -242,6 +244,7 @@ void gm_heap_reset_locked(gm_heap *heap)
                                            * were handed to gm_vmm_release_ranges */
     gm_live_init(&heap->live);
     heap->c.bytes_requested = heap->c.bytes_allocated = 0; /* the rest are lifetime counters */
+    gm_tcache_reset_counts_locked(heap);
 }
 
 /* ------------------------------------------------------------------ statistics */
@@ -256,7 +259,17 @@ static void add_heap(gpumem_stats *out, gm_heap *heap, uint64_t *solo_peak)
 #define GM_STAT_DEVICE(name, doc)
 #define GM_STAT_DERIVED(type, name, doc)
 #include "gpumem_stats.def"
-    if (heap->solo) *solo_peak = heap->c.bytes_allocated_peak;
+    if (heap->solo) {
+        /* Each thread's cache keeps the peak of what it counted: with one allocating thread (all
+         * its allocations count there) that is the device's exact peak. */
+        uint64_t peak = heap->c.bytes_allocated_peak;
+        gm_tcache_add_stats_locked(heap, out, &peak);
+        uint64_t now = heap->c.bytes_allocated + gm_tcache_allocated_locked(heap);
+        *solo_peak = peak > now ? peak : now;
+    } else {
+        uint64_t ignored = 0;
+        gm_tcache_add_stats_locked(heap, out, &ignored);
+    }
     size_t largest = gm_pool_largest_free_locked(pool);
     if (largest > out->largest_free_block) out->largest_free_block = largest;
     pthread_mutex_unlock(&heap->lock);

@@ -74,7 +74,7 @@ static gm_block *live_block_near(gm_heap *heap, const gm_segment *seg, uintptr_t
 gm_block *gm_lookup_block_at_locked(gm_heap *heap, uintptr_t ptr, bool *live)
 {
     *live = true;
-    gm_record *rec = gm_live_find(&heap->live, ptr);
+    gm_record *rec = gm_heap_live_find_locked(heap, ptr);
     if (rec) return rec->block; /* NULL: a tracked allocation that is not pooled */
     gm_segment *seg = gm_pool_segment_containing(&heap->pool, ptr);
     if (!seg) return NULL;
@@ -104,7 +104,7 @@ static gm_answer live_block_in_heap_locked(gm_heap *h, uintptr_t ptr, gm_block *
     bool live;
     gm_block *b = gm_lookup_block_at_locked(h, ptr, &live);
     if (!b) return gm_not_ours(); /* not in a segment, or a tracked allocation of the driver's */
-    if (!live) live = b->state == GM_BLOCK_LIVE && gm_live_find(&h->live, b->addr) == &b->rec;
+    if (!live) live = gm_heap_block_live_locked(h, b);
     if (!live || ptr - b->addr >= b->rec.requested) return gm_ours(GPUMEM_ERROR_INVALID_VALUE);
     *out = b;
     return gm_ours(GPUMEM_OK);
@@ -222,11 +222,11 @@ static bool span_resolve_unlocked(gm_span *s)
 }
 
 /* Classifies span `s` against block `b` (which contains s->ptr); the heap is locked. */
-static void span_classify_locked(gm_heap *h, const gm_block *b, bool known_live, gm_span *s)
+static void span_classify_locked(gm_heap *h, gm_block *b, bool known_live, gm_span *s)
 {
     s->device = h->device;
     /* A block found by walking may be LIVE while its free is in progress (record already gone). */
-    bool live = known_live || (b->state == GM_BLOCK_LIVE && gm_live_find(&h->live, b->addr) == &b->rec);
+    bool live = known_live || gm_heap_block_live_locked(h, b);
     if (!live) {
         s->status = GM_SPAN_FREED;
         s->base = b->addr;

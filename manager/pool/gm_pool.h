@@ -36,6 +36,10 @@ typedef struct gm_block {
     uint8_t sync_memops;
     uint32_t ipc_slot;
     uint64_t buffer_id;
+    /* The engine's: the thread cache (engine/tcache.c) whose live table or free bins hold the
+     * block; NULL while the pool, the heap's live table, the pending list or the quarantine do.
+     * The pool keeps such a block LIVE (taken out of the bins) whether it is in use or cached. */
+    struct gm_tcache *tc;
     gm_record rec;                  /* the leak record, valid while LIVE */
 } gm_block;
 

@@ -110,6 +110,21 @@ static void add_orphan(void *cx, const gm_leak_group *g)
     if (set->only_device < 0 || g->device == set->only_device) set_add(set, g);
 }
 
+typedef struct heap_copy {
+    gm_heap *heap;
+    group_set *set;
+    gm_leak_group *at;
+    size_t n, cap;
+} heap_copy;
+
+static void copy_record(void *cx, const gm_record *rec)
+{
+    heap_copy *c = cx;
+    gm_leak_group g = gm_leak_group_of(c->heap->device, GM_MEMORY_DEVICE, rec);
+    if (c->n < c->cap) c->at[c->n++] = g;
+    else set_add(c->set, &g); /* no room (out of host memory): grouped under the lock */
+}
+
 /* Each heap's lock is held only while its records are copied out (a report of a running
  * program must not stall its allocating threads); grouping happens after. */
 static void add_heaps(group_set *set, uintptr_t only_ctx)
@@ -124,7 +139,7 @@ static void add_heaps(group_set *set, uintptr_t only_ctx)
             gm_log(GM_WARN, "report: heap of device %d busy in another thread; its leaks are not listed", h->device);
             continue;
         }
-        size_t n = 0, want = gm_live_count(&h->live);
+        size_t want = gm_heap_live_count_locked(h);
         if (want > cap) {
             gm_leak_group *grown = realloc(copied, want * sizeof *grown);
             if (grown) {
@@ -132,13 +147,10 @@ static void add_heaps(group_set *set, uintptr_t only_ctx)
                 cap = want;
             }
         }
-        GM_FOR_EACH_LIVE(&h->live, rec) {
-            gm_leak_group g = gm_leak_group_of(h->device, GM_MEMORY_DEVICE, rec);
-            if (n < cap) copied[n++] = g;
-            else set_add(set, &g); /* no room (out of host memory): grouped under the lock */
-        }
+        heap_copy c = {h, set, copied, 0, cap};
+        gm_heap_each_live_locked(h, copy_record, &c);
         pthread_mutex_unlock(&h->lock);
-        for (size_t k = 0; k < n; k++) set_add(set, &copied[k]);
+        for (size_t k = 0; k < c.n; k++) set_add(set, &copied[k]);
     }
     free(copied);
 }
@@ -558,7 +570,11 @@ size_t gm_report_write_live(const char *why)
 size_t gm_report_context(uintptr_t ctx, const char *why)
 {
     gm_heap *heap = gm_heap_of_ctx(ctx);
-    if (!heap || !gm_live_count(&heap->live)) return 0;
+    if (!heap) return 0;
+    pthread_mutex_lock(&heap->lock);
+    size_t live = gm_heap_live_count_locked(heap);
+    pthread_mutex_unlock(&heap->lock);
+    if (!live) return 0;
     return gm_report_write(NULL, heap->device, ctx, why);
 }
 

@@ -57,6 +57,8 @@ typedef struct gm_record {
     uint32_t stack_id;      /* call-stack depot id; 0 = not captured */
     uint8_t kind;           /* gm_alloc_kind */
     uint16_t tag;           /* the thread's tag when it was made (tags.c); 0 = none */
+    uint16_t owner;         /* the engine's: whose counters counted it (0: its heap's; i: the
+                             * heap's thread cache i, engine/tcache.c) */
     struct gm_block *block; /* pool block (pool/gm_pool.h), NULL for other kinds */
     UT_hash_handle hh;      /* the live table, keyed by ptr */
 } gm_record;

@@ -231,7 +231,7 @@ static double grow_once(size_t size, bool *in_place)
      * leave the in-place run timing cache misses of its own. */
     bool room = false;
     pthread_mutex_lock(&current_heap()->lock);
-    gm_record *rec = gm_live_find(&current_heap()->live, (uintptr_t)before);
+    gm_record *rec = gm_heap_live_find_locked(current_heap(), (uintptr_t)before);
     room = rec && rec->block && rec->block->next && rec->block->next->state == GM_BLOCK_FREE;
     pthread_mutex_unlock(&current_heap()->lock);
     if (room && size > 8 * KiB) {

@@ -74,11 +74,13 @@ static void *pool_worker(void *arg)
     return NULL;
 }
 
+#define POOL_MAX_THREADS 8
+
 static summary run_pool_case(gm_heap *heap, int size_index, int threads)
 {
-    pool_job jobs[2];
-    pthread_t t[2];
-    double all[2 * POOL_BATCHES];
+    static pool_job jobs[POOL_MAX_THREADS];
+    static double all[POOL_MAX_THREADS * POOL_BATCHES];
+    pthread_t t[POOL_MAX_THREADS];
     for (int i = 0; i < threads; i++) {
         jobs[i].heap = heap;
         jobs[i].size_index = size_index;
@@ -93,23 +95,31 @@ static summary run_pool_case(gm_heap *heap, int size_index, int threads)
     return summarize(all, n);
 }
 
+/* Threads on one context: 1, 2, then 4 and 8 where the machine has the cores. Throughput is
+ * pairs per second of all threads together, against one thread's in the same run. */
 static int bench_pool(void)
 {
     setenv("GPUMEM_REPORT", "off", 1);
     gm_manager_init(gm_host_backend());
     gm_heap *heap = gm_heap_get(1, 0);
-    printf("pool pair (alloc+free that hit the pool), host backend, ns per pair over %d batches of %d\n",
-           POOL_BATCHES, POOL_BATCH);
-    printf("%-10s %8s %12s %12s\n", "size", "threads", "median_ns", "p99_ns");
-    double mixed_single = 0;
-    for (int threads = 1; threads <= 2; threads++) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    printf("pool pair (alloc+free that hit the pool), host backend, one context, ns per pair over %d "
+           "batches of %d per thread; %ld cores, GPUMEM_THREAD_CACHE=%llu\n", POOL_BATCHES, POOL_BATCH,
+           cores, (unsigned long long)gm_config_get()->thread_cache);
+    printf("%-10s %8s %12s %12s %12s\n", "size", "threads", "median_ns", "p99_ns", "throughput");
+    double single[NSIZES + 1] = {0}, mixed_single = 0;
+    for (int threads = 1; threads <= POOL_MAX_THREADS; threads *= 2) {
+        if (threads > 2 && threads > cores) break;
         for (int s = -1; s < (int)NSIZES; s++) {
             summary r = run_pool_case(heap, s, threads);
             char label[32];
             if (s < 0) snprintf(label, sizeof label, "mixed");
             else snprintf(label, sizeof label, "%zu", pool_sizes[s]);
-            printf("%-10s %8d %12.1f %12.1f\n", label, threads, r.median, r.p99);
+            if (threads == 1) single[s + 1] = r.median;
+            double speedup = threads * single[s + 1] / r.median; /* all threads' pairs/s vs one's */
+            printf("%-10s %8d %12.1f %12.1f %11.2fx\n", label, threads, r.median, r.p99, speedup);
             if (s < 0 && threads == 1) mixed_single = r.median;
+            if (s < 0 && threads > 1) printf("pool_threads_%d_throughput=%.2f\n", threads, speedup);
         }
     }
     printf("pool_pair_ns_median=%.0f\n", mixed_single);

@@ -242,9 +242,9 @@ Test(config_docs, extra_row_is_noticed)
     char extended[2048];
     snprintf(extended, sizeof extended, "%s| `GPUMEM_EXTRA` | bool | `0` | Not an option. |\n",
              verbose);
-    expect_rejected(replaced(md, verbose, extended), "extra row 36");
+    expect_rejected(replaced(md, verbose, extended), "extra row 37");
     snprintf(extended, sizeof extended, "%s%s", verbose, verbose);
-    expect_rejected(replaced(md, verbose, extended), "extra row 36");
+    expect_rejected(replaced(md, verbose, extended), "extra row 37");
     free(verbose);
     free(md);
 }

@@ -58,7 +58,8 @@ Test(pool, rounds_to_512_and_splits_small_segments)
 
 Test(pool, coalesces_neighbours_on_free)
 {
-    start(NULL);
+    /* The pool's own behaviour: no thread cache keeps the freed blocks apart (test_tcache.c). */
+    start((const char *const[]){"GPUMEM_THREAD_CACHE", "0", NULL});
     uintptr_t a = alloc_ok(4096), b = alloc_ok(4096), c = alloc_ok(4096);
     free_ok(b);
     cr_expect_eq(stats().largest_free_block, 2 * MiB - 3 * 4096, "b alone is not merged with the tail");

@@ -1,0 +1,363 @@
+/* Thread caches (engine/tcache.c) on the host backend: a thread's freed block serves its own next
+ * allocation of that size; everything else that asks about a block (lookups, another thread's
+ * free, the leak report, statistics, a context going away) sees it exactly as without the cache;
+ * the caches never make the pool grow and give their blocks back when the thread ends, at the
+ * limit and under GPUMEM_MAX_CACHED. Each test is its own process. */
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "gm_api.h"
+
+#define KiB ((size_t)1 << 10)
+#define MiB ((size_t)1 << 20)
+
+static gm_heap *heap;
+
+static void start(const char *const *env)
+{
+    for (; env && env[0]; env += 2) setenv(env[0], env[1], 1);
+    gm_config_reset_for_tests();
+    cr_assert(gm_manager_init(gm_host_backend()));
+    heap = gm_heap_get(1, 0);
+    cr_assert_not_null(heap);
+}
+
+static uintptr_t alloc_ok(size_t size)
+{
+    uintptr_t p = 0;
+    int rc = gm_alloc(heap, size, 0, 0, &p);
+    cr_assert_eq(rc, GPUMEM_OK, "alloc(%zu) failed with %d", size, rc);
+    return p;
+}
+
+static void free_ok(uintptr_t p) { cr_assert(gm_answer_ok(gm_free(heap, p, GM_FREE_BARRIER, NULL))); }
+
+static gpumem_stats stats(void)
+{
+    gpumem_stats st;
+    cr_assert_eq(gpumem_get_stats(0, &st), GPUMEM_OK);
+    return st;
+}
+
+static size_t live_count(void)
+{
+    pthread_mutex_lock(&heap->lock);
+    size_t n = gm_heap_live_count_locked(heap);
+    pthread_mutex_unlock(&heap->lock);
+    return n;
+}
+
+/* Runs `fn(arg)` on a thread of its own and waits for it (its cache is detached at its end). */
+static void on_other_thread(void *(*fn)(void *), void *arg)
+{
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, fn, arg), 0);
+    cr_assert_eq(pthread_join(t, NULL), 0);
+}
+
+Test(tcache, a_freed_block_serves_the_threads_next_allocation_of_its_size)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(4 * KiB);
+    free_ok(a);
+    cr_expect_eq(stats().bytes_cached_free, 2 * MiB, "the cached block still counts as cached");
+    cr_expect_eq(alloc_ok(4 * KiB), a, "taken back from the thread's cache");
+    gpumem_stats st = stats();
+    cr_expect_eq(st.allocations, 2);
+    cr_expect_eq(st.frees, 1);
+    cr_expect_eq(st.pool_hits, 1);
+    cr_expect_eq(st.bytes_allocated, 4 * KiB);
+    cr_expect_eq(st.bytes_requested, 4 * KiB);
+    cr_expect_eq(heap->ntcs, 1);
+}
+
+Test(tcache, off_means_no_cache_at_all)
+{
+    start((const char *const[]){"GPUMEM_THREAD_CACHE", "0", NULL});
+    uintptr_t a = alloc_ok(4 * KiB);
+    free_ok(a);
+    cr_expect_eq(heap->ntcs, 0);
+    cr_expect_eq(stats().largest_free_block, 2 * MiB, "back in the pool, merged with its segment");
+}
+
+Test(tcache, a_cached_block_is_freed_memory_to_every_query)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(4 * KiB), keep = alloc_ok(4 * KiB);
+    free_ok(a);
+    uintptr_t base = 0;
+    size_t size = 0;
+    cr_expect(gm_answer_is(gm_lookup(a, &base, &size), gm_ours(GPUMEM_ERROR_INVALID_VALUE)));
+    cr_expect(gm_answer_is(gm_free(heap, a, GM_FREE_BARRIER, NULL), gm_ours(GPUMEM_ERROR_INVALID_VALUE)),
+              "a double free is refused, not cached twice");
+    gm_span s = {.ptr = a + 8, .n = 16};
+    gm_lookup_spans(&s, 1);
+    cr_expect_eq(s.status, GM_SPAN_FREED);
+    cr_expect_eq(alloc_ok(4 * KiB), a);
+    cr_expect_neq(alloc_ok(4 * KiB), a, "handed out once only");
+    free_ok(keep);
+}
+
+Test(tcache, a_lookup_sees_the_threads_live_block_and_its_free_still_counts_once)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(1000);
+    uintptr_t base = 0;
+    size_t size = 0;
+    cr_expect(gm_answer_ok(gm_lookup(a + 100, &base, &size)), "an interior pointer");
+    cr_expect_eq(base, a);
+    cr_expect_eq(size, 1000);
+    cr_expect(gm_answer_is(gm_lookup(a + 1000, &base, &size), gm_ours(GPUMEM_ERROR_INVALID_VALUE)),
+              "the rounding slack is no part of the allocation");
+    gm_span s = {.ptr = a, .n = 1001};
+    gm_lookup_spans(&s, 1);
+    cr_expect_eq(s.status, GM_SPAN_PAST_END);
+    free_ok(a);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.frees, 1);
+    cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(live_count(), 0);
+}
+
+typedef struct {
+    uintptr_t p[64];
+    size_t n, size;
+} batch;
+
+static void *alloc_batch(void *arg)
+{
+    batch *b = arg;
+    for (size_t i = 0; i < b->n; i++)
+        if (gm_alloc(heap, b->size, 0, 0, &b->p[i]) != GPUMEM_OK) b->p[i] = 0;
+    return NULL;
+}
+
+static void *free_batch(void *arg)
+{
+    batch *b = arg;
+    for (size_t i = 0; i < b->n; i++)
+        if (!gm_answer_ok(gm_free(heap, b->p[i], GM_FREE_BARRIER, NULL))) abort();
+    return NULL;
+}
+
+Test(tcache, another_threads_free_and_a_finished_threads_blocks)
+{
+    start(NULL);
+    batch b = {.n = 16, .size = 64 * KiB};
+    on_other_thread(alloc_batch, &b);
+    for (size_t i = 0; i < b.n; i++) cr_assert_neq(b.p[i], 0);
+    cr_expect_eq(live_count(), 16, "the ended thread's allocations are still live");
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_allocated, 16 * 64 * KiB);
+    cr_expect_eq(st.allocations, 16);
+    for (size_t i = 0; i < b.n; i++) free_ok(b.p[i]); /* freed here, not on the thread that made them */
+    st = stats();
+    cr_expect_eq(st.frees, 16);
+    cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(st.bytes_requested, 0);
+    cr_expect_eq(live_count(), 0);
+    cr_expect_eq(st.largest_free_block, 2 * MiB, "nothing kept apart from the pool");
+}
+
+Test(tcache, a_block_another_thread_frees_goes_to_the_pool_at_once)
+{
+    start(NULL);
+    batch b = {.n = 4, .size = 256 * KiB};
+    on_other_thread(alloc_batch, &b);
+    for (size_t i = 0; i < b.n; i++) free_ok(b.p[i]); /* not the allocating thread */
+    cr_expect_eq(stats().largest_free_block, 2 * MiB);
+    cr_expect_eq(heap->tcs[0]->cached_bytes, 0);
+    cr_expect_eq(stats().segments, 1);
+}
+
+static void *alloc_free_and_end(void *arg)
+{
+    batch *b = arg;
+    alloc_batch(b);
+    free_batch(b); /* kept in this thread's cache ... */
+    return NULL;   /* ... until it ends */
+}
+
+Test(tcache, the_cache_of_an_ended_thread_goes_back_to_the_pool)
+{
+    start(NULL);
+    batch b = {.n = 4, .size = 256 * KiB};
+    on_other_thread(alloc_free_and_end, &b);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.largest_free_block, 2 * MiB, "merged back into one block");
+    cr_expect_eq(st.bytes_cached_free, 2 * MiB);
+    cr_expect_eq(heap->tcs[0]->cached_bytes, 0);
+    on_other_thread(alloc_free_and_end, &b);
+    cr_expect_eq(heap->ntcs, 1, "the next thread took the ended thread's cache");
+}
+
+Test(tcache, the_pool_never_grows_while_a_cache_holds_what_would_fit)
+{
+    start(NULL);
+    /* Eight 256 KiB blocks fill the small segment; freed, they sit in this thread's cache. */
+    uintptr_t p[8];
+    for (int i = 0; i < 8; i++) p[i] = alloc_ok(256 * KiB);
+    cr_expect_eq(stats().segments, 1);
+    for (int i = 0; i < 8; i++) free_ok(p[i]);
+    uintptr_t big = alloc_ok(1 * MiB); /* fits only once they merge again */
+    gpumem_stats st = stats();
+    cr_expect_eq(st.segments, 1, "the cache was handed back instead of growing");
+    cr_expect_eq(big, p[0]);
+    free_ok(big);
+}
+
+static void *alloc_one_mib(void *arg)
+{
+    uintptr_t *p = arg;
+    if (gm_alloc(heap, 1 * MiB, 0, 0, p) != GPUMEM_OK) *p = 0;
+    return NULL;
+}
+
+Test(tcache, at_the_limit_another_threads_cache_is_taken_back)
+{
+    start((const char *const[]){"GPUMEM_LIMIT", "2MiB", NULL});
+    uintptr_t p[8];
+    for (int i = 0; i < 8; i++) p[i] = alloc_ok(256 * KiB);
+    for (int i = 0; i < 8; i++) free_ok(p[i]); /* this thread's cache holds the whole limit */
+    uintptr_t got = 0;
+    on_other_thread(alloc_one_mib, &got);
+    cr_expect_neq(got, 0, "another thread still gets the memory");
+    cr_expect_eq(stats().bytes_reserved, 2 * MiB);
+    free_ok(got);
+}
+
+Test(tcache, max_cached_bounds_what_a_thread_keeps)
+{
+    start((const char *const[]){"GPUMEM_MAX_CACHED", "0", NULL});
+    uintptr_t a = alloc_ok(4 * KiB);
+    free_ok(a);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_reserved, 0, "nothing cached: the segment went back");
+    cr_expect_eq(st.segments, 0);
+}
+
+Test(tcache, the_thread_cache_bound_is_kept)
+{
+    start((const char *const[]){"GPUMEM_THREAD_CACHE", "1MiB", NULL});
+    uintptr_t p[8];
+    for (int i = 0; i < 8; i++) p[i] = alloc_ok(256 * KiB);
+    for (int i = 0; i < 8; i++) free_ok(p[i]);
+    cr_expect_leq(heap->tcs[0]->cached_bytes, 1 * MiB);
+    cr_expect_eq(heap->tcs[0]->cached_bytes, 1 * MiB, "four of them kept");
+}
+
+Test(tcache, one_threads_peak_is_exact)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(1 * MiB), b = alloc_ok(512 * KiB);
+    free_ok(a);
+    uintptr_t c = alloc_ok(256 * KiB);
+    free_ok(b);
+    free_ok(c);
+    cr_expect_eq(stats().bytes_allocated_peak, 1 * MiB + 512 * KiB);
+}
+
+Test(tcache, buffer_ids_differ_between_threads_and_allocations)
+{
+    start(NULL);
+    batch b = {.n = 1, .size = 4 * KiB};
+    on_other_thread(alloc_batch, &b);
+    uintptr_t mine = alloc_ok(4 * KiB);
+    gm_block_identity x, y;
+    cr_assert(gm_answer_ok(gm_block_identity_get(b.p[0], &x)));
+    cr_assert(gm_answer_ok(gm_block_identity_get(mine, &y)));
+    cr_expect_neq(x.buffer_id, y.buffer_id);
+    free_ok(mine);
+    uintptr_t again = alloc_ok(4 * KiB);
+    cr_expect_eq(again, mine);
+    cr_assert(gm_answer_ok(gm_block_identity_get(again, &x)));
+    cr_expect_neq(x.buffer_id, y.buffer_id, "a new allocation to the driver's eyes");
+    free_ok(again);
+    free_ok(b.p[0]);
+}
+
+Test(tcache, a_context_going_away_keeps_the_threads_leaks)
+{
+    start(NULL);
+    alloc_ok(4 * KiB);
+    uintptr_t cached = alloc_ok(8 * KiB);
+    free_ok(cached);
+    cr_expect_eq(live_count(), 1);
+    gm_context_teardown(1, true);
+    cr_expect_eq(live_count(), 0);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(st.bytes_reserved, 0, "the cached block went back with its segment");
+    cr_expect_eq(heap->tcs[0]->cached_bytes, 0);
+}
+
+Test(tcache, a_fork_child_starts_clean)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(4 * KiB);
+    free_ok(alloc_ok(8 * KiB));
+    pid_t pid = fork();
+    if (pid == 0) {
+        heap = gm_heap_get(2, 0);
+        uintptr_t p = 0;
+        int ok = heap && gm_alloc(heap, 4 * KiB, 0, 0, &p) == GPUMEM_OK &&
+                 gm_answer_ok(gm_free(heap, p, GM_FREE_BARRIER, NULL));
+        _exit(ok ? 0 : 1);
+    }
+    int status = 0;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    free_ok(a);
+}
+
+/* Many threads, each allocating mixed sizes and freeing half of its own and half of a
+ * neighbour's: every figure adds up at the end. */
+#define MANY 8
+#define ROUNDS 2000
+static uintptr_t handoff[MANY][ROUNDS];
+static pthread_barrier_t gate;
+
+static void *churn(void *arg)
+{
+    int me = (int)(intptr_t)arg;
+    static const size_t sizes[] = {512, 4096, 65536, 300000, 1 << 20};
+    unsigned seed = (unsigned)me * 7919u + 1;
+    static __thread uintptr_t own[ROUNDS];
+    size_t nown = 0;
+    for (int i = 0; i < ROUNDS; i++) {
+        uintptr_t p = 0;
+        if (gm_alloc(heap, sizes[rand_r(&seed) % (i % 16 ? 4 : 5)], 0, 0, &p) != GPUMEM_OK) abort();
+        if (i % 2) handoff[me][i] = p;                                            /* a neighbour frees it */
+        else if (i % 4 == 0 && !gm_answer_ok(gm_free(heap, p, GM_FREE_BARRIER, NULL))) abort(); /* at once */
+        else if (i % 4) own[nown++] = p;                                          /* later, by this thread */
+    }
+    for (size_t i = 0; i < nown; i++)
+        if (!gm_answer_ok(gm_free(heap, own[i], GM_FREE_BARRIER, NULL))) abort();
+    pthread_barrier_wait(&gate);
+    int other = (me + 1) % MANY;
+    for (int i = 1; i < ROUNDS; i += 2)
+        if (!gm_answer_ok(gm_free(heap, handoff[other][i], GM_FREE_BARRIER, NULL))) abort();
+    return NULL;
+}
+
+Test(tcache, many_threads_with_cross_thread_frees_add_up)
+{
+    start((const char *const[]){"GPUMEM_LIMIT", "4GiB", NULL});
+    pthread_barrier_init(&gate, NULL, MANY);
+    pthread_t t[MANY];
+    for (int i = 0; i < MANY; i++) cr_assert_eq(pthread_create(&t[i], NULL, churn, (void *)(intptr_t)i), 0);
+    for (int i = 0; i < MANY; i++) pthread_join(t[i], NULL);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.allocations, (uint64_t)MANY * ROUNDS);
+    cr_expect_eq(st.frees, (uint64_t)MANY * ROUNDS);
+    cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(st.bytes_requested, 0);
+    cr_expect_eq(live_count(), 0);
+    cr_expect_leq(st.bytes_reserved, 4ull << 30);
+    gm_release_cached(heap, 0);
+    cr_expect_eq(stats().bytes_reserved, 0, "every block came back: nothing lost in a cache");
+}
