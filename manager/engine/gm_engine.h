@@ -50,21 +50,18 @@ typedef struct gm_vrange {
 /* A thread's cache on one heap (tcache.c): the pool blocks it allocated (their records in its own
  * live table, under its own lock) and the blocks it freed for its own next allocations, so a
  * thread's alloc+free pair that hits its cache touches no line another thread writes. */
-#define GM_TC_BINS 16     /* sizes a thread keeps at once, direct-mapped by rounded size */
+#define GM_TC_BINS 16     /* sizes a thread keeps at once (any 16: a bin is free again when empty) */
 #define GM_TC_BIN_MAX 8   /* blocks of one size */
 #define GM_MAX_TCACHES 255 /* per heap; threads beyond it use the heap itself */
-typedef struct gm_tc_bin {
-    size_t size;     /* rounded; 0: empty */
-    gm_block *head;  /* by fnext */
-    uint32_t count;
-} gm_tc_bin;
 typedef struct gm_tcache {
     pthread_mutex_t lock;
+    size_t bin_size[GM_TC_BINS];    /* rounded; 0: a free bin. Scanned on every allocation */
+    gm_block *bin_head[GM_TC_BINS]; /* by fnext */
+    uint8_t bin_count[GM_TC_BINS];
+    uint64_t cached_bytes;  /* in its bins */
     gm_live live;           /* live blocks it allocated that nothing else has looked up since */
     gm_counters c;          /* every allocation it made, wherever the record lives now */
-    uint64_t cached_bytes;  /* in its bins */
     uint64_t buffer_seq;
-    gm_tc_bin bins[GM_TC_BINS];
     uint16_t index;         /* 1-based: gm_record.owner */
     bool attached;          /* a running thread uses it (heap lock); a detached one is reused */
     struct gm_heap *heap;

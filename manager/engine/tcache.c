@@ -32,20 +32,22 @@ static pthread_key_t exit_key;
 
 /* ------------------------------------------------------------------ bins */
 
-static unsigned bin_index(size_t rounded)
+/* The bin of blocks of `rounded` bytes, or GM_TC_BINS. */
+static inline unsigned bin_of(const gm_tcache *tc, size_t rounded)
 {
-    uint64_t k = (uint64_t)(rounded / GM_ALIGN) * 0x9E3779B97F4A7C15ull;
-    return (unsigned)(k >> 60) % GM_TC_BINS;
+    unsigned i = 0;
+    while (i < GM_TC_BINS && tc->bin_size[i] != rounded) i++;
+    return i;
 }
 
 gm_block *gm_tcache_take_locked(gm_tcache *tc, size_t rounded)
 {
-    gm_tc_bin *bin = &tc->bins[bin_index(rounded)];
-    gm_block *b = bin->head;
-    if (!b || bin->size != rounded) return NULL;
-    bin->head = b->fnext;
+    unsigned i = bin_of(tc, rounded);
+    if (i == GM_TC_BINS) return NULL;
+    gm_block *b = tc->bin_head[i];
+    tc->bin_head[i] = b->fnext;
     b->fnext = NULL;
-    bin->count--;
+    if (--tc->bin_count[i] == 0) tc->bin_size[i] = 0; /* free for another size */
     tc->cached_bytes -= b->size;
     return b;
 }
@@ -60,13 +62,14 @@ static uint64_t keep_at_most(void)
 
 bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b)
 {
-    gm_tc_bin *bin = &tc->bins[bin_index(b->size)];
-    if (bin->count && bin->size != b->size) return false;
-    if (bin->count >= GM_TC_BIN_MAX || tc->cached_bytes + b->size > keep_at_most()) return false;
-    bin->size = b->size;
-    b->fnext = bin->head;
-    bin->head = b;
-    bin->count++;
+    if (tc->cached_bytes + b->size > keep_at_most()) return false;
+    unsigned i = bin_of(tc, b->size);
+    if (i == GM_TC_BINS) i = bin_of(tc, 0);
+    if (i == GM_TC_BINS || tc->bin_count[i] >= GM_TC_BIN_MAX) return false;
+    tc->bin_size[i] = b->size;
+    b->fnext = tc->bin_head[i];
+    tc->bin_head[i] = b;
+    tc->bin_count[i]++;
     tc->cached_bytes += b->size;
     return true;
 }
@@ -76,16 +79,16 @@ static bool flush_locked(gm_heap *heap, gm_tcache *tc)
 {
     bool any = false;
     for (unsigned i = 0; i < GM_TC_BINS; i++) {
-        gm_tc_bin *bin = &tc->bins[i];
-        while (bin->head) {
-            gm_block *b = bin->head;
-            bin->head = b->fnext;
+        while (tc->bin_head[i]) {
+            gm_block *b = tc->bin_head[i];
+            tc->bin_head[i] = b->fnext;
             b->fnext = NULL;
             b->tc = NULL;
             gm_pool_free_block_locked(&heap->pool, b);
             any = true;
         }
-        bin->count = 0;
+        tc->bin_count[i] = 0;
+        tc->bin_size[i] = 0;
     }
     tc->cached_bytes = 0;
     return any;
