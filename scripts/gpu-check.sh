@@ -8,7 +8,8 @@
 # -Dgpu_tests=enabled), builds the library, the shim and the GPU programs, then runs
 #   meson test --suite gpu                      the checks: tests/gpu/meson.build lists each one,
 #                                               the program it runs and the numbers it must show
-#   meson test --benchmark --suite gpu-bench    every gpumem-bench mode, one at a time
+#   meson test --benchmark --suite gpu-bench    every gpumem-bench mode, one at a time, and the
+#                                               frameworks benchmark (about 3 minutes)
 # and prints the table of results last. Every check runs even after another failed.
 #
 # Output: progress on stdout, then the table. Files under $OUT (default /tmp/gpumem-out):
@@ -19,6 +20,8 @@
 #   entry-points.txt  the hooked driver entry points seen per runtime call (GPUMEM_VERBOSE=3)
 #   bench.txt         gpumem-bench output, every mode
 #   torch-report.txt, torch-trace.json, torch-memory.png: PyTorch's exit report, trace and plot
+#   frameworks.json   every figure of the frameworks benchmark (tests/gpu/bench_frameworks.py:
+#                     PyTorch and JAX training loops with and without the shim, in bench.txt too)
 # Nothing else is written outside the repository (TMPDIR and the caches point into build-gpu*/).
 # Knobs: NVCC, GPU_ARCH (sm_90), PYTHON (python3), RUN_TIMEOUT (s, one program run; 120),
 # GPU_CHECK_BUDGET_S (s, 510: program runs not started by then fail as "not run"), GPU_CHECK_JOBS
@@ -33,6 +36,7 @@ W=$ROOT/build-gpucheck # TMPDIR and caches of the build itself (the checks have 
 LOG=$OUT/gpu-check.log
 mkdir -p "$OUT" "$W/tmp" "$W/cache" || exit 1
 rm -f "$LOG" "$OUT"/{summary.txt,entry-points.txt,bench.txt,torch-report.txt,torch-trace.json,torch-memory.png}
+rm -f "$OUT/frameworks.json"
 say() { printf '%s\n' "$*" | tee -a "$LOG"; }
 
 # A reproducible environment: no gpumem setting or preload from the caller, caches in the repo.

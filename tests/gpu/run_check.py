@@ -15,7 +15,8 @@ CHECK is one of
     trace        run PROGRAM --probe under the shim with GPUMEM_VERBOSE=3 and write the hooked
                  driver entry points per runtime call (entry-points.txt)
     leakinfo     run PROGRAM under the shim once per --case; PASS when each run has an exit report
-    bench        run gpumem-bench MODE (the gpu-bench suite) and append its output to bench.txt
+    bench        run a benchmark (gpumem-bench MODE, bench_frameworks.py: the gpu-bench suite) and
+                 append its output to bench.txt; exit status 77 is a SKIP
     summary      print the results table of a meson testlog.json (used by scripts/gpu-check.sh)
 
 The expectations (run, same): --ok (exit 0 and last stdout line "NAME: OK"), --rc N, --report
@@ -39,7 +40,7 @@ meson's MALLOC_PERTURB_ are removed; TMPDIR and the CUDA/CuPy/XDG caches point i
 directory); PYTHONDONTWRITEBYTECODE=1. Knobs: GPU_CHECK_RUN_TIMEOUT (s per program run, 120),
 GPU_CHECK_DEADLINE (epoch seconds; a run that would start later is failed as "not run"),
 GPU_CHECK_OUT (where entry-points.txt, bench.txt and the torch report files go; default WORK),
-GPU_CHECK_REQUIRE_GPU, BENCH_TIMEOUT (s per gpumem-bench mode, 120).
+GPU_CHECK_REQUIRE_GPU, BENCH_TIMEOUT (s per benchmark program; default 120 or --bench-timeout).
 """
 import argparse
 import ctypes
@@ -560,18 +561,24 @@ def check_leakinfo(ctx, prog):
 
 
 def check_bench(ctx, prog):
-    """gpumem-bench MODE; its output is appended to OUT/bench.txt (benchmarks run one at a time)."""
+    """A benchmark program (gpumem-bench MODE, or a script); its output is appended to OUT/bench.txt
+    (benchmarks run one at a time). --show KEY puts KEY=value of its stdout in the detail line."""
     if not os.path.isfile(prog[0]):
         raise Done("SKIP", f"{prog[0]} not built")
-    ctx.timeout = float(os.environ.get("BENCH_TIMEOUT", "120"))
+    ctx.timeout = float(os.environ.get("BENCH_TIMEOUT") or ctx.args.bench_timeout or 120)
     r = run_prog(ctx, "bench", prog)
+    script = [Path(p).name for p in prog if str(p).endswith(".py")]
+    title = script[0] if script else f"gpumem-bench {' '.join(prog[1:])}"
     with open(ctx.out / "bench.txt", "a") as f:
-        f.write(f"======== gpumem-bench {' '.join(prog[1:])} ({time.strftime('%H:%M:%S', time.gmtime())} UTC)\n")
+        f.write(f"======== {title} ({time.strftime('%H:%M:%S', time.gmtime())} UTC)\n")
         f.write(r.out + r.err)
         f.write(f"(rc={r.rc}, {r.secs:.0f} s)\n\n")
+    shown = [f"{k}={kv(r, k) or '?'}" for k in ctx.args.show or []]
     if r.rc == 0:
-        raise Done("PASS", f"{r.secs:.0f} s, output in bench.txt")
+        raise Done("PASS", "; ".join(shown + [f"{r.secs:.0f} s, output in bench.txt"]))
     tail = (r.out + r.err).strip().splitlines()[-1:] or [""]
+    if r.rc == SKIP_RC:  # a benchmark of a framework that is not installed here
+        raise Done("SKIP", re.sub(r"^SKIP:\s*", "", tail[0])[:120])
     fail(f"rc={r.rc}, {tail[0][:100]}")
 
 
@@ -648,6 +655,7 @@ def parse(argv):
     ap.add_argument("--plot", nargs=2, metavar=("TRACE", "PNG"))
     ap.add_argument("--report-tool", help="scripts/gpumem-report, for --plot")
     ap.add_argument("--detail", help="text added to the detail line")
+    ap.add_argument("--bench-timeout", type=float, help="bench: s for the program (default 120; BENCH_TIMEOUT wins)")
     # Everything after the first "--" is the program and its arguments (summary: testlog files),
     # split off here: argparse mixes a list positional up with options given before it.
     cut = argv.index("--") if "--" in argv else len(argv)
