@@ -550,7 +550,8 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     if (!gm_mgr.cfg->pool) return alloc_direct(heap, size, stream, site, out);
     uint32_t stack_id = gm_stack_capture(site); /* before the lock: it walks memory and hashes */
     gm_handout h = {size, stream, site, stack_id};
-    gm_tcache *tc = gm_tcache_get(heap);
+    /* Fast mode's frees wait for fences in the heap's pending list: no thread cache to fill. */
+    gm_tcache *tc = gm_mgr.cfg->free_sync ? gm_tcache_get(heap) : NULL;
     if (tc && alloc_from_thread_cache(heap, tc, rounded, &h, out)) return GPUMEM_OK;
 
     gm_block *b = NULL;
