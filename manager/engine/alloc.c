@@ -381,10 +381,16 @@ size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached)
     /* Expandable ranges: no grow maps while their ends are trimmed and unmapped. */
     bool ranges = __atomic_load_n(&heap->vmm, __ATOMIC_ACQUIRE) > 0;
     if (ranges) pthread_mutex_lock(&heap->grow_lock);
-    bool flushed = false;
+    bool first = true;
     do {
         pthread_mutex_lock(&heap->lock);
-        if (!flushed) flushed = true, gm_tcache_flush_all_locked(heap); /* their blocks first */
+        if (first) { /* what the threads' caches hold counts as cached too; above `keep`, it goes */
+            first = false;
+            uint64_t held = gm_tcache_cached_locked(heap);
+            if (held && held + heap->pool.bytes_cached_free > keep_cached)
+                gm_tcache_flush_all_locked(heap), held = 0; /* the pool can then release them */
+            keep_cached -= held;
+        }
         n = gm_pool_take_free_segments_locked(&heap->pool, keep_cached, batch, 64);
         for (size_t i = 0; i < n; i++)
             if (batch[i].expandable) vrange_trimmed_locked(heap, &batch[i]);
@@ -641,7 +647,10 @@ static bool free_to_thread_cache(gm_heap *heap, gm_tcache *tc, uintptr_t ptr, bo
     gm_stats_on_free((gm_counting){&tc->c, heap->device, heap->solo}, rec);
     bool kept = synced && !b->ipc_slot && gm_tcache_keep_locked(tc, b);
     pthread_mutex_unlock(&tc->lock);
-    if (kept) return true;
+    if (kept) {
+        release_over_cache_limit(heap); /* GPUMEM_MAX_CACHED bounds the caches and the pool together */
+        return true;
+    }
     pthread_mutex_lock(&heap->lock);
     pthread_mutex_lock(&tc->lock);
     b->tc = NULL;

@@ -206,6 +206,8 @@ void gm_heap_count_resize_locked(gm_heap *heap, const gm_record *old, const gm_r
 /* The thread caches' part of a heap's statistics (heap lock held): counters added into `out`,
  * their cached bytes into bytes_cached_free, the highest peak one kept into `*peak`. */
 void gm_tcache_add_stats_locked(gm_heap *heap, gpumem_stats *out, uint64_t *peak);
+/* Bytes the heap's thread caches hold freed (heap lock held). */
+uint64_t gm_tcache_cached_locked(gm_heap *heap);
 /* Bytes allocated through the heap's thread caches (heap lock held). */
 uint64_t gm_tcache_allocated_locked(gm_heap *heap);
 /* A heap reset (after gm_tcache_adopt_all_locked): the caches' current byte counts are zero. */

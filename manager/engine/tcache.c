@@ -307,6 +307,18 @@ void gm_tcache_add_stats_locked(gm_heap *heap, gpumem_stats *out, uint64_t *peak
     }
 }
 
+uint64_t gm_tcache_cached_locked(gm_heap *heap)
+{
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < cache_count(heap); i++) {
+        gm_tcache *tc = heap->tcs[i];
+        pthread_mutex_lock(&tc->lock);
+        sum += tc->cached_bytes;
+        pthread_mutex_unlock(&tc->lock);
+    }
+    return sum;
+}
+
 uint64_t gm_tcache_allocated_locked(gm_heap *heap)
 {
     uint64_t sum = 0;

@@ -361,3 +361,22 @@ Test(tcache, many_threads_with_cross_thread_frees_add_up)
     gm_release_cached(heap, 0);
     cr_expect_eq(stats().bytes_reserved, 0, "every block came back: nothing lost in a cache");
 }
+
+Test(tcache, max_cached_bounds_the_caches_and_the_pool_together)
+{
+    start((const char *const[]){"GPUMEM_MAX_CACHED", "2MiB", NULL});
+    uintptr_t p[16];
+    for (int i = 0; i < 16; i++) p[i] = alloc_ok(256 * KiB); /* two small segments */
+    cr_expect_eq(stats().bytes_reserved, 4 * MiB);
+    /* GPUMEM_MAX_CACHED bounds the bytes of fully free segments (a segment still partly used keeps
+     * its free blocks); what the thread's cache holds counts as such bytes. */
+    for (int i = 0; i < 16; i++) {
+        free_ok(p[i]);
+        gpumem_stats st = stats();
+        cr_expect_leq(heap->tcs[0]->cached_bytes, 2 * MiB);
+        cr_expect_leq(st.bytes_cached_free, 2 * MiB + 7 * 256 * KiB, "after free %d", i);
+    }
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_reserved, 2 * MiB, "one segment kept, the other handed back");
+    cr_expect_eq(st.segments, 1);
+}
