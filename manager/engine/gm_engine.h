@@ -247,6 +247,7 @@ typedef struct gm_block_identity {
     uintptr_t ctx;      /* the heap's context */
     uintptr_t seg_base; /* the driver allocation it lives in */
     size_t seg_size;
+    size_t vmm_chunk;   /* an expandable segment's chunk bytes; 0: a classic segment */
 } gm_block_identity;
 gm_answer gm_block_identity_get(uintptr_t ptr, gm_block_identity *out);
 /* Runs `fn` on the live block at `ptr` with its heap locked (the answers of gm_lookup; `fn`

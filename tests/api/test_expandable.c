@@ -2,8 +2,8 @@
  * (cuMemAddressReserve = mmap PROT_NONE, cuMemCreate = a memfd, cuMemMap = MAP_FIXED of it,
  * cuMemSetAccess = mprotect; memory touched before its access was set faults). Growth at a
  * range's end, data across growth and chunk boundaries, the limit in mapped bytes, pointer
- * identity, the fallbacks (no VMM, a map or a create failing half way), IPC export refused with
- * the driver's error, a primary context reset and fork. */
+ * identity, the fallbacks (no VMM, a map or a create failing half way), a primary context reset
+ * and fork. IPC of expandable blocks: tests/api/test_ipc.c. */
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -140,17 +140,6 @@ static void map_fails_half_way(const char *knob)
 
 Test(expandable, a_failed_map_half_way_loses_nothing) { map_fails_half_way("FAKECUDA_FAIL_MAP_AFTER"); }
 Test(expandable, a_failed_create_half_way_loses_nothing) { map_fails_half_way("FAKECUDA_FAIL_ALLOC_AFTER"); }
-
-Test(expandable, legacy_ipc_export_gets_the_drivers_error)
-{
-    expandable_env();
-    api_start();
-    CUdeviceptr a;
-    CUipcMemHandle h;
-    OK(cuMemAlloc(&a, 3 * MiB));
-    ERR(cuIpcGetMemHandle(&h, a), CUDA_ERROR_INVALID_VALUE);
-    OK(cuMemFree(a));
-}
 
 Test(expandable, a_primary_context_reset_unmaps_everything)
 {
