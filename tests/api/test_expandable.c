@@ -141,6 +141,43 @@ static void map_fails_half_way(const char *knob)
 Test(expandable, a_failed_map_half_way_loses_nothing) { map_fails_half_way("FAKECUDA_FAIL_MAP_AFTER"); }
 Test(expandable, a_failed_create_half_way_loses_nothing) { map_fails_half_way("FAKECUDA_FAIL_ALLOC_AFTER"); }
 
+/* At the limit the free chunks below a live block are unmapped (a hole) so that a grow fits; a
+ * request the hole's space can serve maps it again, handing other free chunks back for it. */
+Test(expandable, at_the_limit_interior_free_chunks_go_and_come_back)
+{
+    expandable_env();
+    setenv("GPUMEM_LIMIT", "16MiB", 1);
+    setenv("GPUMEM_SEGMENT_MIN", "2MiB", 1); /* grows map what they miss, no more */
+    api_start();
+    CUdeviceptr a, b, c, d, e;
+    OK(cuMemAlloc(&a, 3 * MiB));
+    OK(cuMemAlloc(&b, 6 * MiB));
+    OK(cuMemAlloc(&c, 3 * MiB));
+    put_pattern(a, 3 * MiB, 81);
+    cr_assert_eq(api_stats_or_fail().bytes_reserved, 12 * MiB);
+    OK(cuMemFree(b)); /* [3, 9) free: whole chunks [4, 8) */
+    OK(cuMemAlloc(&d, 7 * MiB)); /* 20 MiB mapped would pass the limit: [4, 8) goes first */
+    cr_expect_eq(d, a + 12 * MiB, "mapped at the end");
+    cr_expect_eq(api_stats_or_fail().bytes_reserved, 16 * MiB);
+    cr_expect_eq(fake_in_use(), 16 * MiB, "the driver holds exactly what is counted");
+    put_pattern(d, 7 * MiB, 84);
+    unsigned char buf[16] = {0};
+    ERR(cuMemcpyHtoD(a + 5 * MiB, buf, sizeof buf), CUDA_ERROR_INVALID_VALUE); /* freed, unmapped */
+    ERR(cuMemAlloc(&e, 5 * MiB), CUDA_ERROR_OUT_OF_MEMORY); /* the hole would pass the limit */
+    OK(cuMemFree(c)); /* [8, 12) free: its chunks can go for the hole's */
+    OK(cuMemAlloc(&e, 5 * MiB));
+    cr_expect_eq(e, a + 3 * MiB, "the hole, mapped again, with the sliver before it");
+    put_pattern(e, 5 * MiB, 85);
+    cr_expect_eq(pattern_errors(a, 3 * MiB, 81), 0);
+    cr_expect_eq(pattern_errors(d, 7 * MiB, 84), 0);
+    cr_expect_eq(pattern_errors(e, 5 * MiB, 85), 0);
+    cr_expect_eq(api_stats_or_fail().bytes_reserved, fake_in_use());
+    cr_expect_leq(fake_in_use(), 16 * MiB);
+    OK(cuMemFree(a));
+    OK(cuMemFree(d));
+    OK(cuMemFree(e));
+}
+
 Test(expandable, a_primary_context_reset_unmaps_everything)
 {
     expandable_env();
