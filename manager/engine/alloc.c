@@ -378,22 +378,43 @@ void gm_vmm_release_ranges(gm_heap *heap, gm_vmm_ranges *r)
     r->holes = NULL;
 }
 
-int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor)
+/* The chunks mapped now (grow_lock held; holes skipped), each given or denied `accessor`. */
+static int peer_access_locked(gm_heap *heap, int accessor, bool grant)
+{
+    const gm_backend *be = gm_mgr.backend;
+    gm_vmm_ranges now;
+    pthread_mutex_lock(&heap->lock);
+    gm_vmm_take_ranges_locked(heap, &now);
+    pthread_mutex_unlock(&heap->lock);
+    int rc = GPUMEM_OK;
+    for (int i = 0; i < 2; i++) {
+        const gm_vrange *r = &now.vr[i];
+        for (size_t u = 0; u < r->mapped && rc == GPUMEM_OK; u += heap->vmm_chunk) {
+            if (in_hole(&now, r->base + u)) continue;
+            rc = grant ? be->vmm_grant(heap->ctx, r->base + u, heap->vmm_chunk, accessor)
+                       : be->vmm_revoke(heap->ctx, r->base + u, heap->vmm_chunk, accessor);
+        }
+    }
+    free(now.holes);
+    return rc;
+}
+
+static int peer_change(uintptr_t ctx, int device, int accessor, bool grant)
 {
     if (!gm_mgr.cfg->expandable || accessor < 0 || accessor >= 64 || accessor == device) return GPUMEM_OK;
-    gm_heap *heap = gm_heap_get(ctx, device); /* chunks mapped from now on need the bit too */
+    gm_heap *heap = gm_heap_get(ctx, device); /* chunks mapped from now on follow the bit */
     if (!heap) return GPUMEM_ERROR_OUT_OF_MEMORY;
-    int rc = GPUMEM_OK;
     pthread_mutex_lock(&heap->grow_lock);
-    heap->vmm_peers |= 1ull << accessor;
-    for (int i = 0; i < 2; i++) {
-        const gm_vrange *r = &heap->vr[i];
-        for (size_t u = 0; u < r->mapped && rc == GPUMEM_OK; u += heap->vmm_chunk)
-            rc = gm_mgr.backend->vmm_grant(heap->ctx, r->base + u, heap->vmm_chunk, accessor);
-    }
+    if (grant) heap->vmm_peers |= 1ull << accessor;
+    else heap->vmm_peers &= ~(1ull << accessor);
+    int rc = peer_access_locked(heap, accessor, grant);
     pthread_mutex_unlock(&heap->grow_lock);
     return rc;
 }
+
+int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor) { return peer_change(ctx, device, accessor, true); }
+
+int gm_vmm_revoke_peer(uintptr_t ctx, int device, int accessor) { return peer_change(ctx, device, accessor, false); }
 
 /* Adds a segment able to hold `rounded` bytes. Called unlocked. */
 static int grow(gm_heap *heap, size_t rounded)

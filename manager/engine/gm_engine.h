@@ -220,6 +220,9 @@ void gm_vmm_release_ranges(gm_heap *heap, gm_vmm_ranges *r);
  * chunks of its expandable segments, mapped now and later, become accessible to `accessor`.
  * Called unlocked; GPUMEM_OK or the driver's error for the chunks mapped now. */
 int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor);
+/* Peer access was disabled again: chunks mapped now lose `accessor`'s access, later ones never
+ * get it. The same answers. */
+int gm_vmm_revoke_peer(uintptr_t ctx, int device, int accessor);
 /* Testing: the virtual range reserved per heap and class (0: the device's total memory). */
 void gm_vmm_set_range_size(size_t bytes);
 /* Fast mode: retires what a completed fence covers and records a new one; with `wait`,

@@ -254,6 +254,38 @@ Test(expandable, peer_access_reaches_the_chunks_mapped_before_and_after)
     OK(cuMemFree(b));
 }
 
+/* Disabled again: the chunks mapped before lose the peer's access, later ones never get it, and
+ * the owner keeps its own (the data stays). */
+Test(expandable, disabling_peer_access_revokes_it_from_the_chunks)
+{
+    expandable_env();
+    setenv("FAKECUDA_DEVICES", "2", 1);
+    CUcontext ctx0 = api_start(), ctx1;
+    CUdevice dev1;
+    CUdeviceptr a, b;
+    OK(cuMemAlloc(&a, 3 * MiB));
+    put_pattern(a, 3 * MiB, 91);
+    OK(cuDeviceGet(&dev1, 1));
+    OK(cuDevicePrimaryCtxRetain(&ctx1, dev1));
+    OK(cuCtxSetCurrent(ctx1));
+    OK(cuCtxEnablePeerAccess(ctx0, 0));
+    cr_expect_eq(fakecuda_vmm_access(a), 3u);
+    OK(cuCtxDisablePeerAccess(ctx0));
+    cr_expect_eq(fakecuda_vmm_access(a), 1u, "a chunk mapped before: device 0 only again");
+    cr_expect_eq(fakecuda_vmm_access(a + 6 * MiB), 1u, "the whole mapped step");
+    ERR(cuCtxDisablePeerAccess(ctx0), CUDA_ERROR_PEER_ACCESS_NOT_ENABLED); /* the driver's answer */
+    OK(cuCtxSetCurrent(ctx0));
+    OK(cuMemAlloc(&b, 30 * MiB));
+    cr_expect_eq(fakecuda_vmm_access(b + 29 * MiB), 1u, "a chunk mapped after: no peer");
+    cr_expect_eq(pattern_errors(a, 3 * MiB, 91), 0, "the owner's access and the data stay");
+    OK(cuCtxSetCurrent(ctx1));
+    OK(cuCtxEnablePeerAccess(ctx0, 0)); /* and once more */
+    cr_expect_eq(fakecuda_vmm_access(b + 29 * MiB), 3u);
+    OK(cuCtxSetCurrent(ctx0));
+    OK(cuMemFree(a));
+    OK(cuMemFree(b));
+}
+
 Test(expandable, a_groups_shared_budget_counts_mapped_bytes)
 {
     char dir[64], region[128], shared[160];
