@@ -37,36 +37,59 @@ CUresult cuCtxDestroy(CUcontext ctx)
     return ctx_destroy(shim_real_cuCtxDestroy, ctx);
 }
 
-/* Peer access from the current context to `peer`: under GPUMEM_EXPANDABLE=1 the chunks of the
- * peer's expandable segments (mapped now and later) get cuMemSetAccess for the current device,
- * which cuCtxEnablePeerAccess itself does not give VMM memory. */
-CUresult cuCtxEnablePeerAccess(CUcontext peer, unsigned int flags)
+/* The device of context `peer` (made current for the question only); -1 when it cannot be had. */
+static int device_of(CUcontext peer)
 {
-    SHIM_REQUIRE_REAL(cuCtxEnablePeerAccess);
-    CUresult rc = shim_real_cuCtxEnablePeerAccess(peer, flags);
-    if (rc != CUDA_SUCCESS || !shim_active() || !gm_mgr.cfg->expandable) return rc;
     static CUresult (*push)(CUcontext), (*pop)(CUcontext *), (*get_device)(CUdevice *);
     if (!push) {
         *(void **)&get_device = gm_driver_sym("cuCtxGetDevice");
         *(void **)&pop = gm_driver_sym("cuCtxPopCurrent_v2");
         *(void **)&push = gm_driver_sym("cuCtxPushCurrent_v2");
     }
-    uintptr_t ctx;
-    int accessor;
-    CUdevice peer_dev = -1;
+    CUdevice dev = -1;
     CUcontext ignored;
-    if (!push || !pop || !get_device || gm_mgr.backend->current(&ctx, &accessor) != CUDA_SUCCESS ||
-        push(peer) != CUDA_SUCCESS)
-        return rc;
-    CUresult got = get_device(&peer_dev);
+    if (!push || !pop || !get_device || push(peer) != CUDA_SUCCESS) return -1;
+    if (get_device(&dev) != CUDA_SUCCESS) dev = -1;
     pop(&ignored);
-    SHIM_TRACE("cuCtxEnablePeerAccess peer=%p device %d -> %d", (void *)peer, accessor, (int)peer_dev);
-    if (got == CUDA_SUCCESS) {
-        int granted = gm_vmm_grant_peer((uintptr_t)peer, peer_dev, accessor);
-        if (granted != GPUMEM_OK)
-            gm_log(GM_WARN, "cuCtxEnablePeerAccess: access of device %d to device %d's expandable "
-                   "segments failed (%d)", accessor, (int)peer_dev, granted);
-    }
+    return (int)dev;
+}
+
+/* After the driver changed peer access from the current context to `peer` (grant or revoke):
+ * the chunks of the peer's expandable segments follow, which cuCtxEnablePeerAccess and
+ * cuCtxDisablePeerAccess do not do for VMM memory. */
+static void follow_peer_access(const char *what, CUcontext peer, bool grant)
+{
+    uintptr_t ctx;
+    int accessor, peer_dev = device_of(peer);
+    if (peer_dev < 0 || gm_mgr.backend->current(&ctx, &accessor) != CUDA_SUCCESS) return;
+    SHIM_TRACE("%s peer=%p device %d -> %d", what, (void *)peer, accessor, peer_dev);
+    int rc = grant ? gm_vmm_grant_peer((uintptr_t)peer, peer_dev, accessor)
+                   : gm_vmm_revoke_peer((uintptr_t)peer, peer_dev, accessor);
+    if (rc != GPUMEM_OK)
+        gm_log(GM_WARN, "%s: access of device %d to device %d's expandable segments failed (%d)",
+               what, accessor, peer_dev, rc);
+}
+
+/* Peer access from the current context to `peer`: under GPUMEM_EXPANDABLE=1 the chunks of the
+ * peer's expandable segments (mapped now and later) get cuMemSetAccess for the current device. */
+CUresult cuCtxEnablePeerAccess(CUcontext peer, unsigned int flags)
+{
+    SHIM_REQUIRE_REAL(cuCtxEnablePeerAccess);
+    CUresult rc = shim_real_cuCtxEnablePeerAccess(peer, flags);
+    if (rc == CUDA_SUCCESS && shim_active() && gm_mgr.cfg->expandable)
+        follow_peer_access("cuCtxEnablePeerAccess", peer, true);
+    return rc;
+}
+
+/* Disabled again: the driver takes a peer's access to its ordinary allocations away, so the
+ * chunks mapped now lose it too (cuMemSetAccess PROT_NONE for the current device) and chunks
+ * mapped later do not get it. */
+CUresult cuCtxDisablePeerAccess(CUcontext peer)
+{
+    SHIM_REQUIRE_REAL(cuCtxDisablePeerAccess);
+    CUresult rc = shim_real_cuCtxDisablePeerAccess(peer);
+    if (rc == CUDA_SUCCESS && shim_active() && gm_mgr.cfg->expandable)
+        follow_peer_access("cuCtxDisablePeerAccess", peer, false);
     return rc;
 }
 

@@ -81,6 +81,7 @@ SHIM_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev);
 SHIM_EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev);
 SHIM_EXPORT CUresult cuCtxDestroy(CUcontext ctx);
 SHIM_EXPORT CUresult cuCtxEnablePeerAccess(CUcontext peer, unsigned int flags);
+SHIM_EXPORT CUresult cuCtxDisablePeerAccess(CUcontext peer);
 SHIM_EXPORT CUresult cuDevicePrimaryCtxRelease(CUdevice dev);
 SHIM_EXPORT CUresult cuDevicePrimaryCtxReset(CUdevice dev);
 SHIM_EXPORT CUresult cuStreamCreate(CUstream *stream, unsigned int flags);

@@ -548,6 +548,12 @@ static struct {
     CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
     CUresult (*unmap)(CUdeviceptr, size_t);
     CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+    /* IPC (optional: without them chunks are not exportable) */
+    CUresult (*retain)(CUmemGenericAllocationHandle *, void *);
+    CUresult (*export_fd)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
+                          unsigned long long);
+    CUresult (*import_fd)(CUmemGenericAllocationHandle *, void *, CUmemAllocationHandleType);
+    _Atomic int shareable; /* 1: chunks are created exportable; -1: the driver refused */
 } vmm = {.once = PTHREAD_ONCE_INIT};
 
 static void vmm_bind(void)
@@ -559,7 +565,11 @@ static void vmm_bind(void)
              VBIND(create, "cuMemCreate") && VBIND(release, "cuMemRelease") &&
              VBIND(map, "cuMemMap") && VBIND(unmap, "cuMemUnmap") &&
              VBIND(set_access, "cuMemSetAccess");
+    bool ipc = VBIND(retain, "cuMemRetainAllocationHandle") &&
+               VBIND(export_fd, "cuMemExportToShareableHandle") &&
+               VBIND(import_fd, "cuMemImportFromShareableHandle");
 #undef VBIND
+    atomic_store(&vmm.shareable, ipc ? 1 : -1);
 }
 
 static CUmemAllocationProp vmm_prop(CUdevice dev)
@@ -628,15 +638,35 @@ static CUmemAccessDesc access_for(int device)
     return access;
 }
 
+/* cuMemCreate, exportable (CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) while the driver allows
+ * it: one that refuses the handle type (NOT_SUPPORTED, NOT_PERMITTED or INVALID_VALUE, as in some
+ * containers) gets chunks without it from then on, which IPC cannot export. */
+static CUresult vmm_create(CUmemGenericAllocationHandle *h, size_t size, CUdevice dev)
+{
+    CUmemAllocationProp prop = vmm_prop(dev);
+    if (atomic_load(&vmm.shareable) > 0) {
+        prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        CUresult rc = vmm.create(h, size, &prop, 0);
+        if (rc != CUDA_ERROR_NOT_SUPPORTED && rc != CUDA_ERROR_NOT_PERMITTED && rc != CUDA_ERROR_INVALID_VALUE)
+            return rc;
+        int was = 1;
+        if (atomic_compare_exchange_strong(&vmm.shareable, &was, -1))
+            gm_log(GM_WARN, "GPUMEM_EXPANDABLE=1: the driver refuses exportable memory (cuMemCreate "
+                   "with POSIX file descriptors: %d); blocks of expandable segments cannot be "
+                   "exported through CUDA IPC", (int)rc);
+        prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
+    }
+    return vmm.create(h, size, &prop, 0);
+}
+
 static int cuda_vmm_map(uintptr_t ctx, uintptr_t addr, size_t size, uint64_t peers)
 {
     bool pushed;
     CUdevice dev;
     CUresult rc = vmm_enter(ctx, &pushed, &dev);
     if (rc != CUDA_SUCCESS) return rc;
-    CUmemAllocationProp prop = vmm_prop(dev);
     CUmemGenericAllocationHandle h = 0;
-    rc = vmm.create(&h, size, &prop, 0);
+    rc = vmm_create(&h, size, dev);
     if (rc == CUDA_SUCCESS) {
         rc = vmm.map((CUdeviceptr)addr, size, 0, h, 0);
         if (rc == CUDA_SUCCESS) {
@@ -668,6 +698,55 @@ static int cuda_vmm_unmap(uintptr_t ctx, uintptr_t addr, size_t size)
     (void)ctx;
     pthread_once(&vmm.once, vmm_bind);
     return vmm.ok ? vmm.unmap((CUdeviceptr)addr, size) : CUDA_ERROR_NOT_SUPPORTED;
+}
+
+static int cuda_vmm_revoke(uintptr_t ctx, uintptr_t addr, size_t size, int device)
+{
+    (void)ctx;
+    pthread_once(&vmm.once, vmm_bind);
+    if (!vmm.ok) return CUDA_ERROR_NOT_SUPPORTED;
+    CUmemAccessDesc access = access_for(device);
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_NONE;
+    return vmm.set_access((CUdeviceptr)addr, size, &access, 1);
+}
+
+static int cuda_vmm_export(uintptr_t ctx, uintptr_t addr, int *fd)
+{
+    bool pushed;
+    CUdevice dev;
+    CUresult rc = vmm_enter(ctx, &pushed, &dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    CUmemGenericAllocationHandle h = 0;
+    if (atomic_load(&vmm.shareable) < 0) rc = CUDA_ERROR_NOT_SUPPORTED;
+    else rc = vmm.retain(&h, (void *)addr);
+    if (rc == CUDA_SUCCESS) {
+        rc = vmm.export_fd(fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+        vmm.release(h);
+    }
+    leave_ctx(pushed);
+    return rc;
+}
+
+static int cuda_vmm_import(uintptr_t ctx, int fd, uintptr_t addr, size_t size)
+{
+    bool pushed;
+    CUdevice dev;
+    CUresult rc = vmm_enter(ctx, &pushed, &dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    CUmemGenericAllocationHandle h = 0;
+    rc = vmm.import_fd ? vmm.import_fd(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+                       : CUDA_ERROR_NOT_SUPPORTED;
+    if (rc == CUDA_SUCCESS) {
+        rc = vmm.map((CUdeviceptr)addr, size, 0, h, 0);
+        if (rc == CUDA_SUCCESS) {
+            CUmemAccessDesc access = access_for(dev);
+            rc = vmm.set_access((CUdeviceptr)addr, size, &access, 1);
+            if (rc != CUDA_SUCCESS) vmm.unmap((CUdeviceptr)addr, size);
+        }
+        vmm.release(h); /* the mapping holds the memory from now on */
+    }
+    leave_ctx(pushed);
+    return rc;
 }
 
 static int cuda_device_total(int device, size_t *bytes)
@@ -719,6 +798,9 @@ static const gm_backend cuda_backend = {
     .vmm_map = cuda_vmm_map,
     .vmm_unmap = cuda_vmm_unmap,
     .vmm_grant = cuda_vmm_grant,
+    .vmm_revoke = cuda_vmm_revoke,
+    .vmm_export = cuda_vmm_export,
+    .vmm_import = cuda_vmm_import,
 };
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;

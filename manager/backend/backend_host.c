@@ -325,6 +325,11 @@ static int host_vmm_grant(uintptr_t ctx, uintptr_t addr, size_t size, int device
     return device == 0 ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
 }
 
+static int host_vmm_revoke(uintptr_t ctx, uintptr_t addr, size_t size, int device)
+{
+    return host_vmm_grant(ctx, addr, size, device); /* one device: nothing to take away */
+}
+
 static int host_device_total(int device, size_t *bytes)
 {
     if (device != 0) return GPUMEM_ERROR_INVALID_VALUE;
@@ -371,6 +376,7 @@ static const gm_backend host_backend = {
     .vmm_map = host_vmm_map,
     .vmm_unmap = host_vmm_unmap,
     .vmm_grant = host_vmm_grant,
+    .vmm_revoke = host_vmm_revoke, /* no IPC: vmm_export and vmm_import stay NULL */
 };
 
 const gm_backend *gm_host_backend(void) { return &host_backend; }

@@ -101,8 +101,20 @@ typedef struct gm_backend {
     /* Makes the mapped range [addr, addr+size) readable and writable by `device` too (peer
      * access), keeping the access of the others. */
     int (*vmm_grant)(uintptr_t ctx, uintptr_t addr, size_t size, int device);
-    /* Unmaps exactly one earlier vmm_map: the memory goes back to the device. */
+    /* Unmaps exactly one earlier vmm_map (or vmm_import): the memory goes back to the device
+     * once no other process maps it either. */
     int (*vmm_unmap)(uintptr_t ctx, uintptr_t addr, size_t size);
+    /* Takes the access of `device` to the mapped range away again (peer access disabled). */
+    int (*vmm_revoke)(uintptr_t ctx, uintptr_t addr, size_t size, int device);
+    /* ---- IPC of expandable segments. vmm_map creates its chunks with the POSIX file
+     * descriptor handle type requested where the driver allows it (else without, logged once);
+     * vmm_export gives a descriptor of the chunk mapped at `addr` (cuMemRetainAllocationHandle,
+     * cuMemExportToShareableHandle), the caller closes it; GPUMEM_ERROR_NOT_SUPPORTED where the
+     * chunks could not be made exportable. vmm_import maps such a descriptor (another process's
+     * chunk, `size` bytes) at `addr` of a range reserved with va_reserve, readable and writable
+     * by `ctx`'s device; the descriptor stays the caller's. NULL where the backend has no IPC. */
+    int (*vmm_export)(uintptr_t ctx, uintptr_t addr, int *fd);
+    int (*vmm_import)(uintptr_t ctx, int fd, uintptr_t addr, size_t size);
 } gm_backend;
 
 /* Host backend: capacity in bytes per device (0 = effectively unlimited) and deterministic fault

@@ -117,7 +117,9 @@ static size_t round_to_segment(size_t v) { return (v + GM_SEGMENT_ALIGN - 1) / G
  * [base, base+mapped), extended at its end (merged with a trailing free block), so the space
  * freed by smaller blocks serves a larger one. The limit counts mapped bytes: a grow reserves
  * its bytes before it maps them and hands back what it did not map. The release trims the
- * whole free chunks at a range's end (interior free chunks stay mapped). `grow_lock`
+ * whole free chunks at a range's end, then unmaps whole free chunks inside it as holes (the
+ * pool skips them); a grow maps a hole again when that makes room, before mapping at the end.
+ * `grow_lock`
  * serializes mapping and unmapping; no backend call runs under the heap lock. Where the driver
  * has no VMM, or a range is exhausted, growth falls back to classic segments. */
 
@@ -274,10 +276,6 @@ static int grow_expandable_class(gm_heap *heap, size_t rounded, bool small)
     return grow_expandable_once(heap, rounded, small);
 }
 
-static int grow_expandable(gm_heap *heap, size_t rounded)
-{
-    return grow_expandable_class(heap, rounded, rounded <= GM_SMALL_MAX);
-}
 
 /* Unmaps `size` bytes at `addr` chunk by chunk (each chunk was one map). */
 static void vrange_unmap(gm_heap *heap, uintptr_t addr, size_t size)
@@ -291,31 +289,132 @@ static void vrange_unmap(gm_heap *heap, uintptr_t addr, size_t size)
     }
 }
 
-void gm_vmm_release_ranges(gm_heap *heap, const gm_vrange vr[2])
+/* Maps the chunks of `hole` again, all or none (grow_lock held); true when they are the pool's
+ * again, merged with their free neighbours. */
+static bool hole_map_locked(gm_heap *heap, gm_vrange *r, const gm_pool_span *hole)
 {
+    size_t chunk = heap->vmm_chunk, done = 0;
+    for (; done < hole->size; done += chunk)
+        if (gm_mgr.backend->vmm_map(heap->ctx, hole->base + done, chunk, heap->vmm_peers) != GPUMEM_OK) break;
+    bool ok = done == hole->size;
+    if (ok) {
+        pthread_mutex_lock(&heap->lock);
+        gm_segment *seg = gm_pool_segment_containing(&heap->pool, r->base);
+        ok = seg && gm_pool_fill_hole_locked(&heap->pool, seg, hole->base);
+        pthread_mutex_unlock(&heap->lock);
+    }
+    if (!ok) vrange_unmap(heap, hole->base, done);
+    return ok;
+}
+
+/* The class's hole (free chunks a release unmapped inside the range) that, mapped again, makes
+ * room for `rounded`; found under the heap lock. */
+static bool hole_for(gm_heap *heap, gm_vrange *r, size_t rounded, gm_pool_span *out)
+{
+    pthread_mutex_lock(&heap->lock);
+    gm_segment *seg = r->mapped ? gm_pool_segment_containing(&heap->pool, r->base) : NULL;
+    bool found = seg && gm_pool_hole_for_locked(seg, rounded, out);
+    pthread_mutex_unlock(&heap->lock);
+    return found;
+}
+
+/* Before mapping at the range's end: a hole that makes room for the request is mapped again.
+ * GPUMEM_OK, else GROW_FALLBACK (none, or it cannot be had now: grow at the end). */
+static int refill_hole(gm_heap *heap, size_t rounded, bool small)
+{
+    gm_vrange *r = &heap->vr[small];
+    gm_pool_span h, again;
+    if (!hole_for(heap, r, rounded, &h)) return GROW_FALLBACK;
+    if (!reserve_with_release(heap, h.size)) return GROW_FALLBACK; /* unlocked: it may take grow_lock */
+    pthread_mutex_lock(&heap->grow_lock);
+    bool ok = hole_for(heap, r, rounded, &again) && again.base == h.base && again.size == h.size &&
+              hole_map_locked(heap, r, &h);
+    pthread_mutex_unlock(&heap->grow_lock);
+    if (!ok) gm_limit_unreserve(heap->device, h.size);
+    return ok ? GPUMEM_OK : GROW_FALLBACK;
+}
+
+static int grow_expandable(gm_heap *heap, size_t rounded)
+{
+    bool small = rounded <= GM_SMALL_MAX;
+    if (vmm_ready(heap) && refill_hole(heap, rounded, small) == GPUMEM_OK) return GPUMEM_OK;
+    return grow_expandable_class(heap, rounded, small);
+}
+
+void gm_vmm_take_ranges_locked(gm_heap *heap, gm_vmm_ranges *out)
+{
+    memcpy(out->vr, heap->vr, sizeof out->vr);
+    out->holes = NULL;
+    out->nholes = 0;
+    size_t n = 0;
     for (int i = 0; i < 2; i++) {
-        if (!vr[i].base) continue;
-        vrange_unmap(heap, vr[i].base, vr[i].mapped);
-        gm_mgr.backend->va_free(heap->ctx, vr[i].base, vr[i].size);
+        gm_segment *seg = heap->vr[i].mapped ? gm_pool_segment_containing(&heap->pool, heap->vr[i].base) : NULL;
+        if (seg) n += seg->holes / heap->vmm_chunk; /* a bound: every hole is a chunk or more */
+    }
+    if (!n || !(out->holes = malloc(n * sizeof *out->holes))) return;
+    for (int i = 0; i < 2; i++) {
+        gm_segment *seg = heap->vr[i].mapped ? gm_pool_segment_containing(&heap->pool, heap->vr[i].base) : NULL;
+        if (seg) out->nholes += gm_pool_holes_locked(seg, out->holes + out->nholes, n - out->nholes);
     }
 }
 
-int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor)
+static bool in_hole(const gm_vmm_ranges *r, uintptr_t addr)
+{
+    for (size_t i = 0; i < r->nholes; i++)
+        if (addr - r->holes[i].base < r->holes[i].size) return true;
+    return false;
+}
+
+void gm_vmm_release_ranges(gm_heap *heap, gm_vmm_ranges *r)
+{
+    for (int i = 0; i < 2; i++) {
+        const gm_vrange *v = &r->vr[i];
+        if (!v->base) continue;
+        for (size_t u = 0; u < v->mapped; u += heap->vmm_chunk)
+            if (!in_hole(r, v->base + u)) vrange_unmap(heap, v->base + u, heap->vmm_chunk);
+        gm_mgr.backend->va_free(heap->ctx, v->base, v->size);
+    }
+    free(r->holes);
+    r->holes = NULL;
+}
+
+/* The chunks mapped now (grow_lock held; holes skipped), each given or denied `accessor`. */
+static int peer_access_locked(gm_heap *heap, int accessor, bool grant)
+{
+    const gm_backend *be = gm_mgr.backend;
+    gm_vmm_ranges now;
+    pthread_mutex_lock(&heap->lock);
+    gm_vmm_take_ranges_locked(heap, &now);
+    pthread_mutex_unlock(&heap->lock);
+    int rc = GPUMEM_OK;
+    for (int i = 0; i < 2; i++) {
+        const gm_vrange *r = &now.vr[i];
+        for (size_t u = 0; u < r->mapped && rc == GPUMEM_OK; u += heap->vmm_chunk) {
+            if (in_hole(&now, r->base + u)) continue;
+            rc = grant ? be->vmm_grant(heap->ctx, r->base + u, heap->vmm_chunk, accessor)
+                       : be->vmm_revoke(heap->ctx, r->base + u, heap->vmm_chunk, accessor);
+        }
+    }
+    free(now.holes);
+    return rc;
+}
+
+static int peer_change(uintptr_t ctx, int device, int accessor, bool grant)
 {
     if (!gm_mgr.cfg->expandable || accessor < 0 || accessor >= 64 || accessor == device) return GPUMEM_OK;
-    gm_heap *heap = gm_heap_get(ctx, device); /* chunks mapped from now on need the bit too */
+    gm_heap *heap = gm_heap_get(ctx, device); /* chunks mapped from now on follow the bit */
     if (!heap) return GPUMEM_ERROR_OUT_OF_MEMORY;
-    int rc = GPUMEM_OK;
     pthread_mutex_lock(&heap->grow_lock);
-    heap->vmm_peers |= 1ull << accessor;
-    for (int i = 0; i < 2; i++) {
-        const gm_vrange *r = &heap->vr[i];
-        for (size_t u = 0; u < r->mapped && rc == GPUMEM_OK; u += heap->vmm_chunk)
-            rc = gm_mgr.backend->vmm_grant(heap->ctx, r->base + u, heap->vmm_chunk, accessor);
-    }
+    if (grant) heap->vmm_peers |= 1ull << accessor;
+    else heap->vmm_peers &= ~(1ull << accessor);
+    int rc = peer_access_locked(heap, accessor, grant);
     pthread_mutex_unlock(&heap->grow_lock);
     return rc;
 }
+
+int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor) { return peer_change(ctx, device, accessor, true); }
+
+int gm_vmm_revoke_peer(uintptr_t ctx, int device, int accessor) { return peer_change(ctx, device, accessor, false); }
 
 /* Adds a segment able to hold `rounded` bytes. Called unlocked. */
 static int grow(gm_heap *heap, size_t rounded)
@@ -364,13 +463,15 @@ static void release_spans(gm_heap *heap, const gm_pool_span *spans, size_t n)
     }
 }
 
-/* The range an expandable span was trimmed from loses it (heap lock held). */
+/* The range an expandable span was released from ends where its segment ends now (heap lock
+ * held): a trim at the end took the span and any hole below it; a hole inside changes nothing. */
 static void vrange_trimmed_locked(gm_heap *heap, const gm_pool_span *span)
 {
     for (int i = 0; i < 2; i++) {
         gm_vrange *r = &heap->vr[i];
-        if (r->base && span->base >= r->base && span->base + span->size == r->base + r->mapped)
-            r->mapped -= span->size;
+        if (!r->base || span->base < r->base || span->base - r->base >= r->mapped) continue;
+        gm_segment *seg = gm_pool_segment_containing(&heap->pool, r->base);
+        r->mapped = seg ? seg->size : 0;
     }
 }
 

@@ -3,6 +3,7 @@
  * while the context is still alive, keeps its leaks for the exit report (the driver frees their
  * memory with the context) and forgets its pool; the pinned blocks the driver frees with the
  * context are forgotten; the context's stager is released. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "gm_engine.h"
@@ -27,12 +28,13 @@ static void heap_teardown(gm_heap *heap, bool ctx_alive)
     keep_leaks_locked(heap);
     /* Blocks still live die with the context: the driver frees their classic segments itself;
      * the expandable ranges are the process's, unmapped and freed here. */
-    gm_vrange vr[2];
-    memcpy(vr, heap->vr, sizeof vr);
+    gm_vmm_ranges ranges;
+    gm_vmm_take_ranges_locked(heap, &ranges);
     gm_heap_reset_locked(heap);
     heap->bound = false;
     pthread_mutex_unlock(&heap->lock);
-    if (!atomic_load(&gm_mgr.exiting)) gm_vmm_release_ranges(heap, vr);
+    if (!atomic_load(&gm_mgr.exiting)) gm_vmm_release_ranges(heap, &ranges);
+    else free(ranges.holes);
     pthread_mutex_unlock(&heap->grow_lock);
 }
 

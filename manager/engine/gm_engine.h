@@ -278,14 +278,24 @@ gm_owner gm_untrack_keep_reserved(gm_heap *hint, uintptr_t ptr, gm_alloc_kind ki
  * cached; returns the bytes released. Called unlocked. */
 size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached);
 size_t gm_release_all_cached(void); /* every heap */
-/* A context going away: unmaps every chunk of the heap's expandable ranges and frees the ranges
- * (VMM memory is not freed with a context). Called unlocked, after gm_heap_reset_locked forgot
- * the segments (it hands the ranges over in `vr`). */
-void gm_vmm_release_ranges(gm_heap *heap, const gm_vrange vr[2]);
+/* A context going away: gm_vmm_take_ranges_locked (heap lock held, before gm_heap_reset_locked
+ * forgets the segments) copies the heap's expandable ranges and the holes in them, which are
+ * unmapped already; gm_vmm_release_ranges (unlocked, after the reset) unmaps every other chunk
+ * and frees the ranges (VMM memory is not freed with a context). */
+typedef struct gm_vmm_ranges {
+    gm_vrange vr[2];
+    gm_pool_span *holes; /* malloc'd; NULL: none (or no memory to list them: unmaps are tried) */
+    size_t nholes;
+} gm_vmm_ranges;
+void gm_vmm_take_ranges_locked(gm_heap *heap, gm_vmm_ranges *out);
+void gm_vmm_release_ranges(gm_heap *heap, gm_vmm_ranges *r);
 /* Peer access was enabled from a context of `accessor` to context `ctx` (of `device`): the
  * chunks of its expandable segments, mapped now and later, become accessible to `accessor`.
  * Called unlocked; GPUMEM_OK or the driver's error for the chunks mapped now. */
 int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor);
+/* Peer access was disabled again: chunks mapped now lose `accessor`'s access, later ones never
+ * get it. The same answers. */
+int gm_vmm_revoke_peer(uintptr_t ctx, int device, int accessor);
 /* Testing: the virtual range reserved per heap and class (0: the device's total memory). */
 void gm_vmm_set_range_size(size_t bytes);
 /* Fast mode: retires what a completed fence covers and records a new one; with `wait`,
@@ -320,6 +330,7 @@ typedef struct gm_block_identity {
     uintptr_t ctx;      /* the heap's context */
     uintptr_t seg_base; /* the driver allocation it lives in */
     size_t seg_size;
+    size_t vmm_chunk;   /* an expandable segment's chunk bytes; 0: a classic segment */
 } gm_block_identity;
 gm_answer gm_block_identity_get(uintptr_t ptr, gm_block_identity *out);
 /* Runs `fn` on the live block at `ptr` with its heap locked (the answers of gm_lookup; `fn`

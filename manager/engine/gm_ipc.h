@@ -10,6 +10,10 @@
  *  - a receiver under gpumem opens the segment once per context (an import table, refcounted)
  *    and hands out mapping base + offset; its range queries answer the block.
  *
+ * A block of an expandable segment (VMM memory: the driver has no legacy handle of it) always
+ * gets a gpumem handle; its slot names the chunks it lies in, and a receiver under gpumem gets
+ * them as file descriptors from the exporter's chunk server (a unix socket, ipc.c) and maps them.
+ *
  * A block freed while some importer still has it open is kept from reuse (quarantine) until the
  * importers are gone. */
 #ifndef GM_IPC_H

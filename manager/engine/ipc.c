@@ -13,12 +13,17 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "gm_ipc.h"
@@ -58,6 +63,27 @@ typedef struct ipc_slot {
     uint32_t reserved;
 } ipc_slot;
 
+/* A slot of a block in an expandable segment holds this in place of the driver's handle (which
+ * VMM memory has none of): the chunks the block lies in, in the exporter's address space. The
+ * importer maps the same chunks, fetched as file descriptors from the exporter (see "expandable
+ * segments" below), and the block lies `offset` bytes into them. */
+#define IPC_VMM_MAGIC "gm-vmm1"
+typedef struct ipc_vmm_desc {
+    char magic[8];
+    uint64_t first;   /* the exporter's address of the first chunk */
+    uint64_t chunk;   /* bytes per chunk */
+    uint64_t nchunks;
+    uint64_t ctx;     /* the exporter's context (read by the exporter only) */
+    uint64_t reserved[3];
+} ipc_vmm_desc;
+_Static_assert(sizeof(ipc_vmm_desc) == GM_IPC_HANDLE_SIZE, "a chunk descriptor fills a slot's handle");
+
+static bool desc_of_slot(const unsigned char handle[GM_IPC_HANDLE_SIZE], ipc_vmm_desc *d)
+{
+    memcpy(d, handle, sizeof *d);
+    return !memcmp(d->magic, IPC_VMM_MAGIC, sizeof d->magic) && d->chunk && d->nchunks;
+}
+
 /* The file is mapped once over this much address space and grown under it, so slot pointers stay
  * valid without a lock (about 700000 slots). */
 #define IPC_MAP_RESERVE ((size_t)64 << 20)
@@ -87,8 +113,9 @@ static struct {
     uint32_t *free_slots; /* retired slots no importer holds */
     uint32_t nfree, free_cap;
     uint64_t slot_seq;
-    bool warned;
-} ex = {.lock = PTHREAD_MUTEX_INITIALIZER, .fd = -1};
+    bool warned, warned_vmm;
+    int server_fd; /* the chunk server's socket (expandable segments); -1 none */
+} ex = {.lock = PTHREAD_MUTEX_INITIALIZER, .fd = -1, .server_fd = -1};
 
 typedef struct ipc_map {
     struct ipc_map *next;
@@ -101,7 +128,10 @@ typedef struct ipc_map {
 
 typedef struct ipc_import {
     struct ipc_import *next;
-    ipc_map *map;
+    ipc_map *map;     /* the segment opened through the driver; NULL for chunks (vmm below) */
+    uintptr_t ctx;
+    uintptr_t vbase;  /* chunks of an expandable segment: the range they are mapped in here */
+    size_t vsize, chunk;
     unsigned char handle[GM_IPC_HANDLE_SIZE]; /* the gpumem handle */
     uintptr_t ptr;
     size_t size;
@@ -135,6 +165,8 @@ static void child_after_fork(void)
     pthread_mutex_init(&im.lock, NULL);
     if (ex.map) munmap(ex.map, IPC_MAP_RESERVE);
     if (ex.fd >= 0) close(ex.fd);
+    if (ex.server_fd >= 0) close(ex.server_fd); /* the parent's; its thread is not in the child */
+    ex.server_fd = -1;
     free(ex.free_slots);
     ex.map = NULL;
     ex.fd = -1;
@@ -281,10 +313,14 @@ static void warn_once(uintptr_t base)
 
 typedef struct export_job {
     const gm_block_identity *id;
-    const unsigned char *seg; /* the driver's handle of the block's segment */
+    const unsigned char *seg; /* the driver's handle of the block's segment, or its chunks */
+    uintptr_t origin;         /* where the importer's mapping starts, in this process */
+    bool chunks;              /* an expandable segment's block: importers ask the chunk server */
     unsigned char *out;
     int rc;
 } export_job;
+
+static int server_ready_locked(void);
 
 /* Under the block's heap lock: give it a slot (once) and write its gpumem handle. */
 static void export_locked(gm_heap *h, gm_block *b, void *arg)
@@ -299,9 +335,10 @@ static void export_locked(gm_heap *h, gm_block *b, void *arg)
     if (!registry_ready_locked()) job->rc = GPUMEM_ERROR_OUT_OF_MEMORY;
     uint32_t slot = b->ipc_slot ? b->ipc_slot - 1 : 0;
     if (job->rc == GPUMEM_OK && !b->ipc_slot) {
-        job->rc = slot_new_locked(job->seg, job->id->base - job->id->seg_base, job->id->size, &slot);
+        job->rc = slot_new_locked(job->seg, job->id->base - job->origin, job->id->size, &slot);
         if (job->rc == GPUMEM_OK) b->ipc_slot = slot + 1;
     }
+    if (job->rc == GPUMEM_OK && job->chunks) job->rc = server_ready_locked();
     if (job->rc == GPUMEM_OK) {
         wire_make(slot, atomic_load(&slot_at(slot)->nonce), job->out);
         warn_once(job->id->base);
@@ -312,11 +349,40 @@ static void export_locked(gm_heap *h, gm_block *b, void *arg)
 /* The gpumem handle of block `id`: the same bytes for as long as the block lives. A block freed
  * since `id` was taken gets the driver's answer for freed memory. */
 static int export_slot(const gm_block_identity *id, const unsigned char seg[GM_IPC_HANDLE_SIZE],
-                       unsigned char out[GM_IPC_HANDLE_SIZE])
+                       uintptr_t origin, bool chunks, unsigned char out[GM_IPC_HANDLE_SIZE])
 {
-    export_job job = {id, seg, out, GPUMEM_OK};
+    export_job job = {id, seg, origin, chunks, out, GPUMEM_OK};
     gm_answer a = gm_with_live_block(id->base, export_locked, &job);
     return a.owner == GM_OURS && a.status == GPUMEM_OK ? job.rc : GPUMEM_ERROR_INVALID_VALUE;
+}
+
+/* A block of an expandable segment: the driver has no legacy handle of VMM memory, so it always
+ * gets a gpumem handle whose slot names the chunks it lies in. The first chunk is exported once
+ * here, so that chunks the driver would not make exportable get the driver's answer for VMM
+ * memory (INVALID_VALUE) now, not at the importer. */
+static int export_chunks(const gm_block_identity *id, unsigned char out[GM_IPC_HANDLE_SIZE])
+{
+    const gm_backend *be = gm_mgr.backend;
+    size_t chunk = id->vmm_chunk;
+    uintptr_t first = id->seg_base + (id->base - id->seg_base) / chunk * chunk;
+    uintptr_t end = id->seg_base + (id->base + id->size - id->seg_base + chunk - 1) / chunk * chunk;
+    int fd = -1;
+    int rc = be->vmm_export ? be->vmm_export(id->ctx, first, &fd) : GPUMEM_ERROR_NOT_SUPPORTED;
+    if (rc != GPUMEM_OK) {
+        pthread_mutex_lock(&ex.lock);
+        bool first_time = !ex.warned_vmm;
+        ex.warned_vmm = true;
+        pthread_mutex_unlock(&ex.lock);
+        if (first_time)
+            gm_log(GM_WARN, "cuIpcGetMemHandle(%#llx): the block lies in an expandable segment "
+                   "whose memory cannot be exported (%d); CUDA_ERROR_INVALID_VALUE, as the "
+                   "driver answers for VMM memory", (unsigned long long)id->base, rc);
+        return GPUMEM_ERROR_INVALID_VALUE;
+    }
+    close(fd);
+    ipc_vmm_desc d = {.first = first, .chunk = chunk, .nchunks = (end - first) / chunk, .ctx = id->ctx};
+    memcpy(d.magic, IPC_VMM_MAGIC, sizeof d.magic);
+    return export_slot(id, (const unsigned char *)&d, first, true, out);
 }
 
 gm_answer gm_ipc_export(uintptr_t ptr, const gm_ipc_driver *drv, unsigned char out[GM_IPC_HANDLE_SIZE])
@@ -325,6 +391,7 @@ gm_answer gm_ipc_export(uintptr_t ptr, const gm_ipc_driver *drv, unsigned char o
     gm_answer a = gm_block_identity_get(ptr, &id);
     if (a.owner != GM_OURS || a.status != GPUMEM_OK) return a;
     ipc_setup();
+    if (id.vmm_chunk) return gm_ours(export_chunks(&id, out));
     unsigned char seg[GM_IPC_HANDLE_SIZE];
     int rc = drv->get_handle(seg, id.seg_base);
     if (rc != GPUMEM_OK) return gm_ours(rc);
@@ -332,7 +399,7 @@ gm_answer gm_ipc_export(uintptr_t ptr, const gm_ipc_driver *drv, unsigned char o
         memcpy(out, seg, sizeof seg);
         return gm_ours(GPUMEM_OK);
     }
-    return gm_ours(export_slot(&id, seg, out));
+    return gm_ours(export_slot(&id, seg, id.seg_base, false, out));
 }
 
 bool gm_ipc_quarantine_locked(gm_heap *heap, gm_block *b)
@@ -383,6 +450,249 @@ bool gm_ipc_reclaim_locked(gm_heap *heap)
         any = true;
     }
     return any;
+}
+
+/* ------------------------------------------------------------------ expandable segments: chunks
+ *
+ * VMM memory has no legacy IPC handle. Its chunks are created exportable (the backend's vmm_map
+ * asks for POSIX file descriptors), and an importer under gpumem receives them as descriptors
+ * (SCM_RIGHTS) from a thread of the exporter that serves a unix socket in the abstract namespace,
+ * named after the registry (gpumem-ipc.<pid>.<nonce>); the thread starts with the first such
+ * export. A socket rather than pidfd_getfd: pidfd_getfd needs ptrace rights over the exporter,
+ * which Yama (ptrace_scope 1, the default of Ubuntu and many containers) grants only to its
+ * ancestors, so a worker importing from its parent or a sibling would fail. An abstract socket
+ * has no file permissions: the thread serves only peers of the exporter's user or root
+ * (SO_PEERCRED), and only slots the peer counted itself in to (the registry file, 0600, is the
+ * first gate). The importer imports each descriptor (cuMemImportFromShareableHandle), maps it in
+ * a range of its own and closes it; the mapping holds the physical memory, and the driver keeps
+ * it until the last process unmaps it, so an exporter that unmaps or exits takes nothing from an
+ * importer. While an importer has the block open the exporter keeps it from reuse (quarantine),
+ * so its chunks are never unmapped and mapped again under the importer. */
+
+typedef struct ipc_request {
+    uint32_t slot, zero;
+    uint64_t slot_nonce;
+} ipc_request;
+typedef struct ipc_reply {
+    int32_t status;
+    uint32_t count; /* descriptors in this message */
+} ipc_reply;
+#define IPC_FDS_PER_MSG 32
+#define IPC_SOCKET_TIMEOUT_S 10
+
+static socklen_t socket_name(struct sockaddr_un *a, uint32_t pid, uint64_t nonce)
+{
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX; /* sun_path[0] = 0: the abstract namespace, gone with the process */
+    int n = snprintf(a->sun_path + 1, sizeof a->sun_path - 1, "gpumem-ipc.%u.%016llx", (unsigned)pid,
+                     (unsigned long long)nonce);
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n);
+}
+
+static void socket_timeouts(int fd)
+{
+    struct timeval tv = {IPC_SOCKET_TIMEOUT_S, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+static bool send_reply(int c, int status, const int *fds, uint32_t n)
+{
+    ipc_reply r = {status, n};
+    struct iovec iov = {&r, sizeof r};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * IPC_FDS_PER_MSG)];
+        struct cmsghdr align;
+    } u;
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (n) {
+        memset(&u, 0, sizeof u);
+        m.msg_control = u.buf;
+        m.msg_controllen = CMSG_SPACE(sizeof(int) * n);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int) * n);
+        memcpy(CMSG_DATA(cm), fds, sizeof(int) * n);
+    }
+    return sendmsg(c, &m, MSG_NOSIGNAL) == (ssize_t)sizeof r;
+}
+
+/* The chunks of the slot a request names, if that use of the slot is live and some importer
+ * counted itself in (the asker did, before asking). */
+static bool request_desc(const ipc_request *q, ipc_vmm_desc *d)
+{
+    pthread_mutex_lock(&ex.lock);
+    bool ok = ex.map && ex.owner == getpid() && q->slot < ex.next && q->slot_nonce &&
+              atomic_load(&slot_at(q->slot)->nonce) == q->slot_nonce &&
+              atomic_load(&slot_at(q->slot)->importers) != 0 &&
+              desc_of_slot(slot_at(q->slot)->handle, d);
+    pthread_mutex_unlock(&ex.lock);
+    return ok;
+}
+
+static void serve_chunks(int c, const ipc_vmm_desc *d)
+{
+    int fds[IPC_FDS_PER_MSG];
+    for (uint64_t i = 0; i < d->nchunks;) {
+        uint32_t n = 0;
+        int rc = GPUMEM_OK;
+        for (; n < IPC_FDS_PER_MSG && i < d->nchunks; i++, n++) {
+            rc = gm_mgr.backend->vmm_export(d->ctx, d->first + i * d->chunk, &fds[n]);
+            if (rc != GPUMEM_OK) break;
+        }
+        bool sent = send_reply(c, rc, fds, n);
+        for (uint32_t k = 0; k < n; k++) close(fds[k]);
+        if (!sent || rc != GPUMEM_OK) return;
+    }
+}
+
+static bool peer_allowed(int c)
+{
+    struct ucred cr;
+    socklen_t len = sizeof cr;
+    return getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cr, &len) == 0 && len == sizeof cr &&
+           (cr.uid == geteuid() || cr.uid == 0);
+}
+
+static void serve_one(int c)
+{
+    ipc_request q;
+    ipc_vmm_desc d;
+    socket_timeouts(c);
+    /* The request is read first, so that a refused peer always gets its answer. */
+    bool ok = recv(c, &q, sizeof q, 0) == (ssize_t)sizeof q && !atomic_load(&gm_mgr.exiting) &&
+              peer_allowed(c) && request_desc(&q, &d);
+    if (ok) serve_chunks(c, &d);
+    else send_reply(c, GPUMEM_ERROR_INVALID_VALUE, NULL, 0); /* the driver's answer for a handle it cannot open */
+    close(c);
+}
+
+static void *server_main(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    for (;;) {
+        int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+        if (c >= 0) serve_one(c);
+        else if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) usleep(10000);
+        else if (errno != EINTR && errno != ECONNABORTED) return NULL;
+    }
+}
+
+/* Under ex.lock: the chunk server of this process, started once (every signal blocked in it). */
+static int server_ready_locked(void)
+{
+    if (ex.server_fd >= 0) return GPUMEM_OK;
+    struct sockaddr_un a;
+    socklen_t len = socket_name(&a, (uint32_t)getpid(), ex.nonce);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    bool ok = fd >= 0 && bind(fd, (struct sockaddr *)&a, len) == 0 && listen(fd, 64) == 0;
+    pthread_attr_t attr;
+    pthread_t t;
+    sigset_t all, old;
+    if (ok) {
+        sigfillset(&all);
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        ok = pthread_create(&t, &attr, server_main, (void *)(intptr_t)fd) == 0;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&attr);
+    }
+    if (!ok) {
+        gm_log(GM_ERROR, "cannot serve IPC of expandable segments (socket gpumem-ipc.%u): %m",
+               (unsigned)getpid());
+        if (fd >= 0) close(fd);
+        return GPUMEM_ERROR_OUT_OF_MEMORY;
+    }
+    ex.server_fd = fd;
+    return GPUMEM_OK;
+}
+
+/* Importer: receives one message of descriptors and maps them at the next chunks of `base`. */
+static int receive_and_map(int c, uintptr_t ctx, uintptr_t base, const ipc_vmm_desc *d, uint64_t *got)
+{
+    ipc_reply r = {GPUMEM_ERROR_INVALID_VALUE, 0};
+    struct iovec iov = {&r, sizeof r};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * IPC_FDS_PER_MSG)];
+        struct cmsghdr align;
+    } u;
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
+    int fds[IPC_FDS_PER_MSG];
+    uint32_t n = 0;
+    if (recvmsg(c, &m, MSG_CMSG_CLOEXEC) != (ssize_t)sizeof r) r.status = GPUMEM_ERROR_INVALID_VALUE;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+            uint32_t k = (uint32_t)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            if (k > IPC_FDS_PER_MSG - n) k = IPC_FDS_PER_MSG - n;
+            memcpy(fds + n, CMSG_DATA(cm), k * sizeof(int));
+            n += k;
+        }
+    int rc = r.status;
+    if (rc == GPUMEM_OK && (n == 0 || n != r.count)) rc = GPUMEM_ERROR_INVALID_VALUE;
+    for (uint32_t k = 0; k < n; k++) {
+        if (rc == GPUMEM_OK && *got < d->nchunks) {
+            rc = gm_mgr.backend->vmm_import(ctx, fds[k], base + *got * d->chunk, d->chunk);
+            if (rc == GPUMEM_OK) (*got)++;
+        }
+        close(fds[k]);
+    }
+    return rc;
+}
+
+static int connect_exporter(const ipc_wire *w)
+{
+    struct sockaddr_un a;
+    socklen_t len = socket_name(&a, w->pid, w->proc_nonce);
+    int c = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (c < 0) return -1;
+    socket_timeouts(c);
+    if (connect(c, (struct sockaddr *)&a, len) != 0) { /* the exporter is gone (or never served) */
+        close(c);
+        return -1;
+    }
+    return c;
+}
+
+static void chunks_unmap(uintptr_t ctx, uintptr_t base, size_t span, size_t chunk, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++) gm_mgr.backend->vmm_unmap(ctx, base + i * chunk, chunk);
+    gm_mgr.backend->va_free(ctx, base, span);
+}
+
+/* Maps the chunks the slot describes into a range of this process (e->vbase). */
+static int import_chunks(uintptr_t ctx, const ipc_wire *w, const ipc_vmm_desc *d, ipc_import *e)
+{
+    const gm_backend *be = gm_mgr.backend;
+    if (!be->vmm_import || !be->va_reserve) return GPUMEM_ERROR_NOT_SUPPORTED;
+    if (d->nchunks > ((uint64_t)1 << 40) / d->chunk) return GPUMEM_ERROR_INVALID_VALUE;
+    size_t span = d->chunk * d->nchunks;
+    int c = connect_exporter(w);
+    if (c < 0) return GPUMEM_ERROR_INVALID_VALUE;
+    ipc_request q = {w->slot, 0, w->slot_nonce};
+    uintptr_t base = 0;
+    uint64_t got = 0;
+    int rc = send(c, &q, sizeof q, MSG_NOSIGNAL) == (ssize_t)sizeof q ? GPUMEM_OK : GPUMEM_ERROR_INVALID_VALUE;
+    if (rc == GPUMEM_OK) rc = be->va_reserve(ctx, span, d->chunk & (~d->chunk + 1), &base);
+    while (rc == GPUMEM_OK && got < d->nchunks) rc = receive_and_map(c, ctx, base, d, &got);
+    close(c);
+    if (rc != GPUMEM_OK) {
+        if (base) chunks_unmap(ctx, base, span, d->chunk, got);
+        return rc;
+    }
+    e->vbase = base;
+    e->vsize = span;
+    e->chunk = d->chunk;
+    atomic_fetch_add(&im_maps, 1);
+    return GPUMEM_OK;
+}
+
+/* The last close of an import of chunks: unmapped, the range freed. */
+static void import_chunks_release(ipc_import *e)
+{
+    chunks_unmap(e->ctx, e->vbase, e->vsize, e->chunk, e->vsize / e->chunk);
+    atomic_fetch_sub(&im_maps, 1);
 }
 
 /* ------------------------------------------------------------------ receiver: the exporter's slot */
@@ -496,7 +806,7 @@ static void map_put_locked(ipc_map *m, const gm_ipc_driver *drv)
 static ipc_import *import_find_locked(uintptr_t ctx, const unsigned char handle[GM_IPC_HANDLE_SIZE])
 {
     for (ipc_import *e = im.imports; e; e = e->next)
-        if (e->map->ctx == ctx && !memcmp(e->handle, handle, GM_IPC_HANDLE_SIZE)) return e;
+        if (e->ctx == ctx && !memcmp(e->handle, handle, GM_IPC_HANDLE_SIZE)) return e;
     return NULL;
 }
 
@@ -505,12 +815,25 @@ static int import_new_locked(uintptr_t ctx, const ipc_wire *w, unsigned flags,
 {
     ipc_import *e = calloc(1, sizeof *e);
     if (!e) return GPUMEM_ERROR_OUT_OF_MEMORY;
+    e->ctx = ctx;
     int rc = slot_attach(w, e);
-    if (rc == GPUMEM_OK) rc = map_get_locked(ctx, e->slot->handle, flags, drv, &e->map);
-    else e->slot = NULL;
+    ipc_vmm_desc d;
+    uintptr_t base = 0;
+    size_t span = 0;
+    if (rc != GPUMEM_OK) {
+        e->slot = NULL;
+    } else if (desc_of_slot(e->slot->handle, &d)) { /* a block of an expandable segment */
+        rc = import_chunks(ctx, w, &d, e);
+        base = e->vbase;
+        span = e->vsize;
+    } else if ((rc = map_get_locked(ctx, e->slot->handle, flags, drv, &e->map)) == GPUMEM_OK) {
+        base = e->map->base;
+        span = e->map->size;
+    }
     uint64_t off = e->slot ? e->slot->offset : 0, size = e->slot ? e->slot->size : 0;
-    if (rc == GPUMEM_OK && (off >= e->map->size || size == 0 || size > e->map->size - off)) {
-        map_put_locked(e->map, drv); /* the registry does not describe this segment */
+    if (rc == GPUMEM_OK && (off >= span || size == 0 || size > span - off)) {
+        if (e->map) map_put_locked(e->map, drv); /* the registry does not describe this segment */
+        else import_chunks_release(e);
         rc = GPUMEM_ERROR_INVALID_VALUE;
     }
     if (rc != GPUMEM_OK) {
@@ -519,7 +842,7 @@ static int import_new_locked(uintptr_t ctx, const ipc_wire *w, unsigned flags,
         return rc;
     }
     memcpy(e->handle, w, sizeof *w);
-    e->ptr = e->map->base + off;
+    e->ptr = base + off;
     e->size = size;
     e->buffer_id = GM_BUFFER_ID_BIT | (0xFFFFull << 47) | ++im.seq;
     e->refs = 1;
@@ -541,7 +864,7 @@ static int open_gpumem_locked(uintptr_t ctx, const ipc_wire *w, unsigned flags,
     ipc_import *e = import_find_locked(ctx, (const unsigned char *)w);
     if (!e) return import_new_locked(ctx, w, flags, drv, out);
     e->refs++;
-    e->map->refs++;
+    if (e->map) e->map->refs++;
     *out = e->ptr;
     return GPUMEM_OK;
 }
@@ -573,9 +896,10 @@ static gm_answer close_locked(uintptr_t ptr, const gm_ipc_driver *drv)
     for (ipc_import **pp = &im.imports; *pp; pp = &(*pp)->next) {
         ipc_import *e = *pp;
         if (e->ptr != ptr) continue;
-        map_put_locked(e->map, drv); /* e holds a reference of its own: the map outlives this */
+        if (e->map) map_put_locked(e->map, drv); /* e holds a reference of its own: the map outlives this */
         if (--e->refs == 0) {
             *pp = e->next;
+            if (!e->map) import_chunks_release(e);
             slot_detach(e);
             free(e);
         }
@@ -590,6 +914,8 @@ static gm_answer close_locked(uintptr_t ptr, const gm_ipc_driver *drv)
     /* Inside a segment still open for other blocks: the driver would close the whole mapping. */
     for (ipc_map *m = im.maps; m; m = m->next)
         if (ptr - m->base < m->size) return gm_ours(GPUMEM_ERROR_INVALID_VALUE);
+    for (ipc_import *e = im.imports; e; e = e->next)
+        if (!e->map && ptr - e->vbase < e->vsize) return gm_ours(GPUMEM_ERROR_INVALID_VALUE);
     return gm_not_ours();
 }
 
@@ -610,13 +936,15 @@ gm_answer gm_ipc_lookup(uintptr_t ptr, gm_block_identity *out)
     for (ipc_import *e = im.imports; e && a.owner == GM_NOT_OURS; e = e->next)
         if (ptr - e->ptr < e->size) {
             *out = (gm_block_identity){.base = e->ptr, .size = e->size, .buffer_id = e->buffer_id,
-                                       .ctx = e->map->ctx, .seg_base = e->map->base,
-                                       .seg_size = e->map->size};
+                                       .ctx = e->ctx, .seg_base = e->map ? e->map->base : e->vbase,
+                                       .seg_size = e->map ? e->map->size : e->vsize};
             a = gm_ours(GPUMEM_OK);
         }
     /* Elsewhere in a segment opened only for some of its blocks: no allocation the program has. */
     for (ipc_map *m = im.maps; m && a.owner == GM_NOT_OURS; m = m->next)
         if (ptr - m->base < m->size && !m->plain_refs) a = gm_ours(GPUMEM_ERROR_INVALID_VALUE);
+    for (ipc_import *e = im.imports; e && a.owner == GM_NOT_OURS; e = e->next)
+        if (!e->map && ptr - e->vbase < e->vsize) a = gm_ours(GPUMEM_ERROR_INVALID_VALUE);
     pthread_mutex_unlock(&im.lock);
     return a;
 }

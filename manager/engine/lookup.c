@@ -134,7 +134,7 @@ static void identity_of(gm_heap *h, gm_block *b, void *cx)
     *(gm_block_identity *)cx = (gm_block_identity){
         .base = b->addr, .size = b->rec.requested, .buffer_id = b->buffer_id,
         .sync_memops = b->sync_memops, .ctx = h->ctx, .seg_base = b->seg->base,
-        .seg_size = b->seg->size};
+        .seg_size = b->seg->size, .vmm_chunk = b->seg->expandable ? h->vmm_chunk : 0};
 }
 
 gm_answer gm_block_identity_get(uintptr_t ptr, gm_block_identity *out)

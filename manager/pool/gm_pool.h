@@ -18,7 +18,9 @@
 
 /* LIVE: handed out. PENDING: freed in fast mode, waiting for a fence. QUARANTINE: freed by the
  * program while another process still has it open through IPC (engine/ipc.c keeps it). */
-typedef enum { GM_BLOCK_FREE = 0, GM_BLOCK_LIVE, GM_BLOCK_PENDING, GM_BLOCK_QUARANTINE } gm_block_state;
+/* A HOLE is whole chunks inside an expandable segment that a release unmapped: no memory behind
+ * it, in no bin, never carved; a grow maps it again (gm_pool_fill_hole_locked). */
+typedef enum { GM_BLOCK_FREE = 0, GM_BLOCK_LIVE, GM_BLOCK_PENDING, GM_BLOCK_QUARANTINE, GM_BLOCK_HOLE } gm_block_state;
 
 struct gm_segment;
 
@@ -52,6 +54,7 @@ typedef struct gm_segment {
      * the bytes mapped now; the engine extends it at its end (gm_pool_extend_segment_locked) and
      * the release trims free chunks off its end. */
     bool expandable;
+    size_t holes;        /* expandable: bytes of its HOLE blocks (unmapped; `size` includes them) */
     gm_block *first;     /* address-ordered block list */
     gm_block *last;      /* its last block (an expandable segment grows and trims there) */
 } gm_segment;
@@ -118,6 +121,14 @@ bool gm_pool_add_expandable_locked(gm_pool *pool, uintptr_t base, size_t size, b
 bool gm_pool_extend_segment_locked(gm_pool *pool, gm_segment *seg, size_t bytes);
 /* Free bytes at the end of `seg` (its last block when free), 0 otherwise. */
 size_t gm_pool_tail_free_locked(const gm_segment *seg);
+/* A hole of expandable `seg` that, mapped again, joins free neighbours into a block of at least
+ * `rounded` bytes (the highest such); false when there is none. */
+bool gm_pool_hole_for_locked(const gm_segment *seg, size_t rounded, gm_pool_span *out);
+/* The hole starting at `addr` is mapped again: free, merged with its free neighbours. False
+ * when no hole starts there. */
+bool gm_pool_fill_hole_locked(gm_pool *pool, gm_segment *seg, uintptr_t addr);
+/* The holes of expandable `seg`, in address order, at most `max` into `out`; returns how many. */
+size_t gm_pool_holes_locked(const gm_segment *seg, gm_pool_span *out, size_t max);
 
 /* ---- allocation and free */
 /* Best fit to within one bin; GPUMEM_ERROR_OUT_OF_MEMORY when no free block fits. */
@@ -134,8 +145,9 @@ bool gm_pool_retire_upto_locked(gm_pool *pool, uint32_t epoch);
 /* ---- release */
 /* Detaches fully free segments until the cached free bytes in them are at most `keep_cached`;
  * at most `max`, into `out`. The caller returns them to the device. Expandable segments give
- * the whole chunks of their trailing free block (span.expandable; the segment is gone when
- * nothing stays mapped); interior free chunks stay mapped. */
+ * the whole chunks of their trailing free block first (span.expandable; the segment is gone
+ * when nothing stays mapped), then the whole chunks inside interior free blocks, which become
+ * holes (the segment keeps its extent). */
 size_t gm_pool_take_free_segments_locked(gm_pool *pool, uint64_t keep_cached, gm_pool_span *out,
                                          size_t max);
 

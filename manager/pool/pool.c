@@ -268,6 +268,53 @@ bool gm_pool_extend_segment_locked(gm_pool *pool, gm_segment *seg, size_t bytes)
     return true;
 }
 
+/* ------------------------------------------------------------------ holes (expandable) */
+
+static size_t free_size(const gm_block *b) { return b && b->state == GM_BLOCK_FREE ? b->size : 0; }
+
+bool gm_pool_hole_for_locked(const gm_segment *seg, size_t rounded, gm_pool_span *out)
+{
+    if (!seg->holes) return false;
+    for (const gm_block *b = seg->last; b; b = b->prev)
+        if (b->state == GM_BLOCK_HOLE && free_size(b->prev) + b->size + free_size(b->next) >= rounded) {
+            *out = (gm_pool_span){b->addr, b->size, true};
+            return true;
+        }
+    return false;
+}
+
+size_t gm_pool_holes_locked(const gm_segment *seg, gm_pool_span *out, size_t max)
+{
+    size_t n = 0;
+    for (const gm_block *b = seg->first; b && seg->holes && n < max; b = b->next)
+        if (b->state == GM_BLOCK_HOLE) out[n++] = (gm_pool_span){b->addr, b->size, true};
+    return n;
+}
+
+static void merge_into_prev_locked(gm_pool *pool, gm_block *prev, gm_block *b);
+
+bool gm_pool_fill_hole_locked(gm_pool *pool, gm_segment *seg, uintptr_t addr)
+{
+    gm_block *h = gm_pool_block_containing_locked(pool, addr);
+    if (!h || h->seg != seg || h->addr != addr || h->state != GM_BLOCK_HOLE) return false;
+    gm_bins *bins = bins_for(pool, seg);
+    seg->holes -= h->size;
+    pool->bytes_cached_free += h->size;
+    h->state = GM_BLOCK_FREE;
+    if (free_size(h->next)) {
+        bins_remove(bins, h->next);
+        merge_into_prev_locked(pool, h, h->next);
+    }
+    if (free_size(h->prev)) {
+        gm_block *prev = h->prev;
+        bins_remove(bins, prev);
+        merge_into_prev_locked(pool, prev, h);
+        h = prev;
+    }
+    bins_insert(bins, h);
+    return true;
+}
+
 /* ------------------------------------------------------------------ allocation */
 
 /* Cuts `b` after its first `at` bytes: the rest becomes a block of its own right after it, in
@@ -396,8 +443,18 @@ static size_t trimmable_tail(const gm_pool *pool, const gm_segment *seg, gm_bloc
     return from < end ? end - from : 0;
 }
 
+static void drop_last_block(gm_pool *pool, gm_segment *seg)
+{
+    gm_block *last = seg->last;
+    if (last->prev) last->prev->next = NULL;
+    else seg->first = NULL;
+    seg->last = last->prev;
+    block_recycle(pool, last);
+}
+
 /* Unmaps (from the pool's view) the trimmable tail of expandable `seg` into `*out`; true when
- * the segment went with it (nothing stays mapped). */
+ * the segment went with it (nothing stays mapped). A hole the trim reaches goes too (it is
+ * unmapped already): the segment never ends in a hole. */
 static bool trim_expandable_locked(gm_pool *pool, gm_segment *seg, gm_pool_span *out)
 {
     gm_block *last;
@@ -407,15 +464,17 @@ static bool trim_expandable_locked(gm_pool *pool, gm_segment *seg, gm_pool_span 
     bins_remove(bins_for(pool, seg), last);
     pool->bytes_cached_free -= cut;
     if (cut == last->size) { /* the whole block goes */
-        if (last->prev) last->prev->next = NULL;
-        else seg->first = NULL;
-        seg->last = last->prev;
-        block_recycle(pool, last);
+        drop_last_block(pool, seg);
     } else {
         last->size -= cut;
         bins_insert(bins_for(pool, seg), last);
     }
     seg->size -= cut;
+    while (seg->last && seg->last->state == GM_BLOCK_HOLE) {
+        seg->size -= seg->last->size;
+        seg->holes -= seg->last->size;
+        drop_last_block(pool, seg);
+    }
     if (seg->size) return false;
     segments_remove(pool, seg);
     pool->segments_released++;
@@ -423,23 +482,87 @@ static bool trim_expandable_locked(gm_pool *pool, gm_segment *seg, gm_pool_span 
     return true;
 }
 
+/* The whole chunks inside interior free block `b` of expandable `seg`: [*from, *to). */
+static size_t interior_chunks(const gm_pool *pool, const gm_segment *seg, const gm_block *b,
+                              uintptr_t *from, uintptr_t *to)
+{
+    if (b->state != GM_BLOCK_FREE || !b->next) return 0; /* the last block is the tail's */
+    size_t chunk = pool->sizing.chunk ? pool->sizing.chunk : GM_SEGMENT_ALIGN;
+    *from = seg->base + round_up(b->addr - seg->base, chunk);
+    *to = seg->base + (b->addr + b->size - seg->base) / chunk * chunk;
+    return *to > *from ? *to - *from : 0;
+}
+
+static uint64_t expandable_idle(const gm_pool *pool, const gm_segment *seg)
+{
+    gm_block *last;
+    uintptr_t from, to;
+    uint64_t idle = trimmable_tail(pool, seg, &last);
+    for (const gm_block *b = seg->first; b; b = b->next) idle += interior_chunks(pool, seg, b, &from, &to);
+    return idle;
+}
+
+/* Cuts the whole chunks [from, to) out of free block `b` as a hole (its slivers stay free);
+ * false when no block header can be had (nothing changed). */
+static bool punch_hole_locked(gm_pool *pool, gm_segment *seg, gm_block *b, uintptr_t from, uintptr_t to)
+{
+    gm_bins *bins = bins_for(pool, seg);
+    bins_remove(bins, b);
+    gm_block *right = b->addr + b->size > to ? cut_tail_locked(pool, b, to - b->addr, GM_BLOCK_FREE) : NULL;
+    if (b->addr + b->size > to && !right) {
+        bins_insert(bins, b);
+        return false;
+    }
+    gm_block *hole = b;
+    if (from > b->addr && !(hole = cut_tail_locked(pool, b, from - b->addr, GM_BLOCK_HOLE))) {
+        if (right) merge_into_prev_locked(pool, b, right);
+        bins_insert(bins, b);
+        return false;
+    }
+    hole->state = GM_BLOCK_HOLE;
+    if (hole != b) bins_insert(bins, b);
+    if (right) bins_insert(bins, right);
+    pool->bytes_cached_free -= to - from;
+    seg->holes += to - from;
+    return true;
+}
+
+/* Releases from expandable `seg`: its tail's whole chunks, then interior ones, highest first. */
+static size_t take_expandable_locked(gm_pool *pool, gm_segment *seg, uint64_t *idle, uint64_t keep,
+                                     gm_pool_span *out, size_t max)
+{
+    size_t n = 0;
+    gm_block *last;
+    while (*idle > keep && n < max && trimmable_tail(pool, seg, &last)) {
+        bool gone = trim_expandable_locked(pool, seg, &out[n]);
+        *idle -= out[n++].size;
+        if (gone) return n;
+    }
+    uintptr_t from, to;
+    for (gm_block *b = seg->last, *prev; b && *idle > keep && n < max; b = prev) {
+        prev = b->prev;
+        if (!interior_chunks(pool, seg, b, &from, &to) || !punch_hole_locked(pool, seg, b, from, to)) continue;
+        out[n++] = (gm_pool_span){from, to - from, true};
+        *idle -= to - from;
+    }
+    return n;
+}
+
 size_t gm_pool_take_free_segments_locked(gm_pool *pool, uint64_t keep_cached, gm_pool_span *out,
                                          size_t max)
 {
+    if (pool->bytes_cached_free <= keep_cached) return 0; /* what is idle is cached: a bound */
     uint64_t idle = 0;
-    gm_block *last;
     for (size_t i = 0; i < pool->segments; i++) {
         gm_segment *seg = pool->by_base[i];
-        if (seg->expandable) idle += trimmable_tail(pool, seg, &last);
+        if (seg->expandable) idle += expandable_idle(pool, seg);
         else if (seg->used == 0 && seg->first->state == GM_BLOCK_FREE) idle += seg->size;
     }
     size_t n = 0;
     for (size_t i = pool->segments; i-- > 0 && idle > keep_cached && n < max;) {
         gm_segment *seg = pool->by_base[i];
         if (seg->expandable) {
-            if (!trimmable_tail(pool, seg, &last)) continue;
-            trim_expandable_locked(pool, seg, &out[n]);
-            idle -= out[n++].size;
+            n += take_expandable_locked(pool, seg, &idle, keep_cached, out + n, max - n);
             continue;
         }
         gm_block *only = seg->first;
@@ -501,7 +624,7 @@ uint64_t gm_pool_reset(gm_pool *pool)
             next = b->next;
             free(b);
         }
-        held += seg->size;
+        held += seg->size - seg->holes; /* holes are unmapped already */
         free(seg);
     }
     for (gm_block *b = pool->spare_blocks, *next; b; b = next) {

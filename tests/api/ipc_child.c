@@ -9,6 +9,10 @@
  *   write K SEED N         N pattern bytes into K (cuMemcpyHtoD)           -> write K RC
  *   diff K L               ptr K - ptr L                                   -> diff K L D
  *   close K / free K       cuIpcCloseMemHandle / cuMemFree                 -> close K RC / free K RC
+ *   check K SEED N         N bytes of K against the pattern (cuMemcpyDtoH) -> check K RC FIRST-BAD (N: intact)
+ *   alloc K N SEED         cuMemAlloc N bytes into K, filled with SEED      -> alloc K RC
+ *   export K               cuIpcGetMemHandle of K (this one exports)       -> export K RC HEX
+ *   drop                   become nobody (uid/gid 65534; before start)     -> drop 0 RC
  *   exit                   exits at once, closing nothing, as if killed     (no answer)
  *   quit                   exit(0): exit handlers run                      (no answer)
  *
@@ -75,6 +79,34 @@ static void cmd_write(int k, unsigned seed, size_t n)
     printf("write %d %d\n", k, (int)r);
 }
 
+static void cmd_check(int k, unsigned seed, size_t n)
+{
+    unsigned char *buf = malloc(n);
+    CUresult r = cuMemcpyDtoH(buf, ptrs[k], n);
+    printf("check %d %d %zu\n", k, (int)r, r ? 0 : api_check_pattern(buf, n, seed));
+    free(buf);
+}
+
+static void cmd_alloc(int k, size_t n, unsigned seed)
+{
+    unsigned char *buf = malloc(n);
+    api_fill_pattern(buf, n, seed);
+    CUresult r = cuMemAlloc(&ptrs[k], n);
+    if (!r) r = cuMemcpyHtoD(ptrs[k], buf, n);
+    free(buf);
+    printf("alloc %d %d\n", k, (int)r);
+}
+
+static void cmd_export(int k)
+{
+    CUipcMemHandle h;
+    memset(&h, 0, sizeof h);
+    CUresult r = cuIpcGetMemHandle(&h, ptrs[k]);
+    printf("export %d %d ", k, (int)r);
+    for (size_t i = 0; i < sizeof h; i++) printf("%02x", (unsigned char)h.reserved[i]);
+    printf("\n");
+}
+
 static int slot(const char *s)
 {
     int k = s ? atoi(s) : -1;
@@ -104,6 +136,10 @@ static void run_line(char *line)
     else if (!strcmp(cmd, "range")) cmd_range(slot(a), b ? atoll(b) : 0);
     else if (!strcmp(cmd, "attr")) cmd_attr(slot(a));
     else if (!strcmp(cmd, "write")) cmd_write(slot(a), (unsigned)atoi(b ? b : "0"), (size_t)atoll(c ? c : "0"));
+    else if (!strcmp(cmd, "check")) cmd_check(slot(a), (unsigned)atoi(b ? b : "0"), (size_t)atoll(c ? c : "0"));
+    else if (!strcmp(cmd, "alloc")) cmd_alloc(slot(a), (size_t)atoll(b ? b : "0"), (unsigned)atoi(c ? c : "0"));
+    else if (!strcmp(cmd, "export")) cmd_export(slot(a));
+    else if (!strcmp(cmd, "drop")) printf("drop 0 %d\n", setgid(65534) != 0 || setuid(65534) != 0 ? -1 : 0);
     else if (!strcmp(cmd, "diff")) printf("diff %s %s %lld\n", a, b, (long long)(ptrs[slot(a)] - ptrs[slot(b)]));
     else if (!strcmp(cmd, "close")) printf("close %s %d\n", a, (int)cuIpcCloseMemHandle(ptrs[slot(a)]));
     else if (!strcmp(cmd, "free")) printf("free %s %d\n", a, (int)cuMemFree(ptrs[slot(a)]));

@@ -2,8 +2,8 @@
  * (cuMemAddressReserve = mmap PROT_NONE, cuMemCreate = a memfd, cuMemMap = MAP_FIXED of it,
  * cuMemSetAccess = mprotect; memory touched before its access was set faults). Growth at a
  * range's end, data across growth and chunk boundaries, the limit in mapped bytes, pointer
- * identity, the fallbacks (no VMM, a map or a create failing half way), IPC export refused with
- * the driver's error, a primary context reset and fork. */
+ * identity, the fallbacks (no VMM, a map or a create failing half way), a primary context reset
+ * and fork. IPC of expandable blocks: tests/api/test_ipc.c. */
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -141,15 +141,41 @@ static void map_fails_half_way(const char *knob)
 Test(expandable, a_failed_map_half_way_loses_nothing) { map_fails_half_way("FAKECUDA_FAIL_MAP_AFTER"); }
 Test(expandable, a_failed_create_half_way_loses_nothing) { map_fails_half_way("FAKECUDA_FAIL_ALLOC_AFTER"); }
 
-Test(expandable, legacy_ipc_export_gets_the_drivers_error)
+/* At the limit the free chunks below a live block are unmapped (a hole) so that a grow fits; a
+ * request the hole's space can serve maps it again, handing other free chunks back for it. */
+Test(expandable, at_the_limit_interior_free_chunks_go_and_come_back)
 {
     expandable_env();
+    setenv("GPUMEM_LIMIT", "16MiB", 1);
+    setenv("GPUMEM_SEGMENT_MIN", "2MiB", 1); /* grows map what they miss, no more */
     api_start();
-    CUdeviceptr a;
-    CUipcMemHandle h;
+    CUdeviceptr a, b, c, d, e;
     OK(cuMemAlloc(&a, 3 * MiB));
-    ERR(cuIpcGetMemHandle(&h, a), CUDA_ERROR_INVALID_VALUE);
+    OK(cuMemAlloc(&b, 6 * MiB));
+    OK(cuMemAlloc(&c, 3 * MiB));
+    put_pattern(a, 3 * MiB, 81);
+    cr_assert_eq(api_stats_or_fail().bytes_reserved, 12 * MiB);
+    OK(cuMemFree(b)); /* [3, 9) free: whole chunks [4, 8) */
+    OK(cuMemAlloc(&d, 7 * MiB)); /* 20 MiB mapped would pass the limit: [4, 8) goes first */
+    cr_expect_eq(d, a + 12 * MiB, "mapped at the end");
+    cr_expect_eq(api_stats_or_fail().bytes_reserved, 16 * MiB);
+    cr_expect_eq(fake_in_use(), 16 * MiB, "the driver holds exactly what is counted");
+    put_pattern(d, 7 * MiB, 84);
+    unsigned char buf[16] = {0};
+    ERR(cuMemcpyHtoD(a + 5 * MiB, buf, sizeof buf), CUDA_ERROR_INVALID_VALUE); /* freed, unmapped */
+    ERR(cuMemAlloc(&e, 5 * MiB), CUDA_ERROR_OUT_OF_MEMORY); /* the hole would pass the limit */
+    OK(cuMemFree(c)); /* [8, 12) free: its chunks can go for the hole's */
+    OK(cuMemAlloc(&e, 5 * MiB));
+    cr_expect_eq(e, a + 3 * MiB, "the hole, mapped again, with the sliver before it");
+    put_pattern(e, 5 * MiB, 85);
+    cr_expect_eq(pattern_errors(a, 3 * MiB, 81), 0);
+    cr_expect_eq(pattern_errors(d, 7 * MiB, 84), 0);
+    cr_expect_eq(pattern_errors(e, 5 * MiB, 85), 0);
+    cr_expect_eq(api_stats_or_fail().bytes_reserved, fake_in_use());
+    cr_expect_leq(fake_in_use(), 16 * MiB);
     OK(cuMemFree(a));
+    OK(cuMemFree(d));
+    OK(cuMemFree(e));
 }
 
 Test(expandable, a_primary_context_reset_unmaps_everything)
@@ -223,6 +249,38 @@ Test(expandable, peer_access_reaches_the_chunks_mapped_before_and_after)
     cr_expect_eq(fakecuda_vmm_access(b + 29 * MiB), 3u, "a chunk mapped after");
     OK(cuCtxSetCurrent(ctx1));
     ERR(cuCtxEnablePeerAccess(ctx0, 0), CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED);
+    OK(cuCtxSetCurrent(ctx0));
+    OK(cuMemFree(a));
+    OK(cuMemFree(b));
+}
+
+/* Disabled again: the chunks mapped before lose the peer's access, later ones never get it, and
+ * the owner keeps its own (the data stays). */
+Test(expandable, disabling_peer_access_revokes_it_from_the_chunks)
+{
+    expandable_env();
+    setenv("FAKECUDA_DEVICES", "2", 1);
+    CUcontext ctx0 = api_start(), ctx1;
+    CUdevice dev1;
+    CUdeviceptr a, b;
+    OK(cuMemAlloc(&a, 3 * MiB));
+    put_pattern(a, 3 * MiB, 91);
+    OK(cuDeviceGet(&dev1, 1));
+    OK(cuDevicePrimaryCtxRetain(&ctx1, dev1));
+    OK(cuCtxSetCurrent(ctx1));
+    OK(cuCtxEnablePeerAccess(ctx0, 0));
+    cr_expect_eq(fakecuda_vmm_access(a), 3u);
+    OK(cuCtxDisablePeerAccess(ctx0));
+    cr_expect_eq(fakecuda_vmm_access(a), 1u, "a chunk mapped before: device 0 only again");
+    cr_expect_eq(fakecuda_vmm_access(a + 6 * MiB), 1u, "the whole mapped step");
+    ERR(cuCtxDisablePeerAccess(ctx0), CUDA_ERROR_PEER_ACCESS_NOT_ENABLED); /* the driver's answer */
+    OK(cuCtxSetCurrent(ctx0));
+    OK(cuMemAlloc(&b, 30 * MiB));
+    cr_expect_eq(fakecuda_vmm_access(b + 29 * MiB), 1u, "a chunk mapped after: no peer");
+    cr_expect_eq(pattern_errors(a, 3 * MiB, 91), 0, "the owner's access and the data stay");
+    OK(cuCtxSetCurrent(ctx1));
+    OK(cuCtxEnablePeerAccess(ctx0, 0)); /* and once more */
+    cr_expect_eq(fakecuda_vmm_access(b + 29 * MiB), 3u);
     OK(cuCtxSetCurrent(ctx0));
     OK(cuMemFree(a));
     OK(cuMemFree(b));

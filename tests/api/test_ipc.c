@@ -6,8 +6,13 @@
  * the driver's own handle; any other block with a gpumem handle that a receiver under gpumem opens
  * at the block, and a receiver without gpumem gets CUDA_ERROR_INVALID_VALUE for (never another
  * block). Opens are refcounted per handle, as on the driver; a freed block cannot be exported or
- * opened; one another process still has open is kept from reuse. */
+ * opened; one another process still has open is kept from reuse. Blocks of expandable segments
+ * (GPUMEM_EXPANDABLE=1) at the end. */
 #include <stdarg.h>
+#include <stddef.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 
 #include "api_test.h"
 
@@ -393,4 +398,204 @@ Test(ipc, a_receiver_that_exits_lets_the_block_go)
     uint64_t cached = stats_now().bytes_cached_free;
     OK(cuMemFree(s[3]));
     cr_assert_gt(stats_now().bytes_cached_free, cached);
+}
+
+/* ---------------------------------------------------------------- expandable segments (issue 14)
+ *
+ * VMM memory has no legacy handle: every block of an expandable segment gets a gpumem handle, and
+ * a receiver under gpumem maps the chunks it lies in, received as file descriptors from the
+ * exporter's chunk server (fake: memfds, so both processes see the same pages). */
+
+#define MiB ((size_t)1 << 20)
+
+static void expandable_on(void)
+{
+    setenv("GPUMEM_EXPANDABLE", "1", 1);
+}
+
+/* The answer "check K RC FIRST-BAD" is intact: RC 0 and FIRST-BAD n. */
+static void peer_expect_pattern(peer *p, int k, unsigned seed, size_t n, const char *what)
+{
+    char want[96];
+    snprintf(want, sizeof want, "check %d 0 %zu", k, n);
+    cr_assert_str_eq(peer_cmd(p, "check %d %u %zu", k, seed, n), want, "%s", what);
+}
+
+Test(ipc, expandable_blocks_open_under_gpumem_and_share_their_bytes_both_ways)
+{
+    expandable_on();
+    api_start();
+    CUdeviceptr a = alloc_filled(3 * MiB, 11), c = alloc_filled(5 * MiB, 13), s = alloc_filled(5000, 14);
+    cr_assert_eq(c, a + 3 * MiB, "one range: c starts inside a chunk and spans four");
+    export ea = export_of(a), ec = export_of(c), es = export_of(s);
+    cr_assert(is_gpumem_handle(&ea) && is_gpumem_handle(&ec) && is_gpumem_handle(&es),
+              "VMM memory has no driver handle, even at the range's start");
+    export again = export_of(c);
+    cr_assert_str_eq(again.hex, ec.hex, "the same handle for as long as the block lives");
+    peer p;
+    peer_begin(&p, true);
+    cr_assert_eq(peer_rc(&p, "open 0 %s", ea.hex), CUDA_SUCCESS);
+    cr_assert_eq(peer_rc(&p, "open 1 %s", ec.hex), CUDA_SUCCESS);
+    cr_assert_eq(peer_rc(&p, "open 2 %s", es.hex), CUDA_SUCCESS, "the small class's range too");
+    peer_expect_pattern(&p, 0, 11, 3 * MiB, "the exporter's bytes, block a");
+    peer_expect_pattern(&p, 1, 13, 5 * MiB, "block c, across chunk boundaries");
+    peer_expect_pattern(&p, 2, 14, 5000, "the small block");
+    cr_assert_str_eq(peer_cmd(&p, "range 1 4000000"), "range 1 0 0 5242880", "the receiver sees the block");
+    cr_assert_eq(peer_rc(&p, "open 3 %s", ec.hex), CUDA_SUCCESS);
+    cr_assert_str_eq(peer_cmd(&p, "diff 3 1"), "diff 3 1 0", "reopened: the same pointer");
+    cr_assert_eq(peer_rc(&p, "write 1 21 5242880"), CUDA_SUCCESS);
+    expect_pattern(c, 5 * MiB, 21, "the receiver's bytes in the exporter");
+    expect_pattern(a, 3 * MiB, 11, "the neighbour in the shared chunk");
+    cr_assert_eq(peer_rc(&p, "close 3"), CUDA_SUCCESS);
+    cr_assert_eq(peer_rc(&p, "close 1"), CUDA_SUCCESS);
+    cr_assert_eq(peer_rc(&p, "close 1"), CUDA_ERROR_INVALID_VALUE, "one close too many");
+    cr_assert_eq(peer_rc(&p, "close 0"), CUDA_SUCCESS);
+    cr_assert_eq(peer_rc(&p, "close 2"), CUDA_SUCCESS);
+    peer_stop(&p, "quit");
+}
+
+/* Freed and its chunks handed back (gpumem_release_cached) while the receiver has it open: the
+ * block stays out of reuse and mapped, and the receiver's bytes reach no other allocation. */
+Test(ipc, an_expandable_block_open_elsewhere_is_kept_until_closed)
+{
+    expandable_on();
+    api_start();
+    CUdeviceptr a = alloc_filled(4 * MiB, 31);
+    export e = export_of(a);
+    peer p;
+    peer_begin(&p, true);
+    cr_assert_eq(peer_rc(&p, "open 0 %s", e.hex), CUDA_SUCCESS);
+    OK(cuMemFree(a));
+    api_release_cached_fn release = (api_release_cached_fn)(uintptr_t)api_shim_sym("gpumem_release_cached");
+    cr_assert_not_null(release);
+    release();
+    CUdeviceptr b = alloc_filled(4 * MiB, 32);
+    cr_assert_neq(b, a, "a block another process has open was handed out again");
+    cr_assert_eq(peer_rc(&p, "write 0 33 4194304"), CUDA_SUCCESS);
+    expect_pattern(b, 4 * MiB, 32, "the next allocation");
+    cr_assert_eq(peer_rc(&p, "close 0"), CUDA_SUCCESS);
+    OK(cuMemFree(b)); /* reclaims the closed one */
+    CUdeviceptr c;
+    OK(cuMemAlloc(&c, 4 * MiB));
+    cr_assert(c == a || c == b, "reusable again once closed");
+    peer_stop(&p, "quit");
+}
+
+/* The exporter is another process here: once it died its handles are refused with the driver's
+ * answer for them, and a receiver that had opened it keeps the memory (the driver frees imported
+ * memory when its last mapping goes). */
+Test(ipc, an_expandable_block_outlives_its_exporter_in_a_receiver_and_new_opens_fail)
+{
+    expandable_on();
+    api_start();
+    peer ex, in, late;
+    peer_begin(&ex, true);
+    cr_assert_eq(peer_rc(&ex, "alloc 0 3145728 41"), CUDA_SUCCESS);
+    const char *ans = peer_cmd(&ex, "export 0");
+    char hex[2 * sizeof(CUipcMemHandle) + 1];
+    int k = -1, rc = -1;
+    cr_assert_eq(sscanf(ans, "export %d %d %128s", &k, &rc, hex), 3, "%s", ans);
+    cr_assert_eq(rc, CUDA_SUCCESS);
+    peer_begin(&in, true);
+    cr_assert_eq(peer_rc(&in, "open 0 %s", hex), CUDA_SUCCESS);
+    peer_expect_pattern(&in, 0, 41, 3 * MiB, "the exporting process's bytes");
+    peer_stop(&ex, "exit"); /* killed: no exit handler */
+    peer_expect_pattern(&in, 0, 41, 3 * MiB, "still mapped after the exporter died");
+    cr_assert_eq(peer_rc(&in, "write 0 42 3145728"), CUDA_SUCCESS);
+    peer_expect_pattern(&in, 0, 42, 3 * MiB, "and writable");
+    peer_begin(&late, true);
+    cr_assert_eq(peer_rc(&late, "open 0 %s", hex), CUDA_ERROR_INVALID_VALUE, "the exporter is gone");
+    cr_assert_eq(peer_rc(&in, "close 0"), CUDA_SUCCESS);
+    peer_stop(&late, "quit");
+    peer_stop(&in, "quit");
+}
+
+Test(ipc, a_receiver_without_gpumem_gets_the_drivers_error_for_expandable_blocks)
+{
+    expandable_on();
+    api_start();
+    CUdeviceptr a = alloc_filled(3 * MiB, 51);
+    export e = export_of(a);
+    peer p;
+    peer_begin(&p, false);
+    cr_assert_eq(peer_rc(&p, "open 0 %s", e.hex), CUDA_ERROR_INVALID_VALUE);
+    peer_stop(&p, "quit");
+}
+
+/* The chunk server's own check, apart from the registry file's mode: a request naming a live,
+ * opened slot gets descriptors for a peer of the exporter's user (root here) and none for
+ * another user. Returns the reply's status and descriptor count (the child's exit code:
+ * status * 8 + min(count, 7), or 255 when it could not ask). */
+static int probe_chunk_server(const export *e, bool as_nobody)
+{
+    uint64_t proc_nonce, slot_nonce;
+    uint32_t pid, slot;
+    const unsigned char *h = (const unsigned char *)&e->h;
+    memcpy(&proc_nonce, h + 24, 8);
+    memcpy(&slot_nonce, h + 40, 8);
+    memcpy(&pid, h + 56, 4);
+    memcpy(&slot, h + 60, 4);
+    pid_t child = fork();
+    cr_assert(child >= 0);
+    if (child == 0) {
+        if (as_nobody && (setgid(65534) != 0 || setuid(65534) != 0)) _exit(255);
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        int n = snprintf(a.sun_path + 1, sizeof a.sun_path - 1, "gpumem-ipc.%u.%016llx", (unsigned)pid,
+                         (unsigned long long)proc_nonce);
+        int c = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+        struct { uint32_t slot, zero; uint64_t nonce; } q = {slot, 0, slot_nonce};
+        if (c < 0 || connect(c, (struct sockaddr *)&a, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n)) != 0)
+            _exit(254);
+        if (send(c, &q, sizeof q, MSG_NOSIGNAL) != (ssize_t)sizeof q)
+            _exit(253);
+        struct { int32_t status; uint32_t count; } r = {-1, 0};
+        char cbuf[CMSG_SPACE(sizeof(int) * 32)];
+        struct iovec iov = {&r, sizeof r};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+        if (recvmsg(c, &m, 0) != (ssize_t)sizeof r) _exit(252);
+        int fds = 0;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
+            if (cm->cmsg_type == SCM_RIGHTS) fds += (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        _exit(r.status * 8 + (fds > 7 ? 7 : fds));
+    }
+    int status = 0;
+    cr_assert(api_wait_timeout(child, &status, 10.0));
+    cr_assert(WIFEXITED(status), "probe status %#x", status);
+    return WEXITSTATUS(status);
+}
+
+Test(ipc, an_importer_of_another_user_is_refused_an_expandable_block)
+{
+    if (geteuid() != 0) cr_skip_test("needs root, to run the importer as nobody");
+    expandable_on();
+    api_start();
+    CUdeviceptr a = alloc_filled(3 * MiB, 61);
+    export e = export_of(a);
+    peer p, other;
+    peer_begin(&p, true);
+    cr_assert_eq(peer_rc(&p, "open 0 %s", e.hex), CUDA_SUCCESS); /* counted in: the slot is open */
+    peer_start(&other, true);
+    cr_assert_eq(peer_rc(&other, "drop"), 0);
+    cr_assert_str_eq(peer_cmd(&other, "start"), "ok");
+    cr_assert_eq(peer_rc(&other, "open 0 %s", e.hex), CUDA_ERROR_INVALID_VALUE);
+    peer_stop(&other, "quit");
+    cr_assert_eq(probe_chunk_server(&e, false), 2, "the exporter's user gets the block's 2 chunks");
+    int refused = probe_chunk_server(&e, true);
+    cr_assert_eq(refused, CUDA_ERROR_INVALID_VALUE * 8, "another user gets none (%d)", refused);
+    peer_expect_pattern(&p, 0, 61, 3 * MiB, "the permitted receiver is untouched");
+    peer_stop(&p, "quit");
+}
+
+/* A driver that will not make chunks exportable (the handle type refused): the pool falls back
+ * to chunks without it, and their export gets the driver's answer for VMM memory. */
+Test(ipc, unexportable_chunks_get_the_drivers_error)
+{
+    expandable_on();
+    setenv("FAKECUDA_NO_SHAREABLE", "1", 1);
+    api_start();
+    CUdeviceptr a = alloc_filled(3 * MiB, 71);
+    CUipcMemHandle h;
+    ERR(cuIpcGetMemHandle(&h, a), CUDA_ERROR_INVALID_VALUE);
+    expect_pattern(a, 3 * MiB, 71, "the block works as ever");
+    OK(cuMemFree(a));
 }

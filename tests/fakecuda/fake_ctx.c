@@ -264,6 +264,22 @@ FK_API CUresult CUDAAPI cuCtxEnablePeerAccess(CUcontext peer, unsigned int flags
     return state_leave(CUDA_SUCCESS);
 }
 
+FK_API CUresult CUDAAPI cuCtxDisablePeerAccess(CUcontext peer)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    fk_ctx *c, *p = (fk_ctx *)peer;
+    if ((r = ctx_current(&c)))
+        return state_leave(r);
+    if (!p || !ctx_known(p) || !p->alive)
+        return state_leave(CUDA_ERROR_INVALID_CONTEXT);
+    if (p->dev == c->dev || !(c->peers & (1u << p->dev)))
+        return state_leave(CUDA_ERROR_PEER_ACCESS_NOT_ENABLED);
+    c->peers &= ~(1u << p->dev);
+    return state_leave(CUDA_SUCCESS);
+}
+
 /* ================================================================ the context stack */
 
 FK_API CUresult CUDAAPI cuCtxSetCurrent(CUcontext h)
@@ -421,6 +437,7 @@ FK_API CUresult CUDAAPI cuCtxDestroy(CUcontext ctx) { return ctx_destroy(ctx); }
     X("cuCtxDestroy", 2000, 0, cuCtxDestroy)                                      \
     X("cuCtxDestroy", 4000, 0, cuCtxDestroy_v2)                                   \
     X("cuCtxEnablePeerAccess", 4000, 0, cuCtxEnablePeerAccess)                    \
+    X("cuCtxDisablePeerAccess", 4000, 0, cuCtxDisablePeerAccess)                  \
     X("cuCtxSetCurrent", 4000, 0, cuCtxSetCurrent)                                \
     X("cuCtxGetCurrent", 4000, 0, cuCtxGetCurrent)                                \
     X("cuCtxPushCurrent", 4000, 0, cuCtxPushCurrent_v2)                           \

@@ -129,9 +129,13 @@ typedef struct fk_alloc {
     bool graph_live;     /* A_GRAPH: a launch made it and nothing freed it since */
     bool graph_freed_in_owner; /* A_GRAPH: its free node is in its own graph */
     unsigned maps;       /* A_VMM: live cuMemMap mappings of the handle */
-    bool released;       /* A_VMM: cuMemRelease called; freed when the last mapping goes */
+    bool released;       /* A_VMM: the last handle reference released; freed with the last mapping */
+    unsigned handle_refs; /* A_VMM: cuMemCreate/Import and cuMemRetainAllocationHandle not released */
+    bool shareable;      /* A_VMM: created with requestedHandleTypes POSIX_FILE_DESCRIPTOR */
+    bool imported;       /* A_VMM: cuMemImportFromShareableHandle (another process's memory) */
     struct fk_alloc *handle; /* A_MAPPED: the A_VMM handle mapped */
     unsigned access;     /* A_MAPPED: devices given access by cuMemSetAccess (bit per device) */
+    int prot;            /* A_MAPPED: the mprotect of the mapping */
 } fk_alloc;
 
 typedef struct fk_event {
@@ -223,6 +227,7 @@ extern long g_fail_after;              /* FAKECUDA_FAIL_ALLOC_AFTER, -1 = never 
 extern long g_fail_map_after;          /* FAKECUDA_FAIL_MAP_AFTER: cuMemMap calls before faults, -1 never */
 extern uint64_t g_map_attempts;
 extern bool g_no_vmm;                  /* FAKECUDA_NO_VMM: VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0 */
+extern bool g_no_shareable;            /* FAKECUDA_NO_SHAREABLE: cuMemCreate refuses handle types */
 extern uint64_t g_alloc_attempts;      /* device allocations tried since the count restarted */
 extern fk_device g_dev[FK_MAX_DEVICES];
 extern fk_ctx *g_ctxs;                 /* every context ever made (fake_ctx.c) */

@@ -10,7 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include <sys/mman.h>
 
 /* ================================================================ allocation registry */
@@ -157,8 +159,13 @@ void mem_release(fk_alloc *a)
     } else {
         mem_remove(a);
     }
-    if (mem_counts_as_device(a->kind))
+    if (mem_counts_as_device(a->kind) && !a->imported)
         g_dev[a->dev].in_use -= a->size;
+    if (a->imported) { /* an fd of another process's memory, never mapped here by itself */
+        close(a->memfd);
+        free(a);
+        return;
+    }
     if (a->kind == A_MAPPED) { /* the range stays reserved; the handle may go with its last map */
         mmap((void *)a->base, a->size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
         fk_alloc *h = a->handle;
@@ -435,13 +442,18 @@ FK_API CUresult CUDAAPI cuMemCreate(CUmemGenericAllocationHandle *handle, size_t
     g_cnt.alloc_calls++;
     if (!handle || !prop || flags || size == 0 || size % FK_VMM_GRANULARITY ||
         prop->type != CU_MEM_ALLOCATION_TYPE_PINNED ||
-        prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
+        prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
+        (prop->requestedHandleTypes & ~(unsigned)CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR))
         return state_leave(CUDA_ERROR_INVALID_VALUE);
     if (!dev_ok(prop->location.id))
         return state_leave(CUDA_ERROR_INVALID_DEVICE);
+    if (prop->requestedHandleTypes && g_no_shareable) /* as a driver without the handle type */
+        return state_leave(CUDA_ERROR_NOT_SUPPORTED);
     fk_alloc *a;
     if ((r = mem_alloc_device(prop->location.id, NULL, size, A_VMM, &a)))
         return state_leave(r);
+    a->handle_refs = 1;
+    a->shareable = prop->requestedHandleTypes != 0;
     a->vnext = g_vmm;
     g_vmm = a;
     *handle = (CUmemGenericAllocationHandle)a->id;
@@ -456,6 +468,8 @@ FK_API CUresult CUDAAPI cuMemRelease(CUmemGenericAllocationHandle handle)
     g_cnt.free_calls++;
     for (fk_alloc *a = g_vmm; a; a = a->vnext) {
         if (a->id == handle && !a->released) {
+            if (--a->handle_refs)
+                return state_leave(CUDA_SUCCESS);
             if (a->maps) /* the mappings keep the memory until they go */
                 a->released = true;
             else
@@ -464,6 +478,85 @@ FK_API CUresult CUDAAPI cuMemRelease(CUmemGenericAllocationHandle handle)
         }
     }
     return state_leave(CUDA_ERROR_INVALID_VALUE);
+}
+
+static fk_alloc *vmm_handle(CUmemGenericAllocationHandle handle)
+{
+    for (fk_alloc *a = g_vmm; a; a = a->vnext)
+        if (a->id == handle && !a->released)
+            return a;
+    return NULL;
+}
+
+/* The handle of the memory mapped at addr, one reference more (cuMemRelease drops it). */
+FK_API CUresult CUDAAPI cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    fk_alloc *m = mem_find((uintptr_t)addr);
+    if (!handle || !m || m->kind != A_MAPPED) /* cuMemAlloc memory too, as on the driver */
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    fk_alloc *h = m->handle;
+    h->released = false; /* the mapping kept it: a reference again */
+    h->handle_refs++;
+    *handle = (CUmemGenericAllocationHandle)h->id;
+    return state_leave(CUDA_SUCCESS);
+}
+
+/* A file descriptor of the handle's memory (a dup of its memfd): only for handles created with
+ * that handle type requested, as on the driver. */
+FK_API CUresult CUDAAPI cuMemExportToShareableHandle(void *out, CUmemGenericAllocationHandle handle,
+                                                     CUmemAllocationHandleType type,
+                                                     unsigned long long flags)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    fk_alloc *h = vmm_handle(handle);
+    if (!out || flags || !h || type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || !h->shareable)
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    int fd = fcntl(h->memfd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return state_leave(CUDA_ERROR_OUT_OF_MEMORY);
+    *(int *)out = fd;
+    return state_leave(CUDA_SUCCESS);
+}
+
+/* A handle of the memory behind a descriptor cuMemExportToShareableHandle made (in any process):
+ * the fake's memfds are recognised by name. The memory is the exporter's device's: it counts
+ * against no capacity here. The descriptor stays the caller's. */
+FK_API CUresult CUDAAPI cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *handle,
+                                                       void *os_handle,
+                                                       CUmemAllocationHandleType type)
+{
+    CUresult r = state_enter();
+    if (r)
+        return r;
+    int fd = (int)(intptr_t)os_handle;
+    char path[64], link[128];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(path, link, sizeof link - 1);
+    struct stat st;
+    if (!handle || type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || n <= 0 ||
+        (link[n] = 0, strncmp(link, "/memfd:fakecuda-", 16) != 0) || fstat(fd, &st) != 0 ||
+        st.st_size <= 0 || st.st_size % FK_VMM_GRANULARITY)
+        return state_leave(CUDA_ERROR_INVALID_VALUE);
+    fk_alloc *a = malloc(sizeof *a);
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    fk_ctx *c = NULL;
+    if (!a || own < 0) {
+        free(a);
+        if (own >= 0)
+            close(own);
+        return state_leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    *a = (fk_alloc){.size = (size_t)st.st_size, .kind = A_VMM, .dev = ctx_current(&c) ? 0 : c->dev,
+                    .id = g_next_id++, .memfd = own, .handle_refs = 1, .shareable = true,
+                    .imported = true, .vnext = g_vmm};
+    g_vmm = a;
+    *handle = (CUmemGenericAllocationHandle)a->id;
+    return state_leave(CUDA_SUCCESS);
 }
 
 /* ================================================================ virtual address ranges */
@@ -606,10 +699,11 @@ FK_API CUresult CUDAAPI cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmem
     if (!desc || count == 0 || size == 0 || !mapped_exactly(ptr, size))
         return state_leave(CUDA_ERROR_INVALID_VALUE);
     int prot = PROT_NONE;
-    unsigned devices = 0;
+    unsigned devices = 0, named = 0;
     for (size_t i = 0; i < count; i++) {
         if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE || !dev_ok(desc[i].location.id))
             return state_leave(CUDA_ERROR_INVALID_DEVICE);
+        named |= 1u << desc[i].location.id;
         if (desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_NONE)
             devices |= 1u << desc[i].location.id;
         if (desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
@@ -617,11 +711,17 @@ FK_API CUresult CUDAAPI cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmem
         else if (desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READ && prot == PROT_NONE)
             prot = PROT_READ;
     }
-    if (mprotect((void *)ptr, size, prot) != 0)
-        return state_leave(CUDA_ERROR_INVALID_VALUE);
-    for (uintptr_t p = ptr; p < ptr + size;) { /* this fake's one access setting: the union */
+    /* Each device named gets its setting; the others keep theirs. The host sees the mapping
+     * while any device may access it (this fake's one protection: the widest). */
+    for (uintptr_t p = ptr; p < ptr + size;) {
         fk_alloc *a = mem_find(p);
-        a->access |= devices;
+        a->access = (a->access & ~named) | devices;
+        if (devices)
+            a->prot |= prot;
+        if (!a->access)
+            a->prot = PROT_NONE;
+        if (mprotect((void *)a->base, a->size, a->prot) != 0)
+            return state_leave(CUDA_ERROR_INVALID_VALUE);
         p += a->size;
     }
     return state_leave(CUDA_SUCCESS);
@@ -658,5 +758,8 @@ FK_API unsigned fakecuda_vmm_access(CUdeviceptr p)
     X("cuMemAddressFree", 10020, 0, cuMemAddressFree)                               \
     X("cuMemMap", 10020, 0, cuMemMap)                                               \
     X("cuMemUnmap", 10020, 0, cuMemUnmap)                                           \
-    X("cuMemSetAccess", 10020, 0, cuMemSetAccess)
+    X("cuMemSetAccess", 10020, 0, cuMemSetAccess)                                   \
+    X("cuMemRetainAllocationHandle", 11000, 0, cuMemRetainAllocationHandle)         \
+    X("cuMemExportToShareableHandle", 10020, 0, cuMemExportToShareableHandle)       \
+    X("cuMemImportFromShareableHandle", 10020, 0, cuMemImportFromShareableHandle)
 FK_PROC_TABLE(mem_procs, MEM_PROCS);

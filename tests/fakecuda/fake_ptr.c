@@ -129,24 +129,11 @@ FK_API CUresult CUDAAPI cuPointerSetAttribute(const void *value, CUpointer_attri
     return state_leave(CUDA_SUCCESS);
 }
 
-/* The fake maps no VMM handles to addresses, so no address has an allocation handle (the driver
- * answers CUDA_ERROR_INVALID_VALUE for cuMemAlloc memory too). */
-FK_API CUresult CUDAAPI cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr)
-{
-    (void)addr;
-    CUresult r = state_enter();
-    if (r)
-        return r;
-    (void)handle;
-    return state_leave(CUDA_ERROR_INVALID_VALUE);
-}
-
 /* ================================================================ cuGetProcAddress rows */
 
 #define PTR_PROCS(X)                                                                \
     X("cuMemGetAddressRange", 3020, 0, cuMemGetAddressRange_v2)                     \
     X("cuPointerGetAttribute", 4000, 0, cuPointerGetAttribute)                      \
     X("cuPointerGetAttributes", 7000, 0, cuPointerGetAttributes)                    \
-    X("cuPointerSetAttribute", 6000, 0, cuPointerSetAttribute)                      \
-    X("cuMemRetainAllocationHandle", 11000, 0, cuMemRetainAllocationHandle)
+    X("cuPointerSetAttribute", 6000, 0, cuPointerSetAttribute)
 FK_PROC_TABLE(ptr_procs, PTR_PROCS);

@@ -19,6 +19,7 @@ long g_fail_after = -1;
 long g_fail_map_after = -1;
 uint64_t g_map_attempts;
 bool g_no_vmm;
+bool g_no_shareable;
 uint64_t g_alloc_attempts;
 fk_device g_dev[FK_MAX_DEVICES];
 fk_ctx *g_ctxs;
@@ -103,6 +104,7 @@ void state_env_load(bool force)
         g_map_attempts = 0;
     g_fail_map_after = map_fail;
     g_no_vmm = state_env_long("FAKECUDA_NO_VMM", 0) != 0;
+    g_no_shareable = state_env_long("FAKECUDA_NO_SHAREABLE", 0) != 0;
 }
 
 /* ================================================================ fault injection */

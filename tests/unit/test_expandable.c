@@ -161,6 +161,45 @@ Test(expandable, above_max_cached_the_free_tail_is_unmapped)
     free_ok(c);
 }
 
+/* Free chunks below a live block go too (holes: unmapped, the range keeps its extent), and a
+ * request they can serve maps them again before anything is mapped at the end. */
+Test(expandable, interior_free_chunks_are_unmapped_and_mapped_again_for_a_request)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(3 * MiB), b = alloc_ok(6 * MiB), c = alloc_ok(3 * MiB);
+    memset((void *)a, 0x11, 3 * MiB);
+    memset((void *)c, 0x33, 3 * MiB);
+    free_ok(b); /* [3, 9): its whole chunks [4, 8) */
+    cr_expect_gt(gpumem_release_cached(), 4 * MiB - 1);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 8 * MiB, "12 MiB used to the end, 4 of them a hole now");
+    cr_expect_eq(stats().bytes_reserved, 8 * MiB, "the limit counts mapped bytes");
+    uintptr_t e = alloc_ok(5 * MiB); /* the hole and its slivers make 6 MiB */
+    cr_expect_eq(e, a + 3 * MiB, "the hole was mapped again, not the range's end");
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 12 * MiB);
+    cr_expect_eq(stats().bytes_reserved, 12 * MiB);
+    memset((void *)e, 0x55, 5 * MiB);
+    const unsigned char *pa = (const unsigned char *)a, *pc = (const unsigned char *)c;
+    cr_expect(pa[0] == 0x11 && pa[3 * MiB - 1] == 0x11 && pc[0] == 0x33 && pc[3 * MiB - 1] == 0x33,
+              "the neighbours kept their data");
+    free_ok(e);
+    free_ok(a);
+    free_ok(c);
+}
+
+Test(expandable, above_max_cached_interior_chunks_go_and_teardown_skips_the_holes)
+{
+    start((const char *const[]){"GPUMEM_MAX_CACHED", "0", NULL});
+    alloc_ok(3 * MiB); /* leaked */
+    uintptr_t b = alloc_ok(6 * MiB);
+    alloc_ok(3 * MiB); /* leaked */
+    free_ok(b);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 8 * MiB, "the hole went at once");
+    cr_expect_eq(stats().bytes_cached_free, 2 * MiB, "only the slivers stay cached");
+    gm_context_teardown(1, true);
+    cr_expect_eq(gm_host_backend_vmm_mapped(), 0, "every mapped chunk unmapped once, no hole twice");
+    cr_expect_eq(gm_host_backend_in_use(), 0);
+}
+
 Test(expandable, without_vmm_classic_segments_serve)
 {
     gm_host_backend_configure_vmm(false, -1);

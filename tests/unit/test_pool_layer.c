@@ -194,31 +194,60 @@ Test(pool_layer, classic_segments_never_extend)
     cr_expect_eq(only_segment()->size, 4 * MiB);
 }
 
-Test(pool_layer, a_trim_takes_whole_chunks_off_the_end_only)
+Test(pool_layer, a_trim_takes_the_ends_chunks_then_interior_ones_as_holes)
 {
     pool.sizing.chunk = 2 * MiB;
     cr_assert(gm_pool_add_expandable_locked(&pool, BASE, 16 * MiB, false));
     gm_segment *seg = only_segment();
     gm_block *a = take(3 * MiB), *b = take(4 * MiB), *c = take(3 * MiB);
-    (void)c;
-    gm_pool_free_block_locked(&pool, b); /* interior: stays mapped */
+    gm_pool_free_block_locked(&pool, b); /* interior, [3, 7): its whole chunk [4, 6) can go */
     gm_pool_span spans[4];
     size_t n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4);
-    cr_assert_eq(n, 1);
-    /* c ends at 10 MiB: the tail [10, 16) is free, its whole chunks [10, 16) go */
+    cr_assert_eq(n, 2);
+    /* c ends at 10 MiB: the tail [10, 16) is free, its whole chunks [10, 16) go first */
     cr_expect_eq(spans[0].base, BASE + 10 * MiB);
     cr_expect_eq(spans[0].size, 6 * MiB);
     cr_expect(spans[0].expandable);
-    cr_expect_eq(seg->size, 10 * MiB);
-    cr_expect_eq(gm_pool_tail_free_locked(seg), 0);
-    cr_expect_eq(pool.bytes_cached_free, 4 * MiB, "the interior hole is still cached");
+    cr_expect_eq(spans[1].base, BASE + 4 * MiB, "the interior chunk");
+    cr_expect_eq(spans[1].size, 2 * MiB);
+    cr_expect(spans[1].expandable);
+    cr_expect_eq(seg->size, 10 * MiB, "a hole keeps the extent");
+    cr_expect_eq(seg->holes, 2 * MiB);
     check_segment(seg);
-    gm_pool_free_block_locked(&pool, c); /* merges with b: free from 3 MiB on */
+    gm_block *hole = a->next->next;
+    cr_expect_eq(hole->state, GM_BLOCK_HOLE);
+    cr_expect_eq(a->next->size, MiB, "the free sliver before the hole");
+    cr_expect_eq(hole->next->size, MiB, "and after it");
+    cr_expect_eq(pool.bytes_cached_free, 2 * MiB, "the slivers only");
+    gm_block *d;
+    cr_expect_eq(gm_pool_alloc_locked(&pool, 3 * MiB, &d), GPUMEM_ERROR_OUT_OF_MEMORY, "a hole is never carved");
+    gm_pool_span h;
+    cr_expect_not(gm_pool_hole_for_locked(seg, 5 * MiB, &h), "the hole and its slivers make 4 MiB");
+    cr_assert(gm_pool_hole_for_locked(seg, 4 * MiB, &h));
+    cr_expect_eq(h.base, BASE + 4 * MiB);
+    cr_expect_eq(h.size, 2 * MiB);
+    gm_pool_span listed[4];
+    cr_expect_eq(gm_pool_holes_locked(seg, listed, 4), 1);
+    cr_expect_eq(listed[0].base, h.base);
+    cr_expect_not(gm_pool_fill_hole_locked(&pool, seg, BASE + 3 * MiB), "no hole starts there");
+    cr_assert(gm_pool_fill_hole_locked(&pool, seg, h.base)); /* mapped again */
+    cr_expect_eq(seg->holes, 0);
+    cr_expect_eq(a->next->size, 4 * MiB, "merged with both slivers");
+    cr_expect_eq(pool.bytes_cached_free, 4 * MiB);
+    check_segment(seg);
+    cr_assert_eq(gm_pool_alloc_locked(&pool, 4 * MiB, &d), GPUMEM_OK);
+    cr_expect_eq(d->addr, BASE + 3 * MiB);
+    gm_pool_free_block_locked(&pool, d);
+    n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4); /* the hole again */
+    cr_assert_eq(n, 1);
+    cr_expect_eq(spans[0].base, BASE + 4 * MiB);
+    gm_pool_free_block_locked(&pool, c); /* merges with the sliver after the hole: [6, 10) free */
     n = gm_pool_take_free_segments_locked(&pool, 0, spans, 4);
     cr_assert_eq(n, 1);
-    cr_expect_eq(spans[0].base, BASE + 4 * MiB, "from the first chunk boundary after a's end");
-    cr_expect_eq(spans[0].size, 6 * MiB);
-    cr_expect_eq(seg->size, 4 * MiB);
+    cr_expect_eq(spans[0].base, BASE + 6 * MiB, "the mapped tail; the hole below it is unmapped already");
+    cr_expect_eq(spans[0].size, 4 * MiB);
+    cr_expect_eq(seg->size, 4 * MiB, "the segment ends where the hole began: never in a hole");
+    cr_expect_eq(seg->holes, 0);
     cr_expect_eq(gm_pool_tail_free_locked(seg), MiB, "a's last chunk keeps its free part");
     check_segment(seg);
     cr_expect_eq(pool.bytes_cached_free, MiB);
@@ -230,6 +259,19 @@ Test(pool_layer, a_trim_takes_whole_chunks_off_the_end_only)
     cr_expect_eq(pool.segments, 0, "nothing mapped: the segment is gone");
     cr_expect_eq(pool.bytes_cached_free, 0);
     cr_expect_eq(pool.segments_released, 1);
+}
+
+Test(pool_layer, a_reset_counts_no_hole_as_held)
+{
+    pool.sizing.chunk = 2 * MiB;
+    cr_assert(gm_pool_add_expandable_locked(&pool, BASE, 12 * MiB, false));
+    take(3 * MiB);
+    gm_block *b = take(4 * MiB);
+    take(2 * MiB);
+    gm_pool_free_block_locked(&pool, b); /* [3, 7): chunk [4, 6) */
+    gm_pool_span spans[4];
+    cr_assert_eq(gm_pool_take_free_segments_locked(&pool, 0, spans, 4), 2); /* the tail [10, 12), the hole */
+    cr_expect_eq(gm_pool_reset(&pool), 8 * MiB, "10 MiB of extent, 2 of them unmapped");
 }
 
 Test(pool_layer, a_trim_keeps_what_max_cached_allows)
