@@ -85,7 +85,9 @@ static bool fence_wait_locked(gm_heap *heap)
 }
 
 /* The heap's batch: GPUMEM_FENCE_BATCH, at most 1/FENCE_BATCH_SHARE of the device's limit or,
- * without one, of its memory. Asks the backend once per device, with the lock dropped. */
+ * without one, of its memory, and at most GPUMEM_MAX_CACHED (else the blocks a fence retires
+ * would go back to the device at the next free, and the next misses take them anew). Asks the
+ * backend once per device, with the lock dropped. */
 static void learn_batch_locked(gm_heap *heap)
 {
     int device = heap->device;
@@ -94,6 +96,7 @@ static void learn_batch_locked(gm_heap *heap)
     if (gm_mgr.backend->device_total(device, &total) != GPUMEM_OK) total = 0;
     uint64_t visible = gm_limit_visible_total(device, total ? total : UINT64_MAX);
     uint64_t batch = gm_mgr.cfg->fence_batch, cap = visible / FENCE_BATCH_SHARE;
+    if (gm_mgr.cfg->max_cached != GM_UNLIMITED && gm_mgr.cfg->max_cached < cap) cap = gm_mgr.cfg->max_cached;
     pthread_mutex_lock(&heap->lock);
     heap->fence_batch = batch < cap ? batch : cap;
     heap->fence_batch_device = device + 1;

@@ -329,6 +329,19 @@ Test(pool, fast_free_batch_0_takes_no_memory_for_fences)
     expect_all_returned(200);
 }
 
+/* GPUMEM_MAX_CACHED bounds the batch: what a fence retires is not handed back at once. */
+Test(pool, fast_free_batch_within_max_cached)
+{
+    const char *env[] = {"GPUMEM_FREE_SYNC", "0", "GPUMEM_MAX_CACHED", "2MiB", NULL};
+    start(env);
+    gm_fence_set_recent_ns(UINT64_MAX / 2);
+    uint64_t calls = gm_host_backend_alloc_calls();
+    for (int i = 0; i < 200; i++) free_ok(alloc_ok(256 * 1024));
+    cr_expect_leq(gm_host_backend_alloc_calls() - calls, 1, "segments are not taken and handed back in turn");
+    cr_expect_leq(stats().bytes_reserved, 2 * MiB);
+    expect_all_returned(200);
+}
+
 Test(pool, fast_free_rare_misses_fence_at_once)
 {
     start_fast("1GiB", 0);
