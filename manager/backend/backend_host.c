@@ -14,6 +14,7 @@ static _Atomic uint64_t in_use;
 static _Atomic long fail_after = -1;   /* allocations left before faults begin; -1 never */
 static _Atomic uint64_t alloc_calls, sync_calls;
 static _Atomic int fence_queries_until_done;
+static _Atomic uint64_t fence_records, fence_waits, fences_live;
 
 struct gm_fence {
     int queries_left;
@@ -33,6 +34,9 @@ void gm_host_backend_set_fence_delay(int queries) { atomic_store(&fence_queries_
 uint64_t gm_host_backend_in_use(void) { return atomic_load(&in_use); }
 uint64_t gm_host_backend_alloc_calls(void) { return atomic_load(&alloc_calls); }
 uint64_t gm_host_backend_sync_calls(void) { return atomic_load(&sync_calls); }
+uint64_t gm_host_backend_fence_records(void) { return atomic_load(&fence_records); }
+uint64_t gm_host_backend_fence_waits(void) { return atomic_load(&fence_waits); }
+uint64_t gm_host_backend_fences_live(void) { return atomic_load(&fences_live); }
 
 static int host_current(uintptr_t *ctx, int *device)
 {
@@ -115,6 +119,8 @@ static int host_fence_record(uintptr_t ctx, gm_fence **out)
     gm_fence *f = malloc(sizeof *f);
     if (!f) return GPUMEM_ERROR_OUT_OF_MEMORY;
     f->queries_left = atomic_load(&fence_queries_until_done);
+    atomic_fetch_add(&fence_records, 1);
+    atomic_fetch_add(&fences_live, 1);
     *out = f;
     return GPUMEM_OK;
 }
@@ -129,10 +135,15 @@ static int host_fence_query(gm_fence *f)
 static int host_fence_wait(gm_fence *f)
 {
     f->queries_left = 0;
+    atomic_fetch_add(&fence_waits, 1);
     return GPUMEM_OK;
 }
 
-static void host_fence_destroy(gm_fence *f) { free(f); }
+static void host_fence_destroy(gm_fence *f)
+{
+    atomic_fetch_sub(&fences_live, 1);
+    free(f);
+}
 
 /* Transfers: "device" memory is host memory, so a copy is a memcpy done at once and every stream
  * and event is complete as soon as work is enqueued. Handles are distinct non-zero numbers. */

@@ -131,6 +131,10 @@ uint64_t gm_host_backend_vmm_mapped(void);
 uint64_t gm_host_backend_alloc_calls(void);
 uint64_t gm_host_backend_sync_calls(void);
 void gm_host_backend_set_fence_delay(int queries); /* fences complete after this many queries */
+/* Fences recorded, waited for (fence_wait) and not yet destroyed, since the start. */
+uint64_t gm_host_backend_fence_records(void);
+uint64_t gm_host_backend_fence_waits(void);
+uint64_t gm_host_backend_fences_live(void);
 
 /* CUDA backend, bound to the real driver entry points the shim resolved (or, in library mode,
  * to libcuda.so.1 opened by the backend itself). NULL when the driver cannot be loaded. */

@@ -38,6 +38,7 @@ extern const size_t gm_option_count;
 typedef struct gm_config {
     bool pool;
     bool free_sync;
+    uint64_t fence_batch;                   /* GPUMEM_FENCE_BATCH: fast mode's pending bytes (fence.c) */
     gm_limit_setting limit[GM_MAX_DEVICES]; /* resolved per device: GPUMEM_LIMIT then GPUMEM_LIMIT_<i> */
     double growth_factor;
     uint64_t segment_min;

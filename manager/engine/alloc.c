@@ -1,7 +1,8 @@
 /* The allocation policy: what gm_alloc and gm_free do around the pool.
  *
  * Allocation: the pool first (a hit costs one uncontended lock); then fast-mode blocks whose
- * fence completed, and blocks IPC no longer holds; then growth. Growth never crosses the limit:
+ * fence completed (fence.c, which batches the fences), and blocks IPC no longer holds; then
+ * growth. Growth never crosses the limit:
  * the growth-factor segment if the limit and the device allow it, else a segment sized to the
  * request, else exactly the request; each step first takes its bytes from the limit, handing
  * cached segments back when that is what it takes, and retries the device once after handing
@@ -516,50 +517,6 @@ static void release_over_cache_limit(gm_heap *heap)
     if (keep != GM_UNLIMITED && !atomic_load(&gm_mgr.exiting)) gm_release_cached(heap, keep);
 }
 
-/* ------------------------------------------------------------------ fast mode: fences */
-
-static void fence_drop_locked(gm_heap *heap)
-{
-    if (heap->fence) gm_mgr.backend->fence_destroy(heap->fence);
-    heap->fence = NULL;
-}
-
-static bool retire_waiting_locked(gm_heap *heap)
-{
-    uint32_t covered = gm_pool_close_epoch_locked(&heap->pool);
-    pthread_mutex_unlock(&heap->lock);
-    int rc = gm_mgr.backend->synchronize(heap->ctx);
-    pthread_mutex_lock(&heap->lock);
-    return rc == GPUMEM_OK && gm_pool_retire_upto_locked(&heap->pool, covered);
-}
-
-bool gm_retire_pending_locked(gm_heap *heap, bool wait)
-{
-    const gm_backend *be = gm_mgr.backend;
-    if (!heap->pool.pending_head) return false;
-    if (wait) return retire_waiting_locked(heap);
-    bool any = false;
-    if (heap->fence && be->fence_query(heap->fence) == 0) {
-        any = gm_pool_retire_upto_locked(&heap->pool, heap->fence_epoch);
-        fence_drop_locked(heap);
-    }
-    if (!heap->fence && heap->pool.pending_head) {
-        gm_fence *f = NULL;
-        /* Queried at once: on an idle device the fence is usually complete by then, and a miss
-         * answered now spares a new segment (measured on the H100: dropping this query made
-         * fast-mode pairs of >= 1 MiB 2.6x slower, 0.72 -> 1.9 us). */
-        if (be->fence_record(heap->ctx, &f) == GPUMEM_OK) {
-            heap->fence = f;
-            heap->fence_epoch = gm_pool_close_epoch_locked(&heap->pool);
-            if (be->fence_query(f) == 0) {
-                any |= gm_pool_retire_upto_locked(&heap->pool, heap->fence_epoch);
-                fence_drop_locked(heap);
-            }
-        }
-    }
-    return any;
-}
-
 /* ------------------------------------------------------------------ allocation */
 
 static int alloc_direct(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *site,
@@ -629,15 +586,15 @@ static bool alloc_from_thread_cache(gm_heap *heap, gm_tcache *tc, size_t rounded
  * and on return. `*hit`: no new segment was needed. */
 static int take_block_locked(gm_heap *heap, size_t rounded, gm_block **b, bool *hit)
 {
-    bool waited = false;
+    bool waited = false, flushed = false;
     int rc = GPUMEM_OK;
     *hit = true;
-    for (int attempt = 0; gm_pool_alloc_locked(&heap->pool, rounded, b) != GPUMEM_OK; attempt++) {
-        if (heap->pool.pending_head && gm_retire_pending_locked(heap, false)) continue;
+    for (int grows = 0; gm_pool_alloc_locked(&heap->pool, rounded, b) != GPUMEM_OK;) {
+        if (heap->pool.pending_head && gm_fence_reclaim_locked(heap, rounded)) continue; /* fence.c */
         if (heap->quarantine && gm_ipc_reclaim_locked(heap)) continue;
-        if (attempt == 0 && gm_tcache_flush_all_locked(heap)) continue; /* never grow for them */
+        if (!flushed && (flushed = true, gm_tcache_flush_all_locked(heap))) continue; /* never grow for them */
         *hit = false;
-        if (attempt >= 4) return GPUMEM_ERROR_OUT_OF_MEMORY;
+        if (grows++ >= 4) return GPUMEM_ERROR_OUT_OF_MEMORY;
         pthread_mutex_unlock(&heap->lock);
         rc = grow(heap, rounded);
         pthread_mutex_lock(&heap->lock);

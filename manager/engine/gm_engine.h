@@ -81,8 +81,11 @@ typedef struct gm_heap {
     gm_pool pool;
     gm_live live;
     gm_counters c;
-    gm_fence *fence;            /* newest fence covering pending blocks with epoch <= fence_epoch */
+    gm_fence *fence;            /* the fence in flight: covers pending blocks with epoch <= fence_epoch */
     uint32_t fence_epoch;
+    uint64_t fence_at_ns;       /* when the last fence was recorded (fence.c: batching) */
+    uint64_t fence_batch;       /* GPUMEM_FENCE_BATCH for this heap's device, learnt once */
+    int fence_batch_device;     /* the device fence_batch was learnt for, plus 1; 0: not yet */
     gm_block *quarantine;       /* freed blocks other processes still have open (ipc.c), by fnext */
     uint64_t buffer_seq;        /* buffer ids of this heap's blocks (gm_buffer_id_next_locked) */
     uint32_t index;             /* in gm_mgr.heaps: makes buffer ids unique across heaps */
@@ -298,9 +301,17 @@ int gm_vmm_grant_peer(uintptr_t ctx, int device, int accessor);
 int gm_vmm_revoke_peer(uintptr_t ctx, int device, int accessor);
 /* Testing: the virtual range reserved per heap and class (0: the device's total memory). */
 void gm_vmm_set_range_size(size_t bytes);
-/* Fast mode: retires what a completed fence covers and records a new one; with `wait`,
- * synchronizes the context (lock dropped). True when some block became reusable. */
+/* Fast mode's fences (fence.c). Retires what a completed fence covers and records a new one;
+ * with `wait`, synchronizes the context (lock dropped). True when some block became reusable. */
 bool gm_retire_pending_locked(gm_heap *heap, bool wait);
+/* Fast mode: an allocation of `rounded` bytes found no free block while blocks wait for fences.
+ * True: some may have become reusable (look again; the lock may have been dropped). False: take
+ * new memory. Batches fences (docs/configuration.md, "Free synchronization"): records or
+ * queries one only here, and may wait for the fence in flight (lock dropped) once the pending
+ * bytes reach GPUMEM_FENCE_BATCH. */
+bool gm_fence_reclaim_locked(gm_heap *heap, size_t rounded);
+/* Testing: misses closer than this to the last fence batch instead of fencing (default 100 us). */
+void gm_fence_set_recent_ns(uint64_t ns);
 
 /* Resizing a live pool block in place (named buffers). The block is the live one at `ptr` in
  * `heap`; GPUMEM_ERROR_NOT_SUPPORTED when it is no pool block (it must move instead). */

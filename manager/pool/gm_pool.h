@@ -85,6 +85,7 @@ typedef struct gm_pool {
     size_t next_large_segment;  /* the growth-factor sequence; read unlocked (relaxed) */
     gm_block *pending_head;     /* freed in fast mode, waiting for their epoch's fence */
     uint64_t pending_bytes;
+    size_t pending_blocks;      /* how many are on the pending list */
     uint32_t epoch;             /* pending blocks freed now wait for epoch + 1 */
     gm_block *spare_blocks;     /* recycled block headers */
     /* What the statistics read (account/stats.def, POOL rows). */

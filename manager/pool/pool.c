@@ -403,6 +403,7 @@ void gm_pool_pend_block_locked(gm_pool *pool, gm_block *b)
     if (b->fnext) b->fnext->fprev = b;
     pool->pending_head = b;
     pool->pending_bytes += b->size;
+    pool->pending_blocks++;
 }
 
 /* Moves pending blocks covered by `epoch` to the bins. */
@@ -417,6 +418,7 @@ bool gm_pool_retire_upto_locked(gm_pool *pool, uint32_t epoch)
             else pool->pending_head = b->fnext;
             if (b->fnext) b->fnext->fprev = b->fprev;
             pool->pending_bytes -= b->size;
+            pool->pending_blocks--;
             gm_pool_free_block_locked(pool, b);
             any = true;
         }

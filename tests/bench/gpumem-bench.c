@@ -1,12 +1,16 @@
 /* gpumem-bench: speed goals live here, never in timed tests.
  *
  *   gpumem-bench pool   alloc+free pairs that hit the pool, host backend, 256 B .. 64 MiB,
- *                       1 and 2 threads; last line pool_pair_ns_median=<N> (1 thread, mixed).
+ *                       strict and fast mode, 1 and 2 threads; last line pool_pair_ns_median=<N>
+ *                       (strict, 1 thread, mixed).
  *   gpumem-bench gpu    cudaMalloc+cudaFree pairs through the shim (strict and fast mode) next
- *                       to raw cudaMalloc/cudaFree and cudaMallocAsync/cudaFreeAsync, and the
- *                       added cost on a forwarded 64-B pinned cudaMemcpyAsync. Each variant runs
- *                       in a child process of this one run (the shim must be preloaded or not),
- *                       side by side, and the table compares medians.
+ *                       to raw cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync and an idle
+ *                       cuCtxSynchronize, 256 B .. 64 MiB, and the added cost on a forwarded 64-B
+ *                       pinned cudaMemcpyAsync. Each variant runs in a child process of this one
+ *                       run (the shim must be preloaded or not), in 5 alternating rounds; the
+ *                       table gives the median of the rounds' medians and their spread, and the
+ *                       derived lines strict's own share (strict - sync - async) and whether fast
+ *                       beats 0.35 us and the async pair, per size.
  *   gpumem-bench shared [N]  the shared budget: N processes (256) attaching at once, and
  *                       pool hits with and without a group (bench_shared.c).
  */
@@ -106,23 +110,31 @@ static int bench_pool(void)
     printf("pool pair (alloc+free that hit the pool), host backend, one context, ns per pair over %d "
            "batches of %d per thread; %ld cores, GPUMEM_THREAD_CACHE=%llu\n", POOL_BATCHES, POOL_BATCH,
            cores, (unsigned long long)gm_config_get()->thread_cache);
-    printf("%-10s %8s %12s %12s %12s\n", "size", "threads", "median_ns", "p99_ns", "throughput");
-    double single[NSIZES + 1] = {0}, mixed_single = 0;
-    for (int threads = 1; threads <= POOL_MAX_THREADS; threads *= 2) {
-        if (threads > 2 && threads > cores) break;
-        for (int s = -1; s < (int)NSIZES; s++) {
-            summary r = run_pool_case(heap, s, threads);
-            char label[32];
-            if (s < 0) snprintf(label, sizeof label, "mixed");
-            else snprintf(label, sizeof label, "%zu", pool_sizes[s]);
-            if (threads == 1) single[s + 1] = r.median;
-            double speedup = threads * single[s + 1] / r.median; /* all threads' pairs/s vs one's */
-            printf("%-10s %8d %12.1f %12.1f %11.2fx\n", label, threads, r.median, r.p99, speedup);
-            if (s < 0 && threads == 1) mixed_single = r.median;
-            if (s < 0 && threads > 1) printf("pool_threads_%d_throughput=%.2f\n", threads, speedup);
+    printf("%-10s %8s %8s %12s %12s %12s\n", "size", "mode", "threads", "median_ns", "p99_ns", "throughput");
+    double mixed_single[2] = {0, 0};
+    for (int fast = 0; fast <= 1; fast++) {
+        /* read at every free: switchable between runs; fast mode's fences are the host backend's
+         * (complete at once), so this is the cost of the pending list and the batching */
+        ((gm_config *)gm_mgr.cfg)->free_sync = !fast;
+        double single[NSIZES + 1] = {0};
+        for (int threads = 1; threads <= POOL_MAX_THREADS; threads *= 2) {
+            if ((threads > 2 && threads > cores) || (fast && threads > 2)) break;
+            for (int s = -1; s < (int)NSIZES; s++) {
+                summary r = run_pool_case(heap, s, threads);
+                char label[32];
+                if (s < 0) snprintf(label, sizeof label, "mixed");
+                else snprintf(label, sizeof label, "%zu", pool_sizes[s]);
+                if (threads == 1) single[s + 1] = r.median;
+                double speedup = threads * single[s + 1] / r.median; /* all threads' pairs/s vs one's */
+                printf("%-10s %8s %8d %12.1f %12.1f %11.2fx\n", label, fast ? "fast" : "strict", threads,
+                       r.median, r.p99, speedup);
+                if (s < 0 && threads == 1) mixed_single[fast] = r.median;
+                if (s < 0 && threads > 1 && !fast) printf("pool_threads_%d_throughput=%.2f\n", threads, speedup);
+            }
         }
     }
-    printf("pool_pair_ns_median=%.0f\n", mixed_single);
+    printf("pool_fast_pair_ns_median=%.0f\n", mixed_single[1]);
+    printf("pool_pair_ns_median=%.0f\n", mixed_single[0]);
     return 0;
 }
 
@@ -167,7 +179,7 @@ static bool load_cudart(void)
 #undef RT
 }
 
-static const size_t gpu_sizes[] = {256, 4096, 65536, 1 << 20, 16 << 20, 64 << 20};
+static const size_t gpu_sizes[] = {256, 4096, 65536, 1 << 20, 4 << 20, 16 << 20, 64 << 20};
 #define NGPU (sizeof gpu_sizes / sizeof *gpu_sizes)
 
 /* Times `iters` pairs of one size; prints "<label> <size> <median_us> <p99_us>". */
@@ -175,7 +187,7 @@ static void time_pairs(const char *label, size_t size, int iters, bool async, vo
 {
     double *t = malloc(sizeof(double) * (size_t)iters);
     void *p = NULL;
-    for (int i = -10; i < iters; i++) {
+    for (int i = -100; i < iters; i++) { /* warm: fast mode's batch takes its blocks */
         uint64_t t0 = now_ns();
         if (async) {
             if (rt.malloc_async(&p, size, stream) || rt.free_async(p, stream)) exit(3);
@@ -206,6 +218,25 @@ static void time_memcpy(const char *label, void *stream)
     printf("%s 64 %.1f %.1f\n", label, s.median, s.p99);
 }
 
+/* An idle cuCtxSynchronize, the driver's own (the raw worker runs without the shim): what
+ * strict mode adds to every pooled free. Prints "sync 0 <median_us> <p99_us>". */
+static void time_idle_sync(void)
+{
+    enum { N = 5000 };
+    static double t[N];
+    void *h = dlopen("libcuda.so.1", RTLD_NOW);
+    int (*sync)(void) = NULL;
+    if (h) *(void **)&sync = dlsym(h, "cuCtxSynchronize");
+    if (!sync) exit(3);
+    for (int i = -100; i < N; i++) {
+        uint64_t t0 = now_ns();
+        if (sync()) exit(3);
+        if (i >= 0) t[i] = (double)(now_ns() - t0) / 1000.0;
+    }
+    summary s = summarize(t, N);
+    printf("sync 0 %.3f %.3f\n", s.median, s.p99);
+}
+
 static int copy_overhead(void);
 
 static int gpu_worker(const char *mode)
@@ -220,11 +251,12 @@ static int gpu_worker(const char *mode)
         return 0;
     }
     bool raw = strcmp(mode, "raw") == 0;
+    if (raw) time_idle_sync();
     for (size_t i = 0; i < NGPU; i++) {
-        time_pairs(mode, gpu_sizes[i], raw ? 200 : 5000, false, stream);
+        time_pairs(mode, gpu_sizes[i], raw ? 100 : 5000, false, stream);
         if (raw) time_pairs("async", gpu_sizes[i], 5000, true, stream);
     }
-    time_memcpy(raw ? "memcpy_raw" : "memcpy_shim", stream);
+    if (raw) time_idle_sync(); /* again after the pairs: the device state they left */
     return 0;
 }
 
@@ -337,36 +369,108 @@ static size_t run_child(const char *mode, const char *shim, const char *free_syn
     return count;
 }
 
-static const gpu_row *find_row(const gpu_row *rows, size_t n, const char *label, size_t size)
+/* Per round, the median of each worker's timings; across rounds, their median and spread. */
+enum { GPU_ROUNDS = 5, GPU_MODES = 5 };
+enum { M_RAW, M_ASYNC, M_STRICT, M_FAST, M_SYNC };
+static const char *const gpu_mode_label[GPU_MODES] = {"raw", "async", "strict", "fast", "sync"};
+
+typedef struct { double v[GPU_ROUNDS]; int n; } gpu_series;
+
+typedef struct { double median, lo, hi; } spread;
+
+static spread spread_of(const gpu_series *s)
 {
-    for (size_t i = 0; i < n; i++)
-        if (strcmp(rows[i].label, label) == 0 && rows[i].size == size) return &rows[i];
-    return NULL;
+    double v[GPU_ROUNDS];
+    memcpy(v, s->v, sizeof(double) * (size_t)s->n);
+    qsort(v, (size_t)s->n, sizeof *v, cmp_double);
+    return s->n ? (spread){v[s->n / 2], v[0], v[s->n - 1]} : (spread){0, 0, 0};
+}
+
+/* One round's rows into the series: mode by label, size by value (sync rows: the lower of the
+ * two measurements, before and after the pairs). */
+static void collect(gpu_series series[GPU_MODES][NGPU], const gpu_row *rows, size_t n, int round)
+{
+    double sync = -1;
+    for (size_t i = 0; i < n; i++) {
+        int m = -1;
+        for (int k = 0; k < GPU_MODES; k++)
+            if (strcmp(rows[i].label, gpu_mode_label[k]) == 0) m = k;
+        if (m == M_SYNC) {
+            if (sync < 0 || rows[i].median < sync) sync = rows[i].median;
+            continue;
+        }
+        for (size_t z = 0; m >= 0 && z < NGPU; z++)
+            if (rows[i].size == gpu_sizes[z] && series[m][z].n == round) series[m][z].v[series[m][z].n++] = rows[i].median;
+    }
+    for (size_t z = 0; sync >= 0 && z < NGPU; z++) /* the same idle sync for every size */
+        if (series[M_SYNC][z].n == round) series[M_SYNC][z].v[series[M_SYNC][z].n++] = sync;
+}
+
+static void print_spread(spread s, const char *unit_fmt)
+{
+    char buf[64];
+    snprintf(buf, sizeof buf, unit_fmt, s.median, s.lo, s.hi);
+    printf(" %20s", buf);
 }
 
 static int bench_gpu(const char *shim)
 {
+    static gpu_series series[GPU_MODES][NGPU];
     gpu_row rows[128];
-    size_t n = 0;
-    n += run_child("raw", NULL, NULL, rows + n, 128 - n);
-    n += run_child("strict", shim, "1", rows + n, 128 - n);
-    n += run_child("fast", shim, "0", rows + n, 128 - n);
-    printf("cudaMalloc+cudaFree pair, microseconds (median / p99); shim: %s\n", shim);
-    printf("%-10s %14s %14s %14s %14s\n", "size", "raw", "async", "shim_strict", "shim_fast");
-    double worst_strict = 0, worst_fast = 0;
-    for (size_t i = 0; i < NGPU; i++) {
-        const gpu_row *r = find_row(rows, n, "raw", gpu_sizes[i]);
-        const gpu_row *a = find_row(rows, n, "async", gpu_sizes[i]);
-        const gpu_row *s = find_row(rows, n, "strict", gpu_sizes[i]);
-        const gpu_row *f = find_row(rows, n, "fast", gpu_sizes[i]);
-        if (!r || !a || !s || !f) {
-            printf("%-10zu (missing: a worker failed)\n", gpu_sizes[i]);
+    /* Alternating rounds: each round runs every worker once, so drift of the machine touches
+     * every variant alike; the strict share is derived within each round. */
+    for (int r = 0; r < GPU_ROUNDS; r++) {
+        size_t n = run_child("raw", NULL, NULL, rows, 128);
+        collect(series, rows, n, r);
+        n = run_child("strict", shim, "1", rows, 128);
+        collect(series, rows, n, r);
+        n = run_child("fast", shim, "0", rows, 128);
+        collect(series, rows, n, r);
+    }
+    printf("cudaMalloc+cudaFree pair, microseconds: median of %d alternating rounds [min..max of the "
+           "rounds' medians]; shim: %s\n", GPU_ROUNDS, shim);
+    printf("%-10s %20s %20s %20s %20s %20s\n", "size", "raw", "async (cudart)", "idle cuCtxSync",
+           "shim_strict", "shim_fast");
+    double worst_strict = 0, worst_fast = 0, worst_share = -1e9;
+    bool fast_goal = true;
+    for (size_t z = 0; z < NGPU; z++) {
+        printf("%-10zu", gpu_sizes[z]);
+        print_spread(spread_of(&series[M_RAW][z]), "%.2f [%.2f..%.2f]");
+        print_spread(spread_of(&series[M_ASYNC][z]), "%.3f [%.3f..%.3f]");
+        print_spread(spread_of(&series[M_SYNC][z]), "%.3f [%.3f..%.3f]");
+        print_spread(spread_of(&series[M_STRICT][z]), "%.3f [%.3f..%.3f]");
+        print_spread(spread_of(&series[M_FAST][z]), "%.3f [%.3f..%.3f]");
+        printf("\n");
+    }
+    printf("derived, per round then median [min..max], ns:\n");
+    printf("%-10s %20s       %20s %s\n", "size", "strict - sync - async", "fast - async", "fast <= 0.35 us and < async");
+    for (size_t z = 0; z < NGPU; z++) {
+        gpu_series share = {{0}, 0}, lead = {{0}, 0};
+        int n = series[M_STRICT][z].n;
+        for (int m = 0; m < GPU_MODES; m++)
+            if (m != M_RAW && series[m][z].n < n) n = series[m][z].n;
+        for (int r = 0; r < n; r++) {
+            share.v[share.n++] = 1000.0 * (series[M_STRICT][z].v[r] - series[M_SYNC][z].v[r] - series[M_ASYNC][z].v[r]);
+            lead.v[lead.n++] = 1000.0 * (series[M_FAST][z].v[r] - series[M_ASYNC][z].v[r]);
+        }
+        if (!n) {
+            printf("%-10zu (missing: a worker failed)\n", gpu_sizes[z]);
+            fast_goal = false;
             continue;
         }
-        printf("%-10zu %6.2f/%-7.2f %6.2f/%-7.2f %6.3f/%-7.3f %6.3f/%-7.3f\n", gpu_sizes[i], r->median,
-               r->p99, a->median, a->p99, s->median, s->p99, f->median, f->p99);
-        if (s->median > worst_strict) worst_strict = s->median;
-        if (f->median > worst_fast) worst_fast = f->median;
+        spread sh = spread_of(&share), ld = spread_of(&lead);
+        spread f = spread_of(&series[M_FAST][z]), a = spread_of(&series[M_ASYNC][z]);
+        spread st = spread_of(&series[M_STRICT][z]);
+        bool ok = f.median <= 0.35 && f.median < a.median;
+        fast_goal &= ok;
+        printf("%-10zu", gpu_sizes[z]);
+        print_spread(sh, "%6.0f [%.0f..%.0f]");
+        printf("      ");
+        print_spread(ld, "%6.0f [%.0f..%.0f]");
+        printf(" %s (fast %.3f, async %.3f)\n", ok ? "yes" : "NO", f.median, a.median);
+        if (sh.median > worst_share) worst_share = sh.median;
+        if (st.median > worst_strict) worst_strict = st.median;
+        if (f.median > worst_fast) worst_fast = f.median;
     }
     /* Copy overhead, in one process under the shim: the hook and the driver's own entry point
      * called alternately on one stream (the honest A/B: same queue, same noise). */
@@ -395,6 +499,7 @@ static int bench_gpu(const char *shim)
         printf("memcpy_added_ns=%.1f\n", ms - mr);
     }
     printf("strict_pair_us_median_worst=%.3f\nfast_pair_us_median_worst=%.3f\n", worst_strict, worst_fast);
+    printf("strict_share_ns_worst=%.0f\nfast_goal_met=%d\n", worst_share, fast_goal ? 1 : 0);
     return 0;
 }
 

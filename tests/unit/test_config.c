@@ -94,7 +94,7 @@ static gm_config parse_ok(const char *const *pairs)
 
 Test(config_table, has_every_option_once)
 {
-    cr_assert_eq(gm_option_count, 36);
+    cr_assert_eq(gm_option_count, 37);
     for (size_t i = 0; i < gm_option_count; i++) {
         cr_assert(strncmp(gm_options[i].name, "GPUMEM_", 7) == 0);
         cr_assert_not_null(gm_options[i].default_value);
@@ -104,9 +104,9 @@ Test(config_table, has_every_option_once)
     }
     cr_assert_str_eq(gm_options[0].name, "GPUMEM_POOL");
     cr_assert_eq(gm_options[0].type, GM_OPT_BOOL);
-    cr_assert_str_eq(gm_options[3].name, "GPUMEM_LIMIT_<i>");
-    cr_assert_eq(gm_options[5].min, 2097152.0);
-    cr_assert_eq(gm_options[12].max, 3.0);
+    cr_assert_str_eq(gm_options[4].name, "GPUMEM_LIMIT_<i>");
+    cr_assert_eq(gm_options[6].min, 2097152.0);
+    cr_assert_eq(gm_options[13].max, 3.0);
 }
 
 Test(config_table, defaults)
@@ -114,6 +114,7 @@ Test(config_table, defaults)
     gm_config cfg = parse_ok(NO_ENV);
     cr_assert(cfg.pool);
     cr_assert(cfg.free_sync);
+    cr_assert_eq(cfg.fence_batch, 1024 * MiB);
     for (int i = 0; i < GM_MAX_DEVICES; i++)
         cr_assert_eq(cfg.limit[i].kind, GM_LIMIT_NONE);
     cr_assert_eq(cfg.growth_factor, 2.0);

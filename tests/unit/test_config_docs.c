@@ -242,9 +242,9 @@ Test(config_docs, extra_row_is_noticed)
     char extended[2048];
     snprintf(extended, sizeof extended, "%s| `GPUMEM_EXTRA` | bool | `0` | Not an option. |\n",
              verbose);
-    expect_rejected(replaced(md, verbose, extended), "extra row 37");
+    expect_rejected(replaced(md, verbose, extended), "extra row 38");
     snprintf(extended, sizeof extended, "%s%s", verbose, verbose);
-    expect_rejected(replaced(md, verbose, extended), "extra row 37");
+    expect_rejected(replaced(md, verbose, extended), "extra row 38");
     free(verbose);
     free(md);
 }
@@ -270,7 +270,7 @@ Test(config_docs, wrong_type_or_order_is_noticed)
     char *both = malloc(strlen(min) + strlen(max) + 1);
     cr_assert_not_null(both);
     snprintf(both, strlen(min) + strlen(max) + 1, "%s%s", min, max);
-    expect_rejected(replaced(md, both, swapped), "row 6 is `GPUMEM_SEGMENT_MAX`");
+    expect_rejected(replaced(md, both, swapped), "row 7 is `GPUMEM_SEGMENT_MAX`");
     free(both);
     free(min);
     free(max);

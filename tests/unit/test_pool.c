@@ -3,6 +3,8 @@
  * lookups and misuse. Criterion runs each test in its own process, so every test starts with a
  * fresh manager configured by its own environment. */
 #include <criterion/criterion.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "gm_api.h"
@@ -232,9 +234,149 @@ Test(pool, fast_free_waits_when_memory_runs_out)
     gm_host_backend_set_fence_delay(1000000);
     uintptr_t a = alloc_ok(2 * MiB - 512);
     free_ok(a);
-    uint64_t syncs = gm_host_backend_sync_calls();
+    uint64_t waits = gm_host_backend_sync_calls() + gm_host_backend_fence_waits();
     cr_expect_eq(alloc_ok(2 * MiB - 512), a, "at the limit the pool waits for the fence instead of failing");
-    cr_expect_eq(gm_host_backend_sync_calls(), syncs + 1);
+    cr_expect_eq(gm_host_backend_sync_calls() + gm_host_backend_fence_waits(), waits + 1, "one wait");
+}
+
+/* ---- fast mode's fence batching (manager/engine/fence.c) */
+
+static void start_fast(const char *batch, int fence_delay)
+{
+    const char *env[] = {"GPUMEM_FREE_SYNC", "0", "GPUMEM_FENCE_BATCH", batch, NULL};
+    start(env);
+    gm_host_backend_set_fence_delay(fence_delay);
+    gm_fence_set_recent_ns(UINT64_MAX / 2); /* every miss counts as part of a tight loop, however
+                                             * slowly this machine runs the test */
+}
+
+static uint64_t waits_now(void) { return gm_host_backend_sync_calls() + gm_host_backend_fence_waits(); }
+
+/* After the loop: every block back, exact figures, nothing left over once the fences are waited. */
+static void expect_all_returned(uint64_t pairs)
+{
+    gpumem_stats st = stats();
+    cr_expect_eq(st.allocations, pairs);
+    cr_expect_eq(st.frees, pairs);
+    cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(st.bytes_requested, 0);
+    pthread_mutex_lock(&heap->lock);
+    gm_retire_pending_locked(heap, true);
+    cr_expect_eq(heap->pool.pending_bytes, 0);
+    cr_expect_eq(heap->pool.pending_blocks, 0);
+    pthread_mutex_unlock(&heap->lock);
+    gm_release_cached(heap, 0);
+    cr_expect_eq(stats().bytes_reserved, 0);
+    cr_expect_eq(gm_host_backend_in_use(), 0);
+}
+
+Test(pool, fast_free_batches_fences_in_a_tight_loop)
+{
+    start_fast("1GiB", 0); /* fences complete at once, as on an idle device */
+    enum { PAIRS = 320 };
+    uint64_t records = gm_host_backend_fence_records();
+    for (int i = 0; i < PAIRS; i++) free_ok(alloc_ok(1 * MiB));
+    records = gm_host_backend_fence_records() - records;
+    cr_expect_leq(records, PAIRS / 16 + 3, "%llu fences for %d frees: one per 16 expected",
+                  (unsigned long long)records, PAIRS);
+    cr_expect_geq(records, PAIRS / 16 - 1, "the freed blocks are reused, not only new memory taken");
+    /* 16 blocks wait at most, one is live: 17 MiB in 2 MiB small segments */
+    cr_expect_leq(stats().segments, 9, "%zu segments", (size_t)stats().segments);
+    cr_expect_eq(waits_now(), 0, "an idle device is never waited for");
+    expect_all_returned(PAIRS);
+}
+
+/* The device is busy: fences complete only when waited for. Blocks keep being freed and
+ * allocated; none may come back before a wait since its free, and the bytes waiting stay
+ * within GPUMEM_FENCE_BATCH. */
+Test(pool, fast_free_never_reuses_before_the_fence_and_bounds_pending_bytes)
+{
+    start_fast("32MiB", 1000000);
+    enum { PAIRS = 400 };
+    static struct { uintptr_t p; size_t size; uint64_t waits; } freed[PAIRS];
+    uint64_t fences_before = gm_host_backend_fence_records();
+    for (int i = 0; i < PAIRS; i++) {
+        size_t size = (i % 3 + 1) * 256 * 1024; /* 256, 512 and 768 KiB */
+        uintptr_t p = alloc_ok(size);
+        for (int k = 0; k < i; k++) /* a block freed since the last wait does not overlap p */
+            if (freed[k].waits == waits_now())
+                cr_assert(p + size <= freed[k].p || freed[k].p + freed[k].size <= p,
+                          "pair %d got %#lx, inside block %d freed at %#lx before any fence completed",
+                          i, (unsigned long)p, k, (unsigned long)freed[k].p);
+        free_ok(p);
+        freed[i].p = p;
+        freed[i].size = size;
+        freed[i].waits = waits_now();
+        cr_assert_leq(heap->pool.pending_bytes, 32 * MiB, "pair %d: %llu bytes wait for fences", i,
+                      (unsigned long long)heap->pool.pending_bytes);
+    }
+    cr_expect_gt(waits_now(), 0, "past the batch the pool waited");
+    cr_expect_gt(gm_host_backend_fence_records(), fences_before);
+    cr_expect_leq(stats().bytes_reserved, 32 * MiB + 4 * MiB, "the pool grew for the pending blocks only");
+    cr_expect_leq(gm_host_backend_fences_live(), 1, "at most one fence in flight");
+    expect_all_returned(PAIRS);
+}
+
+Test(pool, fast_free_batch_0_takes_no_memory_for_fences)
+{
+    start_fast("0", 0);
+    for (int i = 0; i < 100; i++) free_ok(alloc_ok(1 * MiB));
+    cr_expect_eq(stats().segments, 1, "both halves of one small segment serve the loop");
+    gm_host_backend_set_fence_delay(1000000); /* busy: each miss waits for its fence */
+    uint64_t waits = waits_now();
+    for (int i = 0; i < 100; i++) free_ok(alloc_ok(1 * MiB));
+    cr_expect_eq(stats().segments, 1);
+    cr_expect_geq(waits_now() - waits, 40, "one wait per miss (two pairs)");
+    expect_all_returned(200);
+}
+
+/* GPUMEM_MAX_CACHED bounds the batch: what a fence retires is not handed back at once. */
+Test(pool, fast_free_batch_within_max_cached)
+{
+    const char *env[] = {"GPUMEM_FREE_SYNC", "0", "GPUMEM_MAX_CACHED", "2MiB", NULL};
+    start(env);
+    gm_fence_set_recent_ns(UINT64_MAX / 2);
+    uint64_t calls = gm_host_backend_alloc_calls();
+    for (int i = 0; i < 200; i++) free_ok(alloc_ok(256 * 1024));
+    cr_expect_leq(gm_host_backend_alloc_calls() - calls, 1, "segments are not taken and handed back in turn");
+    cr_expect_leq(stats().bytes_reserved, 2 * MiB);
+    expect_all_returned(200);
+}
+
+Test(pool, fast_free_rare_misses_fence_at_once)
+{
+    start_fast("1GiB", 0);
+    gm_fence_set_recent_ns(0); /* no miss is recent */
+    for (int i = 0; i < 100; i++) free_ok(alloc_ok(1 * MiB));
+    cr_expect_eq(stats().segments, 1, "no memory is taken when a fence per miss costs little");
+    expect_all_returned(100);
+}
+
+Test(pool, fast_free_large_blocks_do_not_batch)
+{
+    start_fast("16MiB", 0); /* blocks above 1 MiB would multiply their memory for a batch */
+    for (int i = 0; i < 100; i++) free_ok(alloc_ok(4 * MiB));
+    cr_expect_eq(stats().segments, 1, "the 8 MiB segment serves the loop alone");
+    expect_all_returned(100);
+}
+
+/* At the limit the batch is 1/64 of it, and a loop that fills the rest waits for each fence
+ * instead of failing. */
+Test(pool, fast_free_at_the_limit_waits_instead_of_failing)
+{
+    const char *env[] = {"GPUMEM_FREE_SYNC", "0", "GPUMEM_LIMIT", "16MiB", NULL};
+    start(env);
+    gm_host_backend_set_fence_delay(1000000);
+    gm_fence_set_recent_ns(UINT64_MAX / 2);
+    uintptr_t big = alloc_ok(12 * MiB);
+    uint64_t waits = waits_now();
+    for (int i = 0; i < 100; i++) free_ok(alloc_ok(1 * MiB));
+    gpumem_stats st = stats();
+    cr_expect_leq(st.bytes_reserved, 16 * MiB);
+    cr_expect_eq(st.limit_rejections, 0, "no allocation failed");
+    cr_expect_geq(waits_now() - waits, 40);
+    free_ok(big);
+    expect_all_returned(101);
 }
 
 Test(pool, lookup_interior_and_freed)

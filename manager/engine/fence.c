@@ -1,0 +1,140 @@
+/* Fast mode's fences (GPUMEM_FREE_SYNC=0): when a block freed without cudaFree's barrier may be
+ * handed out again.
+ *
+ * A freed block waits on the pool's pending list, tagged with an epoch; a fence (the backend's
+ * events on the legacy stream and on every non-blocking stream of the context) recorded after
+ * the free covers it, and only once that fence has completed does the block go back to the bins.
+ * A fence costs about 1 us (event records and a query), so it is batched:
+ *   - only an allocation that finds no free block (a miss) records or asks a fence; a pool hit
+ *     never does, and at most one fence is in flight per heap;
+ *   - while misses come less than `recent_ns` after the last fence, fewer than
+ *     FENCE_BATCH_BLOCKS blocks wait and their bytes stay within the batch (GPUMEM_FENCE_BATCH,
+ *     at most 1/FENCE_BATCH_SHARE of the device's limit or memory), a miss takes new memory
+ *     instead of fencing, so in a tight alloc/free loop one fence covers FENCE_BATCH_BLOCKS
+ *     frees (blocks up to batch/FENCE_BATCH_BLOCKS only: a loop of larger blocks would multiply
+ *     its memory for it);
+ *   - while the fence in flight has not completed (a busy device), a miss takes new memory
+ *     within the batch, and beyond it waits for that fence: the bytes waiting while the pool
+ *     grows for them never pass the batch.
+ * The caller (take_block_locked in alloc.c) still waits for every fence before it fails for
+ * lack of memory. Every function runs under the heap lock. */
+#include "gm_engine.h"
+
+enum {
+    FENCE_BATCH_BLOCKS = 16, /* frees one fence covers in a tight loop */
+    FENCE_BATCH_SHARE = 64,  /* the batch is at most this fraction of the limit or the memory */
+};
+
+/* Misses closer together than this batch; rarer ones fence at once (a 1-us fence per 100 us
+ * costs 1%, not worth memory). */
+static uint64_t recent_ns = 100000;
+
+void gm_fence_set_recent_ns(uint64_t ns) { recent_ns = ns; }
+
+static void fence_drop_locked(gm_heap *heap)
+{
+    if (heap->fence) gm_mgr.backend->fence_destroy(heap->fence);
+    heap->fence = NULL;
+}
+
+/* Synchronizes the context (lock dropped) and retires every block pended before. */
+static bool retire_waiting_locked(gm_heap *heap)
+{
+    uint32_t covered = gm_pool_close_epoch_locked(&heap->pool);
+    pthread_mutex_unlock(&heap->lock);
+    int rc = gm_mgr.backend->synchronize(heap->ctx);
+    pthread_mutex_lock(&heap->lock);
+    return rc == GPUMEM_OK && gm_pool_retire_upto_locked(&heap->pool, covered);
+}
+
+/* Records a fence over every pending block: the one in flight from now on. */
+static bool fence_record_locked(gm_heap *heap, uint64_t now)
+{
+    gm_fence *f = NULL;
+    if (gm_mgr.backend->fence_record(heap->ctx, &f) != GPUMEM_OK) return false;
+    heap->fence = f;
+    heap->fence_epoch = gm_pool_close_epoch_locked(&heap->pool);
+    heap->fence_at_ns = now;
+    return true;
+}
+
+/* Asks the fence in flight; once it has completed, retires what it covers. True when a block
+ * moved to the bins. A failed fence is dropped (its blocks wait for the next one). */
+static bool fence_poll_locked(gm_heap *heap)
+{
+    int q = gm_mgr.backend->fence_query(heap->fence);
+    if (q == 1) return false;
+    bool any = q == 0 && gm_pool_retire_upto_locked(&heap->pool, heap->fence_epoch);
+    fence_drop_locked(heap);
+    return any;
+}
+
+/* Waits for the fence in flight (lock dropped; the fence is this thread's meanwhile, so no
+ * other thread asks or destroys it) and retires what it covers; without one, synchronizes. */
+static bool fence_wait_locked(gm_heap *heap)
+{
+    gm_fence *f = heap->fence;
+    if (!f) return retire_waiting_locked(heap);
+    uint32_t epoch = heap->fence_epoch;
+    heap->fence = NULL;
+    pthread_mutex_unlock(&heap->lock);
+    int rc = gm_mgr.backend->fence_wait(f);
+    gm_mgr.backend->fence_destroy(f);
+    pthread_mutex_lock(&heap->lock);
+    return rc == GPUMEM_OK && gm_pool_retire_upto_locked(&heap->pool, epoch);
+}
+
+/* The heap's batch: GPUMEM_FENCE_BATCH, at most 1/FENCE_BATCH_SHARE of the device's limit or,
+ * without one, of its memory, and at most GPUMEM_MAX_CACHED (else the blocks a fence retires
+ * would go back to the device at the next free, and the next misses take them anew). Asks the
+ * backend once per device, with the lock dropped. */
+static void learn_batch_locked(gm_heap *heap)
+{
+    int device = heap->device;
+    pthread_mutex_unlock(&heap->lock);
+    size_t total = 0;
+    if (gm_mgr.backend->device_total(device, &total) != GPUMEM_OK) total = 0;
+    uint64_t visible = gm_limit_visible_total(device, total ? total : UINT64_MAX);
+    uint64_t batch = gm_mgr.cfg->fence_batch, cap = visible / FENCE_BATCH_SHARE;
+    if (gm_mgr.cfg->max_cached != GM_UNLIMITED && gm_mgr.cfg->max_cached < cap) cap = gm_mgr.cfg->max_cached;
+    pthread_mutex_lock(&heap->lock);
+    heap->fence_batch = batch < cap ? batch : cap;
+    heap->fence_batch_device = device + 1;
+}
+
+/* Whether growing for `rounded` stays below the limit (a grow that crosses it would wait). */
+static bool room_to_grow(const gm_heap *heap, size_t rounded)
+{
+    return gm_limit_headroom(heap->device) >= gm_pool_next_segment_size(&heap->pool, rounded);
+}
+
+bool gm_fence_reclaim_locked(gm_heap *heap, size_t rounded)
+{
+    gm_pool *pool = &heap->pool;
+    if (!pool->pending_head) return false;
+    if (heap->fence_batch_device != heap->device + 1) {
+        learn_batch_locked(heap);
+        return true; /* the lock was dropped: look again */
+    }
+    if (heap->fence && fence_poll_locked(heap)) return true;
+    uint64_t batch = heap->fence_batch, now = gm_now_ns();
+    bool fits = rounded <= batch / FENCE_BATCH_BLOCKS && pool->pending_bytes + rounded <= batch;
+    if (!heap->fence) {
+        bool recent = heap->fence_at_ns && now - heap->fence_at_ns < recent_ns;
+        if (recent && fits && pool->pending_blocks < FENCE_BATCH_BLOCKS && room_to_grow(heap, rounded))
+            return false; /* batch: one more block instead of a fence now */
+        /* Asked at once: on an idle device the fence has usually completed by then, and a miss
+         * answered now spares a new segment. */
+        if (fence_record_locked(heap, now) && fence_poll_locked(heap)) return true;
+    }
+    if (heap->fence && fits) return false; /* not complete: the device is busy; grow meanwhile */
+    return fence_wait_locked(heap);
+}
+
+bool gm_retire_pending_locked(gm_heap *heap, bool wait)
+{
+    if (!heap->pool.pending_head) return false;
+    if (wait) return retire_waiting_locked(heap);
+    if (heap->fence && fence_poll_locked(heap)) return true;
+    return !heap->fence && fence_record_locked(heap, gm_now_ns()) && fence_poll_locked(heap);
+}
