@@ -180,7 +180,8 @@ static inline uint64_t gm_copy_clock(void)
 }
 uint64_t gm_copy_ticks_to_ns(uint64_t ticks);
 /* One copy the driver accepted: `timed` for synchronous ones (their ticks measured). */
-void gm_copy_count(int device, gpumem_copy_direction dir, gpumem_host_memory kind, size_t bytes,
+/* `peer`: a D2D copy from another device's memory, counted in its peer counter too. */
+void gm_copy_count(int device, gpumem_copy_direction dir, gpumem_host_memory kind, bool peer, size_t bytes,
                    bool timed, uint64_t ticks, bool staged);
 void gm_copy_note_refused(int device, bool memset_call);
 void gm_copy_stats_collect(int device, gpumem_copy_stats *out);
