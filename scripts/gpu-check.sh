@@ -45,6 +45,9 @@ while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep -E '^GPUMEM_')
 unset LD_PRELOAD PYTORCH_NO_CUDA_MEMORY_CACHING PYTORCH_CUDA_ALLOC_CONF PYTORCH_ALLOC_CONF CUPY_GPU_MEMORY_LIMIT
 export TMPDIR=$W/tmp CUPY_CACHE_DIR=$W/cache/cupy CUDA_CACHE_PATH=$W/cache/cuda XDG_CACHE_HOME=$W/cache/xdg
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# NVLink multicast stays off on the multi-GPU machines (a program using it can take the host's
+# shared GPUs out of service); run_check.py sets the same for every program it starts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ -n "${NVCC:-}" ]; then
     PATH=$(dirname "$NVCC"):$PATH
 elif ! command -v nvcc >/dev/null 2>&1; then

@@ -58,7 +58,7 @@ static void count_bytes(const copy_class *c, size_t bytes, bool async, uint64_t 
 {
     uint64_t ticks = async ? 0 : gm_copy_clock() - t0;
     int device = c->device >= 0 ? c->device : current_device();
-    gm_copy_count(device, c->dir, c->host, bytes, !async, ticks, staged);
+    gm_copy_count(device, c->dir, c->host, c->peer, bytes, !async, ticks, staged);
 }
 
 static void count(const copy_op *op, const copy_class *c, uint64_t t0, bool staged)

@@ -16,6 +16,7 @@ typedef struct copy_cell {
 /* One thread's counters of one device; D2D counts in [D2D][0]. */
 typedef struct copy_block {
     copy_cell cell[GPUMEM_COPY_DIRECTIONS][GPUMEM_HOST_KINDS];
+    copy_cell peer; /* the D2D copies from another device's memory, counted in [D2D][0] too */
     struct copy_block *next;
 } copy_block;
 
@@ -68,8 +69,12 @@ static void fork_child(void)
 {
     pthread_mutex_init(&blocks_lock, NULL);
     for (int d = 0; d < GM_MAX_DEVICES; d++) {
-        for (copy_block *b = blocks[d]; b; b = b->next) memset(b->cell, 0, sizeof b->cell);
+        for (copy_block *b = blocks[d]; b; b = b->next) {
+            memset(b->cell, 0, sizeof b->cell);
+            memset(&b->peer, 0, sizeof b->peer);
+        }
         memset(overflow[d].cell, 0, sizeof overflow[d].cell);
+        memset(&overflow[d].peer, 0, sizeof overflow[d].peer);
         atomic_store(&refused_copies[d], 0);
         atomic_store(&refused_memsets[d], 0);
     }
@@ -102,15 +107,8 @@ static void bump(_Atomic uint64_t *v, uint64_t by, bool shared)
     else atomic_store_explicit(v, atomic_load_explicit(v, memory_order_relaxed) + by, memory_order_relaxed);
 }
 
-void gm_copy_count(int device, gpumem_copy_direction dir, gpumem_host_memory kind, size_t bytes,
-                   bool timed, uint64_t ticks, bool staged)
+static void bump_cell(copy_cell *c, size_t bytes, bool timed, uint64_t ticks, bool staged, bool shared)
 {
-    if ((unsigned)device >= GM_MAX_DEVICES || (unsigned)dir >= GPUMEM_COPY_DIRECTIONS) return;
-    if (dir == GPUMEM_COPY_D2D || (unsigned)kind >= GPUMEM_HOST_KINDS) kind = GPUMEM_HOST_PAGEABLE;
-    copy_block *b = mine[device];
-    if (__builtin_expect(!b, 0)) b = mine[device] = register_thread(device);
-    bool shared = b == &overflow[device];
-    copy_cell *c = &b->cell[dir][kind];
     bump(&c->calls, 1, shared);
     bump(&c->bytes, bytes, shared);
     if (timed) {
@@ -122,6 +120,18 @@ void gm_copy_count(int device, gpumem_copy_direction dir, gpumem_host_memory kin
         bump(&c->staged_calls, 1, shared);
         bump(&c->staged_bytes, bytes, shared);
     }
+}
+
+void gm_copy_count(int device, gpumem_copy_direction dir, gpumem_host_memory kind, bool peer, size_t bytes,
+                   bool timed, uint64_t ticks, bool staged)
+{
+    if ((unsigned)device >= GM_MAX_DEVICES || (unsigned)dir >= GPUMEM_COPY_DIRECTIONS) return;
+    if (dir == GPUMEM_COPY_D2D || (unsigned)kind >= GPUMEM_HOST_KINDS) kind = GPUMEM_HOST_PAGEABLE;
+    copy_block *b = mine[device];
+    if (__builtin_expect(!b, 0)) b = mine[device] = register_thread(device);
+    bool shared = b == &overflow[device];
+    bump_cell(&b->cell[dir][kind], bytes, timed, ticks, staged, shared);
+    if (peer && dir == GPUMEM_COPY_D2D) bump_cell(&b->peer, bytes, timed, ticks, false, shared);
 }
 
 static void add_cell(gpumem_copy_counter *to, const copy_cell *c)
@@ -139,6 +149,7 @@ static void add_block(gpumem_copy_stats *out, const copy_block *b)
 {
     for (int d = 0; d < GPUMEM_COPY_DIRECTIONS; d++)
         for (int k = 0; k < GPUMEM_HOST_KINDS; k++) add_cell(&out->host[d][k], &b->cell[d][k]);
+    add_cell(&out->peer, &b->peer);
 }
 
 static void counter_add(gpumem_copy_counter *to, const gpumem_copy_counter *from)
@@ -168,6 +179,7 @@ void gm_copy_stats_collect(int device, gpumem_copy_stats *out)
         }
     }
     memset(out->host[GPUMEM_COPY_D2D], 0, sizeof out->host[GPUMEM_COPY_D2D]); /* no host side */
+    out->peer.time_ns = gm_copy_ticks_to_ns(out->peer.time_ns);
     out->refused_copies = atomic_load(&refused_copies[device]);
     out->refused_memsets = atomic_load(&refused_memsets[device]);
 }

@@ -19,6 +19,8 @@ typedef struct gm_device {
     _Atomic uint64_t allocated_peak;
     _Atomic uint64_t limit;         /* 0 = none; resolved at first use */
     _Atomic bool limit_resolved;
+    bool has_uuid;                  /* set once, before limit_resolved */
+    unsigned char uuid[16];         /* cuDeviceGetUuid's: the report names the device by it */
 } gm_device;
 
 gm_device *gm_device_get(int device); /* NULL when out of range */
@@ -26,6 +28,9 @@ gm_device *gm_device_get(int device); /* NULL when out of range */
  * the device to the ledger's entry for `uuid` (NULL: the driver named none; the device then
  * counts for this process alone, logged). */
 void gm_limit_init_device(int device, uint64_t device_total, const unsigned char *uuid);
+/* The device's UUID as NVML spells it ("GPU-..."), once its limit is resolved; false before, or
+ * when the driver named none. */
+bool gm_device_uuid_text(int device, char out[41]);
 /* Take `bytes` of the device's limit (the group's, in a group); false when that would cross it. */
 bool gm_limit_reserve(int device, uint64_t bytes);
 void gm_limit_unreserve(int device, uint64_t bytes);
@@ -175,7 +180,8 @@ static inline uint64_t gm_copy_clock(void)
 }
 uint64_t gm_copy_ticks_to_ns(uint64_t ticks);
 /* One copy the driver accepted: `timed` for synchronous ones (their ticks measured). */
-void gm_copy_count(int device, gpumem_copy_direction dir, gpumem_host_memory kind, size_t bytes,
+/* `peer`: a D2D copy from another device's memory, counted in its peer counter too. */
+void gm_copy_count(int device, gpumem_copy_direction dir, gpumem_host_memory kind, bool peer, size_t bytes,
                    bool timed, uint64_t ticks, bool staged);
 void gm_copy_note_refused(int device, bool memset_call);
 void gm_copy_stats_collect(int device, gpumem_copy_stats *out);

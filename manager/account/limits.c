@@ -1,6 +1,8 @@
 /* Per-device limits and byte accounting. The limit counts bytes *reserved* from the device
  * (pool segments and pass-through allocations), not bytes handed out, because reserved memory
  * is what other processes on the GPU can no longer have. */
+#include <string.h>
+
 #include "gm_account.h"
 
 static gm_device devices[GM_MAX_DEVICES];
@@ -28,7 +30,12 @@ void gm_limit_init_device(int device, uint64_t device_total, const unsigned char
     if (!d || atomic_load(&d->limit_resolved)) return;
     pthread_mutex_lock(&init_lock); /* once: the ledger entry is bound before anyone reserves */
     if (!atomic_load(&d->limit_resolved)) {
-        uint64_t limit = gm_limit_resolve(&gm_config_get()->limit[device], device_total);
+        /* By UUID where an entry names it: the limit follows the device under CUDA_VISIBLE_DEVICES. */
+        uint64_t limit = gm_limit_resolve(gm_config_limit_of(gm_config_get(), device, uuid), device_total);
+        if (uuid) {
+            memcpy(d->uuid, uuid, 16);
+            d->has_uuid = true;
+        }
         if (gm_ledger_on() && uuid) d->ledger = gm_ledger_bind(uuid, limit) + 1;
         else if (gm_ledger_on())
             gm_log(GM_WARN, "device %d has no UUID: its memory counts for this process alone, not in %s",
@@ -39,6 +46,14 @@ void gm_limit_init_device(int device, uint64_t device_total, const unsigned char
                           d->ledger ? " (the group's)" : "");
     }
     pthread_mutex_unlock(&init_lock);
+}
+
+bool gm_device_uuid_text(int device, char out[41])
+{
+    gm_device *d = gm_device_get(device);
+    if (!d || !atomic_load(&d->limit_resolved) || !d->has_uuid) return false;
+    gm_ledger_uuid_text(d->uuid, out);
+    return true;
 }
 
 /* In a group the ledger holds the limit: this process's figure only counts. */

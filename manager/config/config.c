@@ -294,7 +294,7 @@ static bool is_decimal(span t, bool fraction)
 /* Why a limit was refused, for the error line; NULL when it is merely malformed. */
 typedef struct limit_error {
     const char *why;
-    char buf[96];
+    char buf[256];
 } limit_error;
 
 /* "80%", "12.5%": the same digit grammar as sizes, so no sign, exponent, inf or nan. */
@@ -368,8 +368,68 @@ static int parse_device_index(span t, int *out)
     return 0;
 }
 
-/* One "i:value" entry of a per-device list into `devices`, refusing a repeated index. */
-static int parse_list_entry(span entry, gm_limit_setting *devices, bool *seen, limit_error *e)
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (NVML's and nvidia-smi -L's spelling) or "MIG-" and
+ * the same: 16 bytes in hex, dashes after bytes 4, 6, 8 and 10. */
+static bool looks_like_uuid(span t)
+{
+    return t.n >= 4 && (strncasecmp(t.s, "GPU-", 4) == 0 || strncasecmp(t.s, "MIG-", 4) == 0);
+}
+
+static int parse_uuid(span t, unsigned char out[16])
+{
+    static const int dash_after[] = {4, 6, 8, 10};
+    size_t i = 4, d = 0;
+    if (!looks_like_uuid(t)) return -1;
+    for (int b = 0; b < 16; b++) {
+        if (d < 4 && b == dash_after[d]) {
+            if (i >= t.n || t.s[i] != '-') return -1;
+            i++;
+            d++;
+        }
+        int hi = i + 1 < t.n ? hex_digit(t.s[i]) : -1, lo = i + 1 < t.n ? hex_digit(t.s[i + 1]) : -1;
+        if (hi < 0 || lo < 0) return -1;
+        out[b] = (unsigned char)(hi << 4 | lo);
+        i += 2;
+    }
+    return i == t.n ? 0 : -1;
+}
+
+#define GM_UUID_FORM "a UUID as nvidia-smi -L prints it (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, or MIG-...)"
+
+/* A "GPU-...:value" entry: its own table, since which ordinal it is is known only once the
+ * driver runs (gm_config_limit_of). */
+static int parse_uuid_entry(span key, span val, gm_limit_keys *keys, limit_error *e)
+{
+    gm_limit_uuid u;
+    memset(&u, 0, sizeof u);
+    snprintf(u.text, sizeof u.text, "%.*s", (int)(key.n < sizeof u.text - 1 ? key.n : sizeof u.text - 1), key.s);
+    if (parse_uuid(key, u.uuid) != 0) {
+        snprintf(e->buf, sizeof e->buf, "device '%.40s' is not %s", u.text, GM_UUID_FORM);
+        e->why = e->buf;
+        return -1;
+    }
+    for (int i = 0; i < keys->nuuid; i++)
+        if (memcmp(keys->uuid[i].uuid, u.uuid, 16) == 0) {
+            snprintf(e->buf, sizeof e->buf, "device %.40s is listed twice", u.text);
+            e->why = e->buf;
+            return -1;
+        }
+    if (keys->nuuid == GM_MAX_DEVICES) {
+        e->why = "more than 64 devices are listed";
+        return -1;
+    }
+    if (parse_limit_span(val, &u.setting, e) != 0) return -1;
+    keys->uuid[keys->nuuid++] = u;
+    return 0;
+}
+
+/* One "i:value" or "UUID:value" entry of a per-device list, refusing a device listed twice. */
+static int parse_list_entry(span entry, gm_limit_setting *devices, gm_limit_keys *keys, limit_error *e)
 {
     const char *colon = memchr(entry.s, ':', entry.n);
     if (!colon)
@@ -377,38 +437,44 @@ static int parse_list_entry(span entry, gm_limit_setting *devices, bool *seen, l
     span idx = trim_span((span){entry.s, (size_t)(colon - entry.s)});
     span val = trim_span((span){colon + 1, entry.n - (size_t)(colon - entry.s) - 1});
     int dev;
+    if (looks_like_uuid(idx))
+        return parse_uuid_entry(idx, val, keys, e);
     if (parse_device_index(idx, &dev) != 0) {
-        snprintf(e->buf, sizeof e->buf, "device index '%.*s' is not a number from 0 to %d",
+        snprintf(e->buf, sizeof e->buf, "device index '%.*s' is not a number from 0 to %d nor a UUID (GPU-...)",
                  (int)(idx.n > 16 ? 16 : idx.n), idx.s, GM_MAX_DEVICES - 1);
         e->why = e->buf;
         return -1;
     }
-    if (seen[dev]) {
+    if (keys->listed & (1ull << dev)) {
         snprintf(e->buf, sizeof e->buf, "device %d is listed twice", dev);
         e->why = e->buf;
         return -1;
     }
-    seen[dev] = true;
+    keys->listed |= 1ull << dev;
     return parse_limit_span(val, &devices[dev], e);
 }
 
-/* "0:4GiB,1:6GiB,2:50%": devices not listed get no limit. Written to `devices` only when the whole
- * list is valid. */
-static int parse_limit_list(span t, gm_limit_setting *devices, limit_error *e)
+/* "0:4GiB,1:6GiB,GPU-...:50%": devices not listed get no limit. Written to `devices` and `keys`
+ * only when the whole list is valid. */
+static int parse_limit_list(span t, gm_limit_setting *devices, gm_limit_keys *keys, limit_error *e)
 {
     gm_limit_setting parsed[GM_MAX_DEVICES] = {{GM_LIMIT_NONE, 0, 0.0}};
-    bool seen[GM_MAX_DEVICES] = {false};
+    gm_limit_keys k;
+    memset(&k, 0, sizeof k);
     const char *end = t.s + t.n;
     for (const char *p = t.s;; ) {
         const char *comma = memchr(p, ',', (size_t)(end - p));
         const char *stop = comma ? comma : end;
-        if (parse_list_entry((span){p, (size_t)(stop - p)}, parsed, seen, e) != 0)
+        if (parse_list_entry((span){p, (size_t)(stop - p)}, parsed, &k, e) != 0)
             return -1;
         if (!comma)
             break;
         p = comma + 1;
     }
     memcpy(devices, parsed, sizeof parsed);
+    keys->listed = k.listed;
+    keys->nuuid = k.nuuid;
+    memcpy(keys->uuid, k.uuid, sizeof k.uuid);
     return 0;
 }
 
@@ -527,7 +593,7 @@ static void describe_forms(const parse_ctx *c, char *buf, size_t cap)
             snprintf(buf, cap, "%s", GM_LIMIT_FORMS ", or none");
         else
             snprintf(buf, cap, "%s",
-                     GM_LIMIT_FORMS ", none, or a per-device list (e.g. 0:4GiB,1:50%)");
+                     GM_LIMIT_FORMS ", none, or a per-device list (e.g. 0:4GiB,1:50%) whose devices may also be UUIDs (GPU-...:4GiB)");
         break;
     }
 }
@@ -625,13 +691,21 @@ static int apply_enum(const parse_ctx *c, span v, void *slot)
     return fail(c, NULL);
 }
 
+/* Both LIMIT rows land in gm_config.limit (their slot); the keys beside it say who named what. */
+static gm_limit_keys *keys_of(gm_limit_setting *limit_slot)
+{
+    return &((gm_config *)((char *)limit_slot - offsetof(gm_config, limit)))->limit_keys;
+}
+
 /* GPUMEM_LIMIT: a per-device list, or one value for every device. */
 static int apply_limit(const parse_ctx *c, span v, void *slot)
 {
     gm_limit_setting *devices = slot, one;
+    gm_limit_keys *keys = keys_of(devices);
     limit_error e = {NULL, {0}};
+    snprintf(keys->text, sizeof keys->text, "%s", c->value);
     if (memchr(v.s, ':', v.n))
-        return parse_limit_list(v, devices, &e) == 0 ? 0 : fail(c, e.why);
+        return parse_limit_list(v, devices, keys, &e) == 0 ? 0 : fail(c, e.why);
     if (parse_limit_span(v, &one, &e) != 0)
         return fail(c, e.why);
     for (int i = 0; i < GM_MAX_DEVICES; i++)
@@ -736,6 +810,7 @@ static int apply_family(const parse_ctx *base, const env_src *env, gm_limit_sett
             return fail(&c, "the value is empty");
         if (apply_device_limit(&c, trim(c.value), &devices[i]) != 0)
             return -1;
+        keys_of(devices)->overridden |= 1ull << i;
     }
     return 0;
 }
@@ -986,4 +1061,119 @@ uint64_t gm_limit_resolve(const gm_limit_setting *setting, uint64_t device_total
     default:
         return 0;
     }
+}
+
+/* ---------------------------------------------------------------- limits by device */
+
+_Static_assert(GM_MAX_DEVICES == 64, "gm_limit_keys keeps one bit per ordinal in a uint64_t");
+
+static const gm_limit_uuid *uuid_entry(const gm_limit_keys *k, const unsigned char uuid[16])
+{
+    for (int i = 0; uuid && i < k->nuuid; i++)
+        if (memcmp(k->uuid[i].uuid, uuid, 16) == 0) return &k->uuid[i];
+    return NULL;
+}
+
+const gm_limit_setting *gm_config_limit_of(const gm_config *cfg, int device, const unsigned char *uuid)
+{
+    static const gm_limit_setting none = {GM_LIMIT_NONE, 0, 0.0};
+    if (device < 0 || device >= GM_MAX_DEVICES) return &none;
+    const gm_limit_uuid *u = uuid_entry(&cfg->limit_keys, uuid);
+    if (u && !(cfg->limit_keys.overridden & (1ull << device))) return &u->setting;
+    return &cfg->limit[device];
+}
+
+/* "it sees 2 devices (0 to 1)" */
+static void describe_seen(int count, char *buf, size_t cap)
+{
+    if (count == 1) snprintf(buf, cap, "this process sees 1 device (0)");
+    else snprintf(buf, cap, "this process sees %d devices (0 to %d)", count, count - 1);
+}
+
+static int check_ordinals(const gm_config *cfg, int count, char *err, size_t errlen)
+{
+    const gm_limit_keys *k = &cfg->limit_keys;
+    char seen[64], shown[300];
+    describe_seen(count, seen, sizeof seen);
+    for (int i = count; i < GM_MAX_DEVICES; i++) {
+        if (k->overridden & (1ull << i)) {
+            char name[32];
+            snprintf(name, sizeof name, "GPUMEM_LIMIT_%d", i);
+            const char *v = getenv(name);
+            show_value(trim(v ? v : ""), shown, sizeof shown);
+            snprintf(err, errlen,
+                     "gpumem: %s='%s' is not valid: there is no device %d: %s, numbered after "
+                     "CUDA_VISIBLE_DEVICES; expected GPUMEM_LIMIT_0 to GPUMEM_LIMIT_%d, or a UUID entry in "
+                     "GPUMEM_LIMIT (GPU-...:size)", name, shown, i, seen, count - 1);
+            return -1;
+        }
+        if (k->listed & (1ull << i)) {
+            show_value(trim(k->text), shown, sizeof shown);
+            snprintf(err, errlen,
+                     "gpumem: GPUMEM_LIMIT='%s' is not valid: there is no device %d: %s, numbered after "
+                     "CUDA_VISIBLE_DEVICES; expected device numbers from 0 to %d or %s", shown, i, seen,
+                     count - 1, GM_UUID_FORM);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_uuids(const gm_config *cfg, int count, const unsigned char (*uuid)[16], const bool *has_uuid,
+                       bool subset, char *err, size_t errlen)
+{
+    const gm_limit_keys *k = &cfg->limit_keys;
+    char shown[300], seen[64];
+    show_value(trim(k->text), shown, sizeof shown);
+    describe_seen(count, seen, sizeof seen);
+    for (int e = 0; e < k->nuuid; e++) {
+        int found = -1;
+        for (int i = 0; i < count && found < 0; i++)
+            if (has_uuid[i] && memcmp(uuid[i], k->uuid[e].uuid, 16) == 0) found = i;
+        if (found >= 0 && (k->listed & (1ull << found))) {
+            snprintf(err, errlen,
+                     "gpumem: GPUMEM_LIMIT='%s' is not valid: %s is device %d, which the list also names by "
+                     "number; expected each device once", shown, k->uuid[e].text, found);
+            return -1;
+        }
+        if (found < 0 && subset) {
+            gm_log(GM_INFO, "GPUMEM_LIMIT: %s is not a device this process sees (CUDA_VISIBLE_DEVICES): "
+                            "its entry is skipped", k->uuid[e].text);
+            continue;
+        }
+        if (found < 0) {
+            snprintf(err, errlen,
+                     "gpumem: GPUMEM_LIMIT='%s' is not valid: no device has the UUID %s (%s; nvidia-smi -L "
+                     "lists their UUIDs); expected device numbers or %s", shown, k->uuid[e].text, seen,
+                     GM_UUID_FORM);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int gm_config_check_devices(const gm_config *cfg, int count, const unsigned char (*uuid)[16],
+                            const bool *has_uuid, bool subset, char *err, size_t errlen)
+{
+    char scratch[8];
+    if (!err || !errlen) {
+        err = scratch;
+        errlen = sizeof scratch;
+    }
+    err[0] = '\0';
+    if (count < 0) count = 0;
+    if (count > GM_MAX_DEVICES) count = GM_MAX_DEVICES;
+    if (check_ordinals(cfg, count, err, errlen) != 0) return -1;
+    return check_uuids(cfg, count, uuid, has_uuid, subset, err, errlen);
+}
+
+void gm_config_check_devices_or_exit(int count, const unsigned char (*uuid)[16], const bool *has_uuid)
+{
+    char err[1024];
+    const char *visible = getenv("CUDA_VISIBLE_DEVICES");
+    if (gm_config_check_devices(gm_config_get(), count, uuid, has_uuid, visible != NULL, err, sizeof err) == 0)
+        return;
+    fprintf(stderr, "%s\n", err);
+    fflush(stderr);
+    _exit(2); /* as for any bad setting (load_from_environment says why not exit) */
 }

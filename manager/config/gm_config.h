@@ -19,6 +19,24 @@ typedef struct gm_limit_setting {
     double percent;  /* GM_LIMIT_PERCENT, in (0, 100] */
 } gm_limit_setting;
 
+/* A GPUMEM_LIMIT list entry keyed by device UUID ("GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", as
+ * nvidia-smi -L and NVML print it, or "MIG-..."): it follows the physical device whatever ordinal
+ * CUDA_VISIBLE_DEVICES gives it. */
+typedef struct gm_limit_uuid {
+    unsigned char uuid[16]; /* cuDeviceGetUuid's bytes */
+    char text[48];          /* as written, for error lines */
+    gm_limit_setting setting;
+} gm_limit_uuid;
+
+/* Who named which device: what gm_config_check_devices checks against the devices a process sees. */
+typedef struct gm_limit_keys {
+    uint64_t listed;       /* bit per ordinal named in GPUMEM_LIMIT's list */
+    uint64_t overridden;   /* bit per ordinal that has a GPUMEM_LIMIT_<i> */
+    int nuuid;
+    gm_limit_uuid uuid[GM_MAX_DEVICES];
+    char text[256];        /* GPUMEM_LIMIT as given (cut short), for error lines */
+} gm_limit_keys;
+
 typedef enum {
     GM_OPT_BOOL, GM_OPT_SIZE, GM_OPT_SIZE_OR_UNLIMITED, GM_OPT_DOUBLE, GM_OPT_INT,
     GM_OPT_STRING, GM_OPT_ENUM, GM_OPT_LIMIT
@@ -39,7 +57,8 @@ typedef struct gm_config {
     bool pool;
     bool free_sync;
     uint64_t fence_batch;                   /* GPUMEM_FENCE_BATCH: fast mode's pending bytes (fence.c) */
-    gm_limit_setting limit[GM_MAX_DEVICES]; /* resolved per device: GPUMEM_LIMIT then GPUMEM_LIMIT_<i> */
+    gm_limit_setting limit[GM_MAX_DEVICES]; /* by ordinal: GPUMEM_LIMIT then GPUMEM_LIMIT_<i> */
+    gm_limit_keys limit_keys;               /* UUID entries, and which ordinals were named */
     double growth_factor;
     uint64_t segment_min;
     uint64_t segment_max;
@@ -98,6 +117,24 @@ void gm_config_reset_for_tests(void);
 int gm_parse_size(const char *text, uint64_t *out);
 int gm_parse_bool(const char *text, bool *out);
 int gm_parse_limit(const char *text, gm_limit_setting *out); /* one device's value: size, %, none */
+
+/* The limit setting of the device the process sees as ordinal `device`, whose UUID is `uuid`
+ * (NULL: the driver named none): its GPUMEM_LIMIT_<i>, else a GPUMEM_LIMIT entry naming its UUID,
+ * else what GPUMEM_LIMIT says for its ordinal. */
+const gm_limit_setting *gm_config_limit_of(const gm_config *cfg, int device, const unsigned char *uuid);
+
+/* Checks the per-device limits against the devices this process sees: `count` ordinals,
+ * `uuid[i]` the UUID of ordinal i where `has_uuid[i]`. An ordinal named by GPUMEM_LIMIT's list
+ * or a GPUMEM_LIMIT_<i> must be below `count`; a UUID entry must be one of theirs, unless
+ * `subset` (CUDA_VISIBLE_DEVICES hides some of the host's devices: the entry may be for one of
+ * them, and is skipped); GPUMEM_LIMIT may not name one device both by ordinal and by UUID.
+ * 0, or -1 with one line ("gpumem: GPUMEM_LIMIT='...' is not valid: ...") in `err`. */
+int gm_config_check_devices(const gm_config *cfg, int count, const unsigned char (*uuid)[16],
+                            const bool *has_uuid, bool subset, char *err, size_t errlen);
+
+/* gm_config_check_devices on the process's configuration, `subset` from CUDA_VISIBLE_DEVICES;
+ * on a bad setting prints the line and exits with status 2, as gm_config_get does. */
+void gm_config_check_devices_or_exit(int count, const unsigned char (*uuid)[16], const bool *has_uuid);
 
 /* A limit setting to bytes for a device of `device_total` bytes; 0 means "no limit". */
 uint64_t gm_limit_resolve(const gm_limit_setting *setting, uint64_t device_total);

@@ -15,6 +15,8 @@ typedef struct gm_xfer {
     gm_span side[2];
     const gm_callsite *site; /* the hooked call's caller, for the logged stack */
     int device;              /* out: the device to count the copy on; -1: the current context's */
+    int peer_device;         /* out: the source's device when both sides are pool memory of two
+                              * different devices (a peer copy), else -1 */
 } gm_xfer;
 #define GM_XFER_DST 0
 #define GM_XFER_SRC 1
@@ -33,6 +35,7 @@ typedef struct gm_copy_class {
     gpumem_copy_direction dir;
     gpumem_host_memory host; /* of the host side; H2H: pinned only if both are */
     int device;              /* -1: not known yet (no side is ours) */
+    bool peer;               /* D2D between pool memory of two devices */
 } gm_copy_class;
 /* A side of a copy as its entry point names it: device memory (arrays included), host memory,
  * or unified (cuMemcpy, CU_MEMORYTYPE_UNIFIED: pool memory, then gpumem's pinned table, then the

@@ -92,6 +92,7 @@ int gm_xfer_check(gm_xfer *x)
 {
     bool check = gm_mgr.copy.check;
     x->device = sole_device();
+    x->peer_device = -1;
     x->side[GM_XFER_DST].status = x->side[GM_XFER_SRC].status = GM_SPAN_NOT_OURS;
     if (!check && x->device >= 0) return GPUMEM_OK; /* the lookup would only name the device */
     gm_lookup_spans(x->side, 2);
@@ -102,6 +103,9 @@ int gm_xfer_check(gm_xfer *x)
     }
     for (int i = 1; i >= 0; i--)
         if (x->side[i].status != GM_SPAN_NOT_OURS) x->device = x->side[i].device;
+    const gm_span *dst = &x->side[GM_XFER_DST], *src = &x->side[GM_XFER_SRC];
+    if (dst->status != GM_SPAN_NOT_OURS && src->status != GM_SPAN_NOT_OURS && dst->device != src->device)
+        x->peer_device = src->device;
     return GPUMEM_OK;
 }
 
@@ -153,5 +157,6 @@ gm_copy_class gm_xfer_classify(const gm_xfer *x, const gm_xfer_side side[2])
     gm_copy_class c;
     classify_sides(&c, dev[GM_XFER_DST], pinned[GM_XFER_DST], dev[GM_XFER_SRC], pinned[GM_XFER_SRC]);
     c.device = x->device;
+    c.peer = c.dir == GPUMEM_COPY_D2D && x->peer_device >= 0;
     return c;
 }

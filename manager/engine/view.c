@@ -6,26 +6,6 @@
 
 #include "gm_engine.h"
 
-/* A percentage limit is of cuDeviceTotalMem's figure, whichever call comes first (cuMemGetInfo,
- * NVML's larger total): members of a group must resolve it to the same bytes. */
-void gm_device_prepare(int device, uint64_t driver_total)
-{
-    gm_device *d = gm_device_get(device);
-    if (!d || atomic_load(&d->limit_resolved)) return;
-    const gm_backend *be = gm_mgr.backend;
-    unsigned char uuid[16];
-    bool known = be && be->device_uuid(device, uuid) == GPUMEM_OK;
-    size_t total = 0;
-    if (be && be->device_total(device, &total) == GPUMEM_OK && total) driver_total = total;
-    gm_limit_init_device(device, driver_total, known ? uuid : NULL);
-}
-
-uint64_t gm_device_visible_total(int device, uint64_t driver_total)
-{
-    gm_device_prepare(device, driver_total);
-    return gm_limit_visible_total(device, driver_total);
-}
-
 /* The UUID of every ordinal this process sees, learned once: CUDA_VISIBLE_DEVICES is read at
  * cuInit, so the numbering holds for the process's life, and NVML pollers (nvidia-smi -l, DCGM)
  * ask again and again. */
@@ -59,6 +39,43 @@ static int ordinal_of_uuid(const unsigned char uuid[16])
             if (ordinals.has_uuid[i] && memcmp(ordinals.uuid[i], uuid, 16) == 0) found = i;
     pthread_mutex_unlock(&ordinals.lock);
     return found;
+}
+
+/* Once, before any device's limit: the per-device limits must name devices this process sees
+ * (config.c says what is refused; a bad one stops the process as any bad setting does). A
+ * driver that cannot count its devices yet is asked again at the next device's first use. */
+static void check_limit_keys(void)
+{
+    static _Atomic bool checked;
+    if (atomic_load(&checked)) return;
+    pthread_mutex_lock(&ordinals.lock);
+    if (ordinals.known || learn_ordinals_locked()) {
+        gm_config_check_devices_or_exit(ordinals.count, (const unsigned char (*)[16])ordinals.uuid,
+                                        ordinals.has_uuid);
+        atomic_store(&checked, true);
+    }
+    pthread_mutex_unlock(&ordinals.lock);
+}
+
+/* A percentage limit is of cuDeviceTotalMem's figure, whichever call comes first (cuMemGetInfo,
+ * NVML's larger total): members of a group must resolve it to the same bytes. */
+void gm_device_prepare(int device, uint64_t driver_total)
+{
+    gm_device *d = gm_device_get(device);
+    if (!d || atomic_load(&d->limit_resolved)) return;
+    check_limit_keys();
+    const gm_backend *be = gm_mgr.backend;
+    unsigned char uuid[16];
+    bool known = be && be->device_uuid(device, uuid) == GPUMEM_OK;
+    size_t total = 0;
+    if (be && be->device_total(device, &total) == GPUMEM_OK && total) driver_total = total;
+    gm_limit_init_device(device, driver_total, known ? uuid : NULL);
+}
+
+uint64_t gm_device_visible_total(int device, uint64_t driver_total)
+{
+    gm_device_prepare(device, driver_total);
+    return gm_limit_visible_total(device, driver_total);
 }
 
 bool gm_device_view_by_uuid(const unsigned char uuid[16], uint64_t driver_total, gm_device_view *out)

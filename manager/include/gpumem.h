@@ -113,6 +113,10 @@ typedef struct gpumem_copy_stats {
      * an allocation; each was logged with its call stack. Counted on the memory's device. */
     uint64_t refused_copies;
     uint64_t refused_memsets;
+    /* Peer copies: the D2D copies (a part of total[GPUMEM_COPY_D2D]) between pool memory of two
+     * devices (cuMemcpyPeer*, cuMemcpy3DPeer*, DtoD or cudaMemcpyDefault across devices), counted
+     * on the destination's device. */
+    gpumem_copy_counter peer;
 } gpumem_copy_stats;
 
 /* Copy statistics of one device. GPUMEM_ERROR_INVALID_VALUE for a NULL `out` or a device out of

@@ -83,6 +83,9 @@ static void copies_text(FILE *out)
         if (*sep == ' ') fputs(" none", out);
         fputc('\n', out);
         for (int d = 0; d < GPUMEM_COPY_DIRECTIONS; d++) text_direction(out, &st, d);
+        if (st.peer.calls)
+            fprintf(out, "  D2D from other devices (peer): %llu B in %llu calls\n", ull(st.peer.bytes),
+                    ull(st.peer.calls));
         if (st.refused_copies || st.refused_memsets)
             fprintf(out,
                     "  refused %llu copies and %llu memsets touching freed pool memory or running past "
@@ -110,6 +113,11 @@ static void json_device(FILE *out, int dev, const gpumem_copy_stats *st)
         for (int k = 0; d != GPUMEM_COPY_D2D && k < GPUMEM_HOST_KINDS; k++) {
             fprintf(out, ",\"%s\":{", gm_host_memory_name((gpumem_host_memory)k));
             json_counter(out, &st->host[d][k]);
+            fputc('}', out);
+        }
+        if (d == GPUMEM_COPY_D2D) {
+            fputs(",\"peer\":{", out);
+            json_counter(out, &st->peer);
             fputc('}', out);
         }
         fputc('}', out);
@@ -261,16 +269,17 @@ void gm_report_stats_text(FILE *out)
         gm_heap_stats(dev, &st);
         if (!device_used(&st)) continue;
         uint64_t lookups = st.pool_hits + st.pool_misses;
-        char limit[48];
+        char limit[48], uuid[41], named[48] = "";
         if (st.limit_bytes) snprintf(limit, sizeof limit, "%llu B", (unsigned long long)st.limit_bytes);
         else snprintf(limit, sizeof limit, "none");
+        if (gm_device_uuid_text(dev, uuid)) snprintf(named, sizeof named, ", %s", uuid);
         fprintf(out,
-                "device %d: peak allocated %llu B, peak reserved %llu B, limit %s\n"
+                "device %d: peak allocated %llu B, peak reserved %llu B, limit %s%s\n"
                 "  allocations %llu, frees %llu, pool hit rate %.1f%% (%llu hits, %llu misses)\n"
                 "  segments %llu (released %llu), fragmentation %.3f, release-and-retry %llu, "
                 "limit rejections %llu, device OOMs %llu\n",
                 dev, (unsigned long long)st.bytes_allocated_peak, (unsigned long long)st.bytes_reserved_peak,
-                limit, (unsigned long long)st.allocations, (unsigned long long)st.frees,
+                limit, named, (unsigned long long)st.allocations, (unsigned long long)st.frees,
                 lookups ? 100.0 * (double)st.pool_hits / (double)lookups : 0.0,
                 (unsigned long long)st.pool_hits, (unsigned long long)st.pool_misses,
                 (unsigned long long)st.segments, (unsigned long long)st.segments_released, st.fragmentation,
@@ -291,7 +300,9 @@ void gm_report_stats_text(FILE *out)
 /* One "devices" member per used device: every field of gpumem_stats.def, in its order. */
 static void json_device_stats(FILE *out, int dev, const gpumem_stats *s)
 {
-    fprintf(out, "{\"device\":%d", dev);
+    char uuid[41];
+    fprintf(out, "{\"device\":%d,\"uuid\":", dev);
+    gm_report_json_string(out, gm_device_uuid_text(dev, uuid) ? uuid : NULL);
 #define GM_STAT_HEAP(name, doc) fprintf(out, ",\"" #name "\":%llu", ull(s->name));
 #define GM_STAT_POOL(name, doc) GM_STAT_HEAP(name, doc)
 #define GM_STAT_DEVICE(name, doc) GM_STAT_HEAP(name, doc)

@@ -52,9 +52,9 @@ static void run_once(const bench_case *c)
         x.side[GM_XFER_SRC] = (gm_span){.ptr = c->src, .n = c->n};
         sink += gm_xfer_check(&x);
         if (c->op == DO_CHECK_AND_COUNT)
-            gm_copy_count(x.side[GM_XFER_DST].device, GPUMEM_COPY_H2D, GPUMEM_HOST_PINNED, c->n, false, 0, false);
+            gm_copy_count(x.side[GM_XFER_DST].device, GPUMEM_COPY_H2D, GPUMEM_HOST_PINNED, false, c->n, false, 0, false);
         break;
-    case DO_COUNT: gm_copy_count(0, GPUMEM_COPY_H2D, GPUMEM_HOST_PINNED, c->n, false, 0, false); break;
+    case DO_COUNT: gm_copy_count(0, GPUMEM_COPY_H2D, GPUMEM_HOST_PINNED, false, c->n, false, 0, false); break;
     case DO_LOOKUP: {
         uintptr_t base;
         size_t size;

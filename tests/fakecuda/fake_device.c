@@ -98,7 +98,7 @@ FK_API CUresult CUDAAPI cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
 
 /* FAKECUDA_VISIBLE: the physical device behind ordinal `dev` (a malformed entry counts as its
  * own ordinal). */
-static int dev_physical(CUdevice dev)
+int dev_physical(CUdevice dev)
 {
     const char *list = getenv("FAKECUDA_VISIBLE");
     for (int i = 0; list && *list; i++) {
@@ -122,6 +122,13 @@ static CUresult dev_uuid(CUuuid *uuid, CUdevice dev)
         return state_leave(CUDA_ERROR_INVALID_DEVICE);
     fakecuda_uuid_of_physical(dev_physical(dev), (unsigned char *)uuid->bytes);
     return state_leave(CUDA_SUCCESS);
+}
+
+int dev_ordinal_of_physical(int physical)
+{
+    for (int i = 0; i < g_ndev; i++)
+        if (dev_physical(i) == physical) return i;
+    return -1;
 }
 
 FK_API CUresult CUDAAPI cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev) { return dev_uuid(uuid, dev); }

@@ -121,7 +121,9 @@ typedef struct fk_alloc {
     int memfd;           /* A_DEVICE: the memfd behind it, open while it lives (another process
                           * maps it through /proc/<pid>/fd/<memfd>) */
     bool sync_memops;    /* cuPointerSetAttribute(CU_POINTER_ATTRIBUTE_SYNC_MEMOPS) */
-    int ipc_pid;         /* A_IPC: the exporter and its allocation id (the key of a reopen) */
+    int ipc_pid;         /* A_IPC: the exporter and its allocation id (the key of a reopen); its
+                          * `dev` is the exporter's device (where the memory is), its `ctx` the
+                          * importer's context (whose device reaches it through peer access) */
     uint64_t ipc_id;
     unsigned ipc_refs;   /* A_IPC: opens not yet closed */
     void *graph_owner;   /* A_GRAPH: the graph of its allocation node; NULL once destroyed */
@@ -259,6 +261,8 @@ CUresult state_copy_fault(void);
 /* ================================================================ fake_device.c */
 
 bool dev_ok(CUdevice d);
+int dev_physical(CUdevice dev);           /* FAKECUDA_VISIBLE: the physical device of an ordinal */
+int dev_ordinal_of_physical(int physical); /* and back; -1 when this process does not see it */
 
 /* ================================================================ fake_ctx.c */
 

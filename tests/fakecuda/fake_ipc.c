@@ -23,7 +23,8 @@ typedef struct {
     uint64_t size;
     int32_t pid, fd;
     uint64_t id;
-    char zero[24];
+    int32_t physical; /* the exporter's device, as physical number (ordinals differ per process) */
+    char zero[20];
 } ipc_handle;
 _Static_assert(sizeof(ipc_handle) == CU_IPC_HANDLE_SIZE, "fake IPC handle size");
 
@@ -47,6 +48,7 @@ FK_API CUresult CUDAAPI cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr p)
     h.pid = (int32_t)getpid();
     h.fd = a->memfd;
     h.id = a->id;
+    h.physical = dev_physical(a->dev);
     memcpy(handle, &h, sizeof h);
     return state_leave(CUDA_SUCCESS);
 }
@@ -78,8 +80,16 @@ static int ipc_open_exporter_fd(const ipc_handle *h)
     return open(path, O_RDWR | O_CLOEXEC);
 }
 
-static CUresult ipc_map(fk_ctx *c, const ipc_handle *h, CUdeviceptr *out)
+/* Memory of another device is mapped into the current context, as the driver does, and reached
+ * through peer access: CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS enables it as cuCtxEnablePeerAccess
+ * would (fakecuda_launch_kernel_fill checks it). */
+static CUresult ipc_map(fk_ctx *c, const ipc_handle *h, unsigned flags, CUdeviceptr *out)
 {
+    int home = dev_ordinal_of_physical(h->physical);
+    if (home < 0) /* the fake's answer: a device this process does not see cannot be mapped */
+        return CUDA_ERROR_INVALID_DEVICE;
+    if (home != c->dev && (flags & CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS))
+        c->peers |= 1u << home;
     int fd = ipc_open_exporter_fd(h);
     if (fd < 0)
         return CUDA_ERROR_INVALID_VALUE;
@@ -93,7 +103,7 @@ static CUresult ipc_map(fk_ctx *c, const ipc_handle *h, CUdeviceptr *out)
         return CUDA_ERROR_INVALID_VALUE;
     fk_alloc *a = malloc(sizeof *a);
     if (a)
-        *a = (fk_alloc){.base = (uintptr_t)m, .size = h->size, .kind = A_IPC, .dev = c->dev,
+        *a = (fk_alloc){.base = (uintptr_t)m, .size = h->size, .kind = A_IPC, .dev = home,
                         .ctx = c, .id = g_next_id++, .map_len = len, .memfd = -1,
                         .ipc_pid = h->pid, .ipc_id = h->id, .ipc_refs = 1};
     if (!a || !mem_insert(a)) {
@@ -118,6 +128,7 @@ static CUresult ipc_open(CUdeviceptr *out, CUipcMemHandle handle, unsigned flags
     static const char zero[sizeof h.zero];
     if (!out || (flags & ~(unsigned)CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS) ||
         memcmp(h.magic, IPC_MAGIC, sizeof h.magic) != 0 || h.size == 0 || h.pid <= 0 ||
+        h.physical < 0 || h.physical >= FK_MAX_DEVICES ||
         memcmp(h.zero, zero, sizeof zero) != 0) /* every byte is checked: garbage is refused */
         return state_leave(CUDA_ERROR_INVALID_VALUE);
     if (h.pid == (int32_t)getpid()) /* the driver's answer for a handle of this process */
@@ -128,7 +139,7 @@ static CUresult ipc_open(CUdeviceptr *out, CUipcMemHandle handle, unsigned flags
         *out = a->base;
         return state_leave(CUDA_SUCCESS);
     }
-    return state_leave(ipc_map(c, &h, out));
+    return state_leave(ipc_map(c, &h, flags, out));
 }
 
 FK_API CUresult CUDAAPI cuIpcOpenMemHandle_v2(CUdeviceptr *out, CUipcMemHandle handle,

@@ -112,6 +112,13 @@ CUresult fakecuda_launch_fill(CUstream s, CUdeviceptr p, unsigned char value, si
 
 void fakecuda_counters(fakecuda_counters_t *out);
 
+/* fakecuda_launch_fill as a real kernel of the stream's context would run: refused with
+ * CUDA_ERROR_ILLEGAL_ADDRESS (the fault the real kernel would raise, here at the launch) when the
+ * context may not touch the memory: another device's memory without peer access from the
+ * context (cuCtxEnablePeerAccess, an IPC open with CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS), a
+ * cuMemMap mapping without cuMemSetAccess for the context's device. */
+CUresult fakecuda_launch_kernel_fill(CUstream s, CUdeviceptr p, unsigned char value, size_t n);
+
 /* Zero the counters; bytes_in_use is state, not a counter, and is kept. */
 void fakecuda_reset_counters(void);
 

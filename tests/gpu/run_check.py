@@ -32,11 +32,13 @@ time). --show KEY, --grab REGEX, --grab-stderr REGEX and --detail TEXT only shap
 Every check prints what it ran (command, exit status, stdout and stderr, long ones cut; the whole
 files stay under WORK/runs/TEST/) and ends with one line "RESULT PASS|FAIL|SKIP: detail". Exit
 status: 0 passed, 1 failed, 77 skipped (meson's SKIP): no GPU here (unless GPU_CHECK_REQUIRE_GPU=1:
-then that is a failure), or the Python module a check needs cannot be imported.
+then that is a failure), fewer GPUs than --needs-gpus N asks for (a SKIP line naming both counts,
+whatever GPU_CHECK_REQUIRE_GPU says), or the Python module a check needs cannot be imported.
 
 Environment hygiene (the programs must see the same environment with and without the shim, and
 nothing from the caller): every GPUMEM_* variable, LD_PRELOAD, the PyTorch/CuPy allocator knobs and
-meson's MALLOC_PERTURB_ are removed; TMPDIR and the CUDA/CuPy/XDG caches point into WORK (the build
+meson's MALLOC_PERTURB_ are removed; NVLink multicast is kept off (NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, as the multi-GPU machines need); TMPDIR and the CUDA/CuPy/XDG caches point into WORK (the build
 directory); PYTHONDONTWRITEBYTECODE=1. Knobs: GPU_CHECK_RUN_TIMEOUT (s per program run, 120),
 GPU_CHECK_DEADLINE (epoch seconds; a run that would start later is failed as "not run"),
 GPU_CHECK_OUT (where entry-points.txt, bench.txt and the torch report files go; default WORK),
@@ -59,6 +61,10 @@ LEAK_RE = re.compile(r"LEAK SUMMARY: ([0-9]+) bytes leaked in ([0-9]+) allocatio
 # Removed from the environment of every program run (the caller's settings must not leak in).
 DROP_VARS = ("LD_PRELOAD", "PYTORCH_NO_CUDA_MEMORY_CACHING", "PYTORCH_CUDA_ALLOC_CONF",
              "PYTORCH_ALLOC_CONF", "CUPY_GPU_MEMORY_LIMIT", "MALLOC_PERTURB_")
+# Set for every program run: NVLink multicast stays off in NCCL, PyTorch and NVSHMEM, as the
+# multi-GPU H200 machines require (a program using it can take the host's shared GPUs out of
+# service); the programs pass them on to every process they start.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class Done(Exception):
@@ -91,6 +97,7 @@ class Ctx:
 
     def clean_env(self):
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUMEM_") and k not in DROP_VARS}
+        env.update(NO_MULTICAST)
         # meson puts the folders of the shared libraries a test depends on (the shim's, the
         # library's) in front of LD_LIBRARY_PATH; the programs find libgpumem through their
         # rpath, as they would outside meson, so those entries go (the caller's stay).
@@ -262,6 +269,27 @@ def need_gpu(ctx):
             raise OSError("cuInit/cuDeviceGetCount: no device")
     except (OSError, AttributeError) as e:
         raise Done("SKIP", f"no CUDA device here ({e})")
+
+
+def gpu_count():
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        n = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(n)) != 0:
+            return 0
+        return n.value
+    except (OSError, AttributeError):
+        return 0
+
+
+def need_gpus(ctx, want):
+    """SKIP when fewer than `want` GPUs are visible, also under GPU_CHECK_REQUIRE_GPU=1: a machine
+    of one GPU is a valid place for gpu-check, and these checks say what they need."""
+    if not want or want <= 1:
+        return
+    have = gpu_count()
+    if have < want:
+        raise Done("SKIP", f"needs {want} GPUs, this machine has {have} (run on nvidia-h200-x2 or larger)")
 
 
 def need_module(ctx, module, python):
@@ -627,6 +655,7 @@ def parse(argv):
                     help="a folder meson put in front of LD_LIBRARY_PATH, taken out again")
     ap.add_argument("--name", help="NAME of the final 'NAME: OK' line (default: the program's file name)")
     ap.add_argument("--needs-module", help="SKIP unless the program's Python can import this module")
+    ap.add_argument("--needs-gpus", type=int, default=0, help="SKIP unless this many GPUs are visible")
     ap.add_argument("--preload", action="store_true", help="run: with the shim preloaded")
     ap.add_argument("--env", action="append", metavar="K=V", help="for every run of the check")
     ap.add_argument("--shim-env", action="append", metavar="K=V", help="for the run under the shim only")
@@ -677,6 +706,7 @@ def main(argv):
     try:
         if args.check not in NO_GPU:
             need_gpu(ctx)
+            need_gpus(ctx, args.needs_gpus)
         python = next((p for p in args.prog if not str(p).endswith(".py")), sys.executable)
         need_module(ctx, args.needs_module, python if args.needs_module else None)
         CHECKS[args.check](ctx, args.prog)

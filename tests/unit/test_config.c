@@ -559,7 +559,8 @@ Test(config_invalid, the_documented_error_line)
     cr_assert_eq(parse(ENV("GPUMEM_LIMIT", "4XB"), &cfg), -1);
     cr_assert_str_eq(err, "gpumem: GPUMEM_LIMIT='4XB' is not valid: expected a size (e.g. 4GiB, "
                           "512MiB, 1.5G, 1048576), a percentage of device memory (e.g. 80%), none, "
-                          "or a per-device list (e.g. 0:4GiB,1:50%)");
+                          "or a per-device list (e.g. 0:4GiB,1:50%) whose devices may also be UUIDs "
+                          "(GPU-...:4GiB)");
 }
 
 Test(config_invalid, empty_value_for_every_option)
@@ -967,4 +968,99 @@ Test(config_get, unknown_variable_only_warns, .init = clean_and_redirect)
     fflush(stderr);
     cr_assert_stderr_eq_str("gpumem: warning: unknown variable GPUMEM_POOLL ignored; did you mean "
                             "GPUMEM_POOL?\n");
+}
+
+/* ---------------------------------------------------------------- limits keyed by UUID (issue 16) */
+
+#define UUID_A "GPU-01234567-89ab-cdef-0123-456789abcdef"
+#define UUID_B "GPU-fedcba98-7654-3210-FEDC-BA9876543210"
+
+static const unsigned char uuid_a[16] = {0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef,
+                                         0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef};
+static const unsigned char uuid_b[16] = {0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10,
+                                         0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10};
+
+Test(config_valid, list_keyed_by_uuid_follows_the_device)
+{
+    gm_config cfg = parse_ok(ENV("GPUMEM_LIMIT", UUID_A ":4GiB, " UUID_B " : 50%,2:1GiB"));
+    cr_assert_eq(cfg.limit_keys.nuuid, 2);
+    cr_assert_eq(memcmp(cfg.limit_keys.uuid[1].uuid, uuid_b, 16), 0, "hex in either case");
+    /* Whatever ordinal the device has, its UUID entry applies. */
+    cr_assert_eq(gm_config_limit_of(&cfg, 0, uuid_a)->bytes, 4 * GiB);
+    cr_assert_eq(gm_config_limit_of(&cfg, 5, uuid_a)->bytes, 4 * GiB);
+    cr_assert_eq(gm_config_limit_of(&cfg, 0, uuid_b)->percent, 50.0);
+    /* An ordinal entry for a device no UUID entry names; nothing for the others. */
+    static const unsigned char other[16] = {9};
+    cr_assert_eq(gm_config_limit_of(&cfg, 2, other)->bytes, GiB);
+    cr_assert_eq(gm_config_limit_of(&cfg, 2, NULL)->bytes, GiB);
+    cr_assert_eq(gm_config_limit_of(&cfg, 1, other)->kind, GM_LIMIT_NONE);
+    cfg = parse_ok(ENV("GPUMEM_LIMIT", "MIG-01234567-89ab-cdef-0123-456789abcdef:2GiB"));
+    cr_assert_eq(gm_config_limit_of(&cfg, 0, uuid_a)->bytes, 2 * GiB, "MIG- spelling");
+}
+
+Test(config_valid, per_device_variable_beats_a_uuid_entry)
+{
+    gm_config cfg = parse_ok(ENV("GPUMEM_LIMIT", UUID_A ":4GiB", "GPUMEM_LIMIT_1", "1GiB"));
+    cr_assert_eq(gm_config_limit_of(&cfg, 1, uuid_a)->bytes, GiB);
+    cr_assert_eq(gm_config_limit_of(&cfg, 0, uuid_a)->bytes, 4 * GiB);
+}
+
+Test(config_invalid, limit_list_bad_uuids)
+{
+    expect_error_for("GPUMEM_LIMIT", "GPU-0123:1GiB", "device 'GPU-0123' is not a UUID as nvidia-smi -L prints it");
+    expect_error_for("GPUMEM_LIMIT", "GPU-01234567-89ab-cdef-0123-456789abcdeg:1GiB", "is not a UUID");
+    expect_error_for("GPUMEM_LIMIT", "GPU-0123456789abcdef0123456789abcdef:1GiB", "is not a UUID");
+    expect_error_for("GPUMEM_LIMIT", UUID_A "0:1GiB", "is not a UUID");
+    expect_error_for("GPUMEM_LIMIT", UUID_A ":1GiB," UUID_A ":2GiB", "device " UUID_A " is listed twice");
+    expect_error_for("GPUMEM_LIMIT", UUID_A ":0", "write none for no limit");
+    expect_error_for("GPUMEM_LIMIT", "gpu0:1GiB", "nor a UUID");
+}
+
+static int check_devices(gm_config *cfg, int count, bool subset)
+{
+    static const unsigned char u[2][16] = {{0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45,
+                                            0x67, 0x89, 0xab, 0xcd, 0xef},
+                                           {7}};
+    static const bool has[2] = {true, true};
+    return gm_config_check_devices(cfg, count, u, has, subset, err, sizeof err);
+}
+
+Test(config_invalid, limits_must_name_devices_the_process_sees)
+{
+    gm_config cfg = parse_ok(ENV("GPUMEM_LIMIT", "0:1GiB,1:2GiB"));
+    cr_assert_eq(check_devices(&cfg, 2, false), 0, "%s", err);
+    cr_assert_eq(check_devices(&cfg, 1, false), -1);
+    cr_assert(strstr(err, "gpumem: GPUMEM_LIMIT='0:1GiB,1:2GiB' is not valid: there is no device 1: "
+                          "this process sees 1 device (0)"), "%s", err);
+    cr_assert(strstr(err, "expected device numbers from 0 to 0 or a UUID"), "%s", err);
+    cr_assert_null(strchr(err, '\n'));
+    /* One value for every device names none. */
+    cfg = parse_ok(ENV("GPUMEM_LIMIT", "1GiB"));
+    cr_assert_eq(check_devices(&cfg, 1, false), 0);
+    /* GPUMEM_LIMIT_<i> for a device the process does not see (its value comes from getenv). */
+    setenv("GPUMEM_LIMIT_3", "2GiB", 1);
+    cfg = parse_ok(ENV("GPUMEM_LIMIT_3", "2GiB"));
+    cr_assert_eq(check_devices(&cfg, 2, false), -1);
+    cr_assert(strstr(err, "gpumem: GPUMEM_LIMIT_3='2GiB' is not valid: there is no device 3: this process "
+                          "sees 2 devices (0 to 1)"), "%s", err);
+    cr_assert(strstr(err, "expected GPUMEM_LIMIT_0 to GPUMEM_LIMIT_1"), "%s", err);
+    unsetenv("GPUMEM_LIMIT_3");
+    cr_assert_eq(check_devices(&cfg, 4, false), 0);
+}
+
+Test(config_invalid, uuid_entries_must_name_a_visible_device)
+{
+    gm_config cfg = parse_ok(ENV("GPUMEM_LIMIT", UUID_B ":1GiB"));
+    cr_assert_eq(check_devices(&cfg, 2, false), -1);
+    cr_assert(strstr(err, "is not valid: no device has the UUID " UUID_B " (this process sees 2 devices"), "%s", err);
+    /* Under CUDA_VISIBLE_DEVICES the entry may be a hidden device's: skipped. */
+    cr_assert_eq(check_devices(&cfg, 2, true), 0, "%s", err);
+    cfg = parse_ok(ENV("GPUMEM_LIMIT", UUID_A ":1GiB"));
+    cr_assert_eq(check_devices(&cfg, 2, false), 0, "%s", err);
+    /* Named twice, once by number and once by UUID. */
+    cfg = parse_ok(ENV("GPUMEM_LIMIT", "0:2GiB," UUID_A ":1GiB"));
+    cr_assert_eq(check_devices(&cfg, 2, false), -1);
+    cr_assert(strstr(err, UUID_A " is device 0, which the list also names by number"), "%s", err);
+    cfg = parse_ok(ENV("GPUMEM_LIMIT", "1:2GiB," UUID_A ":1GiB"));
+    cr_assert_eq(check_devices(&cfg, 2, false), 0, "%s", err);
 }
