@@ -560,7 +560,7 @@ static void hand_out_locked(gm_heap *heap, gm_tcache *tc, gm_block *b, const gm_
         b->rec.owner = tc->index;
         b->buffer_id = gm_buffer_id_make(heap, tc->index, ++tc->buffer_seq);
         gm_live_insert(&tc->live, &b->rec);
-        gm_stats_on_alloc((gm_counting){&tc->c, heap->device, heap->solo}, &b->rec, hit);
+        gm_stats_on_alloc(gm_tcache_counting(heap, tc), &b->rec, hit);
     } else {
         b->rec.owner = 0;
         b->buffer_id = gm_buffer_id_next_locked(heap); /* a new allocation to the driver's eyes */
@@ -702,7 +702,7 @@ static bool free_to_thread_cache(gm_heap *heap, gm_tcache *tc, uintptr_t ptr, bo
     if (kind_out) *kind_out = GM_KIND_POOL;
     gm_block *b = rec->block;
     gm_live_remove(&tc->live, rec);
-    gm_stats_on_free((gm_counting){&tc->c, heap->device, heap->solo}, rec);
+    gm_stats_on_free(gm_tcache_counting(heap, tc), rec);
     bool kept = synced && !b->ipc_slot && gm_tcache_keep_locked(tc, b);
     pthread_mutex_unlock(&tc->lock);
     if (kept) {

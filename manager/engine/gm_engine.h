@@ -180,6 +180,11 @@ static inline uint64_t gm_buffer_id_next_locked(gm_heap *heap)
  * moved to the heap's ("adopted") the first time anything but its thread's own free looks it up,
  * so every other path (lookups, checked copies, IPC, resizing, cross-thread frees, reports) sees
  * heap-held records only. GPUMEM_THREAD_CACHE bounds the bytes each thread keeps freed. */
+/* Where an allocation a thread cache holds counts (its lock held). */
+static inline gm_counting gm_tcache_counting(const gm_heap *heap, gm_tcache *tc)
+{
+    return (gm_counting){&tc->c, heap->device, heap->solo};
+}
 /* The calling thread's cache on `heap`, attached on first use; NULL when thread caches are off
  * or the heap has no slot left. */
 gm_tcache *gm_tcache_get(gm_heap *heap);

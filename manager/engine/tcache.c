@@ -99,6 +99,23 @@ static inline uint32_t cache_count(const gm_heap *heap)
     return atomic_load_explicit(&heap->ntcs, memory_order_acquire);
 }
 
+/* The sum of one figure over the heap's caches, each read under its lock. */
+static uint64_t sum_over_caches(gm_heap *heap, uint64_t (*figure)(const gm_tcache *))
+{
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < cache_count(heap); i++) {
+        gm_tcache *tc = heap->tcs[i];
+        pthread_mutex_lock(&tc->lock);
+        sum += figure(tc);
+        pthread_mutex_unlock(&tc->lock);
+    }
+    return sum;
+}
+
+static uint64_t cached_of(const gm_tcache *tc) { return tc->cached_bytes; }
+static uint64_t allocated_of(const gm_tcache *tc) { return tc->c.bytes_allocated; }
+static uint64_t live_of(const gm_tcache *tc) { return gm_live_count(&tc->live); }
+
 bool gm_tcache_flush_all_locked(gm_heap *heap)
 {
     bool any = false;
@@ -231,14 +248,7 @@ void gm_tcache_adopt_all_locked(gm_heap *heap)
 
 size_t gm_heap_live_count_locked(gm_heap *heap)
 {
-    size_t n = gm_live_count(&heap->live);
-    for (uint32_t i = 0; i < cache_count(heap); i++) {
-        gm_tcache *tc = heap->tcs[i];
-        pthread_mutex_lock(&tc->lock);
-        n += gm_live_count(&tc->live);
-        pthread_mutex_unlock(&tc->lock);
-    }
-    return n;
+    return gm_live_count(&heap->live) + (size_t)sum_over_caches(heap, live_of);
 }
 
 void gm_heap_each_live_locked(gm_heap *heap, void (*fn)(void *cx, const gm_record *rec), void *cx)
@@ -259,40 +269,39 @@ static gm_tcache *owner_of(const gm_heap *heap, const gm_record *rec)
     return rec->owner && rec->owner <= cache_count(heap) ? heap->tcs[rec->owner - 1] : NULL;
 }
 
+/* The counters `rec` counts in; a thread cache's come locked (counting_end unlocks them). */
+static gm_counting counting_begin(gm_heap *heap, const gm_record *rec, gm_tcache **locked)
+{
+    *locked = owner_of(heap, rec);
+    if (!*locked) return gm_heap_counting(heap);
+    pthread_mutex_lock(&(*locked)->lock);
+    return gm_tcache_counting(heap, *locked);
+}
+
+static void counting_end(gm_tcache *locked)
+{
+    if (locked) pthread_mutex_unlock(&locked->lock);
+}
+
 void gm_heap_count_alloc_locked(gm_heap *heap, const gm_record *rec, bool hit)
 {
-    gm_tcache *tc = owner_of(heap, rec);
-    if (!tc) {
-        gm_stats_on_alloc(gm_heap_counting(heap), rec, hit);
-        return;
-    }
-    pthread_mutex_lock(&tc->lock);
-    gm_stats_on_alloc((gm_counting){&tc->c, heap->device, heap->solo}, rec, hit);
-    pthread_mutex_unlock(&tc->lock);
+    gm_tcache *locked;
+    gm_stats_on_alloc(counting_begin(heap, rec, &locked), rec, hit);
+    counting_end(locked);
 }
 
 void gm_heap_count_free_locked(gm_heap *heap, const gm_record *rec)
 {
-    gm_tcache *tc = owner_of(heap, rec);
-    if (!tc) {
-        gm_stats_on_free(gm_heap_counting(heap), rec);
-        return;
-    }
-    pthread_mutex_lock(&tc->lock);
-    gm_stats_on_free((gm_counting){&tc->c, heap->device, heap->solo}, rec);
-    pthread_mutex_unlock(&tc->lock);
+    gm_tcache *locked;
+    gm_stats_on_free(counting_begin(heap, rec, &locked), rec);
+    counting_end(locked);
 }
 
 void gm_heap_count_resize_locked(gm_heap *heap, const gm_record *old, const gm_record *now)
 {
-    gm_tcache *tc = owner_of(heap, now);
-    if (!tc) {
-        gm_stats_on_resize(gm_heap_counting(heap), old, now);
-        return;
-    }
-    pthread_mutex_lock(&tc->lock);
-    gm_stats_on_resize((gm_counting){&tc->c, heap->device, heap->solo}, old, now);
-    pthread_mutex_unlock(&tc->lock);
+    gm_tcache *locked;
+    gm_stats_on_resize(counting_begin(heap, now, &locked), old, now);
+    counting_end(locked);
 }
 
 void gm_tcache_add_stats_locked(gm_heap *heap, gpumem_stats *out, uint64_t *peak)
@@ -307,29 +316,8 @@ void gm_tcache_add_stats_locked(gm_heap *heap, gpumem_stats *out, uint64_t *peak
     }
 }
 
-uint64_t gm_tcache_cached_locked(gm_heap *heap)
-{
-    uint64_t sum = 0;
-    for (uint32_t i = 0; i < cache_count(heap); i++) {
-        gm_tcache *tc = heap->tcs[i];
-        pthread_mutex_lock(&tc->lock);
-        sum += tc->cached_bytes;
-        pthread_mutex_unlock(&tc->lock);
-    }
-    return sum;
-}
-
-uint64_t gm_tcache_allocated_locked(gm_heap *heap)
-{
-    uint64_t sum = 0;
-    for (uint32_t i = 0; i < cache_count(heap); i++) {
-        gm_tcache *tc = heap->tcs[i];
-        pthread_mutex_lock(&tc->lock);
-        sum += tc->c.bytes_allocated;
-        pthread_mutex_unlock(&tc->lock);
-    }
-    return sum;
-}
+uint64_t gm_tcache_cached_locked(gm_heap *heap) { return sum_over_caches(heap, cached_of); }
+uint64_t gm_tcache_allocated_locked(gm_heap *heap) { return sum_over_caches(heap, allocated_of); }
 
 /* ------------------------------------------------------------------ reset */
 
