@@ -4,6 +4,8 @@
 // block 2 lies deep inside it (a gpumem handle); without the shim each is a driver allocation.
 //
 //   ipc_check                      the parent: allocates, exports, runs the child, verifies
+//   ipc_check --expandable         the same under GPUMEM_EXPANDABLE=1: every block is VMM memory,
+//                                  so a receiver without gpumem must be refused both handles
 //   ipc_check child HEX SIZE ...   (internal) opens each handle, fills it with 0xA0 + its index
 //
 // The child is started with fork + exec of this program (never fork after CUDA init without
@@ -105,6 +107,7 @@ static int run_child(char **args, bool without_shim)
 int main(int argc, char **argv)
 {
     if (argc > 1 && (!strcmp(argv[1], "child") || !strcmp(argv[1], "plain-child"))) return child(argc, argv);
+    bool expandable = argc > 1 && !strcmp(argv[1], "--expandable");
     CK(cudaSetDevice(0));
     const size_t size[4] = {4096, 5000, 8192, 3000};
     void *blk[4];
@@ -156,11 +159,15 @@ int main(int argc, char **argv)
     bool ran = st != 2 && st < 128 && st != 127;
     int refused = ran ? st >> 2 : 0;
     check("receiver without gpumem: ran", ran);
-    check("receiver without gpumem: block 0 opened and written", !(refused & 1) && all_bytes(blk[0], size[0], 0xA0));
+    if (expandable) /* the driver has no legacy IPC of VMM memory: it refuses gpumem's handle */
+        check("receiver without gpumem: block 0 (VMM) refused", (refused & 1) && all_bytes(blk[0], size[0], 0x10));
+    else
+        check("receiver without gpumem: block 0 opened and written", !(refused & 1) && all_bytes(blk[0], size[0], 0xA0));
     check("receiver without gpumem: block 2 written or refused",
           all_bytes(blk[2], size[2], (refused & 2) ? 0x12 : 0xA1));
     check("receiver without gpumem: blocks 1 and 3 unchanged",
           all_bytes(blk[1], size[1], 0x11) && all_bytes(blk[3], size[3], 0x13));
+    if (expandable) check("receiver without gpumem: block 2 (VMM) refused", refused & 2);
     fprintf(stderr, "receiver without gpumem: block 2 %s\n", (refused & 2) ? "refused" : "opened");
     for (int i = 0; i < 4; i++) CK(cudaFree(blk[i]));
     if (failures) return 1;
