@@ -129,7 +129,7 @@ void gm_host_backend_configure_vmm(bool supported, long map_fail_after);
 uint64_t gm_host_backend_vmm_maps(void);
 uint64_t gm_host_backend_vmm_mapped(void);
 uint64_t gm_host_backend_alloc_calls(void);
-uint64_t gm_host_backend_sync_calls(void);
+uint64_t gm_host_backend_sync_calls(void); /* the calling thread's synchronizations */
 void gm_host_backend_set_fence_delay(int queries); /* fences complete after this many queries */
 /* Fences recorded, waited for (fence_wait) and not yet destroyed, since the start. */
 uint64_t gm_host_backend_fence_records(void);

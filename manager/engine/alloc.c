@@ -582,23 +582,49 @@ static bool alloc_from_thread_cache(gm_heap *heap, gm_tcache *tc, size_t rounded
     return b != NULL;
 }
 
-/* A block of `rounded` bytes from the pool, growing it as needed; the heap is locked on entry
- * and on return. `*hit`: no new segment was needed. */
-static int take_block_locked(gm_heap *heap, size_t rounded, gm_block **b, bool *hit)
+/* Before growing, blocks threads keep freed go back to the pool: the calling thread's own always
+ * (splitting one of its blocks beats a new segment), the other threads' only where the limit would
+ * refuse the growth, or after growing failed. Taking theirs on every miss would have two threads
+ * that each need a block the pool has once take it from each other's cache in turn, forever. */
+static bool flush_before_growing_locked(gm_heap *heap, gm_tcache *own, size_t rounded, int *step)
 {
-    bool waited = false, flushed = false;
+    if (*step == 0) {
+        *step = 1;
+        if (own && gm_tcache_flush_locked(heap, own)) return true;
+    }
+    if (*step == 1) {
+        *step = 2;
+        if (gm_limit_headroom(heap->device) < rounded && gm_tcache_flush_all_locked(heap)) return true;
+    }
+    return false;
+}
+
+/* A grow that succeeded can still leave this thread without its block: between the grow and the
+ * retake of the heap lock, other threads may take the new memory or, under GPUMEM_MAX_CACHED, a
+ * free may release it again. Each such round gave memory to someone, so retrying is progress;
+ * the bound only stops a pool that cannot use what it grew. (4 gave spurious OOMs with 4 threads
+ * churning an expandable range under GPUMEM_MAX_CACHED=0, about 1 run in 10.) */
+#define GROWS_PER_ALLOC 64
+
+/* A block of `rounded` bytes from the pool, growing it as needed; the heap is locked on entry
+ * and on return. `own`: the calling thread's cache, or NULL. `*hit`: no new segment was needed. */
+static int take_block_locked(gm_heap *heap, gm_tcache *own, size_t rounded, gm_block **b, bool *hit)
+{
+    bool waited = false;
+    int flushed = 0; /* flush_before_growing_locked's step; 3: every cache flushed after a failed grow */
     int rc = GPUMEM_OK;
     *hit = true;
     for (int grows = 0; gm_pool_alloc_locked(&heap->pool, rounded, b) != GPUMEM_OK;) {
         if (heap->pool.pending_head && gm_fence_reclaim_locked(heap, rounded)) continue; /* fence.c */
         if (heap->quarantine && gm_ipc_reclaim_locked(heap)) continue;
-        if (!flushed && (flushed = true, gm_tcache_flush_all_locked(heap))) continue; /* never grow for them */
+        if (flushed < 2 && flush_before_growing_locked(heap, own, rounded, &flushed)) continue;
         *hit = false;
-        if (grows++ >= 4) return GPUMEM_ERROR_OUT_OF_MEMORY;
+        if (grows++ >= GROWS_PER_ALLOC) return GPUMEM_ERROR_OUT_OF_MEMORY;
         pthread_mutex_unlock(&heap->lock);
         rc = grow(heap, rounded);
         pthread_mutex_lock(&heap->lock);
         if (rc == GPUMEM_OK) continue;
+        if (flushed < 3 && (flushed = 3, gm_tcache_flush_all_locked(heap))) continue;
         if (waited || !heap->pool.pending_head) return rc;
         waited = true; /* fast mode: memory is waiting on fences; wait for them once */
         gm_retire_pending_locked(heap, true);
@@ -621,7 +647,7 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     gm_block *b = NULL;
     bool hit;
     pthread_mutex_lock(&heap->lock);
-    int rc = take_block_locked(heap, rounded, &b, &hit);
+    int rc = take_block_locked(heap, tc, rounded, &b, &hit);
     if (rc != GPUMEM_OK) {
         pthread_mutex_unlock(&heap->lock);
         if (rc == GPUMEM_ERROR_OUT_OF_MEMORY) notify_oom(heap, size, oom_cause(heap, rounded));

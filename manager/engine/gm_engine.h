@@ -195,6 +195,8 @@ gm_block *gm_tcache_take_locked(gm_tcache *tc, size_t rounded);
 /* Keeps freed block `b` (held by `tc`) for the thread's next allocation; false when it does not
  * fit (its size's bin is another size's or full, or GPUMEM_THREAD_CACHE would be crossed). */
 bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b);
+/* Hands one thread cache's freed blocks back to the pool; true when any went back (heap lock). */
+bool gm_tcache_flush_locked(gm_heap *heap, gm_tcache *tc);
 /* Hands every thread cache's freed blocks back to the pool; true when any went back (heap lock). */
 bool gm_tcache_flush_all_locked(gm_heap *heap);
 /* The live record at `ptr` in the heap's table, or adopted from a thread cache (heap lock). */

@@ -116,6 +116,14 @@ static uint64_t cached_of(const gm_tcache *tc) { return tc->cached_bytes; }
 static uint64_t allocated_of(const gm_tcache *tc) { return tc->c.bytes_allocated; }
 static uint64_t live_of(const gm_tcache *tc) { return gm_live_count(&tc->live); }
 
+bool gm_tcache_flush_locked(gm_heap *heap, gm_tcache *tc)
+{
+    pthread_mutex_lock(&tc->lock);
+    bool any = tc->cached_bytes && flush_locked(heap, tc);
+    pthread_mutex_unlock(&tc->lock);
+    return any;
+}
+
 bool gm_tcache_flush_all_locked(gm_heap *heap)
 {
     bool any = false;

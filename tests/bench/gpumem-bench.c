@@ -1,8 +1,10 @@
 /* gpumem-bench: speed goals live here, never in timed tests.
  *
  *   gpumem-bench pool   alloc+free pairs that hit the pool, host backend, 256 B .. 64 MiB,
- *                       strict and fast mode, 1 and 2 threads; last line pool_pair_ns_median=<N>
- *                       (strict, 1 thread, mixed).
+ *                       strict mode with 1 thread without thread caches and 1, 2, 4, 8 threads
+ *                       with them (as many as the cores), fast mode with 1 and 2, alternated over
+ *                       5 rounds in this process; last line pool_pair_ns_median=<N> (strict,
+ *                       1 thread, mixed).
  *   gpumem-bench gpu    cudaMalloc+cudaFree pairs through the shim (strict and fast mode) next
  *                       to raw cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync and an idle
  *                       cuCtxSynchronize, 256 B .. 64 MiB, and the added cost on a forwarded 64-B
@@ -99,42 +101,117 @@ static summary run_pool_case(gm_heap *heap, int size_index, int threads)
     return summarize(all, n);
 }
 
-/* Threads on one context: 1, 2, then 4 and 8 where the machine has the cores. Throughput is
- * pairs per second of all threads together, against one thread's in the same run. */
+#define POOL_ROUNDS 5
+#define POOL_VARIANTS 5 /* one thread without thread caches, then 1, 2, 4, 8 threads with them */
+
+static int variant_threads(int v) { return v == 0 ? 1 : 1 << (v - 1); }
+
+static double median_of(const double *v, int n)
+{
+    double c[POOL_ROUNDS];
+    memcpy(c, v, (size_t)n * sizeof *v);
+    qsort(c, (size_t)n, sizeof *c, cmp_double);
+    return c[n / 2];
+}
+
+static double min_of(const double *v, int n)
+{
+    double m = v[0];
+    for (int i = 1; i < n; i++) m = v[i] < m ? v[i] : m;
+    return m;
+}
+
+static double max_of(const double *v, int n)
+{
+    double m = v[0];
+    for (int i = 1; i < n; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+typedef struct {
+    double median[POOL_VARIANTS][POOL_ROUNDS], p99[POOL_VARIANTS][POOL_ROUNDS];
+    double ratio[POOL_VARIANTS][POOL_ROUNDS]; /* v 0: pair without caches / with; v >= 2: throughput */
+} pool_rounds;
+
+/* One size, every variant, alternated round by round so that a slow stretch of the machine hits
+ * all of them alike; the ratios are taken within a round. */
+static void run_pool_rounds(gm_heap *heap, int s, bool fast, int nvariants, pool_rounds *out)
+{
+    gm_config *cfg = (gm_config *)gm_mgr.cfg;
+    size_t thread_cache = cfg->thread_cache;
+    for (int r = 0; r < POOL_ROUNDS; r++) {
+        for (int v = fast ? 1 : 0; v < nvariants; v++) {
+            cfg->thread_cache = v == 0 ? 0 : thread_cache; /* read when a new thread attaches */
+            summary m = run_pool_case(heap, s, variant_threads(v));
+            out->median[v][r] = m.median;
+            out->p99[v][r] = m.p99;
+        }
+        cfg->thread_cache = thread_cache;
+        if (!fast) out->ratio[0][r] = out->median[0][r] / out->median[1][r];
+        for (int v = 2; v < nvariants; v++) /* all threads' pairs/s against one thread's */
+            out->ratio[v][r] = variant_threads(v) * out->median[1][r] / out->median[v][r];
+    }
+}
+
+static void print_pool_rounds(const char *label, bool fast, int nvariants, pool_rounds *pr)
+{
+    for (int v = fast ? 1 : 0; v < nvariants; v++) {
+        char ratio[48] = "-";
+        if (v == 0 || v >= 2)
+            snprintf(ratio, sizeof ratio, "%.2fx [%.2f..%.2f]", median_of(pr->ratio[v], POOL_ROUNDS),
+                     min_of(pr->ratio[v], POOL_ROUNDS), max_of(pr->ratio[v], POOL_ROUNDS));
+        printf("%-10s %8s %7d%s %9.1f [%5.1f..%6.1f] %9.1f   %s\n", label, fast ? "fast" : "strict",
+               variant_threads(v), v == 0 ? "-" : " ", median_of(pr->median[v], POOL_ROUNDS),
+               min_of(pr->median[v], POOL_ROUNDS), max_of(pr->median[v], POOL_ROUNDS),
+               median_of(pr->p99[v], POOL_ROUNDS), ratio);
+    }
+}
+
+/* Threads on one context: 1, 2, then 4 and 8 where the machine has the cores (fast mode: 1 and 2;
+ * its frees bypass the thread caches), and one thread without thread caches, every variant
+ * alternated over POOL_ROUNDS rounds in this one process. */
 static int bench_pool(void)
 {
     setenv("GPUMEM_REPORT", "off", 1);
     gm_manager_init(gm_host_backend());
     gm_heap *heap = gm_heap_get(1, 0);
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    printf("pool pair (alloc+free that hit the pool), host backend, one context, ns per pair over %d "
-           "batches of %d per thread; %ld cores, GPUMEM_THREAD_CACHE=%llu\n", POOL_BATCHES, POOL_BATCH,
-           cores, (unsigned long long)gm_config_get()->thread_cache);
-    printf("%-10s %8s %8s %12s %12s %12s\n", "size", "mode", "threads", "median_ns", "p99_ns", "throughput");
-    double mixed_single[2] = {0, 0};
+    printf("pool pair (alloc+free that hit the pool), host backend, one context; %d rounds alternating "
+           "the variants, each %d batches of %d pairs per thread; %ld cores, GPUMEM_THREAD_CACHE=%llu\n",
+           POOL_ROUNDS, POOL_BATCHES, POOL_BATCH, cores, (unsigned long long)gm_config_get()->thread_cache);
+    printf("threads: '1-' is one thread without thread caches. ns per pair: median of the rounds' medians "
+           "[their range]; p99: median of the rounds' p99.\nratio: for '1-', its pair / the cached one's "
+           "(>= 1: the caches make one thread no slower); for N threads, all threads' pairs/s / one "
+           "thread's, same round.\n");
+    printf("%-10s %8s %8s %9s %15s %9s   %s\n", "size", "mode", "threads", "median_ns", "[range]", "p99_ns",
+           "ratio [range]");
+    int strict_variants = 2;
+    while (strict_variants < POOL_VARIANTS && variant_threads(strict_variants) <= (cores > 2 ? cores : 2))
+        strict_variants++;
+    static pool_rounds mixed[2];
     for (int fast = 0; fast <= 1; fast++) {
         /* read at every free: switchable between runs; fast mode's fences are the host backend's
          * (complete at once), so this is the cost of the pending list and the batching */
         ((gm_config *)gm_mgr.cfg)->free_sync = !fast;
-        double single[NSIZES + 1] = {0};
-        for (int threads = 1; threads <= POOL_MAX_THREADS; threads *= 2) {
-            if ((threads > 2 && threads > cores) || (fast && threads > 2)) break;
-            for (int s = -1; s < (int)NSIZES; s++) {
-                summary r = run_pool_case(heap, s, threads);
-                char label[32];
-                if (s < 0) snprintf(label, sizeof label, "mixed");
-                else snprintf(label, sizeof label, "%zu", pool_sizes[s]);
-                if (threads == 1) single[s + 1] = r.median;
-                double speedup = threads * single[s + 1] / r.median; /* all threads' pairs/s vs one's */
-                printf("%-10s %8s %8d %12.1f %12.1f %11.2fx\n", label, fast ? "fast" : "strict", threads,
-                       r.median, r.p99, speedup);
-                if (s < 0 && threads == 1) mixed_single[fast] = r.median;
-                if (s < 0 && threads > 1 && !fast) printf("pool_threads_%d_throughput=%.2f\n", threads, speedup);
-            }
+        int nvariants = fast ? 3 : strict_variants;
+        for (int s = -1; s < (int)NSIZES; s++) {
+            static pool_rounds pr;
+            run_pool_rounds(heap, s, fast, nvariants, &pr);
+            char label[32];
+            if (s < 0) snprintf(label, sizeof label, "mixed");
+            else snprintf(label, sizeof label, "%zu", pool_sizes[s]);
+            print_pool_rounds(label, fast, nvariants, &pr);
+            if (s < 0) mixed[fast] = pr;
         }
     }
-    printf("pool_fast_pair_ns_median=%.0f\n", mixed_single[1]);
-    printf("pool_pair_ns_median=%.0f\n", mixed_single[0]);
+    pool_rounds *m = &mixed[0];
+    for (int v = 2; v < strict_variants; v++)
+        printf("pool_threads_%d_throughput=%.2f\npool_threads_%d_throughput_min=%.2f\n", variant_threads(v),
+               median_of(m->ratio[v], POOL_ROUNDS), variant_threads(v), min_of(m->ratio[v], POOL_ROUNDS));
+    printf("pool_single_uncached_over_cached=%.2f\n", median_of(m->ratio[0], POOL_ROUNDS));
+    printf("pool_pair_uncached_ns_median=%.0f\n", median_of(m->median[0], POOL_ROUNDS));
+    printf("pool_fast_pair_ns_median=%.0f\n", median_of(mixed[1].median[1], POOL_ROUNDS));
+    printf("pool_pair_ns_median=%.0f\n", median_of(m->median[1], POOL_ROUNDS));
     return 0;
 }
 

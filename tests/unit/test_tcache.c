@@ -1,8 +1,9 @@
 /* Thread caches (engine/tcache.c) on the host backend: a thread's freed block serves its own next
  * allocation of that size; everything else that asks about a block (lookups, another thread's
  * free, the leak report, statistics, a context going away) sees it exactly as without the cache;
- * the caches never make the pool grow and give their blocks back when the thread ends, at the
- * limit and under GPUMEM_MAX_CACHED. Each test is its own process. */
+ * a thread's own cache goes back to the pool before the pool grows for it, other threads' caches
+ * when the limit would refuse the growth, and all of them when the thread ends, at the limit and
+ * under GPUMEM_MAX_CACHED. Each test is its own process. */
 #include <criterion/criterion.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -227,6 +228,25 @@ Test(tcache, at_the_limit_another_threads_cache_is_taken_back)
     on_other_thread(alloc_one_mib, &got);
     cr_expect_neq(got, 0, "another thread still gets the memory");
     cr_expect_eq(stats().bytes_reserved, 2 * MiB);
+    free_ok(got);
+}
+
+/* Without a limit in the way, another thread grows the pool rather than take this thread's cached
+ * blocks: two threads that each need the one block the pool has would otherwise take it from each
+ * other's cache on every allocation. */
+Test(tcache, below_the_limit_another_thread_grows_instead_of_taking_a_cache)
+{
+    start(NULL);
+    uintptr_t p[8];
+    for (int i = 0; i < 8; i++) p[i] = alloc_ok(256 * KiB);
+    for (int i = 0; i < 8; i++) free_ok(p[i]); /* the small segment's blocks, all in this cache */
+    uintptr_t got = 0;
+    on_other_thread(alloc_one_mib, &got);
+    cr_assert_neq(got, 0);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.segments, 2, "the other thread grew the pool");
+    cr_expect_eq(heap->tcs[0]->cached_bytes, 2 * MiB, "this thread's cache kept its blocks");
+    cr_expect_eq(alloc_ok(256 * KiB), p[7], "and still serves this thread");
     free_ok(got);
 }
 
