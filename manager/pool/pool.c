@@ -108,6 +108,7 @@ static gm_block *block_new(gm_pool *pool)
         b->fence_epoch = 0;
         b->rec.ptr = 0;
         b->rec.block = NULL;
+        b->tc = NULL; /* the engine reads it of any LIVE block; malloc's memory holds anything */
     }
     return b;
 }

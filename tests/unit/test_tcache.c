@@ -400,3 +400,33 @@ Test(tcache, max_cached_bounds_the_caches_and_the_pool_together)
     cr_expect_eq(st.bytes_reserved, 2 * MiB, "one segment kept, the other handed back");
     cr_expect_eq(st.segments, 1);
 }
+
+/* A block handed out without a thread cache (fast mode, caches off) names none, whatever its
+ * header's memory held before: a PyTorch training step in fast mode crashed on such a header in
+ * a checked cudaMemsetAsync on the H200 (the header came from malloc with its `tc` unset). */
+Test(tcache, a_block_handed_out_without_a_cache_names_none)
+{
+    enum { JUNK = 256 };
+    static void *junk[JUNK];
+    for (int i = 0; i < JUNK; i++) { /* headers' size, garbage inside, back to malloc's bins */
+        junk[i] = malloc(sizeof(gm_block));
+        cr_assert_not_null(junk[i]);
+        memset(junk[i], 0xA5, sizeof(gm_block));
+    }
+    for (int i = 0; i < JUNK; i++) free(junk[i]);
+    start((const char *const[]){"GPUMEM_FREE_SYNC", "0", "GPUMEM_THREAD_CACHE", "0", NULL});
+    uintptr_t p[16];
+    for (int i = 0; i < 16; i++) p[i] = alloc_ok(4 * KiB * (size_t)(i + 1));
+    for (int i = 0; i < 16; i++) {
+        gm_span s = {.ptr = p[i] + 100, .n = 8}; /* inside: found by walking the segment */
+        gm_lookup_spans(&s, 1);
+        cr_expect_eq(s.status, GM_SPAN_LIVE, "block %d", i);
+        cr_expect_eq(s.base, p[i]);
+        pthread_mutex_lock(&heap->lock);
+        bool live;
+        gm_block *b = gm_lookup_block_at_locked(heap, p[i] + 100, &live);
+        cr_expect_null(b->tc, "block %d names a cache", i);
+        cr_expect(gm_heap_block_live_locked(heap, b), "block %d: its own cache's table says live", i);
+        pthread_mutex_unlock(&heap->lock);
+    }
+}
