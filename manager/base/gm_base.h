@@ -49,6 +49,10 @@ int gm_log_verbosity(void);
 /* ---------------------------------------------------------------- clocks (clock.c) */
 uint64_t gm_now_ns(void);        /* CLOCK_MONOTONIC */
 uint64_t gm_coarse_now_ns(void); /* CLOCK_MONOTONIC_COARSE: a few ms resolution, 3x cheaper */
+/* Structures that one thread writes on its hot path start and end on their own cache lines, so
+ * threads working at once never share one (gm_cache_line_alloc: zeroed, released with free). */
+#define GM_CACHE_LINE 64
+void *gm_cache_line_alloc(size_t size);
 /* Locks `m` unless another thread holds it longer than GM_REPORT_WAIT_S: what a report does
  * with the tables it reads (at exit another thread may be inside one, or died holding it). */
 #define GM_REPORT_WAIT_S 2

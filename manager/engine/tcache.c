@@ -164,7 +164,7 @@ static gm_tcache *new_cache_locked(gm_heap *heap)
     for (uint32_t i = 0; i < n; i++)
         if (!heap->tcs[i]->attached) return heap->tcs[i];
     if (n == GM_MAX_TCACHES) return NULL;
-    gm_tcache *tc = calloc(1, sizeof *tc);
+    gm_tcache *tc = gm_cache_line_alloc(sizeof *tc); /* its thread's alone: no line shared with another */
     if (!tc) return NULL;
     pthread_mutex_init(&tc->lock, NULL);
     gm_live_init(&tc->live);

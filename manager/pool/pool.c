@@ -99,7 +99,7 @@ static gm_block *block_new(gm_pool *pool)
 {
     gm_block *b = pool->spare_blocks;
     if (b) pool->spare_blocks = b->fnext;
-    else b = malloc(sizeof *b);
+    else b = gm_cache_line_alloc(sizeof *b); /* blocks of threads at work never share a line */
     if (b) { /* the owner fills the record on allocation; clear what the pool reads, and the
               * record's key so a recycled header never looks like a live allocation */
         b->prev = b->next = b->fprev = b->fnext = NULL;
