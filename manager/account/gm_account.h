@@ -132,14 +132,26 @@ typedef struct gm_counters {
 #define GM_STAT_DERIVED(type, name, doc)
 #include "gpumem_stats.def"
     uint64_t bytes_allocated_peak; /* solo heaps only; shared ones count in gm_device */
+    uint64_t unsynced;             /* allocated bytes not yet added to the gm_peak_sync */
 } gm_counters;
 
+/* A solo heap's allocated bytes over all the counters that count them (the heap's and its threads'
+ * caches', engine/tcache.c), and their peak. Each counter adds its allocations in batches of at
+ * most `slack` bytes and its frees at once where they exceed what it has not added yet, so the
+ * sum is never above the truth and at most `slack` per counter below it: the peak is a lower
+ * bound within that, without a line every thread writes on every pair. */
+typedef struct gm_peak_sync {
+    _Atomic uint64_t bytes, peak;
+} gm_peak_sync;
+
 /* Where an allocation or free counts: the heap's counters, and its device's atomics when the
- * device has several heaps (`solo` false). */
+ * device has several heaps (`solo` false), else `sync` (NULL: none). */
 typedef struct gm_counting {
     gm_counters *c;
     int device;
     bool solo;
+    gm_peak_sync *sync;
+    uint64_t slack;
 } gm_counting;
 void gm_stats_on_alloc(gm_counting to, const gm_record *rec, bool hit);
 void gm_stats_on_free(gm_counting to, const gm_record *rec);

@@ -15,11 +15,30 @@ static void trace_device(gm_counting to)
     gm_trace_counter(to.device, allocated, atomic_load(&d->reserved));
 }
 
+/* The counter's change into the heap's sum (gm_peak_sync): allocations once they pass the slack,
+ * frees once they take more than the counter has not added. */
+static void sync_allocated(gm_counting to, int64_t delta)
+{
+    int64_t u = (int64_t)to.c->unsynced + delta;
+    if (u < 0 || (uint64_t)u > to.slack) {
+        uint64_t now = atomic_fetch_add_explicit(&to.sync->bytes, (uint64_t)u, memory_order_relaxed) + (uint64_t)u;
+        uint64_t peak = atomic_load_explicit(&to.sync->peak, memory_order_relaxed);
+        while (u > 0 && now > peak &&
+               !atomic_compare_exchange_weak_explicit(&to.sync->peak, &peak, now, memory_order_relaxed,
+                                                      memory_order_relaxed)) {}
+        u = 0;
+    }
+    to.c->unsynced = (uint64_t)u;
+}
+
 static inline __attribute__((always_inline)) void note_allocated(gm_counting to, int64_t delta)
 {
-    if (!to.solo) gm_device_note_allocated(to.device, delta);
-    else if (to.c->bytes_allocated > to.c->bytes_allocated_peak)
-        to.c->bytes_allocated_peak = to.c->bytes_allocated;
+    if (!to.solo) {
+        gm_device_note_allocated(to.device, delta);
+    } else {
+        if (to.c->bytes_allocated > to.c->bytes_allocated_peak) to.c->bytes_allocated_peak = to.c->bytes_allocated;
+        if (to.sync) sync_allocated(to, delta);
+    }
     if (__builtin_expect(gm_trace_on, 0)) trace_device(to);
 }
 

@@ -583,10 +583,17 @@ static bool alloc_from_thread_cache(gm_heap *heap, gm_tcache *tc, size_t rounded
     return b != NULL;
 }
 
+/* A miss takes the other threads' cached blocks at most this often (unless the limit would refuse
+ * the growth): often enough that memory one thread freed serves another within a millisecond, so
+ * the caches do not raise the pool's peak; rarely enough that two threads that each need the one
+ * block the pool has do not take it from each other's cache on every allocation, forever. */
+static uint64_t take_interval_ns = 1000000;
+
+void gm_tcache_set_take_interval_ns(uint64_t ns) { take_interval_ns = ns; }
+
 /* Before growing, blocks threads keep freed go back to the pool: the calling thread's own always
- * (splitting one of its blocks beats a new segment), the other threads' only where the limit would
- * refuse the growth, or after growing failed. Taking theirs on every miss would have two threads
- * that each need a block the pool has once take it from each other's cache in turn, forever. */
+ * (splitting one of its blocks beats a new segment), the other threads' where the limit would
+ * refuse the growth or take_interval_ns has passed, and all of them after growing failed. */
 static bool flush_before_growing_locked(gm_heap *heap, gm_tcache *own, size_t rounded, int *step)
 {
     if (*step == 0) {
@@ -595,7 +602,13 @@ static bool flush_before_growing_locked(gm_heap *heap, gm_tcache *own, size_t ro
     }
     if (*step == 1) {
         *step = 2;
-        if (gm_limit_headroom(heap->device) < rounded && gm_tcache_flush_all_locked(heap)) return true;
+        uint64_t now = gm_now_ns();
+        bool due = !heap->tcs_taken_at_ns || now - heap->tcs_taken_at_ns >= take_interval_ns ||
+                   gm_limit_headroom(heap->device) < rounded;
+        if (due && gm_tcache_flush_all_locked(heap)) {
+            heap->tcs_taken_at_ns = now;
+            return true;
+        }
     }
     return false;
 }

@@ -53,6 +53,10 @@ typedef struct gm_vrange {
 #define GM_TC_BINS 16     /* sizes a thread keeps at once (any 16: a bin is free again when empty) */
 #define GM_TC_BIN_MAX 8   /* blocks of one size */
 #define GM_MAX_TCACHES 255 /* per heap; threads beyond it use the heap itself */
+/* Allocated bytes a cache counts before it adds them to its heap's sum (gm_peak_sync): the peak
+ * with several threads is exact to within this per allocating thread; pairs of blocks up to it
+ * never write the shared sum. */
+#define GM_TC_PEAK_SLACK ((uint64_t)64 << 20)
 typedef struct gm_tcache {
     pthread_mutex_t lock;
     size_t bin_size[GM_TC_BINS];    /* rounded; 0: a free bin. Scanned on every allocation */
@@ -81,9 +85,11 @@ typedef struct gm_heap {
     gm_pool pool;
     gm_live live;
     gm_counters c;
+    gm_peak_sync allocated_sync; /* solo: bytes allocated over c and the caches', and their peak */
     gm_fence *fence;            /* the fence in flight: covers pending blocks with epoch <= fence_epoch */
     uint32_t fence_epoch;
     uint64_t fence_at_ns;       /* when the last fence was recorded (fence.c: batching) */
+    uint64_t tcs_taken_at_ns;   /* when a miss last took the other threads' cached blocks (alloc.c) */
     uint64_t fence_batch;       /* GPUMEM_FENCE_BATCH for this heap's device, learnt once */
     int fence_batch_device;     /* the device fence_batch was learnt for, plus 1; 0: not yet */
     gm_block *quarantine;       /* freed blocks other processes still have open (ipc.c), by fnext */
@@ -146,7 +152,7 @@ void gm_heap_reset_locked(gm_heap *heap);
 /* Where the heap's allocations and frees count. */
 static inline gm_counting gm_heap_counting(gm_heap *heap)
 {
-    return (gm_counting){&heap->c, heap->device, heap->solo};
+    return (gm_counting){&heap->c, heap->device, heap->solo, &heap->allocated_sync, 0};
 }
 static inline void gm_heap_live_changed_locked(gm_heap *heap)
 {
@@ -181,9 +187,9 @@ static inline uint64_t gm_buffer_id_next_locked(gm_heap *heap)
  * so every other path (lookups, checked copies, IPC, resizing, cross-thread frees, reports) sees
  * heap-held records only. GPUMEM_THREAD_CACHE bounds the bytes each thread keeps freed. */
 /* Where an allocation a thread cache holds counts (its lock held). */
-static inline gm_counting gm_tcache_counting(const gm_heap *heap, gm_tcache *tc)
+static inline gm_counting gm_tcache_counting(gm_heap *heap, gm_tcache *tc)
 {
-    return (gm_counting){&tc->c, heap->device, heap->solo};
+    return (gm_counting){&tc->c, heap->device, heap->solo, &heap->allocated_sync, GM_TC_PEAK_SLACK};
 }
 /* The calling thread's cache on `heap`, attached on first use; NULL when thread caches are off
  * or the heap has no slot left. */
@@ -195,6 +201,8 @@ gm_block *gm_tcache_take_locked(gm_tcache *tc, size_t rounded);
 /* Keeps freed block `b` (held by `tc`) for the thread's next allocation; false when it does not
  * fit (its size's bin is another size's or full, or GPUMEM_THREAD_CACHE would be crossed). */
 bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b);
+/* How often a miss may take other threads' cached blocks before growing (alloc.c; tests). */
+void gm_tcache_set_take_interval_ns(uint64_t ns);
 /* Hands one thread cache's freed blocks back to the pool; true when any went back (heap lock). */
 bool gm_tcache_flush_locked(gm_heap *heap, gm_tcache *tc);
 /* Hands every thread cache's freed blocks back to the pool; true when any went back (heap lock). */

@@ -105,8 +105,10 @@ static void share_device_locked(int device)
         if (h->device != device || !h->solo) continue;
         pthread_mutex_lock(&h->lock);
         atomic_fetch_add(&d->allocated, h->c.bytes_allocated + gm_tcache_allocated_locked(h));
-        uint64_t peak = atomic_load(&d->allocated_peak);
-        if (h->c.bytes_allocated_peak > peak) atomic_store(&d->allocated_peak, h->c.bytes_allocated_peak);
+        uint64_t peak = atomic_load(&d->allocated_peak), own = h->c.bytes_allocated_peak;
+        uint64_t summed = atomic_load(&h->allocated_sync.peak);
+        if (summed > own) own = summed;
+        if (own > peak) atomic_store(&d->allocated_peak, own);
         h->solo = false;
         pthread_mutex_unlock(&h->lock);
     }
@@ -243,7 +245,8 @@ void gm_heap_reset_locked(gm_heap *heap)
     memset(heap->vr, 0, sizeof heap->vr); /* a fork child's are the parent's; a dying context's
                                            * were handed to gm_vmm_release_ranges */
     gm_live_init(&heap->live);
-    heap->c.bytes_requested = heap->c.bytes_allocated = 0; /* the rest are lifetime counters */
+    heap->c.bytes_requested = heap->c.bytes_allocated = heap->c.unsynced = 0; /* the rest are lifetime counters */
+    atomic_store(&heap->allocated_sync.bytes, 0); /* its peak is a lifetime figure, as the heap's */
     gm_tcache_reset_counts_locked(heap);
 }
 
@@ -262,7 +265,8 @@ static void add_heap(gpumem_stats *out, gm_heap *heap, uint64_t *solo_peak)
     if (heap->solo) {
         /* Each thread's cache keeps the peak of what it counted: with one allocating thread (all
          * its allocations count there) that is the device's exact peak. */
-        uint64_t peak = heap->c.bytes_allocated_peak;
+        uint64_t peak = heap->c.bytes_allocated_peak, summed = atomic_load(&heap->allocated_sync.peak);
+        if (summed > peak) peak = summed;
         gm_tcache_add_stats_locked(heap, out, &peak);
         uint64_t now = heap->c.bytes_allocated + gm_tcache_allocated_locked(heap);
         *solo_peak = peak > now ? peak : now;

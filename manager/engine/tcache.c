@@ -350,7 +350,7 @@ void gm_tcache_reset_counts_locked(gm_heap *heap)
     for (uint32_t i = 0; i < cache_count(heap); i++) {
         gm_tcache *tc = heap->tcs[i];
         pthread_mutex_lock(&tc->lock);
-        tc->c.bytes_requested = tc->c.bytes_allocated = 0; /* the rest are lifetime counters */
+        tc->c.bytes_requested = tc->c.bytes_allocated = tc->c.unsynced = 0; /* the rest are lifetime counters */
         pthread_mutex_unlock(&tc->lock);
     }
 }

@@ -6,6 +6,7 @@
  * under GPUMEM_MAX_CACHED. Each test is its own process. */
 #include <criterion/criterion.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -231,12 +232,21 @@ Test(tcache, at_the_limit_another_threads_cache_is_taken_back)
     free_ok(got);
 }
 
-/* Without a limit in the way, another thread grows the pool rather than take this thread's cached
- * blocks: two threads that each need the one block the pool has would otherwise take it from each
- * other's cache on every allocation. */
-Test(tcache, below_the_limit_another_thread_grows_instead_of_taking_a_cache)
+/* A miss takes another thread's cached blocks rather than grow, but not again within the interval
+ * (gm_tcache_set_take_interval_ns): two threads that each need the one block the pool has would
+ * otherwise take it from each other's cache on every allocation. */
+Test(tcache, a_miss_takes_other_caches_once_per_interval)
 {
     start(NULL);
+    gm_tcache_set_take_interval_ns(UINT64_MAX / 2); /* after the first take, none in this test */
+    uintptr_t q[8];
+    for (int i = 0; i < 8; i++) q[i] = alloc_ok(256 * KiB);
+    for (int i = 0; i < 8; i++) free_ok(q[i]);
+    uintptr_t first = 0;
+    on_other_thread(alloc_one_mib, &first);
+    cr_assert_neq(first, 0);
+    cr_expect_eq(stats().segments, 1, "the first miss took this thread's cached blocks");
+    free_ok(first); /* from this thread: to the pool, merged again */
     uintptr_t p[8];
     for (int i = 0; i < 8; i++) p[i] = alloc_ok(256 * KiB);
     for (int i = 0; i < 8; i++) free_ok(p[i]); /* the small segment's blocks, all in this cache */
@@ -244,7 +254,7 @@ Test(tcache, below_the_limit_another_thread_grows_instead_of_taking_a_cache)
     on_other_thread(alloc_one_mib, &got);
     cr_assert_neq(got, 0);
     gpumem_stats st = stats();
-    cr_expect_eq(st.segments, 2, "the other thread grew the pool");
+    cr_expect_eq(st.segments, 2, "the next miss, within the interval, grew the pool");
     cr_expect_eq(heap->tcs[0]->cached_bytes, 2 * MiB, "this thread's cache kept its blocks");
     cr_expect_eq(alloc_ok(256 * KiB), p[7], "and still serves this thread");
     free_ok(got);
@@ -279,6 +289,30 @@ Test(tcache, one_threads_peak_is_exact)
     free_ok(b);
     free_ok(c);
     cr_expect_eq(stats().bytes_allocated_peak, 1 * MiB + 512 * KiB);
+}
+
+static void *alloc_free_100mib(void *arg)
+{
+    uintptr_t p = 0;
+    *(int *)arg = gm_alloc(heap, 100 * MiB, 0, 0, &p);
+    if (p) gm_free(heap, p, GM_FREE_BARRIER, NULL);
+    return NULL;
+}
+
+/* Two threads' allocations at once: the peak is their sum (exact for blocks above the slack of
+ * GM_TC_PEAK_SLACK a cache counts before it adds to the heap's sum), not the larger one. */
+Test(tcache, the_peak_of_two_threads_at_once_is_their_sum)
+{
+    start(NULL);
+    uintptr_t a = alloc_ok(100 * MiB);
+    int rc = -1;
+    on_other_thread(alloc_free_100mib, &rc); /* while this thread holds its 100 MiB */
+    cr_assert_eq(rc, GPUMEM_OK);
+    free_ok(a);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.bytes_allocated_peak, 200 * MiB);
+    cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(atomic_load(&heap->allocated_sync.bytes), 0, "the heap's sum is back to nothing");
 }
 
 Test(tcache, buffer_ids_differ_between_threads_and_allocations)
