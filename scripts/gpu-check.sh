@@ -26,7 +26,8 @@
 # Knobs: NVCC, GPU_ARCH (sm_90), PYTHON (python3), RUN_TIMEOUT (s, one program run; 120),
 # GPU_CHECK_BUDGET_S (s, 510: program runs not started by then fail as "not run"), GPU_CHECK_JOBS
 # (checks run at once; 4), GPU_CHECK_PARTS (all, checks or bench: run only the checks or only the
-# benchmarks, for a machine whose calls are limited to 10 minutes; the table lists what ran). Exit status: 0 when every check passed (SKIPs allowed), 1 otherwise.
+# benchmarks, for a machine whose calls are limited to 10 minutes; the table lists what ran),
+# GPU_CHECK_TESTS (names of checks and benchmarks, space-separated: only those run). Exit status: 0 when every check passed (SKIPs allowed), 1 otherwise.
 set -u
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || exit 1
@@ -99,15 +100,19 @@ case $PARTS in all | checks | bench) ;; *)
     say "gpu-check: GPU_CHECK_PARTS=$PARTS: accepted are all, checks, bench"
     exit 2 ;;
 esac
+checks=() benches=()
+for t in ${GPU_CHECK_TESTS:-}; do
+    case $t in bench_*) benches+=("$t") ;; *) checks+=("$t") ;; esac
+done
 logs=()
-if [ "$PARTS" != bench ]; then
+if [ "$PARTS" != bench ] && { [ -z "${GPU_CHECK_TESTS:-}" ] || [ ${#checks[@]} -gt 0 ]; }; then
     say "running the gpu suite ..."
-    meson test -C "$B" --no-rebuild --suite gpu --num-processes "${GPU_CHECK_JOBS:-4}"
+    meson test -C "$B" --no-rebuild --suite gpu --num-processes "${GPU_CHECK_JOBS:-4}" ${checks[@]+"${checks[@]}"}
     logs+=(testlog)
 fi
-if [ "$PARTS" != checks ]; then
+if [ "$PARTS" != checks ] && { [ -z "${GPU_CHECK_TESTS:-}" ] || [ ${#benches[@]} -gt 0 ]; }; then
     say "running the gpu-bench benchmarks ..."
-    meson test -C "$B" --no-rebuild --benchmark --suite gpu-bench --logbase benchlog
+    meson test -C "$B" --no-rebuild --benchmark --suite gpu-bench --logbase benchlog ${benches[@]+"${benches[@]}"}
     logs+=(benchlog)
 fi
 for f in "${logs[@]}"; do
