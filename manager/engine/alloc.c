@@ -562,7 +562,6 @@ static void hand_out_locked(gm_heap *heap, gm_tcache *tc, gm_block *b, const gm_
         gm_live_insert(&tc->live, &b->rec);
         gm_stats_on_alloc(gm_tcache_counting(heap, tc), &b->rec, hit);
     } else {
-        b->tc = NULL; /* never a cache's, whatever a recycled header said */
         b->rec.owner = 0;
         b->buffer_id = gm_buffer_id_next_locked(heap); /* a new allocation to the driver's eyes */
         gm_live_insert(&heap->live, &b->rec);

@@ -21,6 +21,19 @@ static inline int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* The median and range of `n` values (at most BENCH_SPREAD_MAX; `v` is left as it is). */
+#define BENCH_SPREAD_MAX 64
+typedef struct { double median, lo, hi; } bench_spread;
+static inline bench_spread bench_spread_of(const double *v, int n)
+{
+    double c[BENCH_SPREAD_MAX];
+    if (n <= 0) return (bench_spread){0, 0, 0};
+    if (n > BENCH_SPREAD_MAX) n = BENCH_SPREAD_MAX;
+    for (int i = 0; i < n; i++) c[i] = v[i];
+    qsort(c, (size_t)n, sizeof *c, cmp_double);
+    return (bench_spread){c[n / 2], c[0], c[n - 1]};
+}
+
 int bench_transfer(int argc, char **argv); /* pageable copies through pinned staging against the driver's own (256 MiB both ways, and small copies) */
 int bench_checks(int argc, char **argv); /* cost of the copy range check on the hook path */
 int bench_pinned(int argc, char **argv); /* pinned host alloc+free: the driver's own against the pinned pool */

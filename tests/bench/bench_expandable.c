@@ -246,10 +246,10 @@ static double field(const char *text, const char *key)
 
 static void median_range(double *v, int n, double *med, double *lo, double *hi)
 {
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    *med = v[n / 2];
-    *lo = v[0];
-    *hi = v[n - 1];
+    bench_spread s = bench_spread_of(v, n);
+    *med = s.median;
+    *lo = s.lo;
+    *hi = s.hi;
 }
 
 int bench_expandable(int argc, char **argv)

@@ -106,28 +106,6 @@ static summary run_pool_case(gm_heap *heap, int size_index, int threads)
 
 static int variant_threads(int v) { return v == 0 ? 1 : 1 << (v - 1); }
 
-static double median_of(const double *v, int n)
-{
-    double c[POOL_ROUNDS];
-    memcpy(c, v, (size_t)n * sizeof *v);
-    qsort(c, (size_t)n, sizeof *c, cmp_double);
-    return c[n / 2];
-}
-
-static double min_of(const double *v, int n)
-{
-    double m = v[0];
-    for (int i = 1; i < n; i++) m = v[i] < m ? v[i] : m;
-    return m;
-}
-
-static double max_of(const double *v, int n)
-{
-    double m = v[0];
-    for (int i = 1; i < n; i++) m = v[i] > m ? v[i] : m;
-    return m;
-}
-
 typedef struct {
     double median[POOL_VARIANTS][POOL_ROUNDS], p99[POOL_VARIANTS][POOL_ROUNDS];
     double ratio[POOL_VARIANTS][POOL_ROUNDS]; /* v 0: pair without caches / with; v >= 2: throughput */
@@ -157,13 +135,11 @@ static void print_pool_rounds(const char *label, bool fast, int nvariants, pool_
 {
     for (int v = fast ? 1 : 0; v < nvariants; v++) {
         char ratio[48] = "-";
-        if (v == 0 || v >= 2)
-            snprintf(ratio, sizeof ratio, "%.2fx [%.2f..%.2f]", median_of(pr->ratio[v], POOL_ROUNDS),
-                     min_of(pr->ratio[v], POOL_ROUNDS), max_of(pr->ratio[v], POOL_ROUNDS));
+        bench_spread ns = bench_spread_of(pr->median[v], POOL_ROUNDS), q = bench_spread_of(pr->ratio[v], POOL_ROUNDS);
+        if (v == 0 || v >= 2) snprintf(ratio, sizeof ratio, "%.2fx [%.2f..%.2f]", q.median, q.lo, q.hi);
         printf("%-10s %8s %7d%s %9.1f [%5.1f..%6.1f] %9.1f   %s\n", label, fast ? "fast" : "strict",
-               variant_threads(v), v == 0 ? "-" : " ", median_of(pr->median[v], POOL_ROUNDS),
-               min_of(pr->median[v], POOL_ROUNDS), max_of(pr->median[v], POOL_ROUNDS),
-               median_of(pr->p99[v], POOL_ROUNDS), ratio);
+               variant_threads(v), v == 0 ? "-" : " ", ns.median, ns.lo, ns.hi,
+               bench_spread_of(pr->p99[v], POOL_ROUNDS).median, ratio);
     }
 }
 
@@ -205,13 +181,15 @@ static int bench_pool(void)
         }
     }
     pool_rounds *m = &mixed[0];
-    for (int v = 2; v < strict_variants; v++)
+    for (int v = 2; v < strict_variants; v++) {
+        bench_spread q = bench_spread_of(m->ratio[v], POOL_ROUNDS);
         printf("pool_threads_%d_throughput=%.2f\npool_threads_%d_throughput_min=%.2f\n", variant_threads(v),
-               median_of(m->ratio[v], POOL_ROUNDS), variant_threads(v), min_of(m->ratio[v], POOL_ROUNDS));
-    printf("pool_single_uncached_over_cached=%.2f\n", median_of(m->ratio[0], POOL_ROUNDS));
-    printf("pool_pair_uncached_ns_median=%.0f\n", median_of(m->median[0], POOL_ROUNDS));
-    printf("pool_fast_pair_ns_median=%.0f\n", median_of(mixed[1].median[1], POOL_ROUNDS));
-    printf("pool_pair_ns_median=%.0f\n", median_of(m->median[1], POOL_ROUNDS));
+               q.median, variant_threads(v), q.lo);
+    }
+    printf("pool_single_uncached_over_cached=%.2f\n", bench_spread_of(m->ratio[0], POOL_ROUNDS).median);
+    printf("pool_pair_uncached_ns_median=%.0f\n", bench_spread_of(m->median[0], POOL_ROUNDS).median);
+    printf("pool_fast_pair_ns_median=%.0f\n", bench_spread_of(mixed[1].median[1], POOL_ROUNDS).median);
+    printf("pool_pair_ns_median=%.0f\n", bench_spread_of(m->median[1], POOL_ROUNDS).median);
     return 0;
 }
 
@@ -453,15 +431,9 @@ static const char *const gpu_mode_label[GPU_MODES] = {"raw", "async", "strict", 
 
 typedef struct { double v[GPU_ROUNDS]; int n; } gpu_series;
 
-typedef struct { double median, lo, hi; } spread;
+typedef bench_spread spread;
 
-static spread spread_of(const gpu_series *s)
-{
-    double v[GPU_ROUNDS];
-    memcpy(v, s->v, sizeof(double) * (size_t)s->n);
-    qsort(v, (size_t)s->n, sizeof *v, cmp_double);
-    return s->n ? (spread){v[s->n / 2], v[0], v[s->n - 1]} : (spread){0, 0, 0};
-}
+static spread spread_of(const gpu_series *s) { return bench_spread_of(s->v, s->n); }
 
 /* One round's rows into the series: mode by label, size by value (sync rows: the lower of the
  * two measurements, before and after the pairs). */

@@ -435,20 +435,31 @@ Test(tcache, max_cached_bounds_the_caches_and_the_pool_together)
     cr_expect_eq(st.segments, 1);
 }
 
-/* A block handed out without a thread cache (fast mode, caches off) names none, whatever its
- * header's memory held before: a PyTorch training step in fast mode crashed on such a header in
- * a checked cudaMemsetAsync on the H200 (the header came from malloc with its `tc` unset). */
+/* Allocates and frees blocks of several sizes in a thread that then ends: their headers named its
+ * cache while it held them and go back to the pool's spare headers as the blocks merge. */
+static void *churn_cached_and_end(void *unused)
+{
+    (void)unused;
+    uintptr_t p[16];
+    for (int i = 0; i < 16; i++)
+        if (gm_alloc(heap, 4 * KiB * (size_t)(i + 1), 0, 0, &p[i]) != GPUMEM_OK) p[i] = 0;
+    for (int i = 0; i < 16; i++)
+        if (p[i]) gm_free(heap, p[i], GM_FREE_BARRIER, NULL);
+    return NULL;
+}
+
+/* A block handed out without a thread cache (fast mode) names none, whatever its header named
+ * before: a PyTorch training step in fast mode crashed on such a header in a checked
+ * cudaMemsetAsync on the H200 (a header's `tc` was left as its memory held it). */
 Test(tcache, a_block_handed_out_without_a_cache_names_none)
 {
-    enum { JUNK = 256 };
-    static void *junk[JUNK];
-    for (int i = 0; i < JUNK; i++) { /* headers' size, garbage inside, back to malloc's bins */
-        junk[i] = malloc(sizeof(gm_block));
-        cr_assert_not_null(junk[i]);
-        memset(junk[i], 0xA5, sizeof(gm_block));
-    }
-    for (int i = 0; i < JUNK; i++) free(junk[i]);
-    start((const char *const[]){"GPUMEM_FREE_SYNC", "0", "GPUMEM_THREAD_CACHE", "0", NULL});
+    start(NULL);
+    on_other_thread(churn_cached_and_end, NULL); /* headers that named a cache, now spare */
+    size_t spare = 0;
+    for (gm_block *b = heap->pool.spare_blocks; b; b = b->fnext, spare++) /* whatever they held */
+        b->tc = (gm_tcache *)(uintptr_t)0xA5A5A5A5A5A5A5A5ull;
+    cr_assert_gt(spare, 0, "the merges left spare headers");
+    ((gm_config *)gm_mgr.cfg)->free_sync = false; /* fast mode from here: no thread cache */
     uintptr_t p[16];
     for (int i = 0; i < 16; i++) p[i] = alloc_ok(4 * KiB * (size_t)(i + 1));
     for (int i = 0; i < 16; i++) {
@@ -460,7 +471,7 @@ Test(tcache, a_block_handed_out_without_a_cache_names_none)
         bool live;
         gm_block *b = gm_lookup_block_at_locked(heap, p[i] + 100, &live);
         cr_expect_null(b->tc, "block %d names a cache", i);
-        cr_expect(gm_heap_block_live_locked(heap, b), "block %d: its own cache's table says live", i);
+        cr_expect(gm_heap_block_live_locked(heap, b), "block %d: live in the heap's table", i);
         pthread_mutex_unlock(&heap->lock);
     }
 }
