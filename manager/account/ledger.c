@@ -526,6 +526,9 @@ void gm_ledger_open(const gm_config *cfg)
     struct stat st;
     if (fstat(L.fd, &st) != 0 || !S_ISREG(st.st_mode)) ledger_fatal("it is not a regular file");
     if (flock(L.fd, LOCK_EX) != 0) ledger_fatal("cannot lock it: %s", strerror(errno));
+    /* Sized again under the flock: the size read before it may be that of the empty file which
+     * another member has since initialised and reserved in; initialising again would wipe it. */
+    if (fstat(L.fd, &st) != 0) ledger_fatal("cannot read its size: %s", strerror(errno));
     check_or_initialise(L.fd, st.st_size);
     /* Attached: a shared lock on byte 0 tells a later gpumem of another layout that we are here. */
     if (ofd_lock(F_OFD_SETLK, F_RDLCK, 0, 1, NULL) != 0) ledger_fatal("cannot lock it: %s", strerror(errno));
