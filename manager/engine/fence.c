@@ -41,6 +41,7 @@ static void fence_drop_locked(gm_heap *heap)
 static bool retire_waiting_locked(gm_heap *heap)
 {
     uint32_t covered = gm_pool_close_epoch_locked(&heap->pool);
+    heap->c.fence_waits++;
     pthread_mutex_unlock(&heap->lock);
     int rc = gm_mgr.backend->synchronize(heap->ctx);
     pthread_mutex_lock(&heap->lock);
@@ -53,6 +54,7 @@ static bool fence_record_locked(gm_heap *heap, uint64_t now)
     gm_fence *f = NULL;
     if (gm_mgr.backend->fence_record(heap->ctx, &f) != GPUMEM_OK) return false;
     heap->fence = f;
+    heap->c.fences++;
     heap->fence_epoch = gm_pool_close_epoch_locked(&heap->pool);
     heap->fence_at_ns = now;
     return true;
@@ -77,6 +79,7 @@ static bool fence_wait_locked(gm_heap *heap)
     if (!f) return retire_waiting_locked(heap);
     uint32_t epoch = heap->fence_epoch;
     heap->fence = NULL;
+    heap->c.fence_waits++;
     pthread_mutex_unlock(&heap->lock);
     int rc = gm_mgr.backend->fence_wait(f);
     gm_mgr.backend->fence_destroy(f);

@@ -285,6 +285,9 @@ void gm_report_stats_text(FILE *out)
                 (unsigned long long)st.segments, (unsigned long long)st.segments_released, st.fragmentation,
                 (unsigned long long)st.release_retries, (unsigned long long)st.limit_rejections,
                 (unsigned long long)st.backend_ooms);
+        if (st.fences || st.fence_waits) /* fast mode only */
+            fprintf(out, "  fences %llu, allocations that waited for one %llu\n", (unsigned long long)st.fences,
+                    (unsigned long long)st.fence_waits);
         group_text(out, dev);
     }
     copies_text(out);

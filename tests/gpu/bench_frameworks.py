@@ -7,7 +7,8 @@ mode's program fails or when the shim changed what a framework computed.
 
     bench_frameworks.py [--shim LIBGPUMEM_SHIM.SO] [--rounds 5] [--json FILE] [--work DIR]
                         [--torch-steps N] [--torch-warmup N] [--jax-steps N] [--jax-warmup N]
-                        [--frameworks torch,jax] [--fake]
+                        [--frameworks torch,jax] [--modes M1,M2] [--variant NAME=MODE:VAR=VALUE,...]
+                        [--fake]
 
 Modes (every child gets the same environment apart from what its mode sets):
     torch-caching              PyTorch's caching allocator, no shim
@@ -17,6 +18,9 @@ Modes (every child gets the same environment apart from what its mode sets):
     torch-caching-shim         PyTorch's caching allocator with the shim preloaded
     jax                        JAX's default allocator (XLA_PYTHON_CLIENT_* left unset), no shim
     jax-shim                   the same with the shim preloaded
+--modes runs only those named; --variant adds a mode: MODE with more settings, in MODE's group (it
+must compute the same), e.g. fast-batch64g=torch-nocache-shim-fast:GPUMEM_FENCE_BATCH=64GiB, to
+take a mode's cost apart in the same run.
 PyTorch: a GPT of about 27M parameters (12 layers, d 384, 6 heads, vocabulary 8192), bf16
 autocast, batch 32 x 256 tokens, AdamW, seed 15, deterministic algorithms (CUBLAS_WORKSPACE_CONFIG
 =:4096:8). JAX: a 4-layer MLP (1024-2048-2048-2048-1024, batch 4096) under jax.jit with
@@ -82,6 +86,31 @@ MODES = {
     "jax": ("jax", "jax", {}, False),
     "jax-shim": ("jax", "jax", {}, True),
 }
+# --variant NAME=MODE:VAR=VALUE,...: mode NAME -> the mode it varies (its figures, fake or not)
+VARIANT_BASE = {}
+
+
+def add_variant(spec):
+    """Adds the mode a --variant names: MODE's framework, group and shim, its environment plus the
+    settings given. Returns an error text, or None."""
+    name, _, rest = spec.partition("=")
+    base, _, settings = rest.partition(":")
+    if not re.fullmatch(r"[a-z0-9-]+", name) or name in MODES:
+        return f"--variant {spec}: NAME must be new and of a-z, 0-9 and '-'"
+    if base not in MODES or base in VARIANT_BASE:
+        return f"--variant {spec}: {base!r} is not one of the modes ({', '.join(m for m in MODES if m not in VARIANT_BASE)})"
+    extra = dict(MODES[base][2])
+    for kv in filter(None, settings.split(",")):
+        var, eq, val = kv.partition("=")
+        if not eq or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", var):
+            return f"--variant {spec}: {kv!r} is not VAR=VALUE"
+        extra[var] = val
+    fw, group, _, shim = MODES[base]
+    MODES[name] = (fw, group, extra, shim)
+    VARIANT_BASE[name] = base
+    return None
+
+
 # name -> (numerator mode, denominator mode, goal): value = numerator ms / denominator ms
 RATIOS = {
     "fast_vs_caching": ("torch-caching", "torch-nocache-shim-fast", 1.0),
@@ -99,9 +128,9 @@ FAKE_MS = {"torch-caching": 27.0, "torch-nocache": 102.0, "torch-nocache-shim-st
 
 
 # ------------------------------------------------------------------------------------- children
-def gpumem_frees():
-    """A function returning gpumem's count of frees on device 0, or None without the shim (the
-    gpumem_stats struct built from manager/include/gpumem_stats.def, as growing_batch.py does)."""
+def gpumem_stats_reader():
+    """A function returning gpumem's statistics of device 0 as a dict, or None without the shim
+    (the gpumem_stats struct built from manager/include/gpumem_stats.def, as growing_batch.py does)."""
     try:
         fn = ctypes.CDLL(None).gpumem_get_stats
     except (AttributeError, OSError):
@@ -120,14 +149,34 @@ def gpumem_frees():
     fn.argtypes = [ctypes.c_int, ctypes.POINTER(Stats)]
     fn.restype = ctypes.c_int
 
-    def frees():
+    def read():
         st = Stats()
-        return st.frees if fn(0, ctypes.byref(st)) == 0 else None
+        return {name: getattr(st, name) for name, _ in fields} if fn(0, ctypes.byref(st)) == 0 else None
 
-    return frees
+    return read
 
 
-def report(mode, times_ms, loss, checksum, frees_per_step):
+def gpumem_frees():
+    """A function returning gpumem's count of frees on device 0, or None without the shim."""
+    read = gpumem_stats_reader()
+    if read is None:
+        return None
+    return lambda: (read() or {}).get("frees")
+
+
+# Counted per timed step under the shim (the pool's own view of a mode's cost).
+PER_STEP = ("frees", "pool_misses", "fences", "fence_waits")
+
+
+def shim_per_step(before, after, steps):
+    """The 'shim_per_step=' value: PER_STEP counts per step, then the peak reserved MiB."""
+    if not before or not after:
+        return None
+    parts = [f"{k}:{(after[k] - before[k]) / steps:.2f}" for k in PER_STEP if k in after]
+    return ",".join(parts + [f"reserved_peak_mib:{after['bytes_reserved_peak'] / 2**20:.0f}"])
+
+
+def report(mode, times_ms, loss, checksum, frees_per_step, per_step=None):
     """The child's key=value lines; the driver reads them."""
     print(f"mode={mode}")
     print(f"steps={len(times_ms)}")
@@ -137,6 +186,8 @@ def report(mode, times_ms, loss, checksum, frees_per_step):
     print(f"checksum={checksum}")
     if frees_per_step is not None:
         print(f"frees_per_step={frees_per_step:.2f}")
+    if per_step:
+        print(f"shim_per_step={per_step}")
     print(f"{NAME}: OK")
 
 
@@ -152,7 +203,7 @@ def child_fake(a):
     if a.child == a.fake_fail:
         print("fake failure", file=sys.stderr)
         return 3
-    base = FAKE_MS[a.child] * (1 + 0.01 * a.round)
+    base = FAKE_MS[VARIANT_BASE.get(a.child, a.child)] * (1 + 0.01 * a.round)
     times = [base * 0.99, base, base * 1.01]
     loss = 2.5 + (1e-7 if a.child == a.fake_mismatch else 0.0) + (1e-7 * a.round if a.child == a.fake_vary else 0.0)
     report(a.child, times, loss, f"{fw}:1234", 160.0 if MODES[a.child][3] else None)
@@ -213,7 +264,7 @@ def child_torch(a):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     g = torch.Generator().manual_seed(SEED)
     data = torch.randint(0, vocab, (4, batch, seq + 1), generator=g).to(dev)
-    frees = gpumem_frees()
+    stats = gpumem_stats_reader()
 
     def step(i):
         xy = data[i % data.shape[0]]
@@ -228,14 +279,14 @@ def child_torch(a):
     for i in range(a.warmup):
         step(i)
     torch.cuda.synchronize()
-    f0 = frees() if frees else None
+    s0 = stats() if stats else None
     times = []
     for i in range(a.warmup, a.warmup + a.steps):
         t0 = time.perf_counter()
         loss = step(i)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    f1 = frees() if frees else None
+    s1 = stats() if stats else None
     # The bits of every parameter, weighted by position, summed as int64 (wraps the same way on
     # every run): equal exactly when the parameters are.
     checksum = 0
@@ -245,8 +296,8 @@ def child_torch(a):
             w = torch.arange(bits.numel(), device=dev, dtype=torch.int64) % 65521 + 1
             checksum = (checksum * 1000003 + int((bits * w).sum())) % (1 << 61)
     print(f"torch={torch.__version__} params={nparams}")
-    fps = (f1 - f0) / a.steps if f0 is not None and f1 is not None else None
-    report(a.child, times, loss.item(), checksum, fps)
+    fps = (s1["frees"] - s0["frees"]) / a.steps if s0 and s1 else None
+    report(a.child, times, loss.item(), checksum, fps, shim_per_step(s0, s1, a.steps))
     return 0
 
 
@@ -294,13 +345,13 @@ def child_jax(a):
     m = jax.tree_util.tree_map(jnp.zeros_like, params)
     v = jax.tree_util.tree_map(jnp.zeros_like, params)
     ready = lambda tree: jax.tree_util.tree_map(lambda z: z.block_until_ready(), tree)  # noqa: E731
-    frees = gpumem_frees()
+    stats = gpumem_stats_reader()
     t = 0
     for _ in range(a.warmup):
         t += 1
         params, m, v, loss = train_step(params, m, v, float(t), x, y)
     ready((params, m, v))
-    f0 = frees() if frees else None
+    s0 = stats() if stats else None
     times = []
     for _ in range(a.steps):
         t += 1
@@ -308,13 +359,13 @@ def child_jax(a):
         params, m, v, loss = train_step(params, m, v, float(t), x, y)
         ready((params, m, v, loss))
         times.append((time.perf_counter() - t0) * 1e3)
-    f1 = frees() if frees else None
+    s1 = stats() if stats else None
     h = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(params):
         h.update(np.asarray(leaf).tobytes())
     print(f"jax={jax.__version__} device={devs[0].device_kind.replace(' ', '_')}")
-    fps = (f1 - f0) / a.steps if f0 is not None and f1 is not None else None
-    report(a.child, times, float(loss), h.hexdigest()[:32], fps)
+    fps = (s1["frees"] - s0["frees"]) / a.steps if s0 and s1 else None
+    report(a.child, times, float(loss), h.hexdigest()[:32], fps, shim_per_step(s0, s1, a.steps))
     return 0
 
 
@@ -380,6 +431,7 @@ def run_child(a, env, work, mode, rnd):
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--round", str(rnd)]
     fw = MODES[mode][0]
     argv += ["--steps", str(getattr(a, f"{fw}_steps")), "--warmup", str(getattr(a, f"{fw}_warmup"))]
+    argv += [f"--variant={v}" for v in a.variant]
     if a.fake:
         argv += ["--fake"] + [f"--{k.replace('_', '-')}={getattr(a, k)}"
                               for k in ("fake_skip", "fake_mismatch", "fake_vary", "fake_fail") if getattr(a, k)]
@@ -407,7 +459,7 @@ def spread(values):
 
 def run_rounds(a, env, work, frameworks):
     """Runs the rounds; returns (children per mode, skipped framework -> why, failures)."""
-    runs = {m: [] for m in MODES if MODES[m][0] in frameworks}
+    runs = {m: [] for m in a.mode_list if MODES[m][0] in frameworks}
     skipped, failed = {}, {}
     for rnd in range(a.rounds):
         line = []
@@ -511,6 +563,10 @@ def table(runs, fw):
         wall = statistics.median(c.wall for c in runs[m])
         text.append(f"  {m:<{w}}  {s['median']:9.2f}  {s['min']:.2f}-{s['max']:.2f}".ljust(w + 32)
                     + f"{wall:6.1f}  {s['n']}")
+    counted = [(m, runs[m][-1].kv["shim_per_step"]) for m in rows if "shim_per_step" in runs[m][-1].kv]
+    if counted:
+        text.append(f"  the shim's counts per timed step (last round): {', '.join(PER_STEP)}; peak reserved")
+        text += [f"  {m:<{w}}  {v.replace(',', ', ')}" for m, v in counted]
     return text
 
 
@@ -578,7 +634,9 @@ def driver(a):
                "modes": {m: dict(spread([c.ms for c in cs]), per_round=[c.ms for c in cs],
                                  rounds=[c.round for c in cs], wall_s=[c.wall for c in cs],
                                  loss=cs[0].kv.get("loss"), checksum=cs[0].kv.get("checksum"),
-                                 frees_per_step=cs[0].kv.get("frees_per_step"))
+                                 frees_per_step=cs[0].kv.get("frees_per_step"),
+                                 shim_per_step=[c.kv.get("shim_per_step") for c in cs],
+                                 env=MODES[m][2], variant_of=VARIANT_BASE.get(m))
                          for m, cs in runs.items()},
                "ratios": rat, "barrier": bfig, "identical": same_lines, "differs": problems,
                "failed": failed, "skipped": skipped}
@@ -615,11 +673,25 @@ def parse(argv):
     ap.add_argument("--fake-mismatch", help=argparse.SUPPRESS)  # a mode whose loss differs
     ap.add_argument("--fake-fail", help=argparse.SUPPRESS)      # a mode whose child fails
     ap.add_argument("--fake-vary", help=argparse.SUPPRESS)      # a mode whose loss changes by round
-    ap.add_argument("--child", choices=sorted(MODES), help=argparse.SUPPRESS)
+    ap.add_argument("--modes", help="comma-separated modes to run (default: all, the variants included)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=MODE:VAR=VALUE,...",
+                    help="also run mode NAME: MODE with these settings added (e.g. "
+                         "fast-nochecks=torch-nocache-shim-fast:GPUMEM_CHECK_COPIES=0); repeatable")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     ap.add_argument("--warmup", type=int, default=5, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    for v in a.variant:
+        err = add_variant(v)
+        if err:
+            ap.error(err)
+    if a.child and a.child not in MODES:
+        ap.error(f"--child {a.child}: not a mode")
+    a.mode_list = [m for m in (a.modes.split(",") if a.modes else MODES) if m]
+    unknown = [m for m in a.mode_list if m not in MODES]
+    if unknown:
+        ap.error(f"--modes: {unknown[0]!r} is not a mode ({', '.join(MODES)})")
     if a.rounds < 1 or min(a.torch_steps, a.jax_steps, a.steps) < 1:
         ap.error("--rounds and the step counts must be at least 1")
     return a

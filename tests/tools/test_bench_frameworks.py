@@ -70,6 +70,35 @@ class Driver(unittest.TestCase):
         self.assertEqual(doc['failed'], {})
         self.assertEqual(len(list((self.work / 'children').glob('r*-*.out'))), 35)
 
+    def test_variants_and_a_subset_of_modes(self):
+        js = self.work / 'v.json'
+        rc, out = self.bench('--fake', '--rounds', '2', '--json', str(js), '--modes',
+                             'torch-caching,torch-nocache-shim-fast,fast-big',
+                             '--variant', 'fast-big=torch-nocache-shim-fast:GPUMEM_FENCE_BATCH=64GiB,GPUMEM_X=1')
+        self.assertEqual(rc, 0, out)
+        rounds = re.findall(r'^round \d: (.*) \(ms/step\)$', out, re.M)
+        self.assertEqual(len(rounds), 2, out)
+        for line in rounds:
+            self.assertEqual(sorted(m.rsplit(' ', 1)[0] for m in line.split(', ')),
+                             ['fast-big', 'torch-caching', 'torch-nocache-shim-fast'], line)
+        # A variant belongs to its mode's group: it must compute what the mode computes.
+        self.assertIn('identical: torch-nocache-shim-fast = fast-big', out)
+        self.assertRegex(out, r'\n  fast-big +30\.15  30\.00-30\.30 ')
+        doc = json.loads(js.read_text())
+        self.assertEqual(sorted(doc['modes']), ['fast-big', 'torch-caching', 'torch-nocache-shim-fast'])
+        env = doc['modes']['fast-big']['env']
+        self.assertEqual((env['GPUMEM_FENCE_BATCH'], env['GPUMEM_X'], env['GPUMEM_FREE_SYNC']), ('64GiB', '1', '0'))
+        self.assertEqual(doc['modes']['fast-big']['variant_of'], 'torch-nocache-shim-fast')
+        rc, out = self.bench('--fake', '--variant', 'fast-big=torch-nocache-shim-fast:fence=1')
+        self.assertEqual(rc, 2, out)
+        self.assertIn("--variant fast-big=torch-nocache-shim-fast:fence=1: 'fence=1' is not VAR=VALUE", out)
+        rc, out = self.bench('--fake', '--variant', 'x=torch-fast')
+        self.assertEqual(rc, 2, out)
+        self.assertIn("'torch-fast' is not one of the modes (torch-caching, ", out)
+        rc, out = self.bench('--fake', '--modes', 'torch-caching,jaxx')
+        self.assertEqual(rc, 2, out)
+        self.assertIn("--modes: 'jaxx' is not a mode", out)
+
     def test_json_goes_to_out(self):
         rc, out = self.bench('--fake', '--rounds', '1', env=clean_env(OUT=str(self.work / 'out')))
         self.assertEqual(rc, 0, out)
@@ -167,12 +196,20 @@ class Pieces(unittest.TestCase):
             'for i in range(3):\n'
             '    assert cu.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(1 << 20)) == 0\n'
             '    assert cu.cuMemFree_v2(p) == 0\n'
-            'print("frees", frees() - n0)\n')
-        env = dict(os.environ, LD_PRELOAD=shim, LD_LIBRARY_PATH=fake, GPUMEM_REPORT='off')
+            'print("frees", frees() - n0)\n'
+            'st = b.gpumem_stats_reader()()\n'
+            'print("fences", st["fences"] > 0, "waits", st["fence_waits"] >= 0)\n'
+            'print(b.shim_per_step(dict(st, frees=st["frees"] - 6, fences=0), st, 2))\n')
+        env = dict(os.environ, LD_PRELOAD=shim, LD_LIBRARY_PATH=fake, GPUMEM_REPORT='off', GPUMEM_FREE_SYNC='0',
+                   GPUMEM_FENCE_BATCH='0')
         r = subprocess.run([sys.executable, '-c', code, str(BENCH.parent)], capture_output=True, text=True,
                            env=env, timeout=60)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn('frees 3', r.stdout)
+        # Fast mode with no batch fences at every miss: the counters the per-step line reads.
+        self.assertIn('fences True waits True', r.stdout)
+        self.assertRegex(r.stdout, r'frees:3\.00,pool_misses:0\.00,fences:\d+\.\d\d,fence_waits:0\.00,'
+                                   r'reserved_peak_mib:\d+')
         r = subprocess.run([sys.executable, '-c', 'import sys; sys.path.insert(0, sys.argv[1]); '
                             'import bench_frameworks as b; print(b.gpumem_frees())', str(BENCH.parent)],
                            capture_output=True, text=True, timeout=60)
