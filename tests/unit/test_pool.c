@@ -237,6 +237,30 @@ Test(pool, fast_free_waits_when_memory_runs_out)
     uint64_t waits = gm_host_backend_sync_calls() + gm_host_backend_fence_waits();
     cr_expect_eq(alloc_ok(2 * MiB - 512), a, "at the limit the pool waits for the fence instead of failing");
     cr_expect_eq(gm_host_backend_sync_calls() + gm_host_backend_fence_waits(), waits + 1, "one wait");
+    cr_expect_eq(stats().fence_waits, 1, "the statistics count it");
+}
+
+static uint64_t waits_now(void) { return gm_host_backend_sync_calls() + gm_host_backend_fence_waits(); }
+
+/* A small block may grow the pool while its fence is in flight; when that grow meets the limit,
+ * the allocation synchronizes once and takes the pending block (alloc.c's wait before failing). */
+Test(pool, fast_free_small_block_at_the_limit_synchronizes_once)
+{
+    static const char *const env[] = {"GPUMEM_FREE_SYNC", "0", "GPUMEM_LIMIT", "2MiB", NULL};
+    start(env);
+    gm_host_backend_set_fence_delay(1000000);
+    enum { MAX = 2048 };
+    static uintptr_t live[MAX];
+    int n = 0;
+    for (uintptr_t p = 0; n < MAX && gm_alloc(heap, 2048, 0, 0, &p) == GPUMEM_OK; n++) live[n] = p;
+    cr_assert(n > 0 && n < MAX, "%d blocks of 2 KiB fill a 2 MiB limit", n);
+    cr_expect_eq(stats().fence_waits, 0, "nothing was pending while it filled");
+    free_ok(live[0]);
+    uint64_t waits = waits_now();
+    cr_expect_eq(alloc_ok(2048), live[0], "the pending block, once the context is synchronized");
+    cr_expect_eq(waits_now(), waits + 1, "one wait");
+    cr_expect_eq(stats().fence_waits, 1, "the statistics count it");
+    for (int i = 0; i < n; i++) free_ok(live[i]);
 }
 
 /* ---- fast mode's fence batching (manager/engine/fence.c) */
@@ -250,7 +274,6 @@ static void start_fast(const char *batch, int fence_delay)
                                              * slowly this machine runs the test */
 }
 
-static uint64_t waits_now(void) { return gm_host_backend_sync_calls() + gm_host_backend_fence_waits(); }
 
 /* After the loop: every block back, exact figures, nothing left over once the fences are waited. */
 static void expect_all_returned(uint64_t pairs)
@@ -283,6 +306,8 @@ Test(pool, fast_free_batches_fences_in_a_tight_loop)
     /* 16 blocks wait at most, one is live: 17 MiB in 2 MiB small segments */
     cr_expect_leq(stats().segments, 9, "%zu segments", (size_t)stats().segments);
     cr_expect_eq(waits_now(), 0, "an idle device is never waited for");
+    cr_expect_eq(stats().fences, records, "the statistics count every fence recorded");
+    cr_expect_eq(stats().fence_waits, 0);
     expect_all_returned(PAIRS);
 }
 
@@ -294,7 +319,7 @@ Test(pool, fast_free_never_reuses_before_the_fence_and_bounds_pending_bytes)
     start_fast("32MiB", 1000000);
     enum { PAIRS = 400 };
     static struct { uintptr_t p; size_t size; uint64_t waits; } freed[PAIRS];
-    uint64_t fences_before = gm_host_backend_fence_records();
+    uint64_t fences_before = gm_host_backend_fence_records(), waits_before = waits_now();
     for (int i = 0; i < PAIRS; i++) {
         size_t size = (i % 3 + 1) * 256 * 1024; /* 256, 512 and 768 KiB */
         uintptr_t p = alloc_ok(size);
@@ -314,6 +339,8 @@ Test(pool, fast_free_never_reuses_before_the_fence_and_bounds_pending_bytes)
     cr_expect_gt(gm_host_backend_fence_records(), fences_before);
     cr_expect_leq(stats().bytes_reserved, 32 * MiB + 4 * MiB, "the pool grew for the pending blocks only");
     cr_expect_leq(gm_host_backend_fences_live(), 1, "at most one fence in flight");
+    cr_expect_eq(stats().fence_waits, waits_now() - waits_before, "the statistics count every wait");
+    cr_expect_eq(stats().fences, gm_host_backend_fence_records() - fences_before);
     expect_all_returned(PAIRS);
 }
 
