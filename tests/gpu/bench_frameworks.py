@@ -43,6 +43,11 @@ round, with their range):
     strict_vs_nocache        torch-nocache / torch-nocache-shim-strict     goal >= 2.5
     caching_shim_vs_caching  torch-caching / torch-caching-shim            goal >= 0.98
     jax_shim_vs_jax          jax / jax-shim                                goal >= 0.98
+Normalized ratios (information, not judged): the PyTorch step is bound by the CPU launching
+kernels, and a process on these hosts lands fast or slow for its whole life, so each PyTorch
+child also times its own kernel launches (1000 in-place adds on one element, before and after the
+timed steps; no allocation, nothing the shim hooks) and prints launch_us; the same ratios of
+ms/step divided by that process's launch_us are printed as "normalized_NAME=" lines.
 Strict keeps cudaFree's barrier, so it cannot be faster than the step with those barriers and no
 allocator cost; fast is the same shim without them. The "strict barrier" line gives strict - fast
 per step, the barriers (frees) per step and the cost per barrier.
@@ -176,7 +181,7 @@ def shim_per_step(before, after, steps):
     return ",".join(parts + [f"reserved_peak_mib:{after['bytes_reserved_peak'] / 2**20:.0f}"])
 
 
-def report(mode, times_ms, loss, checksum, frees_per_step, per_step=None):
+def report(mode, times_ms, loss, checksum, frees_per_step, per_step=None, launch_us=None):
     """The child's key=value lines; the driver reads them."""
     print(f"mode={mode}")
     print(f"steps={len(times_ms)}")
@@ -188,6 +193,8 @@ def report(mode, times_ms, loss, checksum, frees_per_step, per_step=None):
         print(f"frees_per_step={frees_per_step:.2f}")
     if per_step:
         print(f"shim_per_step={per_step}")
+    if launch_us:
+        print(f"launch_us={launch_us:.4f}")
     print(f"{NAME}: OK")
 
 
@@ -203,10 +210,12 @@ def child_fake(a):
     if a.child == a.fake_fail:
         print("fake failure", file=sys.stderr)
         return 3
-    base = FAKE_MS[VARIANT_BASE.get(a.child, a.child)] * (1 + 0.01 * a.round)
+    slow = 1.5 if a.child == a.fake_slow_host else 1.0  # the whole process lands on a slow host
+    base = FAKE_MS[VARIANT_BASE.get(a.child, a.child)] * (1 + 0.01 * a.round) * slow
     times = [base * 0.99, base, base * 1.01]
     loss = 2.5 + (1e-7 if a.child == a.fake_mismatch else 0.0) + (1e-7 * a.round if a.child == a.fake_vary else 0.0)
-    report(a.child, times, loss, f"{fw}:1234", 160.0 if MODES[a.child][3] else None)
+    launch = 4.0 * slow if fw == "torch" else None
+    report(a.child, times, loss, f"{fw}:1234", 160.0 if MODES[a.child][3] else None, launch_us=launch)
     return 0
 
 
@@ -266,6 +275,21 @@ def child_torch(a):
     data = torch.randint(0, vocab, (4, batch, seq + 1), generator=g).to(dev)
     stats = gpumem_stats_reader()
 
+    def launch_us():
+        """This process's own cost of launching a kernel: 1000 in-place adds on one element,
+        enqueue time only, median of 5. No allocation and no hooked call, so it is the same with
+        and without the shim; it follows the host's speed, which the step (bound by launches) does."""
+        z = torch.zeros(1, device=dev)
+        per = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(1000):
+                z.add_(1.0)
+            per.append((time.perf_counter() - t0) * 1e3)  # ms per 1000 = us per launch
+        torch.cuda.synchronize()
+        return statistics.median(per)
+
     def step(i):
         xy = data[i % data.shape[0]]
         opt.zero_grad(set_to_none=True)
@@ -279,6 +303,7 @@ def child_torch(a):
     for i in range(a.warmup):
         step(i)
     torch.cuda.synchronize()
+    launch_before = launch_us()
     s0 = stats() if stats else None
     times = []
     for i in range(a.warmup, a.warmup + a.steps):
@@ -287,6 +312,7 @@ def child_torch(a):
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     s1 = stats() if stats else None
+    launch = (launch_before + launch_us()) / 2
     # The bits of every parameter, weighted by position, summed as int64 (wraps the same way on
     # every run): equal exactly when the parameters are.
     checksum = 0
@@ -297,7 +323,7 @@ def child_torch(a):
             checksum = (checksum * 1000003 + int((bits * w).sum())) % (1 << 61)
     print(f"torch={torch.__version__} params={nparams}")
     fps = (s1["frees"] - s0["frees"]) / a.steps if s0 and s1 else None
-    report(a.child, times, loss.item(), checksum, fps, shim_per_step(s0, s1, a.steps))
+    report(a.child, times, loss.item(), checksum, fps, shim_per_step(s0, s1, a.steps), launch_us=launch)
     return 0
 
 
@@ -417,6 +443,12 @@ class Child:
         return float(self.kv["ms_per_step"])
 
     @property
+    def launch(self):
+        """us per kernel launch measured in this process, or None."""
+        v = self.kv.get("launch_us")
+        return float(v) if v else None
+
+    @property
     def result(self):
         return (self.kv.get("loss_hex"), self.kv.get("checksum"))
 
@@ -434,7 +466,8 @@ def run_child(a, env, work, mode, rnd):
     argv += [f"--variant={v}" for v in a.variant]
     if a.fake:
         argv += ["--fake"] + [f"--{k.replace('_', '-')}={getattr(a, k)}"
-                              for k in ("fake_skip", "fake_mismatch", "fake_vary", "fake_fail") if getattr(a, k)]
+                              for k in ("fake_skip", "fake_mismatch", "fake_vary", "fake_fail", "fake_slow_host")
+                              if getattr(a, k)]
     stem = work / f"r{rnd}-{mode}"
     t0 = time.monotonic()
     with open(f"{stem}.out", "wb") as fo, open(f"{stem}.err", "wb") as fe:
@@ -532,6 +565,21 @@ def ratios(runs):
     return out
 
 
+def normalized_ratios(runs):
+    """The same ratios with each process's step divided by its own launch time (information):
+    a process that lands on a slow host launches slower and steps slower alike."""
+    out = {}
+    for name, (num, den, goal) in RATIOS.items():
+        if num not in runs or den not in runs:
+            continue
+        a = {c.round: c.ms / c.launch for c in runs[num] if c.launch}
+        b = {c.round: c.ms / c.launch for c in runs[den] if c.launch}
+        vals = [a[r] / b[r] for r in sorted(a) if r in b and b[r] > 0]
+        if vals:
+            out[name] = dict(spread(vals), goal=goal, per_round=vals)
+    return out
+
+
 def barrier_line(runs):
     strict, fast = runs.get("torch-nocache-shim-strict"), runs.get("torch-nocache-shim-fast")
     if not strict or not fast:
@@ -561,8 +609,11 @@ def table(runs, fw):
     for m in rows:
         s = spread([c.ms for c in runs[m]])
         wall = statistics.median(c.wall for c in runs[m])
+        launches = [c.launch for c in runs[m] if c.launch]
         text.append(f"  {m:<{w}}  {s['median']:9.2f}  {s['min']:.2f}-{s['max']:.2f}".ljust(w + 32)
-                    + f"{wall:6.1f}  {s['n']}")
+                    + f"{wall:6.1f}  {s['n']}"
+                    + (f"  launch {statistics.median(launches):.2f} us [{min(launches):.2f}-{max(launches):.2f}]"
+                       if launches else ""))
     counted = [(m, runs[m][-1].kv["shim_per_step"]) for m in rows if "shim_per_step" in runs[m][-1].kv]
     if counted:
         text.append(f"  the shim's counts per timed step (last round): {', '.join(PER_STEP)}; peak reserved")
@@ -616,6 +667,11 @@ def driver(a):
     for name, r in rat.items():
         out.append(f"{name:<24} {r['median']:7.3f}  {r['min']:.3f}-{r['max']:.3f}".ljust(48)
                    + f">={r['goal']:<5} {'yes' if r['met'] else 'NO':<4} ({r['num']} / {r['den']})")
+    norm = normalized_ratios(runs)
+    if norm:
+        out.append("normalized (information; each process's ms/step over its own us per kernel launch, "
+                   "which the shim does not touch):")
+        out += [f"  {name:<24} {r['median']:7.3f}  {r['min']:.3f}-{r['max']:.3f}" for name, r in norm.items()]
     btext, bfig = barrier_line(runs)
     out += ([btext] if btext else []) + same_lines
     out += [f"FAIL {m}: {why}" for m, why in failed.items()]
@@ -623,6 +679,7 @@ def driver(a):
     out += [f"SKIP {fw}: {why}" for fw, why in skipped.items()]
     out += [f"ratio_{n}={r['median']:.4f} goal={r['goal']} met={'yes' if r['met'] else 'no'} "
             f"range={r['min']:.4f}-{r['max']:.4f}" for n, r in rat.items()]
+    out += [f"normalized_{n}={r['median']:.4f} range={r['min']:.4f}-{r['max']:.4f}" for n, r in norm.items()]
     wall = time.monotonic() - t_start
     out.append(f"wall_s={wall:.1f}")
     print("\n".join(out))
@@ -636,9 +693,10 @@ def driver(a):
                                  loss=cs[0].kv.get("loss"), checksum=cs[0].kv.get("checksum"),
                                  frees_per_step=cs[0].kv.get("frees_per_step"),
                                  shim_per_step=[c.kv.get("shim_per_step") for c in cs],
+                                 launch_us=[c.launch for c in cs],
                                  env=MODES[m][2], variant_of=VARIANT_BASE.get(m))
                          for m, cs in runs.items()},
-               "ratios": rat, "barrier": bfig, "identical": same_lines, "differs": problems,
+               "ratios": rat, "normalized_ratios": norm, "barrier": bfig, "identical": same_lines, "differs": problems,
                "failed": failed, "skipped": skipped}
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(doc, indent=1) + "\n")
@@ -673,6 +731,7 @@ def parse(argv):
     ap.add_argument("--fake-mismatch", help=argparse.SUPPRESS)  # a mode whose loss differs
     ap.add_argument("--fake-fail", help=argparse.SUPPRESS)      # a mode whose child fails
     ap.add_argument("--fake-vary", help=argparse.SUPPRESS)      # a mode whose loss changes by round
+    ap.add_argument("--fake-slow-host", help=argparse.SUPPRESS)  # a mode whose processes land 1.5x slow
     ap.add_argument("--modes", help="comma-separated modes to run (default: all, the variants included)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MODE:VAR=VALUE,...",
                     help="also run mode NAME: MODE with these settings added (e.g. "

@@ -99,6 +99,23 @@ class Driver(unittest.TestCase):
         self.assertEqual(rc, 2, out)
         self.assertIn("--modes: 'jaxx' is not a mode", out)
 
+    def test_a_process_on_a_slow_host_is_normalized_by_its_launch_time(self):
+        # Every fast-mode process lands 1.5x slow (its step and its kernel launches alike): the
+        # raw ratio shows the host, the normalized one the modes' own 0.90.
+        js = self.work / 'n.json'
+        rc, out = self.bench('--fake', '--rounds', '3', '--frameworks', 'torch', '--json', str(js),
+                             '--fake-slow-host', 'torch-nocache-shim-fast')
+        self.assertEqual(rc, 0, out)
+        self.assertIn('ratio_fast_vs_caching=0.6000 goal=1.0 met=no', out)
+        self.assertIn('normalized_fast_vs_caching=0.9000 range=0.9000-0.9000', out)
+        self.assertIn('normalized_strict_vs_nocache=2.5500', out)
+        self.assertRegex(out, r'\n  torch-nocache-shim-fast +45\.45 .* launch 6\.00 us \[6\.00-6\.00\]')
+        self.assertRegex(out, r'\n  torch-caching +27\.27 .* launch 4\.00 us')
+        doc = json.loads(js.read_text())
+        self.assertEqual(doc['modes']['torch-caching']['launch_us'], [4.0, 4.0, 4.0])
+        self.assertAlmostEqual(doc['normalized_ratios']['fast_vs_caching']['median'], 0.9)
+        self.assertNotIn('jax_shim_vs_jax', doc['normalized_ratios'])  # JAX's children do not measure it
+
     def test_json_goes_to_out(self):
         rc, out = self.bench('--fake', '--rounds', '1', env=clean_env(OUT=str(self.work / 'out')))
         self.assertEqual(rc, 0, out)
