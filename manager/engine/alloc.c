@@ -700,7 +700,9 @@ static void free_pool_block(gm_heap *heap, gm_block *b, uintptr_t stream, bool s
         pthread_mutex_lock(&heap->lock);
         release_block_locked(heap, b, false);
     } else if (!exiting && !gm_mgr.cfg->free_sync) {
+        size_t size = b->size; /* b may merge away once pended and retired */
         release_block_locked(heap, b, true);
+        gm_fence_large_free_locked(heap, size); /* fence.c */
     } else {
         if (!exiting && !synced) {
             pthread_mutex_unlock(&heap->lock);

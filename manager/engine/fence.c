@@ -16,6 +16,8 @@
  *   - while the fence in flight has not completed (a busy device), a miss takes new memory
  *     within the batch, and beyond it waits for that fence: the bytes waiting while the pool
  *     grows for them never pass the batch.
+ *   - a block too large to batch is fenced at its free already (gm_fence_large_free_locked), so
+ *     the miss that wants it back asks a fence the GPU has usually passed instead of waiting.
  * The caller (take_block_locked in alloc.c) still waits for every fence before it fails for
  * lack of memory. Every function runs under the heap lock. */
 #include "gm_engine.h"
@@ -132,6 +134,19 @@ bool gm_fence_reclaim_locked(gm_heap *heap, size_t rounded)
     }
     if (heap->fence && fits) return false; /* not complete: the device is busy; grow meanwhile */
     return fence_wait_locked(heap);
+}
+
+/* A training loop frees its largest blocks (logits, their gradients) and allocates them again a
+ * step later. Fenced at that allocation, the fence sits behind all the work queued since, so it
+ * has not completed, the block does not fit the batch, and the thread waits for the GPU: the
+ * launch queue drains (PyTorch's GPT loop, caching off: 2-4 waits a step). Fenced at the free,
+ * the GPU has usually passed the fence by then and the allocation only asks it. Costs one fence
+ * per large free at most; with the batch not learnt yet (no miss so far) it does nothing. */
+void gm_fence_large_free_locked(gm_heap *heap, size_t size)
+{
+    if (heap->fence_batch_device != heap->device + 1 || size <= heap->fence_batch / FENCE_BATCH_BLOCKS) return;
+    if (heap->fence) fence_poll_locked(heap); /* drops it once complete: its blocks go to the bins */
+    if (!heap->fence) fence_record_locked(heap, gm_now_ns());
 }
 
 bool gm_retire_pending_locked(gm_heap *heap, bool wait)

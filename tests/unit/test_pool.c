@@ -344,6 +344,39 @@ Test(pool, fast_free_never_reuses_before_the_fence_and_bounds_pending_bytes)
     expect_all_returned(PAIRS);
 }
 
+/* A block too large to batch is fenced at its free: when the GPU has passed that fence by the
+ * time the block is wanted again, the allocation takes it without waiting, though a fence it
+ * recorded itself would not have completed (the device is busy with later work). */
+Test(pool, fast_free_fences_a_large_block_at_its_free)
+{
+    start_fast("1GiB", 0);
+    free_ok(alloc_ok(1 * MiB)); /* a first pair: the heap learns its batch (64 MiB blocks batch) */
+    free_ok(alloc_ok(1 * MiB));
+    uintptr_t a = alloc_ok(128 * MiB);
+    uint64_t records = gm_host_backend_fence_records();
+    free_ok(a);
+    cr_expect_eq(gm_host_backend_fence_records(), records + 1, "the large free recorded a fence");
+    gm_host_backend_set_fence_delay(1000000); /* from now on the device is busy with new work */
+    uint64_t waits = waits_now();
+    cr_expect_eq(alloc_ok(128 * MiB), a, "the block comes back through the fence of its free");
+    cr_expect_eq(waits_now(), waits, "without a wait");
+    cr_expect_eq(stats().fence_waits, 0);
+    /* Small blocks still batch: no fence at their frees. */
+    records = gm_host_backend_fence_records();
+    uintptr_t small = alloc_ok(1 * MiB);
+    free_ok(small);
+    cr_expect_eq(gm_host_backend_fence_records(), records, "a small free records no fence");
+    free_ok(a);
+    /* A fence in flight that has not completed is kept: no second one. */
+    uintptr_t b = alloc_ok(256 * MiB);
+    records = gm_host_backend_fence_records();
+    free_ok(b);
+    cr_expect_leq(gm_host_backend_fence_records(), records + 1);
+    cr_expect_leq(gm_host_backend_fences_live(), 1, "at most one fence in flight");
+    gm_host_backend_set_fence_delay(0);
+    expect_all_returned(6);
+}
+
 Test(pool, fast_free_batch_0_takes_no_memory_for_fences)
 {
     start_fast("0", 0);
