@@ -222,6 +222,7 @@ static void capture_began(uintptr_t stream)
     int n = atomic_load(&ncapturing);
     if (n < MAX_CAPTURES) capturing[n] = stream;
     atomic_store(&ncapturing, n + 1);
+    gm_capture_note(true);
     pthread_mutex_unlock(&capture_lock);
 }
 
@@ -233,6 +234,7 @@ static void capture_ended(uintptr_t stream)
         if (capturing[i] == stream) {
             capturing[i] = capturing[n - 1 < MAX_CAPTURES ? n - 1 : MAX_CAPTURES - 1];
             atomic_store(&ncapturing, n - 1);
+            gm_capture_note(false);
             break;
         }
     }

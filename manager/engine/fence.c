@@ -141,10 +141,12 @@ bool gm_fence_reclaim_locked(gm_heap *heap, size_t rounded)
  * has not completed, the block does not fit the batch, and the thread waits for the GPU: the
  * launch queue drains (PyTorch's GPT loop, caching off: 2-4 waits a step). Fenced at the free,
  * the GPU has usually passed the fence by then and the allocation only asks it. Costs one fence
- * per large free at most; with the batch not learnt yet (no miss so far) it does nothing. */
+ * per large free at most; with the batch not learnt yet (no miss so far), or while a stream
+ * capture is in progress, it does nothing (the block then waits for a miss's fence as before). */
 void gm_fence_large_free_locked(gm_heap *heap, size_t size)
 {
     if (heap->fence_batch_device != heap->device + 1 || size <= heap->fence_batch / FENCE_BATCH_BLOCKS) return;
+    if (atomic_load(&gm_mgr.captures)) return; /* an event on a capturing stream would join its graph */
     if (heap->fence) fence_poll_locked(heap); /* drops it once complete: its blocks go to the bins */
     if (!heap->fence) fence_record_locked(heap, gm_now_ns());
 }

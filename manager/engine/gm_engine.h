@@ -128,12 +128,17 @@ typedef struct gm_manager {
     gm_heap *heaps[GM_MAX_HEAPS];
     pthread_mutex_t heaps_lock;
     _Atomic bool exiting;           /* after exit began: never call the backend again */
+    _Atomic int captures;           /* stream captures in progress (the shim tells: gm_capture_note) */
 } gm_manager;
 
 extern gm_manager gm_mgr;
 
 /* Sets the backend once; later calls with another backend are refused (returns false). */
 bool gm_manager_init(const gm_backend *backend);
+/* A stream capture began (true) or ended (false). While one is in progress no fence is recorded
+ * outside an allocation's miss: an event recorded on a capturing stream would become a node of
+ * the program's graph (and allocations pass through to the driver meanwhile, so none misses). */
+void gm_capture_note(bool began);
 /* Exit began: from now on no backend call. True for the first caller only. */
 bool gm_manager_begin_exit(void);
 /* The heap of a context, created on first use. NULL when the table is full. */

@@ -71,6 +71,8 @@ bool gm_manager_init(const gm_backend *backend)
     return same;
 }
 
+void gm_capture_note(bool began) { atomic_fetch_add(&gm_mgr.captures, began ? 1 : -1); }
+
 bool gm_manager_begin_exit(void)
 {
     return gm_mgr.backend && !atomic_exchange(&gm_mgr.exiting, true);
