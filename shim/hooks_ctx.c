@@ -250,16 +250,20 @@ static uintptr_t capture_key(CUstream s, bool per_thread)
 CUresult cuStreamBeginCapture_v2(CUstream stream, CUstreamCaptureMode mode)
 {
     SHIM_REQUIRE_REAL(cuStreamBeginCapture_v2);
+    gm_capture_begin_lock(); /* no fence record overlaps the capture's start */
     CUresult rc = shim_real_cuStreamBeginCapture_v2(stream, mode);
     if (rc == CUDA_SUCCESS) capture_began(capture_key(stream, false));
+    gm_capture_begin_unlock();
     return rc;
 }
 
 CUresult cuStreamBeginCapture_v2_ptsz(CUstream stream, CUstreamCaptureMode mode)
 {
     SHIM_REQUIRE_REAL(cuStreamBeginCapture_v2_ptsz);
+    gm_capture_begin_lock(); /* no fence record overlaps the capture's start */
     CUresult rc = shim_real_cuStreamBeginCapture_v2_ptsz(stream, mode);
     if (rc == CUDA_SUCCESS) capture_began(capture_key(stream, true));
+    gm_capture_begin_unlock();
     return rc;
 }
 
@@ -268,8 +272,10 @@ CUresult cuStreamBeginCaptureToGraph(CUstream stream, CUgraph graph, const CUgra
                                      CUstreamCaptureMode mode)
 {
     SHIM_REQUIRE_REAL(cuStreamBeginCaptureToGraph);
+    gm_capture_begin_lock(); /* no fence record overlaps the capture's start */
     CUresult rc = shim_real_cuStreamBeginCaptureToGraph(stream, graph, deps, edge_data, ndeps, mode);
     if (rc == CUDA_SUCCESS) capture_began(capture_key(stream, false));
+    gm_capture_begin_unlock();
     return rc;
 }
 
@@ -278,8 +284,10 @@ CUresult cuStreamBeginCaptureToGraph_ptsz(CUstream stream, CUgraph graph, const 
                                           CUstreamCaptureMode mode)
 {
     SHIM_REQUIRE_REAL(cuStreamBeginCaptureToGraph_ptsz);
+    gm_capture_begin_lock(); /* no fence record overlaps the capture's start */
     CUresult rc = shim_real_cuStreamBeginCaptureToGraph_ptsz(stream, graph, deps, edge_data, ndeps, mode);
     if (rc == CUDA_SUCCESS) capture_began(capture_key(stream, true));
+    gm_capture_begin_unlock();
     return rc;
 }
 

@@ -33,6 +33,24 @@ static uint64_t recent_ns = 100000;
 
 void gm_fence_set_recent_ns(uint64_t ns) { recent_ns = ns; }
 
+/* ------------------------------------------------------------------ stream capture */
+
+/* Fence records read-lock it; a capture's start write-locks it across the driver's call. */
+static pthread_rwlock_t capture_gate = PTHREAD_RWLOCK_INITIALIZER;
+static _Atomic int captures; /* in progress */
+
+void gm_capture_begin_lock(void) { pthread_rwlock_wrlock(&capture_gate); }
+void gm_capture_begin_unlock(void) { pthread_rwlock_unlock(&capture_gate); }
+void gm_capture_note(bool began) { atomic_fetch_add(&captures, began ? 1 : -1); }
+
+void gm_fence_after_fork(void)
+{
+    pthread_rwlock_init(&capture_gate, NULL);
+    atomic_store(&captures, 0);
+}
+
+static bool capturing(void) { return atomic_load(&captures) > 0; }
+
 static void fence_drop_locked(gm_heap *heap)
 {
     if (heap->fence) gm_mgr.backend->fence_destroy(heap->fence);
@@ -54,7 +72,10 @@ static bool retire_waiting_locked(gm_heap *heap)
 static bool fence_record_locked(gm_heap *heap, uint64_t now)
 {
     gm_fence *f = NULL;
-    if (gm_mgr.backend->fence_record(heap->ctx, &f) != GPUMEM_OK) return false;
+    pthread_rwlock_rdlock(&capture_gate);
+    int rc = capturing() ? GPUMEM_ERROR_NOT_SUPPORTED : gm_mgr.backend->fence_record(heap->ctx, &f);
+    pthread_rwlock_unlock(&capture_gate);
+    if (rc != GPUMEM_OK) return false;
     heap->fence = f;
     heap->c.fences++;
     heap->fence_epoch = gm_pool_close_epoch_locked(&heap->pool);
@@ -117,6 +138,7 @@ bool gm_fence_reclaim_locked(gm_heap *heap, size_t rounded)
 {
     gm_pool *pool = &heap->pool;
     if (!pool->pending_head) return false;
+    if (capturing()) return false; /* no driver call that could touch the capture: grow */
     if (heap->fence_batch_device != heap->device + 1) {
         learn_batch_locked(heap);
         return true; /* the lock was dropped: look again */
@@ -146,7 +168,7 @@ bool gm_fence_reclaim_locked(gm_heap *heap, size_t rounded)
 void gm_fence_large_free_locked(gm_heap *heap, size_t size)
 {
     if (heap->fence_batch_device != heap->device + 1 || size <= heap->fence_batch / FENCE_BATCH_BLOCKS) return;
-    if (atomic_load(&gm_mgr.captures)) return; /* an event on a capturing stream would join its graph */
+    if (capturing()) return; /* an event on a capturing stream would join its graph */
     if (heap->fence) fence_poll_locked(heap); /* drops it once complete: its blocks go to the bins */
     if (!heap->fence) fence_record_locked(heap, gm_now_ns());
 }
@@ -154,6 +176,7 @@ void gm_fence_large_free_locked(gm_heap *heap, size_t size)
 bool gm_retire_pending_locked(gm_heap *heap, bool wait)
 {
     if (!heap->pool.pending_head) return false;
+    if (capturing()) return false; /* a synchronize would invalidate the capture */
     if (wait) return retire_waiting_locked(heap);
     if (heap->fence && fence_poll_locked(heap)) return true;
     return !heap->fence && fence_record_locked(heap, gm_now_ns()) && fence_poll_locked(heap);

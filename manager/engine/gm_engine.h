@@ -128,17 +128,12 @@ typedef struct gm_manager {
     gm_heap *heaps[GM_MAX_HEAPS];
     pthread_mutex_t heaps_lock;
     _Atomic bool exiting;           /* after exit began: never call the backend again */
-    _Atomic int captures;           /* stream captures in progress (the shim tells: gm_capture_note) */
 } gm_manager;
 
 extern gm_manager gm_mgr;
 
 /* Sets the backend once; later calls with another backend are refused (returns false). */
 bool gm_manager_init(const gm_backend *backend);
-/* A stream capture began (true) or ended (false). While one is in progress no fence is recorded
- * outside an allocation's miss: an event recorded on a capturing stream would become a node of
- * the program's graph (and allocations pass through to the driver meanwhile, so none misses). */
-void gm_capture_note(bool began);
 /* Exit began: from now on no backend call. True for the first caller only. */
 bool gm_manager_begin_exit(void);
 /* The heap of a context, created on first use. NULL when the table is full. */
@@ -334,6 +329,15 @@ bool gm_fence_reclaim_locked(gm_heap *heap, size_t rounded);
  * (unless one is in flight and still running), so the allocation that wants it back later asks
  * an old fence instead of recording one behind everything queued meanwhile and waiting for it. */
 void gm_fence_large_free_locked(gm_heap *heap, size_t size);
+/* Stream capture (the shim's capture hooks): no fence is recorded while a capture is in progress,
+ * since an event recorded on a capturing stream would become a node of the program's graph.
+ * gm_capture_begin_lock is held across the driver's BeginCapture, so no fence record overlaps a
+ * capture starting; gm_capture_note(true) inside it when the capture began, (false) when one
+ * ended. Meanwhile a miss takes new memory and a large free fences nothing. */
+void gm_capture_begin_lock(void);
+void gm_capture_begin_unlock(void);
+void gm_capture_note(bool began);
+void gm_fence_after_fork(void); /* a fork child: no capture, a fresh lock */
 /* Testing: misses closer than this to the last fence batch instead of fencing (default 100 us). */
 void gm_fence_set_recent_ns(uint64_t ns);
 

@@ -46,6 +46,7 @@ static void child_after_fork(void)
     }
     pthread_mutex_init(&gm_mgr.heaps_lock, NULL);
     pthread_mutex_init(&init_lock, NULL);
+    gm_fence_after_fork();
     tl_heap = NULL;
 }
 
@@ -70,8 +71,6 @@ bool gm_manager_init(const gm_backend *backend)
     pthread_mutex_unlock(&init_lock);
     return same;
 }
-
-void gm_capture_note(bool began) { atomic_fetch_add(&gm_mgr.captures, began ? 1 : -1); }
 
 bool gm_manager_begin_exit(void)
 {

@@ -399,6 +399,32 @@ Test(pool, fast_free_records_no_fence_during_a_capture)
     expect_all_returned(5);
 }
 
+/* A miss during a capture (the library's own allocations do not pass through) neither records a
+ * fence nor synchronizes, which would invalidate the capture: it takes new memory. */
+Test(pool, fast_miss_during_a_capture_neither_fences_nor_waits)
+{
+    start_fast("0", 1000000); /* batch 0: outside a capture every miss fences and waits */
+    uintptr_t a = alloc_ok(1 * MiB), other = alloc_ok(1 * MiB); /* the small segment is full */
+    free_ok(a);
+    gm_capture_note(true);
+    uint64_t records = gm_host_backend_fence_records(), waits = waits_now();
+    uintptr_t b = alloc_ok(1 * MiB);
+    cr_expect_neq(b, a, "the pending block is not reused");
+    cr_expect_eq(gm_host_backend_fence_records(), records, "no fence while capturing");
+    cr_expect_eq(waits_now(), waits, "no wait while capturing");
+    gm_capture_note(false);
+    uintptr_t c = alloc_ok(1 * MiB); /* the other half of b's new segment */
+    uintptr_t d = alloc_ok(1 * MiB); /* a miss: now it fences and waits, and takes a */
+    cr_expect_eq(d, a, "after the capture the miss fences and waits again");
+    cr_expect_gt(waits_now(), waits);
+    free_ok(b);
+    free_ok(c);
+    free_ok(d);
+    free_ok(other);
+    gm_host_backend_set_fence_delay(0);
+    expect_all_returned(5);
+}
+
 Test(pool, fast_free_batch_0_takes_no_memory_for_fences)
 {
     start_fast("0", 0);
