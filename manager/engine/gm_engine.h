@@ -322,8 +322,8 @@ bool gm_retire_pending_locked(gm_heap *heap, bool wait);
 /* Fast mode: an allocation of `rounded` bytes found no free block while blocks wait for fences.
  * True: some may have become reusable (look again; the lock may have been dropped). False: take
  * new memory. Batches fences (docs/configuration.md, "Free synchronization"): records or
- * queries one here (and after a large free: gm_fence_large_free_locked), and may wait for the fence in flight (lock dropped) once the pending
- * bytes reach GPUMEM_FENCE_BATCH. */
+ * queries one here (and after a large free: gm_fence_large_free_locked), and may wait for the
+ * fence in flight (lock dropped) once the pending bytes reach GPUMEM_FENCE_BATCH. */
 bool gm_fence_reclaim_locked(gm_heap *heap, size_t rounded);
 /* Fast mode: a block of `size` bytes was just pended. One too large to batch gets a fence now
  * (unless one is in flight and still running), so the allocation that wants it back later asks

@@ -161,14 +161,6 @@ def gpumem_stats_reader():
     return read
 
 
-def gpumem_frees():
-    """A function returning gpumem's count of frees on device 0, or None without the shim."""
-    read = gpumem_stats_reader()
-    if read is None:
-        return None
-    return lambda: (read() or {}).get("frees")
-
-
 # Counted per timed step under the shim (the pool's own view of a mode's cost).
 PER_STEP = ("frees", "pool_misses", "fences", "fence_waits")
 
@@ -550,34 +542,34 @@ def identical(runs):
     return lines, problems
 
 
-def ratios(runs):
-    """name -> figures of the paired per-round ratios (rounds where both modes ran)."""
+def paired_ratios(runs, value):
+    """name -> (goal, per-round ratios of value(child)) for the rounds where both modes ran and
+    value() is known."""
     out = {}
     for name, (num, den, goal) in RATIOS.items():
-        if num not in runs or den not in runs:
-            continue
-        a = {c.round: c.ms for c in runs[num]}
-        b = {c.round: c.ms for c in runs[den]}
+        a = {c.round: value(c) for c in runs.get(num, []) if value(c) is not None}
+        b = {c.round: value(c) for c in runs.get(den, []) if value(c) is not None}
         vals = [a[r] / b[r] for r in sorted(a) if r in b and b[r] > 0]
         if vals:
-            s = spread(vals)
-            out[name] = dict(s, goal=goal, met=s["median"] >= goal, num=num, den=den, per_round=vals)
+            out[name] = (goal, vals)
+    return out
+
+
+def ratios(runs):
+    """name -> figures of the paired per-round ratios of ms/step."""
+    out = {}
+    for name, (goal, vals) in paired_ratios(runs, lambda c: c.ms).items():
+        num, den, _ = RATIOS[name]
+        s = spread(vals)
+        out[name] = dict(s, goal=goal, met=s["median"] >= goal, num=num, den=den, per_round=vals)
     return out
 
 
 def normalized_ratios(runs):
     """The same ratios with each process's step divided by its own launch time (information):
     a process that lands on a slow host launches slower and steps slower alike."""
-    out = {}
-    for name, (num, den, goal) in RATIOS.items():
-        if num not in runs or den not in runs:
-            continue
-        a = {c.round: c.ms / c.launch for c in runs[num] if c.launch}
-        b = {c.round: c.ms / c.launch for c in runs[den] if c.launch}
-        vals = [a[r] / b[r] for r in sorted(a) if r in b and b[r] > 0]
-        if vals:
-            out[name] = dict(spread(vals), goal=goal, per_round=vals)
-    return out
+    norm = paired_ratios(runs, lambda c: c.ms / c.launch if c.launch else None)
+    return {name: dict(spread(vals), goal=goal, per_round=vals) for name, (goal, vals) in norm.items()}
 
 
 def barrier_line(runs):

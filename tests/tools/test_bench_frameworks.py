@@ -205,7 +205,7 @@ class Pieces(unittest.TestCase):
             self.skipTest('run by meson (tools_bench_frameworks): needs the build shim and the fake driver')
         code = (
             'import ctypes, sys; sys.path.insert(0, sys.argv[1]); import bench_frameworks as b\n'
-            'frees = b.gpumem_frees(); n0 = frees()\n'
+            'read = b.gpumem_stats_reader(); n0 = read()["frees"]\n'
             'cu = ctypes.CDLL("libcuda.so.1"); assert cu.cuInit(0) == 0\n'
             'd, ctx, p = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()\n'
             'assert cu.cuDeviceGet(ctypes.byref(d), 0) == 0\n'
@@ -213,8 +213,8 @@ class Pieces(unittest.TestCase):
             'for i in range(3):\n'
             '    assert cu.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(1 << 20)) == 0\n'
             '    assert cu.cuMemFree_v2(p) == 0\n'
-            'print("frees", frees() - n0)\n'
-            'st = b.gpumem_stats_reader()()\n'
+            'st = read()\n'
+            'print("frees", st["frees"] - n0)\n'
             'print("fences", st["fences"] > 0, "waits", st["fence_waits"] >= 0)\n'
             'print(b.shim_per_step(dict(st, frees=st["frees"] - 6, fences=0), st, 2))\n')
         env = dict(os.environ, LD_PRELOAD=shim, LD_LIBRARY_PATH=fake, GPUMEM_REPORT='off', GPUMEM_FREE_SYNC='0',
@@ -228,7 +228,7 @@ class Pieces(unittest.TestCase):
         self.assertRegex(r.stdout, r'frees:3\.00,pool_misses:0\.00,fences:\d+\.\d\d,fence_waits:0\.00,'
                                    r'reserved_peak_mib:\d+')
         r = subprocess.run([sys.executable, '-c', 'import sys; sys.path.insert(0, sys.argv[1]); '
-                            'import bench_frameworks as b; print(b.gpumem_frees())', str(BENCH.parent)],
+                            'import bench_frameworks as b; print(b.gpumem_stats_reader())', str(BENCH.parent)],
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(r.stdout.strip(), 'None', r.stderr)  # no shim: no reader
 
