@@ -490,7 +490,7 @@ size_t gm_release_cached(gm_heap *heap, uint64_t keep_cached)
             first = false;
             uint64_t held = gm_tcache_cached_locked(heap);
             if (held && held + heap->pool.bytes_cached_free > keep_cached)
-                gm_tcache_flush_all_locked(heap), held = 0; /* the pool can then release them */
+                gm_tcache_flush_all_locked(heap, false), held = 0; /* the pool can then release them */
             keep_cached -= held;
         }
         n = gm_pool_take_free_segments_locked(&heap->pool, keep_cached, batch, 64);
@@ -592,19 +592,21 @@ void gm_tcache_set_take_interval_ns(uint64_t ns) { take_interval_ns = ns; }
 
 /* Before growing, blocks threads keep freed go back to the pool: the calling thread's own always
  * (splitting one of its blocks beats a new segment), the other threads' where the limit would
- * refuse the growth or take_interval_ns has passed, and all of them after growing failed. */
+ * refuse the growth or take_interval_ns has passed, and all of them after growing failed. Here
+ * only the reusable ones: in fast mode a block waiting for its cache's fence stays there (the
+ * miss may be the batching that fence.c asks for); a grow that failed takes them all. */
 static bool flush_before_growing_locked(gm_heap *heap, gm_tcache *own, size_t rounded, int *step)
 {
     if (*step == 0) {
         *step = 1;
-        if (own && gm_tcache_flush_locked(heap, own)) return true;
+        if (own && gm_tcache_flush_locked(heap, own, true)) return true;
     }
     if (*step == 1) {
         *step = 2;
         uint64_t now = gm_now_ns();
         bool due = !heap->tcs_taken_at_ns || now - heap->tcs_taken_at_ns >= take_interval_ns ||
                    gm_limit_headroom(heap->device) < rounded;
-        if (due && gm_tcache_flush_all_locked(heap)) {
+        if (due && gm_tcache_flush_all_locked(heap, true)) {
             heap->tcs_taken_at_ns = now;
             return true;
         }
@@ -637,7 +639,7 @@ static int take_block_locked(gm_heap *heap, gm_tcache *own, size_t rounded, gm_b
         rc = grow(heap, rounded);
         pthread_mutex_lock(&heap->lock);
         if (rc == GPUMEM_OK) continue;
-        if (flushed < 3 && (flushed = 3, gm_tcache_flush_all_locked(heap))) continue;
+        if (flushed < 3 && (flushed = 3, gm_tcache_flush_all_locked(heap, false))) continue;
         if (waited || !heap->pool.pending_head) return rc;
         waited = true; /* fast mode: memory is waiting on fences; wait for them once */
         gm_retire_pending_locked(heap, true);
@@ -653,13 +655,13 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     if (!gm_mgr.cfg->pool) return alloc_direct(heap, size, stream, site, out);
     uint32_t stack_id = gm_stack_capture(site); /* before the lock: it walks memory and hashes */
     gm_handout h = {size, stream, site, stack_id};
-    /* Fast mode's frees wait for fences in the heap's pending list: no thread cache to fill. */
-    gm_tcache *tc = gm_mgr.cfg->free_sync ? gm_tcache_get(heap) : NULL;
+    gm_tcache *tc = gm_tcache_get(heap);
     if (tc && alloc_from_thread_cache(heap, tc, rounded, &h, out)) return GPUMEM_OK;
 
     gm_block *b = NULL;
     bool hit;
     pthread_mutex_lock(&heap->lock);
+    if (tc && !gm_mgr.cfg->free_sync) gm_fence_learn_batch_locked(heap); /* what its cache may keep */
     int rc = take_block_locked(heap, tc, rounded, &b, &hit);
     if (rc != GPUMEM_OK) {
         pthread_mutex_unlock(&heap->lock);
@@ -668,6 +670,7 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     }
     if (tc) { /* the thread's own: its free goes back to its cache */
         pthread_mutex_lock(&tc->lock);
+        tc->fast_keep_max = gm_fence_tc_keep_max_locked(heap);
         b->tc = tc;
         hand_out_locked(heap, tc, b, &h, hit);
         pthread_mutex_unlock(&tc->lock);
@@ -728,9 +731,22 @@ static inline gm_heap *find_record_locked(uintptr_t ptr, gm_heap *hint, gm_recor
     return gm_heap_find_other_locked(ptr, hint, rec);
 }
 
-/* The hot path of a thread's free: a block it allocated itself and nothing looked up since, in
- * strict mode after the barrier (or at exit). Kept in its cache when it fits, else handed to the
- * pool like any other. False when the thread's cache does not hold `ptr`. */
+/* Whether a block freed now may wait in its thread's cache: in strict mode after the barrier
+ * (or at exit) it is reusable at once; in fast mode it waits for a fence of the cache's, when
+ * it is small enough to batch (a larger one is fenced by the heap at its free). */
+static bool keep_in_thread_cache(gm_tcache *tc, gm_block *b, bool synced)
+{
+    if (b->ipc_slot) return false;
+    if (synced) return gm_tcache_keep_locked(tc, b, false);
+    if (gm_mgr.cfg->free_sync || b->size > tc->fast_keep_max || !gm_tcache_keep_locked(tc, b, true))
+        return false;
+    gm_fence_tc_after_keep_locked(tc);
+    return true;
+}
+
+/* The hot path of a thread's free: a block it allocated itself and nothing looked up since.
+ * Kept in its cache when it may be (keep_in_thread_cache), else handed to the pool like any
+ * other. False when the thread's cache does not hold `ptr`. */
 static bool free_to_thread_cache(gm_heap *heap, gm_tcache *tc, uintptr_t ptr, bool synced,
                                  gm_alloc_kind *kind_out)
 {
@@ -744,7 +760,7 @@ static bool free_to_thread_cache(gm_heap *heap, gm_tcache *tc, uintptr_t ptr, bo
     gm_block *b = rec->block;
     gm_live_remove(&tc->live, rec);
     gm_stats_on_free(gm_tcache_counting(heap, tc), rec);
-    bool kept = synced && !b->ipc_slot && gm_tcache_keep_locked(tc, b);
+    bool kept = keep_in_thread_cache(tc, b, synced);
     pthread_mutex_unlock(&tc->lock);
     if (kept) {
         release_over_cache_limit(heap); /* GPUMEM_MAX_CACHED bounds the caches and the pool together */
@@ -771,9 +787,7 @@ static gm_answer free_impl(gm_heap *hint, bool hint_is_current, uintptr_t ptr, u
         else gm_mgr.backend->synchronize(hint->ctx);
         synced = true;
     }
-    /* Strict mode only: a fast-mode free waits for a fence in the heap's pending list. */
-    gm_tcache *tc = hint && barrier && gm_mgr.cfg->pool && (gm_mgr.cfg->free_sync || atomic_load(&gm_mgr.exiting))
-                        ? gm_tcache_peek(hint) : NULL;
+    gm_tcache *tc = hint && barrier && gm_mgr.cfg->pool ? gm_tcache_peek(hint) : NULL;
     if (tc && free_to_thread_cache(hint, tc, ptr, synced || atomic_load(&gm_mgr.exiting), kind_out))
         return gm_ours(GPUMEM_OK);
     gm_record *rec = NULL;

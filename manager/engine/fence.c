@@ -181,3 +181,75 @@ bool gm_retire_pending_locked(gm_heap *heap, bool wait)
     if (heap->fence && fence_poll_locked(heap)) return true;
     return !heap->fence && fence_record_locked(heap, gm_now_ns()) && fence_poll_locked(heap);
 }
+
+/* ------------------------------------------------------------------ thread caches */
+
+/* A cache's fences follow the heap's rules, per thread and without the heap's lock: a block is
+ * reused only once a fence recorded after its free has completed; one fence is in flight at
+ * most; in a tight loop (fences closer than recent_ns) one fence covers a bin's worth of frees,
+ * and an allocation that finds its oldest block still waiting takes new memory from the heap
+ * instead (the heap's batch and limit rules apply there, and a miss that would fail flushes
+ * the waiting blocks into the heap's pending list first). The sequence numbers are the cache's
+ * own: fence_next is the number the next fence gets, fence_done the last one seen complete. */
+
+size_t gm_fence_tc_keep_max_locked(const gm_heap *heap)
+{
+    if (heap->fence_batch_device != heap->device + 1) return 0;
+    return heap->fence_batch / FENCE_BATCH_BLOCKS;
+}
+
+void gm_fence_learn_batch_locked(gm_heap *heap)
+{
+    if (heap->fence_batch_device != heap->device + 1) learn_batch_locked(heap);
+}
+
+void gm_fence_tc_drop_locked(gm_tcache *tc, bool destroy)
+{
+    if (tc->fence && destroy) gm_mgr.backend->fence_destroy(tc->fence);
+    tc->fence = NULL;
+}
+
+/* Asks the cache's fence in flight; once complete (or failed: its blocks wait for the next). */
+static void tc_poll_locked(gm_tcache *tc)
+{
+    int q = gm_mgr.backend->fence_query(tc->fence);
+    if (q == 1) return;
+    if (q == 0) tc->fence_done = tc->fence_seq;
+    gm_fence_tc_drop_locked(tc, true);
+}
+
+/* Records a fence over every block the cache keeps: the one in flight from now on. */
+static bool tc_record_locked(gm_tcache *tc, uint64_t now)
+{
+    gm_fence *f = NULL;
+    pthread_rwlock_rdlock(&capture_gate);
+    int rc = capturing() ? GPUMEM_ERROR_NOT_SUPPORTED : gm_mgr.backend->fence_record(tc->heap->ctx, &f);
+    pthread_rwlock_unlock(&capture_gate);
+    if (rc != GPUMEM_OK) return false;
+    tc->fence = f;
+    tc->fence_seq = tc->fence_next++;
+    tc->unfenced = 0;
+    tc->fence_at_ns = now;
+    tc->c.fences++;
+    return true;
+}
+
+bool gm_fence_tc_settle_locked(gm_tcache *tc, const gm_block *head, unsigned queued)
+{
+    if (tc->fence) tc_poll_locked(tc);
+    if (gm_fence_tc_ready(tc, head)) return true;
+    if (tc->fence) return false; /* covered by the one in flight, which has not completed: busy */
+    uint64_t now = gm_now_ns();
+    bool recent = tc->fence_at_ns && now - tc->fence_at_ns < recent_ns;
+    if (recent && queued < GM_TC_BIN_MAX) return false; /* batch: one more block from the heap */
+    if (!tc_record_locked(tc, now)) return false;
+    tc_poll_locked(tc); /* on an idle device it has often completed already */
+    return gm_fence_tc_ready(tc, head);
+}
+
+void gm_fence_tc_after_keep_locked(gm_tcache *tc)
+{
+    if (tc->unfenced < GM_TC_BIN_MAX / 2) return;
+    if (tc->fence) tc_poll_locked(tc);
+    if (!tc->fence) tc_record_locked(tc, gm_now_ns());
+}

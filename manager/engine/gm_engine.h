@@ -51,7 +51,8 @@ typedef struct gm_vrange {
  * live table, under its own lock) and the blocks it freed for its own next allocations, so a
  * thread's alloc+free pair that hits its cache touches no line another thread writes. */
 #define GM_TC_BINS 16     /* sizes a thread keeps at once (any 16: a bin is free again when empty) */
-#define GM_TC_BIN_MAX 8   /* blocks of one size */
+#define GM_TC_BIN_MAX 32  /* blocks of one size in fast mode (a tight loop's fence covers half) */
+#define GM_TC_BIN_STRICT 8 /* blocks of one size in strict mode (reusable at once: no batch) */
 #define GM_MAX_TCACHES 255 /* per heap; threads beyond it use the heap itself */
 /* Allocated bytes a cache counts before it adds them to its heap's sum (gm_peak_sync): the peak
  * with several threads is exact to within this per allocating thread; pairs of blocks up to it
@@ -60,9 +61,17 @@ typedef struct gm_vrange {
 typedef struct gm_tcache {
     pthread_mutex_t lock;
     size_t bin_size[GM_TC_BINS];    /* rounded; 0: a free bin. Scanned on every allocation */
-    gm_block *bin_head[GM_TC_BINS]; /* by fnext */
+    gm_block *bin_head[GM_TC_BINS]; /* by fnext; taken from the head */
+    gm_block *bin_tail[GM_TC_BINS]; /* fast mode queues at the tail: the oldest free is asked first */
     uint8_t bin_count[GM_TC_BINS];
-    uint64_t cached_bytes;  /* in its bins */
+    uint64_t cached_bytes;  /* in its bins (fast mode: waiting for a fence too) */
+    /* Fast mode (fence.c): a block it keeps carries in fence_epoch the sequence number of the
+     * first of its fences recorded after the free; it is reusable once fence_done has reached it. */
+    gm_fence *fence;        /* in flight: covers its blocks with fence_epoch <= fence_seq */
+    uint32_t fence_seq, fence_next, fence_done;
+    uint32_t unfenced;      /* blocks kept since its last fence was recorded */
+    uint64_t fence_at_ns;   /* when it last recorded one */
+    size_t fast_keep_max;   /* fast mode keeps blocks up to this (the heap's batch share; 0: none) */
     gm_live live;           /* live blocks it allocated that nothing else has looked up since */
     gm_counters c;          /* every allocation it made, wherever the record lives now */
     uint64_t buffer_seq;
@@ -196,17 +205,23 @@ static inline gm_counting gm_tcache_counting(gm_heap *heap, gm_tcache *tc)
 gm_tcache *gm_tcache_get(gm_heap *heap);
 /* The calling thread's cache on `heap` if it has one; never attaches. */
 gm_tcache *gm_tcache_peek(const gm_heap *heap);
-/* A cached block of exactly `rounded` bytes, or NULL (the cache's lock held). */
+/* A cached block of exactly `rounded` bytes that may be reused now, or NULL (the cache's lock
+ * held). In fast mode the oldest block of that size is taken once a fence recorded after its
+ * free has completed (fence.c asks or records one). */
 gm_block *gm_tcache_take_locked(gm_tcache *tc, size_t rounded);
 /* Keeps freed block `b` (held by `tc`) for the thread's next allocation; false when it does not
- * fit (its size's bin is another size's or full, or GPUMEM_THREAD_CACHE would be crossed). */
-bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b);
+ * fit (its size's bin is another size's or full, or GPUMEM_THREAD_CACHE would be crossed).
+ * `fenced`: fast mode, the block waits for a fence of the cache's (gm_fence_tc_*) before reuse;
+ * else it is reusable at once (strict mode after cudaFree's barrier, or at exit). */
+bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b, bool fenced);
 /* How often a miss may take other threads' cached blocks before growing (alloc.c; tests). */
 void gm_tcache_set_take_interval_ns(uint64_t ns);
-/* Hands one thread cache's freed blocks back to the pool; true when any went back (heap lock). */
-bool gm_tcache_flush_locked(gm_heap *heap, gm_tcache *tc);
-/* Hands every thread cache's freed blocks back to the pool; true when any went back (heap lock). */
-bool gm_tcache_flush_all_locked(gm_heap *heap);
+/* Hands one thread cache's freed blocks back to the pool; true when any went back (heap lock).
+ * `reusable_only`: only those reusable now; else a block still waiting for the cache's fence
+ * joins the pool's pending list, for a fence of the heap's recorded later. */
+bool gm_tcache_flush_locked(gm_heap *heap, gm_tcache *tc, bool reusable_only);
+/* The same over every thread cache of the heap. */
+bool gm_tcache_flush_all_locked(gm_heap *heap, bool reusable_only);
 /* The live record at `ptr` in the heap's table, or adopted from a thread cache (heap lock). */
 gm_record *gm_heap_live_find_locked(gm_heap *heap, uintptr_t ptr);
 /* Whether pool block `b` is live (adopting it from its thread cache when it is one's). */
@@ -340,6 +355,27 @@ void gm_capture_note(bool began);
 void gm_fence_after_fork(void); /* a fork child: no capture, a fresh lock */
 /* Testing: misses closer than this to the last fence batch instead of fencing (default 100 us). */
 void gm_fence_set_recent_ns(uint64_t ns);
+/* Fast mode in a thread cache (fence.c; the cache's lock held, never the heap's): each cache
+ * records its own fences, one in flight at most, so a thread's pairs touch no shared line.
+ * gm_fence_tc_tag: `b`, just freed, waits for the cache's next fence. gm_fence_tc_ready: its
+ * fence has completed. gm_fence_tc_settle: `head`, the oldest block of its size (`queued` of
+ * them), is not ready; asks the fence in flight or records one (batching as the heap does);
+ * true when it is ready now. gm_fence_tc_after_keep: records a fence early, once half a bin's
+ * worth waits, so it has completed by the time those blocks come round. gm_fence_tc_drop: the
+ * fence forgotten (destroyed unless `destroy` is false: a fork child's belongs to the parent). */
+static inline void gm_fence_tc_tag(gm_tcache *tc, gm_block *b) { b->fence_epoch = tc->fence_next; }
+static inline bool gm_fence_tc_ready(const gm_tcache *tc, const gm_block *b)
+{
+    return (int32_t)(b->fence_epoch - tc->fence_done) <= 0;
+}
+bool gm_fence_tc_settle_locked(gm_tcache *tc, const gm_block *head, unsigned queued);
+void gm_fence_tc_after_keep_locked(gm_tcache *tc);
+void gm_fence_tc_drop_locked(gm_tcache *tc, bool destroy);
+/* The largest block a thread cache keeps in fast mode: the heap's batch share (larger ones are
+ * fenced by the heap at their free); 0 while the heap has not learnt its batch (heap lock). */
+size_t gm_fence_tc_keep_max_locked(const gm_heap *heap);
+/* Learns the heap's batch if it has not yet (the lock dropped meanwhile). */
+void gm_fence_learn_batch_locked(gm_heap *heap);
 
 /* Resizing a live pool block in place (named buffers). The block is the live one at `ptr` in
  * `heap`; GPUMEM_ERROR_NOT_SUPPORTED when it is no pool block (it must move instead). */

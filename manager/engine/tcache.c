@@ -45,7 +45,9 @@ gm_block *gm_tcache_take_locked(gm_tcache *tc, size_t rounded)
     unsigned i = bin_of(tc, rounded);
     if (i == GM_TC_BINS) return NULL;
     gm_block *b = tc->bin_head[i];
+    if (!gm_fence_tc_ready(tc, b) && !gm_fence_tc_settle_locked(tc, b, tc->bin_count[i])) return NULL;
     tc->bin_head[i] = b->fnext;
+    if (!b->fnext) tc->bin_tail[i] = NULL;
     b->fnext = NULL;
     if (--tc->bin_count[i] == 0) tc->bin_size[i] = 0; /* free for another size */
     tc->cached_bytes -= b->size;
@@ -60,37 +62,60 @@ static uint64_t keep_at_most(void)
     return cfg->max_cached < cfg->thread_cache ? cfg->max_cached : cfg->thread_cache;
 }
 
-bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b)
+bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b, bool fenced)
 {
     if (tc->cached_bytes + b->size > keep_at_most()) return false;
     unsigned i = bin_of(tc, b->size);
     if (i == GM_TC_BINS) i = bin_of(tc, 0);
-    if (i == GM_TC_BINS || tc->bin_count[i] >= GM_TC_BIN_MAX) return false;
+    if (i == GM_TC_BINS || tc->bin_count[i] >= (fenced ? GM_TC_BIN_MAX : GM_TC_BIN_STRICT)) return false;
     tc->bin_size[i] = b->size;
-    b->fnext = tc->bin_head[i];
-    tc->bin_head[i] = b;
+    if (fenced) { /* at the tail: blocks come round in the order they were freed */
+        gm_fence_tc_tag(tc, b);
+        tc->unfenced++;
+        b->fnext = NULL;
+        if (tc->bin_tail[i]) tc->bin_tail[i]->fnext = b;
+        else tc->bin_head[i] = b;
+        tc->bin_tail[i] = b;
+    } else { /* at the head: the most recently used block is reused first */
+        b->fence_epoch = tc->fence_done;
+        b->fnext = tc->bin_head[i];
+        if (!b->fnext) tc->bin_tail[i] = b;
+        tc->bin_head[i] = b;
+    }
     tc->bin_count[i]++;
     tc->cached_bytes += b->size;
     return true;
 }
 
-/* The cache's freed blocks back to the heap's pool (heap and cache locked). */
-static bool flush_locked(gm_heap *heap, gm_tcache *tc)
+/* The cache's freed blocks back to the heap's pool (heap and cache locked): reusable ones to its
+ * bins, and unless `reusable_only` the ones waiting for the cache's fence to its pending list
+ * (a fence of the heap's recorded from now on covers them, as it would a free made now). */
+static bool flush_locked(gm_heap *heap, gm_tcache *tc, bool reusable_only)
 {
     bool any = false;
     for (unsigned i = 0; i < GM_TC_BINS; i++) {
-        while (tc->bin_head[i]) {
-            gm_block *b = tc->bin_head[i];
-            tc->bin_head[i] = b->fnext;
+        gm_block **link = &tc->bin_head[i], *last = NULL;
+        while (*link) {
+            gm_block *b = *link;
+            bool ready = gm_fence_tc_ready(tc, b);
+            if (reusable_only && !ready) {
+                last = b;
+                link = &b->fnext;
+                continue;
+            }
+            *link = b->fnext;
             b->fnext = NULL;
             b->tc = NULL;
-            gm_pool_free_block_locked(&heap->pool, b);
+            tc->bin_count[i]--;
+            tc->cached_bytes -= b->size;
+            if (ready) gm_pool_free_block_locked(&heap->pool, b);
+            else gm_pool_pend_block_locked(&heap->pool, b);
             any = true;
         }
-        tc->bin_count[i] = 0;
-        tc->bin_size[i] = 0;
+        tc->bin_tail[i] = last;
+        if (!tc->bin_count[i]) tc->bin_size[i] = 0;
     }
-    tc->cached_bytes = 0;
+    if (!reusable_only) tc->unfenced = 0;
     return any;
 }
 
@@ -116,21 +141,21 @@ static uint64_t cached_of(const gm_tcache *tc) { return tc->cached_bytes; }
 static uint64_t allocated_of(const gm_tcache *tc) { return tc->c.bytes_allocated; }
 static uint64_t live_of(const gm_tcache *tc) { return gm_live_count(&tc->live); }
 
-bool gm_tcache_flush_locked(gm_heap *heap, gm_tcache *tc)
+bool gm_tcache_flush_locked(gm_heap *heap, gm_tcache *tc, bool reusable_only)
 {
     pthread_mutex_lock(&tc->lock);
-    bool any = tc->cached_bytes && flush_locked(heap, tc);
+    bool any = tc->cached_bytes && flush_locked(heap, tc, reusable_only);
     pthread_mutex_unlock(&tc->lock);
     return any;
 }
 
-bool gm_tcache_flush_all_locked(gm_heap *heap)
+bool gm_tcache_flush_all_locked(gm_heap *heap, bool reusable_only)
 {
     bool any = false;
     for (uint32_t i = 0; i < cache_count(heap); i++) {
         gm_tcache *tc = heap->tcs[i];
         pthread_mutex_lock(&tc->lock);
-        if (tc->cached_bytes) any |= flush_locked(heap, tc);
+        if (tc->cached_bytes) any |= flush_locked(heap, tc, reusable_only);
         pthread_mutex_unlock(&tc->lock);
     }
     return any;
@@ -148,7 +173,7 @@ static void detach_all(void *unused)
         gm_tcache *tc = tl_caches[i].tc;
         pthread_mutex_lock(&heap->lock);
         pthread_mutex_lock(&tc->lock);
-        flush_locked(heap, tc);
+        flush_locked(heap, tc, false);
         tc->attached = false;
         pthread_mutex_unlock(&tc->lock);
         pthread_mutex_unlock(&heap->lock);
@@ -170,6 +195,7 @@ static gm_tcache *new_cache_locked(gm_heap *heap)
     gm_live_init(&tc->live);
     tc->index = (uint16_t)(n + 1);
     tc->heap = heap;
+    tc->fence_next = 1; /* fence_done 0: a block tagged with it is reusable */
     heap->tcs[n] = tc;
     atomic_store_explicit(&heap->ntcs, n + 1, memory_order_release);
     return tc;
@@ -246,7 +272,8 @@ void gm_tcache_adopt_all_locked(gm_heap *heap)
     for (uint32_t i = 0; i < cache_count(heap); i++) {
         gm_tcache *tc = heap->tcs[i];
         pthread_mutex_lock(&tc->lock);
-        flush_locked(heap, tc);
+        flush_locked(heap, tc, false);
+        gm_fence_tc_drop_locked(tc, !atomic_load(&gm_mgr.exiting)); /* its events are the context's */
         gm_record *rec, *tmp;
         HASH_ITER(hh, tc->live.head, rec, tmp)
             if (rec != &tc->live.sentinel) adopt_locked(heap, tc, rec);
@@ -341,6 +368,7 @@ void gm_tcache_after_fork(gm_heap *heap)
     for (uint32_t i = 0; i < cache_count(heap); i++) {
         gm_tcache *tc = heap->tcs[i];
         pthread_mutex_init(&tc->lock, NULL);
+        gm_fence_tc_drop_locked(tc, false); /* the parent's context's events */
         tc->attached = this_thread_uses(tc); /* the other threads are not in the child */
     }
 }

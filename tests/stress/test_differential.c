@@ -149,7 +149,7 @@ static void run_differential(bool expandable)
      * handed back, every segment is whole again. */
     cr_expect_leq(heap->ntcs ? heap->tcs[0]->cached_bytes : 0, (uint64_t)256 << 20);
     pthread_mutex_lock(&heap->lock);
-    gm_tcache_flush_all_locked(heap);
+    gm_tcache_flush_all_locked(heap, false);
     pthread_mutex_unlock(&heap->lock);
     for (size_t i = 0; i < heap->pool.segments; i++) { /* every segment coalesced back to one block */
         gm_block *only = heap->pool.by_base[i]->first;

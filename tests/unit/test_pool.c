@@ -265,9 +265,10 @@ Test(pool, fast_free_small_block_at_the_limit_synchronizes_once)
 
 /* ---- fast mode's fence batching (manager/engine/fence.c) */
 
+/* The heap's own fences: thread caches off (tests/unit/test_tcache.c has theirs). */
 static void start_fast(const char *batch, int fence_delay)
 {
-    const char *env[] = {"GPUMEM_FREE_SYNC", "0", "GPUMEM_FENCE_BATCH", batch, NULL};
+    const char *env[] = {"GPUMEM_FREE_SYNC", "0", "GPUMEM_FENCE_BATCH", batch, "GPUMEM_THREAD_CACHE", "0", NULL};
     start(env);
     gm_host_backend_set_fence_delay(fence_delay);
     gm_fence_set_recent_ns(UINT64_MAX / 2); /* every miss counts as part of a tight loop, however
@@ -284,6 +285,7 @@ static void expect_all_returned(uint64_t pairs)
     cr_expect_eq(st.bytes_allocated, 0);
     cr_expect_eq(st.bytes_requested, 0);
     pthread_mutex_lock(&heap->lock);
+    gm_tcache_flush_all_locked(heap, false); /* blocks waiting in the thread's cache join the heap's */
     gm_retire_pending_locked(heap, true);
     cr_expect_eq(heap->pool.pending_bytes, 0);
     cr_expect_eq(heap->pool.pending_blocks, 0);
