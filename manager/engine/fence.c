@@ -229,6 +229,7 @@ static bool tc_record_locked(gm_tcache *tc, uint64_t now)
     tc->fence = f;
     tc->fence_seq = tc->fence_next++;
     tc->unfenced = 0;
+    tc->unfenced_bytes = 0;
     tc->fence_at_ns = now;
     tc->c.fences++;
     return true;
@@ -241,7 +242,10 @@ bool gm_fence_tc_settle_locked(gm_tcache *tc, const gm_block *head, unsigned que
     if (tc->fence) return false; /* covered by the one in flight, which has not completed: busy */
     uint64_t now = gm_now_ns();
     bool recent = tc->fence_at_ns && now - tc->fence_at_ns < recent_ns;
-    if (recent && queued < GM_TC_BIN_MAX) return false; /* batch: one more block from the heap */
+    /* Batch while the cache has room for one more of them: else it could never fill its bin
+     * (large blocks, or GPUMEM_THREAD_CACHE small) and every miss would go to the heap. */
+    bool room = queued < GM_TC_BIN_MAX && tc->cached_bytes + head->size <= gm_tcache_keep_at_most();
+    if (recent && room) return false; /* batch: one more block from the heap */
     if (!tc_record_locked(tc, now)) return false;
     tc_poll_locked(tc); /* on an idle device it has often completed already */
     return gm_fence_tc_ready(tc, head);
@@ -249,7 +253,7 @@ bool gm_fence_tc_settle_locked(gm_tcache *tc, const gm_block *head, unsigned que
 
 void gm_fence_tc_after_keep_locked(gm_tcache *tc)
 {
-    if (tc->unfenced < GM_TC_BIN_MAX / 2) return;
+    if (tc->unfenced < GM_TC_BIN_MAX / 2 && tc->unfenced_bytes * 2 < gm_tcache_keep_at_most()) return;
     if (tc->fence) tc_poll_locked(tc);
     if (!tc->fence) tc_record_locked(tc, gm_now_ns());
 }

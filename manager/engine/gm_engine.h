@@ -70,6 +70,7 @@ typedef struct gm_tcache {
     gm_fence *fence;        /* in flight: covers its blocks with fence_epoch <= fence_seq */
     uint32_t fence_seq, fence_next, fence_done;
     uint32_t unfenced;      /* blocks kept since its last fence was recorded */
+    uint64_t unfenced_bytes; /* and their bytes */
     uint64_t fence_at_ns;   /* when it last recorded one */
     size_t fast_keep_max;   /* fast mode keeps blocks up to this (the heap's batch share; 0: none) */
     gm_live live;           /* live blocks it allocated that nothing else has looked up since */
@@ -214,6 +215,8 @@ gm_block *gm_tcache_take_locked(gm_tcache *tc, size_t rounded);
  * `fenced`: fast mode, the block waits for a fence of the cache's (gm_fence_tc_*) before reuse;
  * else it is reusable at once (strict mode after cudaFree's barrier, or at exit). */
 bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b, bool fenced);
+/* The bytes one thread cache keeps at most (GPUMEM_THREAD_CACHE within GPUMEM_MAX_CACHED). */
+uint64_t gm_tcache_keep_at_most(void);
 /* How often a miss may take other threads' cached blocks before growing (alloc.c; tests). */
 void gm_tcache_set_take_interval_ns(uint64_t ns);
 /* Hands one thread cache's freed blocks back to the pool; true when any went back (heap lock).
@@ -361,7 +364,8 @@ void gm_fence_set_recent_ns(uint64_t ns);
  * fence has completed. gm_fence_tc_settle: `head`, the oldest block of its size (`queued` of
  * them), is not ready; asks the fence in flight or records one (batching as the heap does);
  * true when it is ready now. gm_fence_tc_after_keep: records a fence early, once half a bin's
- * worth waits, so it has completed by the time those blocks come round. gm_fence_tc_drop: the
+ * worth (or half the bytes the cache may keep) waits, so it has completed by the time those
+ * blocks come round. gm_fence_tc_drop: the
  * fence forgotten (destroyed unless `destroy` is false: a fork child's belongs to the parent). */
 static inline void gm_fence_tc_tag(gm_tcache *tc, gm_block *b) { b->fence_epoch = tc->fence_next; }
 static inline bool gm_fence_tc_ready(const gm_tcache *tc, const gm_block *b)

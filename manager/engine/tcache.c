@@ -56,7 +56,7 @@ gm_block *gm_tcache_take_locked(gm_tcache *tc, size_t rounded)
 
 /* GPUMEM_THREAD_CACHE, and never more than GPUMEM_MAX_CACHED: a program that asked for freed
  * memory to go back to the device does not get it held per thread instead. */
-static uint64_t keep_at_most(void)
+uint64_t gm_tcache_keep_at_most(void)
 {
     const gm_config *cfg = gm_mgr.cfg;
     return cfg->max_cached < cfg->thread_cache ? cfg->max_cached : cfg->thread_cache;
@@ -64,7 +64,7 @@ static uint64_t keep_at_most(void)
 
 bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b, bool fenced)
 {
-    if (tc->cached_bytes + b->size > keep_at_most()) return false;
+    if (tc->cached_bytes + b->size > gm_tcache_keep_at_most()) return false;
     unsigned i = bin_of(tc, b->size);
     if (i == GM_TC_BINS) i = bin_of(tc, 0);
     if (i == GM_TC_BINS || tc->bin_count[i] >= (fenced ? GM_TC_BIN_MAX : GM_TC_BIN_STRICT)) return false;
@@ -72,6 +72,7 @@ bool gm_tcache_keep_locked(gm_tcache *tc, gm_block *b, bool fenced)
     if (fenced) { /* at the tail: blocks come round in the order they were freed */
         gm_fence_tc_tag(tc, b);
         tc->unfenced++;
+        tc->unfenced_bytes += b->size;
         b->fnext = NULL;
         if (tc->bin_tail[i]) tc->bin_tail[i]->fnext = b;
         else tc->bin_head[i] = b;
@@ -115,7 +116,7 @@ static bool flush_locked(gm_heap *heap, gm_tcache *tc, bool reusable_only)
         tc->bin_tail[i] = last;
         if (!tc->bin_count[i]) tc->bin_size[i] = 0;
     }
-    if (!reusable_only) tc->unfenced = 0;
+    if (!reusable_only) tc->unfenced = 0, tc->unfenced_bytes = 0;
     return any;
 }
 
@@ -174,6 +175,7 @@ static void detach_all(void *unused)
         pthread_mutex_lock(&heap->lock);
         pthread_mutex_lock(&tc->lock);
         flush_locked(heap, tc, false);
+        gm_fence_tc_drop_locked(tc, !atomic_load(&gm_mgr.exiting)); /* its blocks went to the heap */
         tc->attached = false;
         pthread_mutex_unlock(&tc->lock);
         pthread_mutex_unlock(&heap->lock);

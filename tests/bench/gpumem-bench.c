@@ -2,7 +2,7 @@
  *
  *   gpumem-bench pool   alloc+free pairs that hit the pool, host backend, 256 B .. 64 MiB,
  *                       strict mode with 1 thread without thread caches and 1, 2, 4, 8 threads
- *                       with them (as many as the cores), fast mode with 1 and 2, alternated over
+ *                       with them (as many as the cores), fast mode the same, alternated over
  *                       5 rounds in this process; last line pool_pair_ns_median=<N> (strict,
  *                       1 thread, mixed).
  *   gpumem-bench gpu    cudaMalloc+cudaFree pairs through the shim (strict and fast mode) next
@@ -169,7 +169,7 @@ static int bench_pool(void)
         /* read at every free: switchable between runs; fast mode's fences are the host backend's
          * (complete at once), so this is the cost of the pending list and the batching */
         ((gm_config *)gm_mgr.cfg)->free_sync = !fast;
-        int nvariants = fast ? 3 : strict_variants;
+        int nvariants = strict_variants; /* both modes go through the thread caches */
         for (int s = -1; s < (int)NSIZES; s++) {
             static pool_rounds pr;
             run_pool_rounds(heap, s, fast, nvariants, &pr);
@@ -181,11 +181,13 @@ static int bench_pool(void)
         }
     }
     pool_rounds *m = &mixed[0];
-    for (int v = 2; v < strict_variants; v++) {
-        bench_spread q = bench_spread_of(m->ratio[v], POOL_ROUNDS);
-        printf("pool_threads_%d_throughput=%.2f\npool_threads_%d_throughput_min=%.2f\n", variant_threads(v),
-               q.median, variant_threads(v), q.lo);
-    }
+    for (int fast = 0; fast <= 1; fast++)
+        for (int v = 2; v < strict_variants; v++) {
+            bench_spread q = bench_spread_of(mixed[fast].ratio[v], POOL_ROUNDS);
+            const char *mode = fast ? "fast_" : "";
+            printf("pool_%sthreads_%d_throughput=%.2f\npool_%sthreads_%d_throughput_min=%.2f\n", mode,
+                   variant_threads(v), q.median, mode, variant_threads(v), q.lo);
+        }
     printf("pool_single_uncached_over_cached=%.2f\n", bench_spread_of(m->ratio[0], POOL_ROUNDS).median);
     printf("pool_pair_uncached_ns_median=%.0f\n", bench_spread_of(m->median[0], POOL_ROUNDS).median);
     printf("pool_fast_pair_ns_median=%.0f\n", bench_spread_of(mixed[1].median[1], POOL_ROUNDS).median);

@@ -207,9 +207,10 @@ Test(pool, strict_free_synchronizes)
     cr_expect_eq(gm_host_backend_sync_calls(), before + 1, "one context synchronize per free");
 }
 
+/* The heap's pending list (thread caches off: test_tcache.c checks their fences). */
 Test(pool, fast_free_waits_for_fence)
 {
-    static const char *const env[] = {"GPUMEM_FREE_SYNC", "0", NULL};
+    static const char *const env[] = {"GPUMEM_FREE_SYNC", "0", "GPUMEM_THREAD_CACHE", "0", NULL};
     start(env);
     gm_host_backend_set_fence_delay(1000000); /* fences never complete unless waited on */
     uintptr_t a = alloc_ok(1 * MiB);

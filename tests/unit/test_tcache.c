@@ -448,9 +448,9 @@ static void *churn_cached_and_end(void *unused)
     return NULL;
 }
 
-/* A block handed out without a thread cache (fast mode) names none, whatever its header named
- * before: a PyTorch training step in fast mode crashed on such a header in a checked
- * cudaMemsetAsync on the H200 (a header's `tc` was left as its memory held it). */
+/* A block handed out without a thread cache names none, whatever its header named before: a
+ * PyTorch training step in fast mode (which then used no thread cache) crashed on such a header
+ * in a checked cudaMemsetAsync on the H200 (a header's `tc` was left as its memory held it). */
 Test(tcache, a_block_handed_out_without_a_cache_names_none)
 {
     start(NULL);
@@ -459,7 +459,7 @@ Test(tcache, a_block_handed_out_without_a_cache_names_none)
     for (gm_block *b = heap->pool.spare_blocks; b; b = b->fnext, spare++) /* whatever they held */
         b->tc = (gm_tcache *)(uintptr_t)0xA5A5A5A5A5A5A5A5ull;
     cr_assert_gt(spare, 0, "the merges left spare headers");
-    ((gm_config *)gm_mgr.cfg)->free_sync = false; /* fast mode from here: no thread cache */
+    ((gm_config *)gm_mgr.cfg)->thread_cache = 0; /* this thread attaches no cache from here */
     uintptr_t p[16];
     for (int i = 0; i < 16; i++) p[i] = alloc_ok(4 * KiB * (size_t)(i + 1));
     for (int i = 0; i < 16; i++) {
@@ -474,4 +474,226 @@ Test(tcache, a_block_handed_out_without_a_cache_names_none)
         cr_expect(gm_heap_block_live_locked(heap, b), "block %d: live in the heap's table", i);
         pthread_mutex_unlock(&heap->lock);
     }
+}
+
+/* ---- fast mode (GPUMEM_FREE_SYNC=0): each cache's own fences (engine/fence.c) */
+
+static void start_fast(const char *const *env, int fence_delay)
+{
+    setenv("GPUMEM_FREE_SYNC", "0", 1);
+    start(env);
+    gm_host_backend_set_fence_delay(fence_delay);
+}
+
+static uint64_t waits_now(void) { return gm_host_backend_sync_calls() + gm_host_backend_fence_waits(); }
+
+static uint64_t pending_blocks(void)
+{
+    pthread_mutex_lock(&heap->lock);
+    uint64_t n = heap->pool.pending_blocks;
+    pthread_mutex_unlock(&heap->lock);
+    return n;
+}
+
+Test(tcache, fast_a_freed_block_comes_back_only_after_the_caches_fence)
+{
+    start_fast(NULL, 1000000); /* fences complete only when waited for: a busy device */
+    uintptr_t a = alloc_ok(4 * KiB);
+    uint64_t waits = waits_now(), records = gm_host_backend_fence_records();
+    free_ok(a);
+    cr_expect_eq(waits_now(), waits, "a fast free neither synchronizes nor waits");
+    cr_expect_gt(gm_tcache_peek(heap)->cached_bytes, 0, "the block waits in the thread's cache");
+    cr_expect_eq(pending_blocks(), 0);
+    uintptr_t b = alloc_ok(4 * KiB);
+    cr_expect_neq(b, a, "not reused before a fence recorded after its free has completed");
+    cr_expect_eq(gm_host_backend_fence_records(), records + 1, "the miss recorded the cache's fence");
+    cr_expect_eq(waits_now(), waits, "and did not wait for it");
+    gm_host_backend_set_fence_delay(0); /* the device passes it */
+    cr_expect_eq(alloc_ok(4 * KiB), a, "once it has completed, the block serves the thread again");
+    cr_expect_eq(gm_host_backend_fence_records(), records + 1, "that fence asked, none recorded");
+    free_ok(a);
+    free_ok(b);
+    gpumem_stats st = stats();
+    cr_expect_eq(st.allocations, 3);
+    cr_expect_eq(st.frees, 3);
+    cr_expect_eq(st.pool_hits, 2, "b from the segment's free rest, a from the cache");
+    cr_expect_eq(st.bytes_allocated, 0);
+    cr_expect_eq(st.fences, gm_host_backend_fence_records() - records, "the statistics count the cache's fences");
+}
+
+/* An idle device: a tight loop's pairs are served by the thread's cache, one fence for a batch
+ * of frees (recorded once half a bin waits), and the memory stays a bin's worth. */
+Test(tcache, fast_a_tight_loop_fences_once_per_batch_and_hits_the_cache)
+{
+    start_fast(NULL, 0);
+    gm_fence_set_recent_ns(UINT64_MAX / 2); /* every miss counts as part of the tight loop */
+    enum { PAIRS = 640 };
+    uint64_t records = gm_host_backend_fence_records();
+    for (int i = 0; i < PAIRS; i++) free_ok(alloc_ok(1 * MiB));
+    records = gm_host_backend_fence_records() - records;
+    gpumem_stats st = stats();
+    cr_expect_leq(records, PAIRS / (GM_TC_BIN_MAX / 2) + 3, "%llu fences for %d frees",
+                  (unsigned long long)records, PAIRS);
+    cr_expect_geq(st.pool_hits, PAIRS - GM_TC_BIN_MAX - 2, "%llu hits", (unsigned long long)st.pool_hits);
+    cr_expect_leq(st.bytes_reserved, (GM_TC_BIN_MAX + 2) * MiB, "%llu bytes reserved",
+                  (unsigned long long)st.bytes_reserved);
+    cr_expect_eq(waits_now(), 0, "an idle device is never waited for");
+    cr_expect_eq(st.allocations, PAIRS);
+    cr_expect_eq(st.frees, PAIRS);
+    cr_expect_eq(st.bytes_allocated, 0);
+}
+
+/* A busy device: blocks keep being freed and allocated; none comes back before a fence (here:
+ * a wait) since its free, and the memory stays within the batch and the cache's bound. */
+Test(tcache, fast_never_reuses_before_the_fence_and_bounds_memory)
+{
+    start_fast((const char *const[]){"GPUMEM_FENCE_BATCH", "32MiB", "GPUMEM_THREAD_CACHE", "16MiB", NULL}, 1000000);
+    gm_fence_set_recent_ns(UINT64_MAX / 2);
+    enum { PAIRS = 600 };
+    static struct { uintptr_t p; size_t size; uint64_t waits; } freed[PAIRS];
+    for (int i = 0; i < PAIRS; i++) {
+        size_t size = (i % 3 + 1) * 256 * KiB;
+        uintptr_t p = alloc_ok(size);
+        for (int k = 0; k < i; k++)
+            if (freed[k].waits == waits_now())
+                cr_assert(p + size <= freed[k].p || freed[k].p + freed[k].size <= p,
+                          "pair %d got %#lx, inside block %d freed at %#lx before any fence completed",
+                          i, (unsigned long)p, k, (unsigned long)freed[k].p);
+        free_ok(p);
+        freed[i].p = p;
+        freed[i].size = size;
+        freed[i].waits = waits_now();
+        cr_assert_leq(gm_tcache_peek(heap)->cached_bytes, 16 * MiB, "pair %d", i);
+    }
+    gpumem_stats st = stats();
+    cr_expect_gt(waits_now(), 0, "past the batch the pool waited");
+    cr_expect_leq(st.bytes_reserved, 32 * MiB + 16 * MiB + 4 * MiB, "%llu bytes reserved",
+                  (unsigned long long)st.bytes_reserved);
+    cr_expect_leq(gm_host_backend_fences_live(), 2, "one fence in flight for the heap, one for the cache");
+    cr_expect_eq(st.allocations, PAIRS);
+    cr_expect_eq(st.bytes_allocated, 0);
+}
+
+/* A flush for a miss hands back only reusable blocks; a full flush (a failed grow, the thread's
+ * end) puts a waiting block on the heap's pending list, where it still waits for a fence. */
+Test(tcache, fast_a_flush_keeps_a_waiting_block_from_reuse)
+{
+    start_fast(NULL, 1000000);
+    uintptr_t a = alloc_ok(4 * KiB);
+    free_ok(a);
+    uint64_t held = gm_tcache_peek(heap)->cached_bytes;
+    pthread_mutex_lock(&heap->lock);
+    cr_expect_not(gm_tcache_flush_all_locked(heap, true), "nothing reusable to hand back");
+    cr_expect_eq(gm_tcache_peek(heap)->cached_bytes, held, "the waiting block stayed");
+    cr_expect(gm_tcache_flush_all_locked(heap, false));
+    cr_expect_eq(heap->pool.pending_blocks, 1, "it joined the heap's pending list");
+    pthread_mutex_unlock(&heap->lock);
+    cr_expect_eq(gm_tcache_peek(heap)->cached_bytes, 0);
+    uintptr_t b = alloc_ok(4 * KiB);
+    cr_expect_neq(b, a, "still not reused before a fence");
+    pthread_mutex_lock(&heap->lock);
+    gm_retire_pending_locked(heap, true); /* the wait a failing allocation would make */
+    pthread_mutex_unlock(&heap->lock);
+    cr_expect_eq(alloc_ok(4 * KiB), a, "after it the block is reused");
+}
+
+static void *alloc_4k_and_end(void *arg)
+{
+    if (gm_alloc(heap, 4 * KiB, 0, 0, arg) != GPUMEM_OK) *(uintptr_t *)arg = 0;
+    return NULL;
+}
+
+Test(tcache, fast_another_threads_free_waits_in_the_heap)
+{
+    start_fast(NULL, 1000000);
+    uintptr_t p = 0;
+    on_other_thread(alloc_4k_and_end, &p);
+    cr_assert_neq(p, 0);
+    free_ok(p); /* not the allocating thread's */
+    cr_expect_eq(pending_blocks(), 1, "a fence of the heap's covers it");
+    gm_tcache *mine = gm_tcache_peek(heap);
+    cr_expect(!mine || mine->cached_bytes == 0);
+    cr_expect_neq(alloc_ok(4 * KiB), p, "not reused before a fence");
+    cr_expect_eq(stats().frees, 1);
+}
+
+/* The blocks of a thread that ends wait in the heap; its cache's fence goes with it. */
+static void *fast_pairs_and_end(void *unused)
+{
+    (void)unused;
+    for (int i = 0; i < 40; i++) {
+        uintptr_t p = 0;
+        if (gm_alloc(heap, 64 * KiB, 0, 0, &p) != GPUMEM_OK || !gm_answer_ok(gm_free(heap, p, GM_FREE_BARRIER, NULL)))
+            abort();
+    }
+    return NULL;
+}
+
+Test(tcache, fast_an_ended_threads_waiting_blocks_go_to_the_heap)
+{
+    start_fast(NULL, 1000000);
+    on_other_thread(fast_pairs_and_end, NULL);
+    cr_expect_eq(heap->tcs[0]->cached_bytes, 0);
+    cr_expect_null(heap->tcs[0]->fence, "its fence destroyed");
+    cr_expect_gt(pending_blocks(), 0, "its waiting blocks wait in the heap");
+    gpumem_stats st = stats();
+    cr_expect_eq(st.allocations, 40);
+    cr_expect_eq(st.frees, 40);
+    pthread_mutex_lock(&heap->lock);
+    gm_retire_pending_locked(heap, true);
+    cr_expect_eq(heap->pool.pending_blocks, 0);
+    pthread_mutex_unlock(&heap->lock);
+    cr_expect_leq(gm_host_backend_fences_live(), 1, "only the heap's may be in flight");
+}
+
+/* An event recorded on a capturing stream would join the program's graph: while a capture is in
+ * progress the cache records no fence, and a block waiting for one is not reused. */
+Test(tcache, fast_no_fence_during_a_capture)
+{
+    start_fast(NULL, 0);
+    uintptr_t a = alloc_ok(4 * KiB);
+    free_ok(a);
+    gm_capture_note(true);
+    uint64_t records = gm_host_backend_fence_records(), waits = waits_now();
+    uintptr_t b = alloc_ok(4 * KiB);
+    cr_expect_neq(b, a, "the waiting block is not reused");
+    for (int i = 0; i < GM_TC_BIN_MAX; i++) free_ok(alloc_ok(8 * KiB)); /* past the early fence */
+    cr_expect_eq(gm_host_backend_fence_records(), records, "no fence while capturing");
+    cr_expect_eq(waits_now(), waits, "no wait while capturing");
+    gm_capture_note(false);
+    cr_expect_eq(alloc_ok(4 * KiB), a, "after the capture the miss fences and takes it");
+    cr_expect_gt(gm_host_backend_fence_records(), records);
+    free_ok(a);
+    free_ok(b);
+}
+
+/* A block larger than the cache's share of the batch goes to the heap at its free (the heap
+ * fences it there): a loop of large blocks would multiply its memory in a cache. */
+Test(tcache, fast_a_large_block_goes_to_the_heap)
+{
+    start_fast((const char *const[]){"GPUMEM_FENCE_BATCH", "32MiB", NULL}, 1000000);
+    free_ok(alloc_ok(4 * KiB)); /* the heap learns its batch: 2 MiB blocks and below batch */
+    cr_expect_eq(gm_tcache_peek(heap)->fast_keep_max, 2 * MiB);
+    uintptr_t big = alloc_ok(4 * MiB);
+    uint64_t held = gm_tcache_peek(heap)->cached_bytes, records = gm_host_backend_fence_records();
+    free_ok(big);
+    cr_expect_eq(gm_tcache_peek(heap)->cached_bytes, held, "not kept by the thread");
+    cr_expect_eq(pending_blocks(), 1, "it waits in the heap");
+    cr_expect_eq(gm_host_backend_fence_records(), records + 1, "fenced at its free");
+}
+
+/* A context going away takes the blocks waiting in a cache and destroys the cache's fence. */
+Test(tcache, fast_a_context_going_away_takes_the_waiting_blocks)
+{
+    start_fast(NULL, 1000000);
+    uintptr_t a = alloc_ok(4 * KiB);
+    free_ok(a);
+    uintptr_t b = alloc_ok(4 * KiB); /* records the cache's fence, which does not complete */
+    free_ok(b);
+    cr_expect_not_null(gm_tcache_peek(heap)->fence);
+    gm_context_teardown(1, true);
+    cr_expect_null(heap->tcs[0]->fence);
+    cr_expect_eq(heap->tcs[0]->cached_bytes, 0);
+    cr_expect_eq(gm_host_backend_fences_live(), 0, "no event left behind");
+    cr_expect_eq(stats().bytes_reserved, 0);
 }
