@@ -670,7 +670,7 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     }
     if (tc) { /* the thread's own: its free goes back to its cache */
         pthread_mutex_lock(&tc->lock);
-        tc->fast_keep_max = gm_fence_tc_keep_max_locked(heap);
+        gm_fence_tc_learn_locked(heap, tc);
         b->tc = tc;
         hand_out_locked(heap, tc, b, &h, hit);
         pthread_mutex_unlock(&tc->lock);
@@ -733,13 +733,13 @@ static inline gm_heap *find_record_locked(uintptr_t ptr, gm_heap *hint, gm_recor
 
 /* Whether a block freed now may wait in its thread's cache: in strict mode after the barrier
  * (or at exit) it is reusable at once; in fast mode it waits for a fence of the cache's, when
- * it is small enough to batch (a larger one is fenced by the heap at its free). */
+ * it is of a size the cache keeps (gm_fence_tc_learn_locked). */
 static bool keep_in_thread_cache(gm_tcache *tc, gm_block *b, bool synced)
 {
     if (b->ipc_slot) return false;
     if (synced) return gm_tcache_keep_locked(tc, b, false);
-    if (gm_mgr.cfg->free_sync || b->size > tc->fast_keep_max || !gm_tcache_keep_locked(tc, b, true))
-        return false;
+    bool size_kept = b->size <= tc->fast_keep_max || (tc->fast_keep_above && b->size > tc->fast_keep_above);
+    if (gm_mgr.cfg->free_sync || !size_kept || !gm_tcache_keep_locked(tc, b, true)) return false;
     gm_fence_tc_after_keep_locked(tc);
     return true;
 }

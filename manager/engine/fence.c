@@ -192,10 +192,17 @@ bool gm_retire_pending_locked(gm_heap *heap, bool wait)
  * the waiting blocks into the heap's pending list first). The sequence numbers are the cache's
  * own: fence_next is the number the next fence gets, fence_done the last one seen complete. */
 
-size_t gm_fence_tc_keep_max_locked(const gm_heap *heap)
+/* A cache keeps the blocks of which several fit in its bytes, so that one fence covers a few
+ * frees, and the blocks the heap would fence at every free anyway (gm_fence_large_free_locked);
+ * the ones between wait in the heap, whose batch covers 16 of them with one fence (measured on
+ * the H200: 64 MiB blocks kept in a 128 MiB cache cost a fence per pair, 1.8 us against 0.6). */
+void gm_fence_tc_learn_locked(const gm_heap *heap, gm_tcache *tc)
 {
-    if (heap->fence_batch_device != heap->device + 1) return 0;
-    return heap->fence_batch / FENCE_BATCH_BLOCKS;
+    if (heap->fence_batch_device != heap->device + 1) return;
+    size_t heap_share = heap->fence_batch / FENCE_BATCH_BLOCKS;
+    uint64_t cache_share = gm_tcache_keep_at_most() / 4;
+    tc->fast_keep_max = heap_share < cache_share ? heap_share : (size_t)cache_share;
+    tc->fast_keep_above = heap_share;
 }
 
 void gm_fence_learn_batch_locked(gm_heap *heap)

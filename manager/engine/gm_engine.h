@@ -72,7 +72,8 @@ typedef struct gm_tcache {
     uint32_t unfenced;      /* blocks kept since its last fence was recorded */
     uint64_t unfenced_bytes; /* and their bytes */
     uint64_t fence_at_ns;   /* when it last recorded one */
-    size_t fast_keep_max;   /* fast mode keeps blocks up to this (the heap's batch share; 0: none) */
+    size_t fast_keep_max;   /* fast mode keeps blocks up to this (0: none) */
+    size_t fast_keep_above; /* and above this, which the heap fences at each free (0: none) */
     gm_live live;           /* live blocks it allocated that nothing else has looked up since */
     gm_counters c;          /* every allocation it made, wherever the record lives now */
     uint64_t buffer_seq;
@@ -375,9 +376,9 @@ static inline bool gm_fence_tc_ready(const gm_tcache *tc, const gm_block *b)
 bool gm_fence_tc_settle_locked(gm_tcache *tc, const gm_block *head, unsigned queued);
 void gm_fence_tc_after_keep_locked(gm_tcache *tc);
 void gm_fence_tc_drop_locked(gm_tcache *tc, bool destroy);
-/* The largest block a thread cache keeps in fast mode: the heap's batch share (larger ones are
- * fenced by the heap at their free); 0 while the heap has not learnt its batch (heap lock). */
-size_t gm_fence_tc_keep_max_locked(const gm_heap *heap);
+/* Sets which blocks thread cache `tc` keeps in fast mode (fast_keep_max, fast_keep_above):
+ * none while the heap has not learnt its batch (heap and cache locked). */
+void gm_fence_tc_learn_locked(const gm_heap *heap, gm_tcache *tc);
 /* Learns the heap's batch if it has not yet (the lock dropped meanwhile). */
 void gm_fence_learn_batch_locked(gm_heap *heap);
 

@@ -583,7 +583,7 @@ Test(tcache, fast_a_flush_keeps_a_waiting_block_from_reuse)
     free_ok(a);
     uint64_t held = gm_tcache_peek(heap)->cached_bytes;
     pthread_mutex_lock(&heap->lock);
-    cr_expect_not(gm_tcache_flush_all_locked(heap, true), "nothing reusable to hand back");
+    cr_expect(!gm_tcache_flush_all_locked(heap, true), "nothing reusable to hand back");
     cr_expect_eq(gm_tcache_peek(heap)->cached_bytes, held, "the waiting block stayed");
     cr_expect(gm_tcache_flush_all_locked(heap, false));
     cr_expect_eq(heap->pool.pending_blocks, 1, "it joined the heap's pending list");
@@ -667,19 +667,28 @@ Test(tcache, fast_no_fence_during_a_capture)
     free_ok(b);
 }
 
-/* A block larger than the cache's share of the batch goes to the heap at its free (the heap
- * fences it there): a loop of large blocks would multiply its memory in a cache. */
-Test(tcache, fast_a_large_block_goes_to_the_heap)
+/* The cache keeps the blocks several of which fit in its bytes, and those the heap would fence
+ * at every free anyway; a block between waits in the heap, whose batch covers 16 such frees with
+ * one fence (a cache that fences every few frees costs a fence per pair). */
+Test(tcache, fast_a_block_too_large_to_batch_in_the_cache_goes_to_the_heap)
 {
-    start_fast((const char *const[]){"GPUMEM_FENCE_BATCH", "32MiB", NULL}, 1000000);
-    free_ok(alloc_ok(4 * KiB)); /* the heap learns its batch: 2 MiB blocks and below batch */
-    cr_expect_eq(gm_tcache_peek(heap)->fast_keep_max, 2 * MiB);
-    uintptr_t big = alloc_ok(4 * MiB);
-    uint64_t held = gm_tcache_peek(heap)->cached_bytes, records = gm_host_backend_fence_records();
-    free_ok(big);
-    cr_expect_eq(gm_tcache_peek(heap)->cached_bytes, held, "not kept by the thread");
-    cr_expect_eq(pending_blocks(), 1, "it waits in the heap");
-    cr_expect_eq(gm_host_backend_fence_records(), records + 1, "fenced at its free");
+    start_fast((const char *const[]){"GPUMEM_FENCE_BATCH", "128MiB", "GPUMEM_THREAD_CACHE", "16MiB", NULL}, 1000000);
+    free_ok(alloc_ok(4 * KiB)); /* the heap learns its batch */
+    gm_tcache *tc = gm_tcache_peek(heap);
+    cr_expect_eq(tc->fast_keep_max, 4 * MiB, "a quarter of the cache's bytes");
+    cr_assert_geq(tc->fast_keep_above, tc->fast_keep_max, "the heap's share of its batch");
+    size_t between = tc->fast_keep_above > tc->fast_keep_max ? tc->fast_keep_max + 1 * MiB : 0;
+    if (between && between <= tc->fast_keep_above) {
+        uintptr_t p = alloc_ok(between);
+        uint64_t held = tc->cached_bytes;
+        free_ok(p);
+        cr_expect_eq(tc->cached_bytes, held, "not kept by the thread");
+        cr_expect_eq(pending_blocks(), 1, "it waits in the heap");
+    }
+    uintptr_t small = alloc_ok(4 * MiB);
+    uint64_t held = tc->cached_bytes;
+    free_ok(small);
+    cr_expect_eq(tc->cached_bytes, held + 4 * MiB, "a block of the cache's share is kept");
 }
 
 /* A context going away takes the blocks waiting in a cache and destroys the cache's fence. */
