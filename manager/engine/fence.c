@@ -19,7 +19,9 @@
  *   - a block too large to batch is fenced at its free already (gm_fence_large_free_locked), so
  *     the miss that wants it back asks a fence the GPU has usually passed instead of waiting.
  * The caller (take_block_locked in alloc.c) still waits for every fence before it fails for
- * lack of memory. Every function runs under the heap lock. */
+ * lack of memory. Every function runs under the heap lock, but the thread caches' (gm_fence_tc_*,
+ * at the end): a block a thread frees itself usually waits in its own cache, for that cache's
+ * fence, by the same rules per thread. */
 #include "gm_engine.h"
 
 enum {
