@@ -594,7 +594,8 @@ void gm_tcache_set_take_interval_ns(uint64_t ns) { take_interval_ns = ns; }
  * (splitting one of its blocks beats a new segment), the other threads' where the limit would
  * refuse the growth or take_interval_ns has passed, and all of them after growing failed. Here
  * only the reusable ones: in fast mode a block waiting for its cache's fence stays there (the
- * miss may be the batching that fence.c asks for); a grow that failed takes them all. */
+ * miss may be the batching that fence.c asks for); at the limit, or after a grow that failed,
+ * all of them. */
 static bool flush_before_growing_locked(gm_heap *heap, gm_tcache *own, size_t rounded, int *step)
 {
     if (*step == 0) {
@@ -604,9 +605,10 @@ static bool flush_before_growing_locked(gm_heap *heap, gm_tcache *own, size_t ro
     if (*step == 1) {
         *step = 2;
         uint64_t now = gm_now_ns();
-        bool due = !heap->tcs_taken_at_ns || now - heap->tcs_taken_at_ns >= take_interval_ns ||
-                   gm_limit_headroom(heap->device) < rounded;
-        if (due && gm_tcache_flush_all_locked(heap, true)) {
+        bool at_limit = gm_limit_headroom(heap->device) < rounded;
+        bool due = !heap->tcs_taken_at_ns || now - heap->tcs_taken_at_ns >= take_interval_ns || at_limit;
+        /* at the limit the waiting blocks go too: the heap waits for them rather than refuse */
+        if (due && gm_tcache_flush_all_locked(heap, !at_limit)) {
             heap->tcs_taken_at_ns = now;
             return true;
         }
@@ -670,7 +672,7 @@ int gm_alloc(gm_heap *heap, size_t size, uintptr_t stream, const gm_callsite *si
     }
     if (tc) { /* the thread's own: its free goes back to its cache */
         pthread_mutex_lock(&tc->lock);
-        gm_fence_tc_learn_locked(heap, tc);
+        gm_fence_tc_learn_locked(heap, tc, gm_tcache_keep_at_most());
         b->tc = tc;
         hand_out_locked(heap, tc, b, &h, hit);
         pthread_mutex_unlock(&tc->lock);

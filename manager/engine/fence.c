@@ -198,11 +198,12 @@ bool gm_retire_pending_locked(gm_heap *heap, bool wait)
  * frees, and the blocks the heap would fence at every free anyway (gm_fence_large_free_locked);
  * the ones between wait in the heap, whose batch covers 16 of them with one fence (measured on
  * the H200: 64 MiB blocks kept in a 128 MiB cache cost a fence per pair, 1.8 us against 0.6). */
-void gm_fence_tc_learn_locked(const gm_heap *heap, gm_tcache *tc)
+void gm_fence_tc_learn_locked(const gm_heap *heap, gm_tcache *tc, uint64_t cache_bytes)
 {
     if (heap->fence_batch_device != heap->device + 1) return;
+    tc->fast_cache_bytes = cache_bytes;
     size_t heap_share = heap->fence_batch / FENCE_BATCH_BLOCKS;
-    uint64_t cache_share = gm_tcache_keep_at_most() / 4;
+    uint64_t cache_share = cache_bytes / 4;
     tc->fast_keep_max = heap_share < cache_share ? heap_share : (size_t)cache_share;
     tc->fast_keep_above = heap_share;
 }
@@ -253,7 +254,7 @@ bool gm_fence_tc_settle_locked(gm_tcache *tc, const gm_block *head, unsigned que
     bool recent = tc->fence_at_ns && now - tc->fence_at_ns < recent_ns;
     /* Batch while the cache has room for one more of them: else it could never fill its bin
      * (large blocks, or GPUMEM_THREAD_CACHE small) and every miss would go to the heap. */
-    bool room = queued < GM_TC_BIN_MAX && tc->cached_bytes + head->size <= gm_tcache_keep_at_most();
+    bool room = queued < GM_TC_BIN_MAX && tc->cached_bytes + head->size <= tc->fast_cache_bytes;
     if (recent && room) return false; /* batch: one more block from the heap */
     if (!tc_record_locked(tc, now)) return false;
     tc_poll_locked(tc); /* on an idle device it has often completed already */
@@ -262,7 +263,7 @@ bool gm_fence_tc_settle_locked(gm_tcache *tc, const gm_block *head, unsigned que
 
 void gm_fence_tc_after_keep_locked(gm_tcache *tc)
 {
-    if (tc->unfenced < GM_TC_BIN_MAX / 2 && tc->unfenced_bytes * 2 < gm_tcache_keep_at_most()) return;
+    if (tc->unfenced < GM_TC_BIN_MAX / 2 && tc->unfenced_bytes * 2 < tc->fast_cache_bytes) return;
     if (tc->fence) tc_poll_locked(tc);
     if (!tc->fence) tc_record_locked(tc, gm_now_ns());
 }

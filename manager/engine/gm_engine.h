@@ -74,6 +74,7 @@ typedef struct gm_tcache {
     uint64_t fence_at_ns;   /* when it last recorded one */
     size_t fast_keep_max;   /* fast mode keeps blocks up to this (0: none) */
     size_t fast_keep_above; /* and above this, which the heap fences at each free (0: none) */
+    uint64_t fast_cache_bytes; /* the bytes it may keep (gm_tcache_keep_at_most, when learnt) */
     gm_live live;           /* live blocks it allocated that nothing else has looked up since */
     gm_counters c;          /* every allocation it made, wherever the record lives now */
     uint64_t buffer_seq;
@@ -376,9 +377,10 @@ static inline bool gm_fence_tc_ready(const gm_tcache *tc, const gm_block *b)
 bool gm_fence_tc_settle_locked(gm_tcache *tc, const gm_block *head, unsigned queued);
 void gm_fence_tc_after_keep_locked(gm_tcache *tc);
 void gm_fence_tc_drop_locked(gm_tcache *tc, bool destroy);
-/* Sets which blocks thread cache `tc` keeps in fast mode (fast_keep_max, fast_keep_above):
- * none while the heap has not learnt its batch (heap and cache locked). */
-void gm_fence_tc_learn_locked(const gm_heap *heap, gm_tcache *tc);
+/* Sets which blocks thread cache `tc`, which keeps at most `cache_bytes`, keeps in fast mode
+ * (fast_keep_max, fast_keep_above): none while the heap has not learnt its batch (heap and
+ * cache locked). */
+void gm_fence_tc_learn_locked(const gm_heap *heap, gm_tcache *tc, uint64_t cache_bytes);
 /* Learns the heap's batch if it has not yet (the lock dropped meanwhile). */
 void gm_fence_learn_batch_locked(gm_heap *heap);
 
