@@ -70,14 +70,22 @@ static bool retire_waiting_locked(gm_heap *heap)
     return rc == GPUMEM_OK && gm_pool_retire_upto_locked(&heap->pool, covered);
 }
 
-/* Records a fence over every pending block: the one in flight from now on. */
-static bool fence_record_locked(gm_heap *heap, uint64_t now)
+/* The backend's fence on `ctx`, or NULL while a capture is in progress (an event on a capturing
+ * stream would join its graph) or when recording failed. */
+static gm_fence *record_unless_capturing(uintptr_t ctx)
 {
     gm_fence *f = NULL;
     pthread_rwlock_rdlock(&capture_gate);
-    int rc = capturing() ? GPUMEM_ERROR_NOT_SUPPORTED : gm_mgr.backend->fence_record(heap->ctx, &f);
+    int rc = capturing() ? GPUMEM_ERROR_NOT_SUPPORTED : gm_mgr.backend->fence_record(ctx, &f);
     pthread_rwlock_unlock(&capture_gate);
-    if (rc != GPUMEM_OK) return false;
+    return rc == GPUMEM_OK ? f : NULL;
+}
+
+/* Records a fence over every pending block: the one in flight from now on. */
+static bool fence_record_locked(gm_heap *heap, uint64_t now)
+{
+    gm_fence *f = record_unless_capturing(heap->ctx);
+    if (!f) return false;
     heap->fence = f;
     heap->c.fences++;
     heap->fence_epoch = gm_pool_close_epoch_locked(&heap->pool);
@@ -231,11 +239,8 @@ static void tc_poll_locked(gm_tcache *tc)
 /* Records a fence over every block the cache keeps: the one in flight from now on. */
 static bool tc_record_locked(gm_tcache *tc, uint64_t now)
 {
-    gm_fence *f = NULL;
-    pthread_rwlock_rdlock(&capture_gate);
-    int rc = capturing() ? GPUMEM_ERROR_NOT_SUPPORTED : gm_mgr.backend->fence_record(tc->heap->ctx, &f);
-    pthread_rwlock_unlock(&capture_gate);
-    if (rc != GPUMEM_OK) return false;
+    gm_fence *f = record_unless_capturing(tc->heap->ctx);
+    if (!f) return false;
     tc->fence = f;
     tc->fence_seq = tc->fence_next++;
     tc->unfenced = 0;
