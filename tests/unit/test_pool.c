@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "freed_log.h"
 #include "gm_api.h"
 
 #define MiB ((size_t)1 << 20)
@@ -321,20 +322,14 @@ Test(pool, fast_free_never_reuses_before_the_fence_and_bounds_pending_bytes)
 {
     start_fast("32MiB", 1000000);
     enum { PAIRS = 400 };
-    static struct { uintptr_t p; size_t size; uint64_t waits; } freed[PAIRS];
+    static freed_block freed[PAIRS];
     uint64_t fences_before = gm_host_backend_fence_records(), waits_before = waits_now();
     for (int i = 0; i < PAIRS; i++) {
         size_t size = (i % 3 + 1) * 256 * 1024; /* 256, 512 and 768 KiB */
         uintptr_t p = alloc_ok(size);
-        for (int k = 0; k < i; k++) /* a block freed since the last wait does not overlap p */
-            if (freed[k].waits == waits_now())
-                cr_assert(p + size <= freed[k].p || freed[k].p + freed[k].size <= p,
-                          "pair %d got %#lx, inside block %d freed at %#lx before any fence completed",
-                          i, (unsigned long)p, k, (unsigned long)freed[k].p);
+        expect_not_freed_since_the_last_wait(freed, i, p, size, waits_now());
         free_ok(p);
-        freed[i].p = p;
-        freed[i].size = size;
-        freed[i].waits = waits_now();
+        freed[i] = (freed_block){p, size, waits_now()};
         cr_assert_leq(heap->pool.pending_bytes, 32 * MiB, "pair %d: %llu bytes wait for fences", i,
                       (unsigned long long)heap->pool.pending_bytes);
     }

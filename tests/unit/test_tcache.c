@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "freed_log.h"
 #include "gm_api.h"
 
 #define KiB ((size_t)1 << 10)
@@ -550,19 +551,13 @@ Test(tcache, fast_never_reuses_before_the_fence_and_bounds_memory)
     start_fast((const char *const[]){"GPUMEM_FENCE_BATCH", "32MiB", "GPUMEM_THREAD_CACHE", "16MiB", NULL}, 1000000);
     gm_fence_set_recent_ns(UINT64_MAX / 2);
     enum { PAIRS = 600 };
-    static struct { uintptr_t p; size_t size; uint64_t waits; } freed[PAIRS];
+    static freed_block freed[PAIRS];
     for (int i = 0; i < PAIRS; i++) {
         size_t size = (i % 3 + 1) * 256 * KiB;
         uintptr_t p = alloc_ok(size);
-        for (int k = 0; k < i; k++)
-            if (freed[k].waits == waits_now())
-                cr_assert(p + size <= freed[k].p || freed[k].p + freed[k].size <= p,
-                          "pair %d got %#lx, inside block %d freed at %#lx before any fence completed",
-                          i, (unsigned long)p, k, (unsigned long)freed[k].p);
+        expect_not_freed_since_the_last_wait(freed, i, p, size, waits_now());
         free_ok(p);
-        freed[i].p = p;
-        freed[i].size = size;
-        freed[i].waits = waits_now();
+        freed[i] = (freed_block){p, size, waits_now()};
         cr_assert_leq(gm_tcache_peek(heap)->cached_bytes, 16 * MiB, "pair %d", i);
     }
     gpumem_stats st = stats();
